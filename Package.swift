@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "balloond",
+    products: [
+        .executable(name: "balloond", targets: ["balloond"]),
+        .library(name: "BalloonSimulator", targets: ["BalloonSimulator"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+    ],
+    targets: [
+        // C: exact-width volatile MMIO, ring fences, cpuid, signal pipe. The only place raw
+        // device memory is touched with volatile semantics.
+        .target(name: "CBalloonShims"),
+        // libpci (Debian's libpci-dev) for PCI enumeration and config space.
+        .systemLibrary(name: "CLibPCI", pkgConfig: "libpci", providers: [.apt(["libpci-dev"])]),
+        // Pure spec types: feature bits, status, balloon config, queue numbering.
+        .target(name: "VirtioCore"),
+        // Driver-side split virtqueue over DMA regions.
+        .target(name: "VirtioQueue", dependencies: ["VirtioCore", "CBalloonShims"]),
+        // Modern virtio-pci: capability parsing, common config, notify, ISR, device config.
+        .target(name: "VirtioPCI", dependencies: ["VirtioCore", "VirtioQueue"]),
+        // Free-page sources behind one protocol.
+        .target(name: "FreePages", dependencies: ["VirtioCore"]),
+        // The balloon driver, generic over transport, DMA and free-page source.
+        .target(name: "Balloon", dependencies: [
+            "VirtioCore", "VirtioQueue", "VirtioPCI", "FreePages",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // A software virtio-balloon PCI function with QEMU 7.2's behaviour.
+        .target(name: "BalloonSimulator", dependencies: ["VirtioCore", "VirtioQueue", "VirtioPCI"]),
+        // Linux: sysfs, libpci, uio, BAR mmap, hugepage DMA, pagemap, interrupts.
+        .target(name: "PlatformLinux", dependencies: [
+            "VirtioCore", "VirtioQueue", "VirtioPCI", "CBalloonShims", "CLibPCI",
+            .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "balloond", dependencies: [
+            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "VirtioCore", "VirtioPCI",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Atomics", package: "swift-atomics"),
+        ]),
+        .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
+        .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
+        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "BalloonSimulator"]),
+        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
+        .testTarget(name: "IntegrationTests", dependencies: []),
+    ]
+)

@@ -1,0 +1,329 @@
+import Logging
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+
+/// Configuration of the driver: what it may negotiate and how.
+public struct BalloonDriverOptions: Sendable {
+    /// Features balloond implements and may accept (the device's offer is intersected).
+    public var wantedFeatures: FeatureBits
+    /// What the guest kernel does to freed pages (decides PAGE_POISON and `poison_val`).
+    public var poisonPolicy: PagePoisonPolicy
+    /// Largest queue size to program (4 KiB-page DMA can hold at most 256 entries per part).
+    public var maxQueueSize: UInt16
+    /// How long a reset may take.
+    public var resetTimeoutMilliseconds: Int
+
+    public init(wantedFeatures: FeatureBits = BalloonDriver<ModernPCITransport>.implementedFeatures,
+                poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeoutMilliseconds: Int = 1000) {
+        self.wantedFeatures = wantedFeatures
+        self.poisonPolicy = poisonPolicy
+        self.maxQueueSize = maxQueueSize
+        self.resetTimeoutMilliseconds = resetTimeoutMilliseconds
+    }
+}
+
+/// Counters the driver keeps (shown by `balloond status`).
+public struct BalloonCounters: Sendable, Codable, Equatable {
+    public var interrupts = 0
+    public var configChanges = 0
+    public var queueInterrupts = 0
+    public var statsBuffersSent = 0
+    public var deviceResets = 0
+    public var errors = 0
+    public init() {}
+}
+
+/// A snapshot of one queue for status output.
+public struct QueueStatus: Sendable, Codable, Equatable {
+    public let role: String
+    public let index: UInt16
+    public let size: UInt16
+    public let enabled: Bool
+    public let availableIndex: UInt16
+    public let usedIndex: UInt16
+    public let inFlight: Int
+}
+
+/// The whole driver state for status output.
+public struct BalloonDriverStatus: Sendable, Codable, Equatable {
+    public let deviceStatus: String
+    public let offeredFeatures: String
+    public let negotiatedFeatures: String
+    public let poisonValue: UInt32?
+    public let numPages: UInt32
+    public let actual: UInt32
+    public let hintCommand: String
+    public let queues: [QueueStatus]
+    public let counters: BalloonCounters
+}
+
+/// What a queue buffer is for; kept with each posted chain.
+enum BufferToken {
+    case stats
+    case pfns
+    case hintID
+    case hint
+    case report
+}
+
+/// The virtio-balloon driver: brings the device up the way the spec and Linux do, keeps the
+/// stats queue primed, and services interrupts. Generic over the transport, so the same
+/// code runs against a real BAR4 and the simulator. It contains no unsafe code.
+public final class BalloonDriver<Transport: VirtioTransport> {
+    /// Everything this driver implements today.
+    public static var implementedFeatures: FeatureBits { [.statsVQ, .freePageHint, .pagePoison, .deflateOnOOM, .version1] }
+
+    public let transport: Transport
+    public let allocator: DMAAllocator
+    public let options: BalloonDriverOptions
+    public var logger: Logger
+    public let statsSource: BalloonStatsSource?
+
+    public private(set) var offered = FeatureBits()
+    public private(set) var negotiated = FeatureBits()
+    public private(set) var indices = BalloonQueueIndices(offered: [])
+    public private(set) var poisonValue: UInt32?
+    public private(set) var counters = BalloonCounters()
+    /// `num_pages` as last read.
+    public private(set) var targetPages: UInt32 = 0
+    /// `actual` as last written or read.
+    public private(set) var actualPages: UInt32 = 0
+    /// The hint cmd id as last read after a config interrupt (Linux caches it the same way:
+    /// while QEMU is in START the field reads 0 with no interrupt, so it must not be polled).
+    public private(set) var hintCommand = FreePageHintCommand.stop
+    public private(set) var isRunning = false
+
+    var queues: [BalloonQueueRole: SplitQueue<BufferToken>] = [:]
+    /// The stats buffer (exactly one, reused: only posted while the device does not hold it).
+    var statsBuffer: DMARegion?
+    var statsOutstanding = false
+
+    public init(transport: Transport, allocator: DMAAllocator, options: BalloonDriverOptions = BalloonDriverOptions(),
+                statsSource: BalloonStatsSource? = nil, logger: Logger = Logger(label: "balloond")) {
+        self.transport = transport
+        self.allocator = allocator
+        self.options = options
+        self.statsSource = statsSource
+        self.logger = logger
+    }
+
+    // MARK: bring-up
+
+    /// The features to ask for, from what the device offers and how the guest poisons pages
+    /// (Linux `virtballoon_validate`): PAGE_POISON only when poisoning or init_on_free is
+    /// active; REPORTING dropped when pages carry a value but PAGE_POISON is not offered.
+    public static func wantedFeatures(offered: FeatureBits, implemented: FeatureBits, poison: PagePoisonPolicy) -> FeatureBits {
+        var want = implemented
+        if poison.poisonValue == nil {
+            want.remove(.pagePoison)
+        } else if !offered.contains(.pagePoison) {
+            want.remove(.reporting)
+        }
+        want.remove(.accessPlatform)
+        return want
+    }
+
+    /// Brings the device up (virtio 1.2 §3.1.1, Linux `virtio_dev_probe` + `virtballoon_probe`):
+    /// reset; ACKNOWLEDGE; DRIVER; negotiate; FEATURES_OK (re-read); queues by QEMU's
+    /// numbering; `poison_val`; prime stats; DRIVER_OK; then read `num_pages` and the cmd id
+    /// (QEMU raises no config interrupt for changes made before DRIVER_OK).
+    public func bringUp() throws(BalloonError) {
+        isRunning = false
+        guard transport.virtioDeviceType == 5 else { throw .wrongDeviceType(transport.virtioDeviceType) }
+        do {
+            try transport.enableDMA()
+            try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds)
+        } catch { throw .transport(error) }
+        for q in queues.values { q.resetAfterDeviceReset() }
+        statsOutstanding = false
+        transport.addStatus(.acknowledge)
+        transport.addStatus(.driver)
+        offered = transport.deviceFeatures()
+        let want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy)
+        do {
+            negotiated = try transport.negotiate(wanted: want)
+        } catch {
+            transport.addStatus(.failed)
+            throw .transport(error)
+        }
+        logger.info("features negotiated", metadata: ["offered": "\(offered)", "accepted": "\(negotiated)"])
+        indices = BalloonQueueIndices(offered: offered)
+        do {
+            try setUpQueues()
+        } catch {
+            transport.addStatus(.failed)
+            throw error
+        }
+        if negotiated.contains(.pagePoison), let value = options.poisonPolicy.poisonValue {
+            // Before DRIVER_OK, as one 32-bit store (virtio-balloon.md §3.3, §7).
+            do { try transport.writeDeviceConfig32(value, at: BalloonConfigLayout.poisonVal) } catch { throw .transport(error) }
+            poisonValue = value
+            logger.info("page poisoning negotiated", metadata: ["poison_val": "0x\(String(value, radix: 16))", "policy": "\(options.poisonPolicy)"])
+        } else {
+            poisonValue = nil
+        }
+        if negotiated.contains(.statsVQ) { try postStats() }
+        transport.addStatus(.driverOK)
+        let s = transport.status()
+        if s.contains(.needsReset) { throw .transport(.needsReset(s)) }
+        isRunning = true
+        try readConfig(afterInterrupt: true)
+        logger.info("device running", metadata: ["status": "\(s)", "num_pages": "\(targetPages)", "cmd_id": "\(hintCommand)"])
+    }
+
+    private func setUpQueues() throws(BalloonError) {
+        let n = transport.numQueues
+        var roles: [BalloonQueueRole] = [.inflate, .deflate]
+        if negotiated.contains(.statsVQ) { roles.append(.stats) }
+        if negotiated.contains(.freePageHint) { roles.append(.freePageHint) }
+        if negotiated.contains(.reporting) { roles.append(.reporting) }
+        for role in roles {
+            guard let index = indices.index(of: role) else { continue }
+            guard index < n else { throw .queueMissing(role: role, index: index, numQueues: n) }
+            let deviceSize = transport.queueSize(index)
+            guard deviceSize != 0 else { throw .transport(.queueUnavailable(queue: index)) }
+            // The hint and reporting queues are told apart by size (1024 vs 32): a mismatch
+            // means the device numbers queues differently from QEMU 7.2.
+            if role == .freePageHint || role == .reporting, deviceSize != role.qemuSize {
+                throw .transport(.queueSizeMismatch(queue: index, expected: role.qemuSize, found: deviceSize))
+            }
+            var size = min(deviceSize, options.maxQueueSize)
+            while size > 1 && !QueueLayout.isValid(size: size) { size -= 1 }
+            if let existing = queues[role], existing.size == size, existing.index == index {
+                existing.resetAfterDeviceReset()
+            } else {
+                do {
+                    queues[role] = try SplitQueue<BufferToken>(index: index, size: size, allocator: allocator)
+                } catch { throw .queue(role: role, error) }
+            }
+            let q = queues[role]!
+            do {
+                try transport.enableQueue(index, size: size, descriptors: q.descriptorAreaAddress, driver: q.driverAreaAddress, device: q.deviceAreaAddress)
+            } catch { throw .transport(error) }
+            logger.debug("queue enabled", metadata: ["role": "\(role)", "index": "\(index)", "size": "\(size)"])
+        }
+        for role in BalloonQueueRole.allCases where !roles.contains(role) { queues[role] = nil }
+    }
+
+    // MARK: stats
+
+    /// Posts the one stats buffer, filled with fresh values, and kicks.
+    func postStats() throws(BalloonError) {
+        guard let q = queues[.stats], !statsOutstanding else { return }
+        let stats = statsSource?.collect() ?? BalloonStatTag.allCases.map { BalloonStat($0, UInt64.max) }
+        let bytes = encodeBalloonStats(stats)
+        if statsBuffer == nil || statsBuffer!.size < bytes.count {
+            do { statsBuffer = try allocator.allocate(byteCount: max(bytes.count, 160), alignment: 16) } catch { throw .dma(error.description) }
+        }
+        let buffer = statsBuffer!
+        buffer.write(bytes, at: 0)
+        do {
+            try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(bytes.count))], token: .stats)
+        } catch { throw .queue(role: .stats, error) }
+        statsOutstanding = true
+        counters.statsBuffersSent += 1
+        try kick(.stats)
+    }
+
+    func kick(_ role: BalloonQueueRole) throws(BalloonError) {
+        guard let q = queues[role] else { return }
+        if q.kickNeeded() {
+            do { try transport.notify(queue: q.index) } catch { throw .transport(error) }
+        }
+    }
+
+    // MARK: config
+
+    /// Reads `num_pages`, `actual` and (only after a config interrupt) the hint cmd id, as
+    /// one consistent snapshot.
+    func readConfig(afterInterrupt: Bool) throws(BalloonError) {
+        let hint = negotiated.contains(.freePageHint)
+        do {
+            let (pages, cmd) = try transport.readConsistent { () throws(TransportError) -> (UInt32, UInt32?) in
+                let p = try transport.readDeviceConfig32(at: BalloonConfigLayout.numPages)
+                let c = hint && afterInterrupt ? try transport.readDeviceConfig32(at: BalloonConfigLayout.freePageHintCmdID) : nil
+                return (p, c)
+            }
+            if pages != targetPages { logger.info("balloon target changed", metadata: ["num_pages": "\(pages)", "previous": "\(targetPages)"]) }
+            targetPages = pages
+            if let cmd {
+                let command = FreePageHintCommand(rawValue: cmd)
+                if command != hintCommand { logger.info("free page hint command", metadata: ["cmd_id": "\(command)"]) }
+                hintCommand = command
+            }
+        } catch { throw .transport(error) }
+    }
+
+    // MARK: interrupts
+
+    /// Handles one interrupt: reads the ISR (which clears it), handles a config change and
+    /// used buffers, unmasks the line, then re-checks the rings so no completion that raced
+    /// the unmask is lost (field-notes §5.1).
+    public func serviceInterrupt(line: InterruptLine?) throws(BalloonError) {
+        guard isRunning else { throw .notRunning }
+        counters.interrupts += 1
+        let isr = transport.readISR()
+        let s = transport.status()
+        if s.contains(.needsReset) {
+            counters.errors += 1
+            throw .transport(.needsReset(s))
+        }
+        if isr.contains(.configChange) {
+            counters.configChanges += 1
+            try readConfig(afterInterrupt: true)
+        }
+        if isr.contains(.queue) { counters.queueInterrupts += 1 }
+        try processUsed()
+        if let line { do { try line.unmask() } catch { throw .transport(error) } }
+        try processUsed()
+    }
+
+    /// Takes used buffers from every queue.
+    func processUsed() throws(BalloonError) {
+        for (role, q) in queues where q.hasUsed {
+            let used: [UsedBuffer<BufferToken>]
+            do { used = try q.takeUsed() } catch {
+                counters.errors += 1
+                throw .queue(role: role, error)
+            }
+            for buffer in used {
+                switch buffer.token {
+                case .stats:
+                    // The device wants fresh stats: refill and return the buffer at once.
+                    statsOutstanding = false
+                    try postStats()
+                default:
+                    break
+                }
+            }
+        }
+    }
+
+    /// Resets the device and forgets every buffer (at shutdown, or before a re-init).
+    public func shutdown() {
+        isRunning = false
+        do { try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds) } catch {
+            logger.warning("device reset at shutdown failed", metadata: ["error": "\(error)"])
+        }
+        for q in queues.values { q.resetAfterDeviceReset() }
+        statsOutstanding = false
+    }
+
+    /// Status for `balloond status`.
+    public func statusSnapshot() -> BalloonDriverStatus {
+        let qs = BalloonQueueRole.allCases.compactMap { role -> QueueStatus? in
+            guard let q = queues[role] else { return nil }
+            return QueueStatus(role: role.rawValue, index: q.index, size: q.size, enabled: transport.queueEnabled(q.index),
+                               availableIndex: q.availableIndex, usedIndex: q.usedIndexConsumed, inFlight: q.inFlight)
+        }
+        return BalloonDriverStatus(deviceStatus: "\(transport.status())", offeredFeatures: "\(offered)", negotiatedFeatures: "\(negotiated)",
+                                   poisonValue: poisonValue, numPages: targetPages, actual: actualPages, hintCommand: "\(hintCommand)",
+                                   queues: qs, counters: counters)
+    }
+
+    /// Test support: the driver's queue for a role.
+    public func queueForTesting(_ role: BalloonQueueRole) -> (index: UInt16, size: UInt16)? {
+        queues[role].map { ($0.index, $0.size) }
+    }
+}

@@ -1,0 +1,53 @@
+// balloon_shims.h: the only C in balloond.
+//
+// Exact-width volatile loads and stores for device (MMIO) memory, and the memory-ordering
+// primitives the split virtqueue needs. Swift has no volatile; these are `static inline` so
+// the optimiser sees exactly one access of the stated width per call (a release -emit-ir
+// shows `load volatile i32` / `store volatile i32`).
+#ifndef BALLOON_SHIMS_H
+#define BALLOON_SHIMS_H
+
+#include <stdint.h>
+
+// MARK: MMIO (uncached device memory, e.g. BAR4 mapped from sysfs resource4)
+
+static inline uint8_t bs_mmio_read8(const void *p) { return *(const volatile uint8_t *)p; }
+static inline uint16_t bs_mmio_read16(const void *p) { return *(const volatile uint16_t *)p; }
+static inline uint32_t bs_mmio_read32(const void *p) { return *(const volatile uint32_t *)p; }
+static inline void bs_mmio_write8(void *p, uint8_t v) { *(volatile uint8_t *)p = v; }
+static inline void bs_mmio_write16(void *p, uint16_t v) { *(volatile uint16_t *)p = v; }
+static inline void bs_mmio_write32(void *p, uint32_t v) { *(volatile uint32_t *)p = v; }
+
+// MARK: Shared ring memory (cacheable RAM the device reads and writes concurrently)
+
+// Ring fields are read and written with single, untorn accesses of their own width.
+static inline uint16_t bs_ring_load16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+static inline uint32_t bs_ring_load32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline uint64_t bs_ring_load64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
+static inline void bs_ring_store16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+static inline void bs_ring_store32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
+static inline void bs_ring_store64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELAXED); }
+
+// Publishing avail->idx: every descriptor and ring-slot store must be visible first.
+static inline void bs_ring_store16_release(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+// Consuming used->idx: ring entries must not be read before the index that covers them.
+static inline uint16_t bs_ring_load16_acquire(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+// Between publishing avail->idx and reading used->flags / avail_event to decide on a kick.
+static inline void bs_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// MARK: CPU identification (is this guest running under TCG?)
+
+/// Executes CPUID with `leaf` and writes eax, ebx, ecx, edx to `out[0..3]`. Returns 0 on
+/// x86-64, -1 elsewhere (out untouched).
+int bs_cpuid(uint32_t leaf, uint32_t out[4]);
+
+// MARK: Signals
+
+/// Installs handlers for SIGTERM, SIGINT and SIGHUP that write the signal number as one byte
+/// to `fd` (the write end of a non-blocking pipe) and set a flag read by
+/// `bs_signal_received`. Returns 0 or -1 with errno set.
+int bs_install_signal_pipe(int fd);
+/// The last signal delivered through the pipe handler, or 0.
+int bs_signal_received(void);
+
+#endif

@@ -1,0 +1,47 @@
+#include "balloon_shims.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+int bs_cpuid(uint32_t leaf, uint32_t out[4]) {
+#if defined(__x86_64__) || defined(__i386__)
+    uint32_t a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(leaf), "c"(0));
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+    return 0;
+#else
+    (void)leaf; (void)out;
+    return -1;
+#endif
+}
+
+static volatile sig_atomic_t signal_fd = -1;
+static volatile sig_atomic_t last_signal = 0;
+
+static void on_signal(int sig) {
+    int saved = errno;
+    last_signal = sig;
+    if (signal_fd >= 0) {
+        unsigned char b = (unsigned char)sig;
+        ssize_t r = write(signal_fd, &b, 1);
+        (void)r;
+    }
+    errno = saved;
+}
+
+int bs_install_signal_pipe(int fd) {
+    signal_fd = fd;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGTERM, &sa, 0) != 0) return -1;
+    if (sigaction(SIGINT, &sa, 0) != 0) return -1;
+    if (sigaction(SIGHUP, &sa, 0) != 0) return -1;
+    return 0;
+}
+
+int bs_signal_received(void) { return last_signal; }

@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import VirtioPCI
+
+/// The driver balloond binds.
+public let uioPCIGenericDriver = "uio_pci_generic"
+
+/// A balloon bound to uio_pci_generic, and where its interrupt device is.
+public struct UIOBinding: Hashable, Sendable, CustomStringConvertible {
+    public let address: PCIAddress
+    /// `uio0`.
+    public let uioName: String
+    /// `/dev/uio0` (under the binder's root).
+    public let devicePath: String
+    /// The driver the device had before balloond bound it (`virtio-pci`), nil if none or
+    /// unknown. Also kept in the state file for `restore`.
+    public let previousDriver: String?
+
+    public var description: String {
+        "\(address) bound to \(uioPCIGenericDriver) as \(devicePath) (previous driver: \(previousDriver ?? "none"))"
+    }
+}
+
+/// Moves a virtio balloon between its kernel driver and uio_pci_generic, through sysfs
+/// (Documentation/ABI/testing/sysfs-bus-pci: `driver_override`, `drivers_probe`, `unbind`,
+/// `bind`).
+///
+/// Bind: refuse anything that is not 1af4:1002/1af4:1045 → load uio and uio_pci_generic →
+/// save the current driver to `<stateDirectory>/<BDF>.driver` → unbind it → write
+/// `uio_pci_generic` to `driver_override` → write the BDF to `/sys/bus/pci/drivers_probe` →
+/// check `driver` now points at uio_pci_generic → find `uio/uioN` and `/dev/uioN` (mknod
+/// from `uio/uioN/dev` if devtmpfs did not make it).
+///
+/// Restore: unbind uio_pci_generic → clear `driver_override` (write "\n") → bind the saved
+/// driver (or re-probe) → delete the state file. The state file lets `balloond unbind` in a
+/// later process (after a crash, say) put the device back.
+///
+/// Hold the device's `DeviceLock` around both.
+public final class DriverBinder {
+    public let root: SysRoot
+    public let kernel: KernelControl
+    /// Where `<BDF>.driver` state files live (default `/run/balloond` under `root`).
+    public let stateDirectory: String
+    public let modules: ModuleLoader
+    public var logger: Logger
+    /// How long to wait for devtmpfs to create /dev/uioN before making it: attempts and
+    /// microseconds between them.
+    public var deviceNodeWait: (attempts: Int, intervalMicroseconds: Int) = (50, 20_000)
+
+    public init(root: SysRoot = .host, kernel: KernelControl = LinuxKernelControl(), stateDirectory: String? = nil,
+                kernelRelease: String = Sys.kernelRelease(), logger: Logger = Logger(label: "balloond.binding")) {
+        self.root = root
+        self.kernel = kernel
+        self.stateDirectory = stateDirectory ?? root.path("/run/balloond")
+        self.modules = ModuleLoader(root: root, kernel: kernel, kernelRelease: kernelRelease, logger: logger)
+        self.logger = logger
+    }
+
+    /// `<stateDirectory>/<BDF>.driver`.
+    public func stateFilePath(for address: PCIAddress) -> String { "\(stateDirectory)/\(address.bdf).driver" }
+
+    /// The driver saved by an earlier `bind`: `.some(nil)` when the device had none, nil
+    /// when there is no state file.
+    public func savedPreviousDriver(for address: PCIAddress) throws(PlatformError) -> String?? {
+        let path = stateFilePath(for: address)
+        guard Sys.exists(path) else { return nil }
+        let text: String
+        do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
+        return .some(text.isEmpty ? nil : text)
+    }
+
+    /// The current driver of `address`.
+    public func currentDriver(of address: PCIAddress) throws(PlatformError) -> String? {
+        try PCIEnumerator.currentDriver(of: address, root: root)
+    }
+
+    /// Binds the balloon at `address` to uio_pci_generic (see the type's documentation).
+    /// Already bound: returns the existing binding.
+    public func bind(_ address: PCIAddress) throws(PlatformError) -> UIOBinding {
+        try requireVirtioBalloon(address)
+        let dir = address.sysfsDirectory(in: root)
+        guard Sys.exists(dir + "/driver_override") else {
+            throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: try currentDriver(of: address),
+                              detail: "\(dir)/driver_override does not exist (the kernel is older than 3.16).")
+        }
+        try modules.ensureLoaded("uio")
+        try modules.ensureLoaded(uioPCIGenericDriver)
+
+        let current = try currentDriver(of: address)
+        if current == uioPCIGenericDriver {
+            let saved = (try savedPreviousDriver(for: address)) ?? nil
+            logger.info("\(address) is already bound to \(uioPCIGenericDriver)")
+            return try uioBinding(address, previousDriver: saved)
+        }
+
+        // Save first, so a crash between here and the end can still be undone by `restore`.
+        do {
+            try Sys.makeDirectories(stateDirectory, mode: 0o755)
+            try Sys.writeFile(stateFilePath(for: address), (current ?? "") + "\n")
+        } catch { throw .system(error) }
+
+        if let current {
+            logger.info("unbinding \(address) from \(current)")
+            try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(current)/unbind"), address.bdf)
+        }
+        try kernel.writeAttribute(dir + "/driver_override", uioPCIGenericDriver)
+        do {
+            try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf)
+        } catch {
+            // drivers_probe returns the probe's error (e.g. ENODEV when uio_pci_generic
+            // rejects the device); the driver check below explains it.
+            logger.warning("drivers_probe for \(address) failed: \(error)")
+        }
+        let now = try currentDriver(of: address)
+        guard now == uioPCIGenericDriver else {
+            let rollback = rollBack(address, previous: current)
+            throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: now, detail: rollback)
+        }
+        logger.info("bound \(address) to \(uioPCIGenericDriver) (was \(current ?? "unbound"))")
+        return try uioBinding(address, previousDriver: current)
+    }
+
+    /// Gives the device back: unbinds uio_pci_generic, clears `driver_override`, binds the
+    /// driver saved by `bind` (or lets the kernel pick one when none was saved), and deletes
+    /// the state file. Returns the driver bound afterwards.
+    ///
+    /// A device that is bound to something other than uio_pci_generic is left alone (only a
+    /// stale override and state file are cleaned up).
+    @discardableResult
+    public func restore(_ address: PCIAddress) throws(PlatformError) -> String? {
+        try requireVirtioBalloon(address)
+        let dir = address.sysfsDirectory(in: root)
+        let saved = (try savedPreviousDriver(for: address)) ?? nil
+        let current = try currentDriver(of: address)
+        if let current, current != uioPCIGenericDriver {
+            logger.info("\(address) is bound to \(current), not \(uioPCIGenericDriver); nothing to restore")
+            try clearOverrideIfOurs(address)
+            removeStateFile(address)
+            return current
+        }
+        if current == uioPCIGenericDriver {
+            logger.info("unbinding \(address) from \(uioPCIGenericDriver)")
+            try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(uioPCIGenericDriver)/unbind"), address.bdf)
+        }
+        try kernel.writeAttribute(dir + "/driver_override", "\n")
+        var bound = false
+        if let saved, saved != uioPCIGenericDriver {
+            let bindPath = root.path("/sys/bus/pci/drivers/\(saved)/bind")
+            if Sys.exists(bindPath) {
+                do {
+                    try kernel.writeAttribute(bindPath, address.bdf)
+                    bound = true
+                } catch {
+                    logger.warning("binding \(address) to \(saved) failed (\(error)); letting the kernel probe it")
+                }
+            } else {
+                logger.warning("driver \(saved) is not registered (module unloaded?); letting the kernel probe \(address)")
+            }
+        }
+        if !bound {
+            do { try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf) } catch {
+                // ENODEV here means no driver wants it, which is a valid end state.
+                logger.info("re-probe of \(address) found no driver: \(error)")
+            }
+        }
+        removeStateFile(address)
+        let now = try currentDriver(of: address)
+        logger.info("\(address) is now bound to \(now ?? "no driver")")
+        return now
+    }
+
+    // MARK: private
+
+    private func requireVirtioBalloon(_ address: PCIAddress) throws(PlatformError) {
+        let dir = address.sysfsDirectory(in: root)
+        guard Sys.isDirectory(dir) else { throw .deviceNotFound(bdf: address.bdf) }
+        let vendor = try readID(dir + "/vendor"), device = try readID(dir + "/device")
+        guard isVirtioBalloonID(vendor: vendor, device: device) else {
+            throw .notAVirtioBalloon(bdf: address.bdf, vendor: vendor, device: device)
+        }
+    }
+
+    private func readID(_ path: String) throws(PlatformError) -> UInt16 {
+        let text: String
+        do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
+        guard let v = parseNumber(text, hex: true), v <= 0xffff else {
+            throw .malformedFile(path: path, reason: "'\(text)' is not a 16-bit hex ID")
+        }
+        return UInt16(v)
+    }
+
+    /// After a failed bind: clear the override and give the device back to its driver.
+    private func rollBack(_ address: PCIAddress, previous: String?) -> String {
+        var notes: [String] = []
+        do {
+            try kernel.writeAttribute(address.sysfsDirectory(in: root) + "/driver_override", "\n")
+            if let previous, Sys.exists(root.path("/sys/bus/pci/drivers/\(previous)/bind")) {
+                try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(previous)/bind"), address.bdf)
+            } else {
+                try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf)
+            }
+            notes.append("Rolled back: driver_override cleared and the device handed back to \(previous ?? "the kernel").")
+            removeStateFile(address)
+        } catch {
+            notes.append("Rolling back also failed (\(error)); run `balloond unbind \(address)` to retry.")
+        }
+        return notes.joined(separator: " ")
+    }
+
+    private func clearOverrideIfOurs(_ address: PCIAddress) throws(PlatformError) {
+        let path = address.sysfsDirectory(in: root) + "/driver_override"
+        guard let value = try? Sys.readAttribute(path), value == uioPCIGenericDriver else { return }
+        try kernel.writeAttribute(path, "\n")
+    }
+
+    private func removeStateFile(_ address: PCIAddress) {
+        do { try Sys.removeFile(stateFilePath(for: address)) } catch {
+            logger.warning("could not remove \(stateFilePath(for: address)): \(error)")
+        }
+    }
+
+    /// Finds `uio/uioN` under the device and its `/dev/uioN`, making the node from
+    /// `uio/uioN/dev` (major:minor) when devtmpfs has not.
+    private func uioBinding(_ address: PCIAddress, previousDriver: String?) throws(PlatformError) -> UIOBinding {
+        let uioDir = address.sysfsDirectory(in: root) + "/uio"
+        let names: [String]
+        do { names = try Sys.listDirectory(uioDir).filter { $0.hasPrefix("uio") } } catch {
+            throw .uioDeviceMissing(bdf: address.bdf, reason: "\(uioDir) is missing (\(error)); uio_pci_generic did not register a uio device")
+        }
+        guard names.count == 1, let name = names.first else {
+            throw .uioDeviceMissing(bdf: address.bdf, reason: "expected one uioN entry in \(uioDir), found \(names)")
+        }
+        let devFile = "\(uioDir)/\(name)/dev"
+        let devText: String
+        do { devText = try Sys.readAttribute(devFile) } catch { throw .system(error) }
+        let parts = devText.split(separator: ":")
+        guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else {
+            throw .malformedFile(path: devFile, reason: "'\(devText)' is not major:minor")
+        }
+        let node = root.path("/dev/\(name)")
+        var tries = 0
+        while !Sys.exists(node) && tries < deviceNodeWait.attempts {
+            usleep(useconds_t(deviceNodeWait.intervalMicroseconds))
+            tries += 1
+        }
+        if !Sys.exists(node) {
+            logger.info("\(node) did not appear (no devtmpfs?); creating it as \(major):\(minor)")
+            do { try kernel.makeCharacterDevice(node, major: major, minor: minor) } catch {
+                throw .uioDeviceMissing(bdf: address.bdf, reason: "\(node) does not exist and mknod failed: \(error)")
+            }
+        }
+        return UIOBinding(address: address, uioName: name, devicePath: node, previousDriver: previousDriver)
+    }
+}

@@ -1,0 +1,261 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemPackage
+
+/// A system call that failed: which call, on which path, and the kernel's errno.
+///
+/// Every syscall in PlatformLinux goes through `Sys.call` (or one of the helpers built on it),
+/// which retries `EINTR` and produces one of these for any other failure.
+public struct SystemCallError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The C function, e.g. "open", "pread", "mmap".
+    public let call: String
+    /// The file the call was about, if any.
+    public let path: String?
+    /// The errno it returned.
+    public let errno: Errno
+
+    public init(call: String, path: String?, errno: Errno) {
+        self.call = call
+        self.path = path
+        self.errno = errno
+    }
+
+    public var description: String {
+        let target = path.map { "(\($0))" } ?? ""
+        return "\(call)\(target) failed: \(errno.description) (errno \(errno.rawValue))"
+    }
+}
+
+/// An open file descriptor that is closed exactly once, when the object goes away (or on
+/// `close()`).
+public final class OpenFile {
+    /// The descriptor; -1 after `close()`.
+    public private(set) var descriptor: Int32
+    /// The path it was opened with (for error messages).
+    public let path: String
+
+    /// Opens `path` with `flags` (O_CLOEXEC is always added).
+    public init(path: String, flags: Int32, mode: mode_t = 0o600) throws(SystemCallError) {
+        self.path = path
+        let fl = flags | O_CLOEXEC
+        descriptor = try Sys.call("open", path: path) { open(path, fl, mode) }
+    }
+
+    deinit { if descriptor >= 0 { _ = Glibc.close(descriptor) } }
+
+    /// Closes now. Never retried on EINTR: Linux releases the descriptor before it can return
+    /// EINTR, so a retry could close a descriptor another thread just got.
+    public func close() {
+        if descriptor >= 0 { _ = Glibc.close(descriptor) }
+        descriptor = -1
+    }
+
+    /// Reads up to `count` bytes at `offset` (one `pread`, EINTR retried). Fewer bytes mean
+    /// end of file, or for sysfs `config` as non-root, the end of the readable header.
+    public func pread(count: Int, offset: Int) throws(SystemCallError) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        let fd = descriptor
+        let n = try Sys.call("pread", path: path) {
+            buffer.withUnsafeMutableBytes { raw in unsafe Glibc.pread(fd, raw.baseAddress, raw.count, off_t(offset)) }
+        }
+        buffer.removeLast(count - n)
+        return buffer
+    }
+
+    /// Writes `bytes` at `offset` in one `pwrite`; returns how many were written.
+    @discardableResult
+    public func pwrite(_ bytes: [UInt8], offset: Int) throws(SystemCallError) -> Int {
+        let fd = descriptor
+        return try Sys.call("pwrite", path: path) {
+            bytes.withUnsafeBytes { raw in unsafe Glibc.pwrite(fd, raw.baseAddress, raw.count, off_t(offset)) }
+        }
+    }
+
+    /// Reads `count` bytes at the current position (one `read`).
+    public func read(count: Int) throws(SystemCallError) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        let fd = descriptor
+        let n = try Sys.call("read", path: path) {
+            buffer.withUnsafeMutableBytes { raw in unsafe Glibc.read(fd, raw.baseAddress, raw.count) }
+        }
+        buffer.removeLast(count - n)
+        return buffer
+    }
+
+    /// Reads from the current position to end of file.
+    public func readToEnd() throws(SystemCallError) -> [UInt8] {
+        var all: [UInt8] = []
+        while true {
+            let chunk = try read(count: 4096)
+            if chunk.isEmpty { return all }
+            all += chunk
+        }
+    }
+
+    /// Writes all of `bytes` at the current position in one `write`. sysfs attributes take a
+    /// value in a single write, so a short write is reported as an error rather than retried.
+    public func writeAll(_ bytes: [UInt8]) throws(SystemCallError) {
+        let fd = descriptor
+        let n = try Sys.call("write", path: path) {
+            bytes.withUnsafeBytes { raw in unsafe Glibc.write(fd, raw.baseAddress, raw.count) }
+        }
+        if n != bytes.count { throw SystemCallError(call: "write (short: \(n) of \(bytes.count) bytes)", path: path, errno: .ioError) }
+    }
+
+    /// `fstat`.
+    public func status() throws(SystemCallError) -> stat {
+        var st = stat()
+        let fd = descriptor
+        _ = try Sys.call("fstat", path: path) { unsafe fstat(fd, &st) }
+        return st
+    }
+}
+
+/// The syscall funnel and small file helpers used throughout PlatformLinux.
+public enum Sys {
+    /// Runs `body` (a libc call returning -1 and setting errno on failure), retrying while it
+    /// fails with EINTR, and throws `SystemCallError` for any other failure.
+    @discardableResult
+    public static func call<T: BinaryInteger>(_ name: String, path: String? = nil, _ body: () -> T) throws(SystemCallError) -> T {
+        while true {
+            let r = body()
+            if r != -1 { return r }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            throw SystemCallError(call: name, path: path, errno: Errno(rawValue: e))
+        }
+    }
+
+    /// Reads a whole (small) text file, e.g. a sysfs attribute or a /proc file.
+    public static func readTextFile(_ path: String) throws(SystemCallError) -> String {
+        let f = try OpenFile(path: path, flags: O_RDONLY)
+        let bytes = try f.readToEnd()
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Reads a text file and trims surrounding whitespace (a sysfs attribute's value).
+    public static func readAttribute(_ path: String) throws(SystemCallError) -> String {
+        trimmed(try readTextFile(path))
+    }
+
+    /// Writes `value` to a sysfs attribute in a single `write` (what the kernel's store
+    /// functions expect). The file must exist; it is not created.
+    public static func writeAttribute(_ path: String, _ value: String) throws(SystemCallError) {
+        let f = try OpenFile(path: path, flags: O_WRONLY | O_TRUNC)
+        try f.writeAll(Array(value.utf8))
+    }
+
+    /// Writes a regular file (creating or truncating it), e.g. a state file under /run.
+    public static func writeFile(_ path: String, _ contents: String, mode: mode_t = 0o644) throws(SystemCallError) {
+        let f = try OpenFile(path: path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+        try f.writeAll(Array(contents.utf8))
+    }
+
+    /// The target of a symbolic link.
+    public static func readlink(_ path: String) throws(SystemCallError) -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = try Sys.call("readlink", path: path) {
+            buffer.withUnsafeMutableBufferPointer { p in unsafe Glibc.readlink(path, p.baseAddress!, p.count - 1) }
+        }
+        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// `lstat`, or nil when the path does not exist (ENOENT/ENOTDIR).
+    public static func lstatIfExists(_ path: String) throws(SystemCallError) -> stat? {
+        var st = stat()
+        let r = unsafe lstat(path, &st)
+        if r == 0 { return st }
+        let e = Glibc.errno
+        if e == ENOENT || e == ENOTDIR { return nil }
+        throw SystemCallError(call: "lstat", path: path, errno: Errno(rawValue: e))
+    }
+
+    /// `stat` (following links), or nil when the path does not exist.
+    public static func statIfExists(_ path: String) throws(SystemCallError) -> stat? {
+        var st = stat()
+        let r = unsafe stat(path, &st)
+        if r == 0 { return st }
+        let e = Glibc.errno
+        if e == ENOENT || e == ENOTDIR { return nil }
+        throw SystemCallError(call: "stat", path: path, errno: Errno(rawValue: e))
+    }
+
+    /// Whether something (a file, directory or link) exists at `path`.
+    public static func exists(_ path: String) -> Bool {
+        (try? lstatIfExists(path)) != nil
+    }
+
+    /// Whether `path` is a directory (following links).
+    public static func isDirectory(_ path: String) -> Bool {
+        guard let st = try? statIfExists(path) else { return false }
+        return (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    /// The entries of a directory, without "." and "..", sorted.
+    public static func listDirectory(_ path: String) throws(SystemCallError) -> [String] {
+        guard let dir = unsafe opendir(path) else {
+            throw SystemCallError(call: "opendir", path: path, errno: Errno(rawValue: Glibc.errno))
+        }
+        defer { unsafe _ = closedir(dir) }
+        var names: [String] = []
+        while let entry = unsafe readdir(dir) {
+            let name = unsafe withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted()
+    }
+
+    /// `mkdir -p`.
+    public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws(SystemCallError) {
+        var current = path.hasPrefix("/") ? "" : "."
+        for part in path.split(separator: "/") {
+            current += "/" + part
+            if mkdir(current, mode) != 0 {
+                let e = Glibc.errno
+                if e == EEXIST, isDirectory(current) { continue }
+                throw SystemCallError(call: "mkdir", path: current, errno: Errno(rawValue: e))
+            }
+        }
+    }
+
+    /// Removes a file; a missing file is not an error.
+    public static func removeFile(_ path: String) throws(SystemCallError) {
+        if unlink(path) != 0 {
+            let e = Glibc.errno
+            if e == ENOENT { return }
+            throw SystemCallError(call: "unlink", path: path, errno: Errno(rawValue: e))
+        }
+    }
+
+    /// The running kernel's release (`uname -r`).
+    public static func kernelRelease() -> String {
+        var u = utsname()
+        guard unsafe uname(&u) == 0 else { return "" }
+        return unsafe withUnsafeBytes(of: u.release) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+    }
+
+    /// The system page size (4096 on x86-64).
+    public static var pageSize: Int { Int(sysconf(Int32(_SC_PAGESIZE))) }
+}
+
+/// Trims ASCII whitespace (sysfs values end in "\n").
+func trimmed(_ s: String) -> String {
+    let ws: (Character) -> Bool = { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == "\r" }
+    var sub = Substring(s)
+    while let f = sub.first, ws(f) { sub.removeFirst() }
+    while let l = sub.last, ws(l) { sub.removeLast() }
+    return String(sub)
+}
+
+/// Parses "0x1af4", "1af4" or "4660" style sysfs numbers: hex with or without "0x"
+/// when `hex`, else decimal.
+func parseNumber(_ text: String, hex: Bool) -> UInt64? {
+    var t = trimmed(text)
+    if t.hasPrefix("0x") || t.hasPrefix("0X") { t.removeFirst(2); return UInt64(t, radix: 16) }
+    return UInt64(t, radix: hex ? 16 : 10)
+}

@@ -1,0 +1,77 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import VirtioPCI
+
+/// A PCI function's configuration space through `/sys/bus/pci/devices/BDF/config`.
+///
+/// Reads and writes are `pread`/`pwrite` of exactly the access width at the register's
+/// offset; the kernel turns an aligned 2-byte write into `pci_user_write_config_word`
+/// (`drivers/pci/pci-sysfs.c: pci_write_config`), which is what the Command register needs
+/// (uio_pci_generic's INTx unmask, Bus Master). The file stays open for the object's
+/// lifetime.
+///
+/// Non-root readers only see the first 64 bytes (the kernel truncates the read), so
+/// capability walks need root; such a short read is reported as an error saying so.
+public final class SysfsConfigSpace: PCIConfigSpace {
+    public let address: PCIAddress
+    public let path: String
+    /// Size of the config file: 256 (conventional PCI) or 4096 (PCIe extended).
+    public let size: Int
+    private let file: OpenFile
+
+    /// Opens the config file read-write (read-only with `writable: false`).
+    public init(address: PCIAddress, root: SysRoot = .host, writable: Bool = true) throws(PlatformError) {
+        self.address = address
+        path = address.sysfsDirectory(in: root) + "/config"
+        do {
+            file = try OpenFile(path: path, flags: writable ? O_RDWR : O_RDONLY)
+            let st = try file.status()
+            size = Int(st.st_size)
+        } catch {
+            if error.errno == .noSuchFileOrDirectory { throw .deviceNotFound(bdf: address.bdf) }
+            throw .system(error)
+        }
+    }
+
+    private func read(_ offset: Int, _ width: Int) throws(PCIError) -> [UInt8] {
+        guard offset >= 0, offset % width == 0, offset + width <= size else {
+            throw .configAccess(offset: offset, reason: "\(width)-byte access is misaligned or outside the \(size)-byte config space of \(address)")
+        }
+        let bytes: [UInt8]
+        do { bytes = try file.pread(count: width, offset: offset) } catch {
+            throw .configAccess(offset: offset, reason: error.description)
+        }
+        guard bytes.count == width else {
+            throw .configAccess(offset: offset, reason: "read \(bytes.count) of \(width) bytes from \(path): the kernel only lets root read past the first 64 bytes; run balloond as root")
+        }
+        return bytes
+    }
+
+    public func read8(at offset: Int) throws(PCIError) -> UInt8 { try read(offset, 1)[0] }
+
+    public func read16(at offset: Int) throws(PCIError) -> UInt16 {
+        let b = try read(offset, 2)
+        return UInt16(b[0]) | UInt16(b[1]) << 8
+    }
+
+    public func read32(at offset: Int) throws(PCIError) -> UInt32 {
+        let b = try read(offset, 4)
+        return UInt32(b[0]) | UInt32(b[1]) << 8 | UInt32(b[2]) << 16 | UInt32(b[3]) << 24
+    }
+
+    public func write16(_ value: UInt16, at offset: Int) throws(PCIError) {
+        guard offset >= 0, offset % 2 == 0, offset + 2 <= size else {
+            throw .configAccess(offset: offset, reason: "2-byte write is misaligned or outside the \(size)-byte config space of \(address)")
+        }
+        let n: Int
+        do { n = try file.pwrite([UInt8(value & 0xff), UInt8(value >> 8)], offset: offset) } catch {
+            var reason = error.description
+            if error.errno == .badFileDescriptor { reason += " (the config space was opened read-only)" }
+            throw .configAccess(offset: offset, reason: reason)
+        }
+        guard n == 2 else {
+            throw .configAccess(offset: offset, reason: "wrote \(n) of 2 bytes to \(path)")
+        }
+    }
+}

@@ -1,0 +1,123 @@
+/// `cfg_type` of a virtio vendor capability (virtio 1.2 §4.1.4).
+public enum VirtioCapabilityType: UInt8, Sendable {
+    case common = 1, notify = 2, isr = 3, device = 4, pciConfig = 5, sharedMemory = 8, vendor = 9
+}
+
+/// Where one virtio structure lives: a window of `length` bytes at `offset` in BAR `bar`.
+public struct VirtioStructureLocation: Hashable, Sendable, CustomStringConvertible {
+    public let bar: Int
+    public let offset: UInt32
+    public let length: UInt32
+    /// Config-space offset of the capability that described it.
+    public let capabilityOffset: Int
+    public var description: String { "BAR\(bar)+0x\(String(offset, radix: 16)) len 0x\(String(length, radix: 16)) (cap@0x\(String(capabilityOffset, radix: 16)))" }
+}
+
+/// The virtio structures of a modern virtio-pci function, as its capability list says.
+public struct VirtioCapabilities: Hashable, Sendable {
+    public let common: VirtioStructureLocation
+    public let notify: VirtioStructureLocation
+    /// Byte distance between queue notify addresses (`notify_off_multiplier`).
+    public let notifyOffMultiplier: UInt32
+    public let isr: VirtioStructureLocation
+    /// Absent on devices without device-specific config (the balloon always has one).
+    public let device: VirtioStructureLocation?
+}
+
+/// A capability list that balloond refuses, naming the problem.
+public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
+    case noCapabilityList
+    case pointerBelowHeader(at: Int, pointer: Int)
+    case pointerMisaligned(at: Int, pointer: Int)
+    case loop(at: Int)
+    case lengthTooSmall(at: Int, type: UInt8, length: Int, minimum: Int)
+    case capabilityOutsideConfigSpace(at: Int, length: Int)
+    case barOutOfRange(at: Int, bar: Int)
+    case offsetOverflow(at: Int, offset: UInt32, length: UInt32)
+    case outsideBAR(at: Int, bar: Int, end: UInt64, barSize: UInt64)
+    case barMissing(at: Int, bar: Int)
+    case notifyMultiplierInvalid(at: Int, multiplier: UInt32)
+    case missing(VirtioCapabilityType)
+    case configSpace(PCIError)
+
+    public var description: String {
+        func h(_ v: Int) -> String { "0x" + String(v, radix: 16) }
+        switch self {
+        case .noCapabilityList: return "the function has no PCI capability list (status bit 4 clear or pointer 0): not a modern virtio device"
+        case .pointerBelowHeader(let at, let p): return "capability pointer \(h(p)) at \(h(at)) points into the standard header (below 0x40)"
+        case .pointerMisaligned(let at, let p): return "capability pointer \(h(p)) at \(h(at)) is not 4-byte aligned"
+        case .loop(let at): return "capability list loops back to \(h(at))"
+        case .lengthTooSmall(let at, let t, let l, let m): return "virtio capability at \(h(at)) (cfg_type \(t)) has cap_len \(l), less than \(m)"
+        case .capabilityOutsideConfigSpace(let at, let l): return "capability at \(h(at)) with length \(l) runs past the 256-byte config space"
+        case .barOutOfRange(let at, let b): return "virtio capability at \(h(at)) names BAR \(b); only 0-5 exist"
+        case .offsetOverflow(let at, let o, let l): return "virtio capability at \(h(at)): offset 0x\(String(o, radix: 16)) + length 0x\(String(l, radix: 16)) overflows 32 bits"
+        case .outsideBAR(let at, let b, let e, let s): return "virtio capability at \(h(at)) ends at 0x\(String(e, radix: 16)), past BAR\(b)'s 0x\(String(s, radix: 16)) bytes"
+        case .barMissing(let at, let b): return "virtio capability at \(h(at)) names BAR\(b), which is not implemented"
+        case .notifyMultiplierInvalid(let at, let m): return "notify capability at \(h(at)) has notify_off_multiplier \(m), not a multiple of 2"
+        case .missing(let t): return "required virtio capability \(t) is missing"
+        case .configSpace(let e): return e.description
+        }
+    }
+}
+
+/// Walks the PCI capability list from `config[0x34]` and parses the virtio vendor
+/// capabilities (virtio 1.2 §4.1.4). The first capability of each type wins, as the spec
+/// recommends; PCI_CFG, shared-memory and unknown types are skipped.
+///
+/// - Parameters:
+///   - config: the function's config space.
+///   - barSizes: size in bytes of each BAR 0–5, nil where the BAR is not implemented.
+public func parseVirtioCapabilities(_ config: PCIConfigSpace, barSizes: [UInt64?]) throws(VirtioCapabilityError) -> VirtioCapabilities {
+    func r8(_ o: Int) throws(VirtioCapabilityError) -> UInt8 {
+        do { return try config.read8(at: o) } catch { throw .configSpace(error) }
+    }
+    func r32(_ o: Int) throws(VirtioCapabilityError) -> UInt32 {
+        do { return try config.read32(at: o) } catch { throw .configSpace(error) }
+    }
+    let status: UInt16
+    do { status = try config.read16(at: PCIConfig.status) } catch { throw .configSpace(error) }
+    var pointer = Int(try r8(PCIConfig.capabilitiesPointer))
+    guard status & PCIConfig.statusCapList != 0, pointer != 0 else { throw .noCapabilityList }
+
+    var seen = Set<Int>()
+    var found: [VirtioCapabilityType: (VirtioStructureLocation, UInt32)] = [:]
+    var from = PCIConfig.capabilitiesPointer
+    while pointer != 0 {
+        guard pointer >= 0x40 else { throw .pointerBelowHeader(at: from, pointer: pointer) }
+        guard pointer & 3 == 0 else { throw .pointerMisaligned(at: from, pointer: pointer) }
+        guard pointer + 2 <= 256 else { throw .capabilityOutsideConfigSpace(at: pointer, length: 2) }
+        guard seen.insert(pointer).inserted else { throw .loop(at: pointer) }
+        let id = try r8(pointer)
+        let next = Int(try r8(pointer + 1))
+        if id == 0x09 {  // vendor-specific: a virtio capability
+            let capLength = Int(try r8(pointer + 2))
+            let rawType = try r8(pointer + 3)
+            guard capLength >= 16 else { throw .lengthTooSmall(at: pointer, type: rawType, length: capLength, minimum: 16) }
+            guard pointer + capLength <= 256 else { throw .capabilityOutsideConfigSpace(at: pointer, length: capLength) }
+            if let type = VirtioCapabilityType(rawValue: rawType),
+               [.common, .notify, .isr, .device].contains(type), found[type] == nil {
+                let bar = Int(try r8(pointer + 4))
+                let offset = try r32(pointer + 8)
+                let length = try r32(pointer + 12)
+                guard bar <= 5 else { throw .barOutOfRange(at: pointer, bar: bar) }
+                let (end, overflow) = offset.addingReportingOverflow(length)
+                guard !overflow else { throw .offsetOverflow(at: pointer, offset: offset, length: length) }
+                guard let barSize = barSizes.indices.contains(bar) ? barSizes[bar] : nil else { throw .barMissing(at: pointer, bar: bar) }
+                guard UInt64(end) <= barSize else { throw .outsideBAR(at: pointer, bar: bar, end: UInt64(end), barSize: barSize) }
+                var multiplier: UInt32 = 0
+                if type == .notify {
+                    guard capLength >= 20 else { throw .lengthTooSmall(at: pointer, type: rawType, length: capLength, minimum: 20) }
+                    multiplier = try r32(pointer + 16)
+                    guard multiplier % 2 == 0 else { throw .notifyMultiplierInvalid(at: pointer, multiplier: multiplier) }
+                }
+                found[type] = (VirtioStructureLocation(bar: bar, offset: offset, length: length, capabilityOffset: pointer), multiplier)
+            }
+        }
+        from = pointer + 1
+        pointer = next
+    }
+    guard let common = found[.common]?.0 else { throw .missing(.common) }
+    guard let notify = found[.notify] else { throw .missing(.notify) }
+    guard let isr = found[.isr]?.0 else { throw .missing(.isr) }
+    return VirtioCapabilities(common: common, notify: notify.0, notifyOffMultiplier: notify.1, isr: isr, device: found[.device]?.0)
+}

@@ -1,0 +1,126 @@
+import VirtioCore
+
+/// ISR status bits (virtio 1.2 §4.1.4.5). Reading the ISR clears it and deasserts INTx.
+public struct ISRStatus: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// A used buffer notification.
+    public static let queue = ISRStatus(rawValue: 1)
+    /// The device configuration changed.
+    public static let configChange = ISRStatus(rawValue: 2)
+}
+
+/// Errors at the transport layer, named after spec conditions.
+public enum TransportError: Error, Hashable, CustomStringConvertible {
+    case pci(PCIError)
+    case capabilities(VirtioCapabilityError)
+    case notAVirtioBalloon(vendor: UInt16, device: UInt16)
+    case resetTimedOut(status: DeviceStatus, milliseconds: Int)
+    case featuresNotAccepted(DeviceStatus)
+    case featureNegotiation(FeatureNegotiationError)
+    case queueIndexOutOfRange(queue: UInt16, numQueues: UInt16)
+    case queueUnavailable(queue: UInt16)
+    case queueSizeMismatch(queue: UInt16, expected: UInt16, found: UInt16)
+    case queueEnableDidNotStick(queue: UInt16)
+    case needsReset(DeviceStatus)
+    case deviceConfigOutOfRange(offset: Int, length: Int)
+    case notifyOutOfRange(queue: UInt16, offset: Int)
+
+    public var description: String {
+        switch self {
+        case .pci(let e): return e.description
+        case .capabilities(let e): return "malformed virtio capabilities: \(e)"
+        case .notAVirtioBalloon(let v, let d):
+            return "PCI function \(hex4(v)):\(hex4(d)) is not a virtio-balloon (expected 1af4:1002 or 1af4:1045)"
+        case .resetTimedOut(let s, let ms): return "device did not complete reset within \(ms) ms (status still \(s))"
+        case .featuresNotAccepted(let s): return "device did not accept the negotiated features (FEATURES_OK not set after write; status \(s))"
+        case .featureNegotiation(let e): return e.description
+        case .queueIndexOutOfRange(let q, let n): return "queue \(q) does not exist (device has \(n) queues)"
+        case .queueUnavailable(let q): return "queue \(q) has size 0 on this device"
+        case .queueSizeMismatch(let q, let e, let f): return "queue \(q) has size \(f), but QEMU's numbering says \(e) here: the device's queue layout is not the one balloond knows"
+        case .queueEnableDidNotStick(let q): return "queue \(q) did not read back enabled after queue_enable=1"
+        case .needsReset(let s): return "device set NEEDS_RESET (status \(s)): it found an error in what the driver sent; balloond will reset it"
+        case .deviceConfigOutOfRange(let o, let l): return "device config access at \(o) (+\(l)) is outside the device config window"
+        case .notifyOutOfRange(let q, let o): return "notify address for queue \(q) (offset 0x\(String(o, radix: 16))) is outside the notify structure"
+        }
+    }
+}
+
+/// The bus-independent operations a virtio driver needs (virtio 1.2 §3). Real conformance:
+/// `ModernPCITransport` over a mapped BAR or the simulator's registers.
+public protocol VirtioTransport: AnyObject {
+    /// The virtio device type (5 for the balloon).
+    var virtioDeviceType: UInt16 { get }
+    func deviceFeatures() -> FeatureBits
+    func setDriverFeatures(_ features: FeatureBits)
+    /// Reads back what the driver wrote (QEMU returns the raw value, not the masked one).
+    func driverFeatures() -> FeatureBits
+    func status() -> DeviceStatus
+    func setStatus(_ status: DeviceStatus)
+    var numQueues: UInt16 { get }
+    /// Selects `queue` and reads its size (0: absent).
+    func queueSize(_ queue: UInt16) -> UInt16
+    /// Programs and enables one queue: size, the three areas, then `queue_enable = 1`.
+    func enableQueue(_ queue: UInt16, size: UInt16, descriptors: PhysicalAddress, driver: PhysicalAddress, device: PhysicalAddress) throws(TransportError)
+    func queueEnabled(_ queue: UInt16) -> Bool
+    /// Tells the device a queue has new buffers.
+    func notify(queue: UInt16) throws(TransportError)
+    /// Reads (and so clears) the ISR.
+    func readISR() -> ISRStatus
+    func configGeneration() -> UInt8
+    /// Size of the device config window.
+    var deviceConfigLength: Int { get }
+    func readDeviceConfig32(at offset: Int) throws(TransportError) -> UInt32
+    /// One aligned 32-bit store (the balloon's `actual` and `poison_val` need exactly that).
+    func writeDeviceConfig32(_ value: UInt32, at offset: Int) throws(TransportError)
+    /// Lets the device reach memory (PCI: sets Bus Master). Called before queues are used.
+    func enableDMA() throws(TransportError)
+}
+
+extension VirtioTransport {
+    /// Resets the device: writes 0, then polls until status reads 0 (virtio 1.2 §2.4.1: "the
+    /// driver MUST NOT assume reset is complete before it reads 0").
+    public func reset(timeoutMilliseconds: Int = 1000, sleep: (Int) -> Void = defaultSleepMicroseconds) throws(TransportError) {
+        setStatus([])
+        var waited = 0
+        while status().rawValue != 0 {
+            if waited >= timeoutMilliseconds * 1000 { throw .resetTimedOut(status: status(), milliseconds: timeoutMilliseconds) }
+            sleep(100)
+            waited += 100
+        }
+    }
+
+    /// Adds bits to the status (read-modify-write).
+    public func addStatus(_ bits: DeviceStatus) { setStatus(status().union(bits)) }
+
+    /// Reads several device-config fields as one consistent snapshot: retries while
+    /// `config_generation` changes across the reads (virtio 1.2 §4.1.4.3.1).
+    public func readConsistent<T>(_ body: () throws(TransportError) -> T) throws(TransportError) -> T {
+        while true {
+            let before = configGeneration()
+            let value = try body()
+            if configGeneration() == before { return value }
+        }
+    }
+
+    /// Negotiates features (steps 4–5 of §3.1.1): writes the accepted subset, sets
+    /// FEATURES_OK, and re-reads status to check the device kept it.
+    public func negotiate(wanted: FeatureBits) throws(TransportError) -> FeatureBits {
+        let accepted: FeatureBits
+        do { accepted = try negotiateFeatures(offered: deviceFeatures(), wanted: wanted) } catch { throw .featureNegotiation(error) }
+        setDriverFeatures(accepted)
+        addStatus(.featuresOK)
+        let s = status()
+        guard s.contains(.featuresOK) else { throw .featuresNotAccepted(s) }
+        return accepted
+    }
+}
+
+/// `usleep`, the default for polling loops.
+public func defaultSleepMicroseconds(_ us: Int) { platformSleepMicroseconds(us) }
+
+/// `1af4`-style four-digit lowercase hex.
+public func hex4(_ v: UInt16) -> String {
+    let s = String(v, radix: 16)
+    return String(repeating: "0", count: max(0, 4 - s.count)) + s
+}

@@ -1,0 +1,274 @@
+import Testing
+import BalloonSimulator
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+@testable import Balloon
+
+final class FixedStats: BalloonStatsSource {
+    var value: UInt64 = 1
+    func collect() -> [BalloonStat] { BalloonStatTag.allCases.map { BalloonStat($0, value) } }
+}
+
+struct Rig {
+    let device: SimulatedBalloonDevice
+    let driver: BalloonDriver<ModernPCITransport>
+    let line: SimulatedInterruptLine
+    let stats = FixedStats()
+
+    init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions()) throws {
+        device = SimulatedBalloonDevice(properties: props)
+        line = device.makeInterruptLine()
+        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats)
+    }
+
+    /// Services every pending interrupt, as the event loop would.
+    func serviceAll() throws {
+        var n = 0
+        while try line.wait(timeoutMilliseconds: 0) {
+            try driver.serviceInterrupt(line: line)
+            n += 1
+            precondition(n < 100, "interrupt storm")
+        }
+    }
+}
+
+@Suite("Device bring-up (virtio 1.2 §3.1.1, virtio-balloon.md §1.6)")
+struct BringUpTests {
+    @Test("bring-up order: bus master, reset, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
+    func order() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        let e = rig.device.events
+        func first(_ pred: (SimulatedBalloonDevice.Event) -> Bool) -> Int { e.firstIndex(where: pred) ?? Int.max }
+        let busMaster = first { $0 == .busMaster(true) }
+        let reset = first { $0 == .status([]) }
+        let ack = first { $0 == .status([.acknowledge]) }
+        let driver = first { $0 == .status([.acknowledge, .driver]) }
+        let featuresOK = first { if case .driverFeatures = $0 { return true }; return false }
+        let queue0 = first { if case .queueEnabled(0, _) = $0 { return true }; return false }
+        let queue2 = first { if case .queueEnabled(2, _) = $0 { return true }; return false }
+        let statsKick = first { $0 == .notify(2) }
+        let driverOK = first { if case .status(let s) = $0 { return s.contains(.driverOK) }; return false }
+        #expect(busMaster < reset)
+        #expect(reset < ack && ack < driver && driver < featuresOK)
+        #expect(featuresOK < queue0 && queue0 < queue2 && queue2 < statsKick && statsKick < driverOK)
+        #expect(driverOK != Int.max)
+        #expect(rig.device.status == [.acknowledge, .driver, .featuresOK, .driverOK])
+        #expect(rig.device.holdsStatsBuffer)
+        #expect(rig.device.stats.count == 10)
+    }
+
+    @Test("queues are set up by QEMU's numbering for every property combination", arguments: BalloonDeviceProperties.allFeatureCombinations)
+    func numbering(_ props: BalloonDeviceProperties) throws {
+        var options = BalloonDriverOptions()
+        options.wantedFeatures.insert(.reporting)
+        let rig = try Rig(props, options: options)
+        try rig.driver.bringUp()
+        #expect(rig.driver.queueForTesting(.inflate)?.index == 0)
+        #expect(rig.driver.queueForTesting(.deflate)?.index == 1)
+        #expect(rig.driver.queueForTesting(.stats)?.index == 2)
+        if props.freePageHint {
+            #expect(rig.driver.queueForTesting(.freePageHint)?.index == 3)
+            #expect(rig.device.isQueueEnabled(3))
+            #expect(rig.device.programmedQueueSize(3) == 1024)
+        } else {
+            #expect(rig.driver.queueForTesting(.freePageHint) == nil)
+        }
+        let reportingIndex: UInt16? = props.freePageReporting ? (props.freePageHint ? 4 : 3) : nil
+        // REPORTING with no poisoning policy needs nothing else; it is enabled where offered.
+        #expect(rig.driver.queueForTesting(.reporting)?.index == reportingIndex)
+        if let r = reportingIndex { #expect(rig.device.isQueueEnabled(r)) }
+        #expect(!rig.device.broken)
+    }
+
+    @Test("an offered hint queue is skipped but keeps index 3 when balloond does not accept hinting")
+    func hintOfferedNotAccepted() throws {
+        var options = BalloonDriverOptions()
+        options.wantedFeatures = [.statsVQ, .reporting, .version1]
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true, freePageReporting: true), options: options)
+        try rig.driver.bringUp()
+        #expect(!rig.device.isQueueEnabled(3))
+        #expect(rig.driver.queueForTesting(.reporting)?.index == 4)
+        #expect(rig.device.isQueueEnabled(4))
+    }
+
+    @Test("a queue whose size does not match QEMU's numbering is refused")
+    func sizeMismatch() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
+        rig.device.faults.zeroSizedQueues = [3]
+        #expect(throws: BalloonError.self) { try rig.driver.bringUp() }
+        #expect(rig.device.status.contains(.failed))
+    }
+
+    @Test("poison_val is written before DRIVER_OK as Linux does, only when PAGE_POISON is negotiated", arguments: [
+        (PagePoisonPolicy.poison, UInt32?(0xAAAA_AAAA)), (.initOnFree, 0), (.none, nil),
+    ])
+    func poison(policy: PagePoisonPolicy, expected: UInt32?) throws {
+        let rig = try Rig(BalloonDeviceProperties(), options: BalloonDriverOptions(poisonPolicy: policy))
+        try rig.driver.bringUp()
+        #expect(rig.driver.poisonValue == expected)
+        #expect(rig.device.negotiatedFeatures.contains(.pagePoison) == (expected != nil))
+        let e = rig.device.events
+        let write = e.firstIndex { if case .configWrite(offset: 12, _) = $0 { return true }; return false }
+        let ok = e.firstIndex { if case .status(let s) = $0 { return s.contains(.driverOK) }; return false }!
+        if let expected {
+            #expect(write != nil && write! < ok)
+            #expect(rig.device.poisonVal == expected)
+            if case .configWrite(_, let bytes)? = write.map({ e[$0] }) { #expect(bytes.count == 4) }
+        } else {
+            #expect(write == nil)
+        }
+    }
+
+    @Test("REPORTING is dropped when pages are poisoned but PAGE_POISON is not offered (Linux virtballoon_validate)")
+    func reportingNeedsPoison() {
+        let offered: FeatureBits = [.statsVQ, .reporting, .version1]
+        let want = BalloonDriver<ModernPCITransport>.wantedFeatures(offered: offered, implemented: [.statsVQ, .reporting, .pagePoison], poison: .poison)
+        #expect(!want.contains(.reporting))
+        let want2 = BalloonDriver<ModernPCITransport>.wantedFeatures(offered: offered, implemented: [.statsVQ, .reporting, .pagePoison], poison: .none)
+        #expect(want2.contains(.reporting) && !want2.contains(.pagePoison))
+    }
+
+    @Test("num_pages and the cmd id are read right after DRIVER_OK (no config interrupt comes for earlier changes)")
+    func readsConfigAfterDriverOK() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
+        // Host sets a target before the driver is up: QEMU raises no interrupt for it.
+        rig.device.setTarget(bytes: 768 << 20)
+        try rig.driver.bringUp()
+        #expect(rig.driver.targetPages == 65536)
+        #expect(rig.driver.hintCommand == .stop)
+    }
+
+    @Test("a config interrupt delivers a new target and a new hint cmd id")
+    func configInterrupt() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
+        try rig.driver.bringUp()
+        rig.device.setTarget(bytes: 512 << 20)
+        try rig.serviceAll()
+        #expect(rig.driver.targetPages == 131072)
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.hintCommand == .round(0x8000_0001))
+        #expect(rig.driver.counters.configChanges == 2)
+        // After servicing, INTx is unmasked and Bus Master is still set.
+        #expect(rig.device.configSpace.command & PCIConfig.commandINTxDisable == 0)
+        #expect(rig.device.busMaster)
+    }
+
+    @Test("the stats queue keeps exactly one buffer: refilled when the device returns it, never two outstanding")
+    func statsRefill() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        #expect(rig.device.statsUpdates == 1)
+        rig.stats.value = 42
+        rig.device.requestStats()
+        try rig.serviceAll()
+        #expect(rig.device.statsUpdates == 2)
+        #expect(rig.device.stats[4] == 42)
+        #expect(rig.device.holdsStatsBuffer)
+        #expect(rig.device.statsBuffersReturnedEarly == 0)
+        #expect(rig.driver.counters.statsBuffersSent == 2)
+    }
+
+    @Test("VERSION_1 missing: bring-up fails with FAILED set and an actionable message")
+    func legacyDevice() throws {
+        let rig = try Rig()
+        rig.device.faults.rejectFeaturesOK = true
+        do {
+            try rig.driver.bringUp()
+            Issue.record("expected failure")
+        } catch {
+            #expect(error.description.contains("FEATURES_OK"))
+        }
+        #expect(rig.device.status.contains(.failed))
+    }
+
+    @Test("a device that never completes reset gives a typed timeout, not a hang")
+    func neverResets() throws {
+        let rig = try Rig(options: BalloonDriverOptions(resetTimeoutMilliseconds: 2))
+        rig.device.faults.neverResets = true
+        try rig.driver.transport.enableDMA()
+        rig.driver.transport.setStatus([.acknowledge])
+        #expect(throws: BalloonError.self) { try rig.driver.bringUp() }
+    }
+
+    @Test("corrupted used entries from the device are typed errors")
+    func corruptedUsed() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.device.faults.corruptNextUsedID[2] = 99
+        rig.device.requestStats()
+        do {
+            try rig.serviceAll()
+            Issue.record("expected a queue error")
+        } catch let error as BalloonError {
+            guard case .queue(.stats, .usedIDOutOfRange(id: 99, size: 128)) = error else {
+                Issue.record("wrong error \(error)")
+                return
+            }
+        }
+        #expect(rig.driver.counters.errors == 1)
+    }
+
+    @Test("NEEDS_RESET from the device is reported, and a fresh bring-up recovers it")
+    func needsResetRecovery() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        // Break the device the way QEMU breaks: queue_enable written with a value other than 1.
+        rig.device.bar4.write16(2, at: CommonConfig.queueSelect)
+        rig.device.bar4.write16(2, at: CommonConfig.queueEnable)
+        #expect(rig.device.broken)
+        #expect(rig.device.status.contains(.needsReset))
+        #expect(throws: BalloonError.transport(.needsReset(rig.device.status))) { try rig.serviceAll() }
+        try rig.driver.bringUp()
+        #expect(!rig.device.broken)
+        #expect(rig.device.status.contains(.driverOK))
+        #expect(rig.device.holdsStatsBuffer)
+    }
+
+    @Test("after a bus-master clear (uio release) and restart, the device comes back")
+    func restartAfterBusMasterClear() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        try rig.device.configSpace.write16(0x0103, at: PCIConfig.command)  // what uio's release() leaves
+        #expect(!rig.device.status.contains(.driverOK))
+        try rig.driver.bringUp()
+        #expect(rig.device.status.contains(.driverOK))
+        #expect(rig.device.busMaster)
+    }
+
+    @Test("shutdown resets the device")
+    func shutdown() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.driver.shutdown()
+        #expect(rig.device.status == [])
+        #expect(!rig.device.holdsStatsBuffer)
+    }
+}
+
+@Suite("Stats values (virtio-balloon.md §5)")
+struct StatsTests {
+    @Test("stats come from /proc/vmstat and /proc/meminfo as Linux computes them, all ten tags in Linux's order")
+    func compute() {
+        let vmstat = "nr_free_pages 1000\nnr_file_pages 300\npswpin 2\npswpout 3\npgmajfault 7\npgfault 99\nhtlb_buddy_alloc_success 5\nhtlb_buddy_alloc_fail 1\n"
+        let meminfo = "MemTotal:        1000 kB\nMemFree:          500 kB\nMemAvailable:     700 kB\nBuffers:           10 kB\nCached:            20 kB\n"
+        let s = computeBalloonStats(vmstat: vmstat, meminfo: meminfo)
+        #expect(s.map(\.tag.rawValue) == [0, 1, 2, 3, 8, 9, 4, 5, 6, 7])
+        let d = Dictionary(uniqueKeysWithValues: s.map { ($0.tag, $0.value) })
+        #expect(d[.swapIn] == 2 * 4096 && d[.swapOut] == 3 * 4096)
+        #expect(d[.majorFaults] == 7 && d[.minorFaults] == 99)
+        #expect(d[.memFree] == 500 * 1024 && d[.memTotal] == 1000 * 1024 && d[.available] == 700 * 1024)
+        #expect(d[.caches] == 300 * 4096)
+        #expect(d[.hugetlbAllocations] == 5 && d[.hugetlbFailures] == 1)
+    }
+
+    @Test("entries are packed 10-byte little-endian {le16 tag, le64 val}")
+    func encoding() {
+        let bytes = encodeBalloonStats([BalloonStat(.memFree, 0x0102_0304_0506_0708), BalloonStat(.caches, 1)])
+        #expect(bytes.count == 20)
+        #expect(Array(bytes[0..<10]) == [4, 0, 8, 7, 6, 5, 4, 3, 2, 1])
+        #expect(Array(bytes[10..<12]) == [7, 0])
+    }
+}

@@ -1,0 +1,586 @@
+// Boots a balloond test guest (scripts/run-guest.sh) and talks to it: QMP (`qmp`) and the
+// command channel (`run`, `check`, `spawn`, ...).
+//
+//     try GuestVM.with(.init(kernelArgs: ["page_poison=1"])) { vm in
+//         let (out, rc) = try vm.run("cat /proc/meminfo")
+//         let p = try vm.spawn(["balloond", "run"], name: "balloond")
+//         try vm.signal(p, "TERM")
+//         #expect(try vm.waitForExit(p, timeout: 30) == 0)
+//         _ = try vm.qmp.execute("balloon", arguments: ["value": 512 << 20])
+//     }
+//
+// Everything is synchronous and every wait has a timeout. Each VM gets a run directory
+// .cache/runs/<name>-<time>-<pid>-<n>/ (console.log, qemu.log, cmdline, sockets) that is
+// kept after the test; error messages say where it is. Run directories of earlier test
+// processes beyond the newest 20 (BALLOOND_KEEP_RUNS) are pruned at the first boot.
+//
+// Environment knobs: BALLOOND_BOOT_TIMEOUT (s, default 90), BALLOOND_MAX_VMS (concurrent
+// VMs, default half the cores, at least 1), BALLOOND_SKIP_GUEST_BUILD=1 (do not run
+// scripts/build-guest.sh before the first boot), BALLOOND_KEEP_RUNS (default 20).
+
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Host paths
+
+enum HarnessPaths {
+    /// The package root: BALLOOND_ROOT, else derived from this file's path
+    /// (<root>/Tests/IntegrationTests/Harness/GuestVM.swift).
+    static let packageRoot: URL = {
+        if let root = ProcessInfo.processInfo.environment["BALLOOND_ROOT"], !root.isEmpty {
+            return URL(fileURLWithPath: root)
+        }
+        return URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent()  // Harness
+            .deletingLastPathComponent()  // IntegrationTests
+            .deletingLastPathComponent()  // Tests
+            .deletingLastPathComponent()
+    }()
+
+    /// BALLOOND_CACHE (as the scripts use it), else <root>/.cache.
+    static var cache: URL {
+        if let cache = ProcessInfo.processInfo.environment["BALLOOND_CACHE"], !cache.isEmpty {
+            return URL(fileURLWithPath: cache)
+        }
+        return packageRoot.appendingPathComponent(".cache")
+    }
+
+    static var kernel: URL { cache.appendingPathComponent("kernel/vmlinuz") }
+    static var initramfs: URL { cache.appendingPathComponent("guest/initramfs.cpio.gz") }
+    static var runs: URL { cache.appendingPathComponent("runs") }
+    static var runGuest: URL { packageRoot.appendingPathComponent("scripts/run-guest.sh") }
+    static var buildGuest: URL { packageRoot.appendingPathComponent("scripts/build-guest.sh") }
+    /// The balloond binary build-guest.sh puts into the image by default.
+    static var releaseBalloond: URL { packageRoot.appendingPathComponent(".build/release/balloond") }
+}
+
+func environmentNumber(_ name: String) -> Double? {
+    ProcessInfo.processInfo.environment[name].flatMap { Double($0) }
+}
+
+/// Quotes `s` for the guest's `sh`.
+func shellQuote(_ s: String) -> String {
+    if !s.isEmpty, s.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_./=:,+@%".contains($0)) }) {
+        return s
+    }
+    return "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'"
+}
+
+// MARK: - Process-wide state
+
+/// Once-per-process work (image build, pruning) and the limit on concurrent VMs.
+private final class HarnessState: @unchecked Sendable {
+    static let shared = HarnessState()
+
+    private let lock = NSLock()
+    private var prepared = false
+    private var prepareError: HarnessError?
+    private var counter = 0
+    let slots: DispatchSemaphore
+    let maxVMs: Int
+
+    private init() {
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        maxVMs = max(1, Int(environmentNumber("BALLOOND_MAX_VMS") ?? Double(max(1, cores / 2))))
+        slots = DispatchSemaphore(value: maxVMs)
+    }
+
+    func nextIndex() -> Int {
+        lock.lock()
+        defer { lock.unlock() }
+        counter += 1
+        return counter
+    }
+
+    /// Builds the guest image (a no-op when nothing changed) and prunes old run directories,
+    /// once per process; later calls return the first result.
+    func prepare() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        if prepared {
+            if let prepareError { throw prepareError }
+            return
+        }
+        prepared = true
+        pruneRuns()
+        if ProcessInfo.processInfo.environment["BALLOOND_SKIP_GUEST_BUILD"] == "1" { return }
+        do {
+            try buildImage()
+        } catch let error as HarnessError {
+            prepareError = error
+            throw error
+        }
+    }
+
+    private func buildImage() throws {
+        let fm = FileManager.default
+        try? fm.createDirectory(at: HarnessPaths.cache.appendingPathComponent("guest"), withIntermediateDirectories: true)
+        let logURL = HarnessPaths.cache.appendingPathComponent("guest/build.log")
+        fm.createFile(atPath: logURL.path, contents: nil)
+        let log = try FileHandle(forWritingTo: logURL)
+        defer { try? log.close() }
+        let p = Process()
+        p.executableURL = HarnessPaths.buildGuest
+        p.currentDirectoryURL = HarnessPaths.packageRoot
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = log
+        p.standardError = log
+        do {
+            try p.run()
+        } catch {
+            throw HarnessError(.setup, "cannot run \(HarnessPaths.buildGuest.path): \(error)")
+        }
+        let deadline = Date().addingTimeInterval(300)
+        while p.isRunning && Date() < deadline { usleep(100_000) }
+        if p.isRunning {
+            p.terminate()
+            throw HarnessError(.setup, "scripts/build-guest.sh did not finish within 300 s (log: \(logURL.path))")
+        }
+        let output = (try? String(contentsOf: logURL, encoding: .utf8)) ?? ""
+        guard p.terminationStatus == 0 else {
+            throw HarnessError(.setup, """
+                scripts/build-guest.sh failed (exit \(p.terminationStatus)); log \(logURL.path):
+                \(tail(output, lines: 20))
+                """)
+        }
+    }
+
+    /// Keeps the newest BALLOOND_KEEP_RUNS (default 20) run directories.
+    private func pruneRuns() {
+        let keep = Int(environmentNumber("BALLOOND_KEEP_RUNS") ?? 20)
+        let fm = FileManager.default
+        guard let entries = try? fm.contentsOfDirectory(at: HarnessPaths.runs, includingPropertiesForKeys: [.contentModificationDateKey]) else { return }
+        let dated = entries.map { url -> (URL, Date) in
+            let date = (try? url.resourceValues(forKeys: [.contentModificationDateKey]))?.contentModificationDate ?? .distantPast
+            return (url, date)
+        }
+        for (url, _) in dated.sorted(by: { $0.1 > $1.1 }).dropFirst(max(0, keep)) {
+            try? fm.removeItem(at: url)
+        }
+    }
+}
+
+// MARK: - GuestVM
+
+final class GuestVM {
+    struct Options {
+        /// Names the run directory; defaults to the calling function's name.
+        var name: String
+        /// QEMU -m (e.g. "1G", "512M").
+        var memory: String
+        /// QEMU -smp.
+        var cpus: Int
+        /// QEMU -cpu; nil: run-guest.sh's default.
+        var cpuModel: String?
+        /// Appended to the kernel command line ("page_poison=1", "hugepages=64",
+        /// "balloond.modprobe=virtio_pci,virtio_balloon").
+        var kernelArgs: [String]
+        /// Extra virtio-balloon-pci properties ("free-page-reporting=on"); later ones win
+        /// over run-guest.sh's defaults (id=balloon0,iothread=io0,free-page-hint=on).
+        var balloonProperties: [String]
+        /// Put the device behind a pcie-root-port: modern-only, 1af4:1045.
+        var modernOnly: Bool
+        /// false: no balloon device at all.
+        var balloon: Bool
+        /// Appended to the QEMU command line verbatim (e.g. ["-trace", "virtio_balloon_*"]).
+        var extraQEMUArgs: [String]
+        /// How long to wait for the ready marker.
+        var bootTimeout: TimeInterval
+
+        init(name: String = #function, memory: String = "1G", cpus: Int = 1, cpuModel: String? = nil,
+             kernelArgs: [String] = [], balloonProperties: [String] = [], modernOnly: Bool = false,
+             balloon: Bool = true, extraQEMUArgs: [String] = [],
+             bootTimeout: TimeInterval = environmentNumber("BALLOOND_BOOT_TIMEOUT") ?? 90) {
+            self.name = name
+            self.memory = memory
+            self.cpus = cpus
+            self.cpuModel = cpuModel
+            self.kernelArgs = kernelArgs
+            self.balloonProperties = balloonProperties
+            self.modernOnly = modernOnly
+            self.balloon = balloon
+            self.extraQEMUArgs = extraQEMUArgs
+            self.bootTimeout = bootTimeout
+        }
+    }
+
+    /// The exact line prefix the guest prints on ttyS0 when the command agent is ready.
+    static let readyMarker = "BALLOOND-GUEST-READY"
+
+    let options: Options
+    let runDirectory: URL
+    /// Guest kernel release (uname -r), from the ready marker.
+    let kernelVersion: String
+    /// Seconds from starting QEMU to the ready marker.
+    let bootSeconds: Double
+    /// The QMP connection (events collect in `qmp.pendingEvents`).
+    let qmp: QMPClient
+
+    var consoleLogPath: String { runDirectory.appendingPathComponent("console.log").path }
+    var qemuLogPath: String { runDirectory.appendingPathComponent("qemu.log").path }
+
+    private let agent: GuestAgent
+    private let process: Process
+    private var isShutDown = false
+
+    private init(options: Options, runDirectory: URL, process: Process, qmp: QMPClient, agent: GuestAgent,
+                 kernelVersion: String, bootSeconds: Double) {
+        self.options = options
+        self.runDirectory = runDirectory
+        self.process = process
+        self.qmp = qmp
+        self.agent = agent
+        self.kernelVersion = kernelVersion
+        self.bootSeconds = bootSeconds
+    }
+
+    deinit { shutdown() }
+
+    /// Boots a guest and waits until its command agent answers. Throws `.setup` with
+    /// instructions if the kernel or image is missing, or if the guest does not come up.
+    static func boot(_ options: Options = Options()) throws -> GuestVM {
+        let fm = FileManager.default
+        guard fm.fileExists(atPath: HarnessPaths.kernel.path) else {
+            throw HarnessError(.setup, "no guest kernel at \(HarnessPaths.kernel.path): run scripts/setup.sh (it installs QEMU and downloads the Debian guest kernel)")
+        }
+        try HarnessState.shared.prepare()
+        guard fm.fileExists(atPath: HarnessPaths.initramfs.path) else {
+            throw HarnessError(.setup, "no guest image at \(HarnessPaths.initramfs.path): run scripts/build-guest.sh")
+        }
+
+        let state = HarnessState.shared
+        state.slots.wait()
+        var slotHeld = true
+        var launched: Process?
+        let runDirectory: URL
+        do {
+            runDirectory = try makeRunDirectory(name: options.name, index: state.nextIndex())
+        } catch {
+            state.slots.signal()
+            throw error
+        }
+        let context = { (extra: String) -> String in
+            "run directory kept: \(runDirectory.path) (console log: \(runDirectory.path)/console.log, QEMU log: \(runDirectory.path)/qemu.log)" + extra
+        }
+        func fail(_ error: HarnessError, consoleTail: Bool) -> HarnessError {
+            if let launched { stop(launched, runDirectory: runDirectory) }
+            if slotHeld { state.slots.signal(); slotHeld = false }
+            var extra = ""
+            if consoleTail {
+                let console = (try? String(contentsOf: runDirectory.appendingPathComponent("console.log"), encoding: .utf8)) ?? ""
+                let qemuLog = (try? String(contentsOf: runDirectory.appendingPathComponent("qemu.log"), encoding: .utf8)) ?? ""
+                extra = "\n--- console.log (tail) ---\n\(tail(console, lines: 25))\n--- qemu.log (tail) ---\n\(tail(qemuLog, lines: 15))"
+            }
+            let annotated = error.adding(context(extra))
+            try? annotated.message.write(to: runDirectory.appendingPathComponent("FAILED"), atomically: true, encoding: .utf8)
+            return annotated
+        }
+
+        // Launch run-guest.sh (it runs QEMU as its child and kills it if we die).
+        let p = Process()
+        p.executableURL = HarnessPaths.runGuest
+        p.currentDirectoryURL = HarnessPaths.packageRoot
+        p.arguments = options.extraQEMUArgs
+        var env = ProcessInfo.processInfo.environment
+        // Set every knob explicitly so a variable exported in the developer's shell cannot
+        // change what a test boots.
+        env["RUN_DIR"] = runDirectory.path
+        env["MEM"] = options.memory
+        env["SMP"] = String(options.cpus)
+        if let cpu = options.cpuModel { env["CPU"] = cpu } else { env.removeValue(forKey: "CPU") }
+        env["KERNEL_ARGS"] = options.kernelArgs.joined(separator: " ")
+        env["BALLOON_PROPS"] = options.balloonProperties.joined(separator: ",")
+        env["MODERN_ONLY"] = options.modernOnly ? "1" : "0"
+        env["BALLOON"] = options.balloon ? "1" : "0"
+        env["CONSOLE"] = "file"
+        env["QEMU_EXTRA"] = ""
+        env["PARENT_PID"] = String(getpid())
+        p.environment = env
+        p.standardInput = FileHandle.nullDevice
+        let qemuLogURL = runDirectory.appendingPathComponent("qemu.log")
+        fm.createFile(atPath: qemuLogURL.path, contents: nil)
+        do {
+            let log = try FileHandle(forWritingTo: qemuLogURL)
+            p.standardOutput = log
+            p.standardError = log
+            try p.run()
+            try? log.close()  // the child has its own copy
+        } catch {
+            throw fail(HarnessError(.setup, "cannot start \(HarnessPaths.runGuest.path): \(error)"), consoleTail: false)
+        }
+        launched = p
+        let started = Date()
+
+        // Wait for the ready marker on the console.
+        let consoleURL = runDirectory.appendingPathComponent("console.log")
+        var kernelVersion = "?"
+        let deadline = started.addingTimeInterval(options.bootTimeout)
+        while true {
+            if let data = try? Data(contentsOf: consoleURL) {
+                let text = String(decoding: data, as: UTF8.self)
+                if let line = text.split(separator: "\n").first(where: { $0.hasPrefix(readyMarker) }) {
+                    if let k = line.split(separator: " ").first(where: { $0.hasPrefix("kernel=") }) {
+                        kernelVersion = String(k.dropFirst("kernel=".count))
+                    }
+                    break
+                }
+                if text.contains("Kernel panic") {
+                    throw fail(HarnessError(.setup, "the guest kernel panicked during boot"), consoleTail: true)
+                }
+            }
+            if !p.isRunning {
+                throw fail(HarnessError(.setup, "QEMU exited (status \(p.terminationStatus)) before the guest was ready"), consoleTail: true)
+            }
+            if Date() >= deadline {
+                throw fail(HarnessError(.timeout, "the guest did not print \(readyMarker) within \(Int(options.bootTimeout)) s (TCG is slow; raise BALLOOND_BOOT_TIMEOUT if the machine is loaded)"), consoleTail: true)
+            }
+            usleep(100_000)
+        }
+        let bootSeconds = Date().timeIntervalSince(started)
+
+        // Connect QMP and the command channel, then check the agent answers.
+        let qmp: QMPClient
+        let agent: GuestAgent
+        do {
+            qmp = try QMPClient(socketPath: runDirectory.appendingPathComponent("qmp.sock").path)
+            agent = try GuestAgent(socketPath: runDirectory.appendingPathComponent("agent.sock").path)
+            let hello = try agent.run("echo balloond-agent-ok", timeout: 20)
+            guard hello.rc == 0, hello.text.contains("balloond-agent-ok") else {
+                throw HarnessError(.protocolViolation, "the guest agent answered the handshake with rc=\(hello.rc): \(hello.text)")
+            }
+        } catch let error as HarnessError {
+            throw fail(error, consoleTail: true)
+        }
+        return GuestVM(options: options, runDirectory: runDirectory, process: p, qmp: qmp, agent: agent,
+                       kernelVersion: kernelVersion, bootSeconds: bootSeconds)
+    }
+
+    /// Boots a guest, runs `body`, and shuts the guest down whatever happens. Harness errors
+    /// thrown by `body` are annotated with the run directory; other errors (e.g. from
+    /// `#require`) are rethrown as they are, with the run directory printed to stderr.
+    static func with<T>(_ options: Options = Options(), _ body: (GuestVM) throws -> T) throws -> T {
+        let vm = try boot(options)
+        defer { vm.shutdown() }
+        do {
+            return try body(vm)
+        } catch let error as HarnessError {
+            throw vm.annotate(error)
+        } catch {
+            vm.recordFailure("\(error)")
+            FileHandle.standardError.write(Data("GuestVM: test failed; run directory kept: \(vm.runDirectory.path)\n".utf8))
+            throw error
+        }
+    }
+
+    // MARK: Commands
+
+    /// Runs `command` in the guest with `sh` and returns its output (stdout and stderr
+    /// together) and exit status. The guest kills it after `timeout` seconds, which throws.
+    /// Output travels over an emulated serial line (~80 KiB/s): keep it small, or write big
+    /// things to a file in the guest and grep there.
+    func run(_ command: String, timeout: TimeInterval = 60) throws -> (output: String, rc: Int32) {
+        let result = try runRaw(command, timeout: timeout)
+        return (result.text, result.rc)
+    }
+
+    /// `run`, returning the output as bytes, with the elapsed time.
+    func runRaw(_ command: String, timeout: TimeInterval = 60) throws -> GuestAgent.Result {
+        do {
+            return try agent.run(command, timeout: timeout)
+        } catch let error as HarnessError {
+            throw annotate(error)
+        }
+    }
+
+    /// Runs `command` and returns its output; throws `.commandFailed` (with the output) if
+    /// its exit status is not 0.
+    @discardableResult
+    func check(_ command: String, timeout: TimeInterval = 60) throws -> String {
+        let (output, rc) = try run(command, timeout: timeout)
+        guard rc == 0 else {
+            throw annotate(HarnessError(.commandFailed, "guest command failed with rc=\(rc): \(command)\n\(tail(output))"))
+        }
+        return output
+    }
+
+    // MARK: Background processes
+
+    /// A program started with `spawn`. Its files live in `directory` in the guest.
+    struct GuestProcess: CustomStringConvertible {
+        let name: String
+        let pid: Int32
+        let directory: String
+        var logPath: String { directory + "/log" }
+        var description: String { "\(name) (pid \(pid))" }
+    }
+
+    /// Starts `argv` in the background in the guest (new session, stdin /dev/null, output to
+    /// /run/bg/<name>/log, default signal dispositions) and returns its pid, which is the
+    /// program's own. Use `["sh", "-c", script]` for a pipeline.
+    func spawn(_ argv: [String], name: String) throws -> GuestProcess {
+        guard !argv.isEmpty else { throw HarnessError(.commandFailed, "spawn: empty argv") }
+        guard !name.isEmpty, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }) else {
+            throw HarnessError(.commandFailed, "spawn: name must be [A-Za-z0-9._-]+, got '\(name)'")
+        }
+        let directory = "/run/bg/\(name)"
+        let out = try check("bg-run \(directory) " + argv.map(shellQuote).joined(separator: " "), timeout: 30)
+        guard let pid = Int32(out.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw annotate(HarnessError(.protocolViolation, "spawn \(name): bg-run printed no pid: \(out)"))
+        }
+        return GuestProcess(name: name, pid: pid, directory: directory)
+    }
+
+    /// Sends a signal ("TERM", "KILL", "INT", "USR1", ...) to a process in the guest.
+    func signal(_ process: GuestProcess, _ signal: String = "TERM") throws {
+        try check("kill -\(shellQuote(signal)) \(process.pid)", timeout: 10)
+    }
+
+    /// The exit status of a spawned process (128+N if killed by signal N), or nil while it
+    /// is still running.
+    func exitStatus(of process: GuestProcess) throws -> Int32? {
+        let (out, rc) = try run("cat \(process.directory)/rc 2>/dev/null", timeout: 10)
+        guard rc == 0 else { return nil }
+        return Int32(out.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// Waits (in the guest, one round trip) until a spawned process exits; returns its exit
+    /// status. Throws `.timeout` if it is still running after `timeout` seconds.
+    @discardableResult
+    func waitForExit(_ process: GuestProcess, timeout: TimeInterval) throws -> Int32 {
+        let ticks = max(1, Int(timeout * 10))
+        let script = "i=0; while [ ! -e \(process.directory)/rc ]; do i=$((i+1)); [ $i -gt \(ticks) ] && exit 124; usleep 100000; done; cat \(process.directory)/rc"
+        let (out, rc) = try run(script, timeout: timeout + 10)
+        if rc == 124 {
+            throw annotate(HarnessError(.timeout, "\(process) still running after \(Int(timeout)) s; its log:\n\(tail((try? self.output(of: process)) ?? "?"))"))
+        }
+        guard rc == 0, let status = Int32(out.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw annotate(HarnessError(.protocolViolation, "waitForExit \(process): unexpected answer rc=\(rc): \(out)"))
+        }
+        return status
+    }
+
+    /// The output (stdout+stderr) a spawned process has written so far.
+    func output(of process: GuestProcess) throws -> String {
+        try check("cat \(process.logPath)", timeout: 30)
+    }
+
+    // MARK: Guest facts
+
+    struct PCIDevice: CustomStringConvertible {
+        /// e.g. "0000:00:01.0"
+        let address: String
+        let vendor: UInt16
+        let device: UInt16
+        let classCode: UInt32
+        let revision: UInt8
+        /// Bound driver, nil if none.
+        let driver: String?
+        var description: String {
+            String(format: "%@ %04x:%04x rev %02x class %06x driver %@", address, vendor, device, revision, classCode, driver ?? "-")
+        }
+    }
+
+    /// The guest's PCI functions, from sysfs.
+    func pciDevices() throws -> [PCIDevice] {
+        let out = try check("""
+            for d in /sys/bus/pci/devices/*; do
+              drv=-; [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+              echo "${d##*/} $(cat "$d/vendor") $(cat "$d/device") $(cat "$d/class") $(cat "$d/revision") $drv"
+            done
+            """, timeout: 30)
+        func hex<T: FixedWidthInteger>(_ s: Substring) -> T? { T(s.hasPrefix("0x") ? s.dropFirst(2) : s, radix: 16) }
+        return try out.split(separator: "\n").map { line in
+            let f = line.split(separator: " ")
+            guard f.count == 6, let vendor: UInt16 = hex(f[1]), let device: UInt16 = hex(f[2]),
+                  let cls: UInt32 = hex(f[3]), let rev: UInt8 = hex(f[4]) else {
+                throw annotate(HarnessError(.protocolViolation, "cannot parse PCI device line: \(line)"))
+            }
+            return PCIDevice(address: String(f[0]), vendor: vendor, device: device, classCode: cls,
+                             revision: rev, driver: f[5] == "-" ? nil : String(f[5]))
+        }
+    }
+
+    /// The console log (ttyS0) so far.
+    func consoleLog() -> String {
+        (try? String(contentsOf: URL(fileURLWithPath: consoleLogPath), encoding: .utf8)) ?? ""
+    }
+
+    /// Whether QEMU is still running.
+    var isRunning: Bool { process.isRunning }
+
+    // MARK: Shutdown
+
+    /// Stops the guest: QMP `quit`, then SIGTERM to run-guest.sh (which stops QEMU), then
+    /// SIGKILL. Idempotent; also called by deinit.
+    func shutdown() {
+        guard !isShutDown else { return }
+        isShutDown = true
+        agent.close()
+        if process.isRunning {
+            _ = try? qmp.execute("quit", timeout: 5)
+        }
+        qmp.close()
+        GuestVM.stop(process, runDirectory: runDirectory)
+        HarnessState.shared.slots.signal()
+    }
+
+    private static func stop(_ p: Process, runDirectory: URL) {
+        func waitExit(_ seconds: Double) -> Bool {
+            let deadline = Date().addingTimeInterval(seconds)
+            while p.isRunning && Date() < deadline { usleep(50_000) }
+            return !p.isRunning
+        }
+        if waitExit(10) { return }
+        p.terminate()  // run-guest.sh forwards SIGTERM to QEMU, SIGKILLs it after 10 s
+        if waitExit(15) { return }
+        if let text = try? String(contentsOf: runDirectory.appendingPathComponent("qemu.pid"), encoding: .utf8),
+           let qpid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+            kill(qpid, SIGKILL)
+        }
+        kill(p.processIdentifier, SIGKILL)
+        _ = waitExit(5)
+    }
+
+    // MARK: Errors
+
+    /// Appends where the run directory is, and for lost guests the console tail.
+    func annotate(_ error: HarnessError) -> HarnessError {
+        var extra = "run directory kept: \(runDirectory.path) (console log: \(consoleLogPath))"
+        if error.kind == .timeout || error.kind == .closed {
+            extra += process.isRunning ? "\nQEMU is still running." : "\nQEMU has exited (status \(process.terminationStatus))."
+            extra += "\n--- console.log (tail) ---\n" + tail(consoleLog(), lines: 25)
+        }
+        recordFailure(error.message)
+        return error.adding(extra)
+    }
+
+    private func recordFailure(_ message: String) {
+        let url = runDirectory.appendingPathComponent("FAILED")
+        let previous = (try? String(contentsOf: url, encoding: .utf8)).map { $0 + "\n\n" } ?? ""
+        try? (previous + message).write(to: url, atomically: true, encoding: .utf8)
+    }
+
+    private static func makeRunDirectory(name: String, index: Int) throws -> URL {
+        var safe = String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") ? $0 : "-" })
+        while safe.contains("--") { safe = safe.replacingOccurrences(of: "--", with: "-") }
+        safe = String(safe.trimmingCharacters(in: CharacterSet(charactersIn: "-")).prefix(32))
+        if safe.isEmpty { safe = "vm" }
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        let leaf = "\(safe)-\(formatter.string(from: Date()))-\(getpid())-\(index)"
+        var url = HarnessPaths.runs.appendingPathComponent(leaf)
+        // Unix socket paths are limited to 107 bytes; fall back to /tmp if the tree is deep.
+        if url.appendingPathComponent("agent.sock").path.utf8.count > 107 {
+            url = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("balloond-runs/\(leaf)")
+        }
+        do {
+            try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        } catch {
+            throw HarnessError(.setup, "cannot create run directory \(url.path): \(error)")
+        }
+        return url
+    }
+}
