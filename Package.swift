@@ -51,5 +51,6 @@ let package = Package(
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "BalloonSimulator"]),
         .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
         .testTarget(name: "IntegrationTests", dependencies: []),
+        .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore"]),
     ]
 )

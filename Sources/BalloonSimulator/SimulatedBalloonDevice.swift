@@ -180,10 +180,9 @@ public final class SimulatedBalloonDevice {
         if broken { new.insert(.needsReset) }
         let becameReady = new.contains(.driverOK) && !status.contains(.driverOK)
         status = new
-        if becameReady, let held = heldStats {
-            // virtio_balloon_set_status rewinds the held stats element on DRIVER_OK.
-            _ = held
-            heldStats = nil
+        if becameReady, heldStats == nil, queues[2].inflight > 0 {
+            // virtio_balloon_set_status: with no element held (it was dropped while the VM
+            // was stopped or migrated) rewind the last popped one and receive it again.
             queues[2].unpop()
             processStats()
         }

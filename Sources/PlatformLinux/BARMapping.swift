@@ -55,7 +55,7 @@ public struct BARMapper: Sendable {
         let length = roundUp(size, to: Sys.pageSize)
         let base: UnsafeMutableRawPointer
         do {
-            base = try MappedMemory.map(length: length, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED,
+            unsafe base = try MappedMemory.map(length: length, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED,
                                         descriptor: file.descriptor, path: path)
         } catch {
             throw .bar(index: index, reason: mmapFailureReason(error, index: index))
@@ -67,7 +67,7 @@ public struct BARMapper: Sendable {
 
     /// Explains an mmap failure: EINVAL while a kernel driver owns the device is the
     /// IO_STRICT_DEVMEM refusal; EPERM is lockdown.
-    private func mmapFailureReason(_ error: SystemCallError, index: Int) -> String {
+    func mmapFailureReason(_ error: SystemCallError, index: Int) -> String {
         let driver = (try? PCIEnumerator.currentDriver(of: address, root: root)) ?? nil
         switch error.errno {
         case .invalidArgument:

@@ -95,10 +95,14 @@ public final class DriverBinder {
             return try uioBinding(address, previousDriver: saved)
         }
 
+        // The driver to give the device back to. An unbound device with a state file is one
+        // an earlier bind left half-done (crash after unbind): keep what that bind saved.
+        let saved = (try savedPreviousDriver(for: address)) ?? nil
+        let previous = current ?? saved
         // Save first, so a crash between here and the end can still be undone by `restore`.
         do {
             try Sys.makeDirectories(stateDirectory, mode: 0o755)
-            try Sys.writeFile(stateFilePath(for: address), (current ?? "") + "\n")
+            try Sys.writeFile(stateFilePath(for: address), (previous ?? "") + "\n")
         } catch { throw .system(error) }
 
         if let current {
@@ -115,11 +119,11 @@ public final class DriverBinder {
         }
         let now = try currentDriver(of: address)
         guard now == uioPCIGenericDriver else {
-            let rollback = rollBack(address, previous: current)
+            let rollback = rollBack(address, previous: previous)
             throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: now, detail: rollback)
         }
         logger.info("bound \(address) to \(uioPCIGenericDriver) (was \(current ?? "unbound"))")
-        return try uioBinding(address, previousDriver: current)
+        return try uioBinding(address, previousDriver: previous)
     }
 
     /// Gives the device back: unbinds uio_pci_generic, clears `driver_override`, binds the

@@ -52,7 +52,7 @@ public final class LinuxKernelControl: KernelControl {
     }
 
     public func runCommand(_ program: String, _ arguments: [String]) -> CommandResult {
-        guard let executable = Self.searchPath.map({ $0 + "/" + program }).first(where: { access($0, X_OK) == 0 }) else {
+        guard let executable = Self.searchPath.map({ $0 + "/" + program }).first(where: { unsafe access($0, X_OK) == 0 }) else {
             return CommandResult(status: 127, output: "\(program) not found in \(Self.searchPath.joined(separator: ":"))")
         }
         return spawnAndWait(executable, [program] + arguments)
@@ -60,7 +60,7 @@ public final class LinuxKernelControl: KernelControl {
 
     public func makeCharacterDevice(_ path: String, major: UInt32, minor: UInt32) throws(PlatformError) {
         let dev = linuxDeviceNumber(major: major, minor: minor)
-        do { _ = try Sys.call("mknod", path: path) { mknod(path, S_IFCHR | 0o600, dev_t(dev)) } } catch {
+        do { _ = try Sys.call("mknod", path: path) { unsafe mknod(path, S_IFCHR | 0o600, dev_t(dev)) } } catch {
             throw .system(error)
         }
     }
@@ -77,19 +77,22 @@ public func linuxDeviceNumber(major: UInt32, minor: UInt32) -> UInt64 {
 /// one pipe, and a minimal environment; waits for it.
 func spawnAndWait(_ path: String, _ argv: [String]) -> CommandResult {
     var fds: [Int32] = [-1, -1]
-    guard unsafe pipe2(&fds, O_CLOEXEC) == 0 else {
-        return CommandResult(status: 127, output: "pipe2: \(Errno(rawValue: Glibc.errno))")
+    // pipe2 is not imported (it needs _GNU_SOURCE); the child closes both ends itself.
+    guard unsafe pipe(&fds) == 0 else {
+        return CommandResult(status: 127, output: "pipe: \(Errno(rawValue: Glibc.errno))")
     }
-    var actions = posix_spawn_file_actions_t()
+    var actions = unsafe posix_spawn_file_actions_t()
     unsafe posix_spawn_file_actions_init(&actions)
     defer { unsafe posix_spawn_file_actions_destroy(&actions) }
     unsafe posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
     unsafe posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
     unsafe posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
+    unsafe posix_spawn_file_actions_addclose(&actions, fds[0])
+    unsafe posix_spawn_file_actions_addclose(&actions, fds[1])
 
-    let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { unsafe strdup($0) } + [nil]
-    let cEnv: [UnsafeMutablePointer<CChar>?] = [unsafe strdup("PATH=" + LinuxKernelControl.searchPath.joined(separator: ":")), nil]
-    defer { for p in unsafe cArgs + cEnv { unsafe free(p) } }
+    let cArgs: [UnsafeMutablePointer<CChar>?] = unsafe argv.map { unsafe strdup($0) } + [nil]
+    let cEnv: [UnsafeMutablePointer<CChar>?] = unsafe [strdup("PATH=" + LinuxKernelControl.searchPath.joined(separator: ":")), nil]
+    defer { for unsafe p in unsafe cArgs + cEnv { unsafe free(p) } }
 
     var pid: pid_t = 0
     let rc = unsafe posix_spawn(&pid, path, &actions, nil, cArgs, cEnv)
@@ -101,7 +104,7 @@ func spawnAndWait(_ path: String, _ argv: [String]) -> CommandResult {
     var output: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
     while true {
-        let n = chunk.withUnsafeMutableBytes { raw in unsafe Glibc.read(fds[0], raw.baseAddress, raw.count) }
+        let n = unsafe chunk.withUnsafeMutableBytes { raw in unsafe Glibc.read(fds[0], raw.baseAddress, raw.count) }
         if n > 0 {
             if output.count < 4096 { output += chunk[0..<min(n, 4096 - output.count)] }
             continue

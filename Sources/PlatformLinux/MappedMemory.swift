@@ -19,12 +19,11 @@ enum MappedMemory {
         }
     }
 
-    /// A closure that unmaps `length` bytes at `base` exactly once.
-    static func unmapper(_ base: UnsafeMutableRawPointer, length: Int, then: (() -> Void)? = nil) -> () -> Void {
-        let address = unsafe UInt(bitPattern: base)
+    /// A closure that unmaps `length` bytes at `base` (call it once).
+    static func unmapper(_ base: UnsafeMutableRawPointer, length: Int) -> () -> Void {
+        let address = UInt(bitPattern: base)
         return {
-            _ = munmap(UnsafeMutableRawPointer(bitPattern: address), length)
-            then?()
+            _ = unsafe munmap(UnsafeMutableRawPointer(bitPattern: address), length)
         }
     }
 
@@ -44,7 +43,7 @@ enum MappedMemory {
     }
 
     /// The integer value of a pointer (for pagemap lookups).
-    static func address(of base: UnsafeMutableRawPointer) -> UInt { unsafe UInt(bitPattern: base) }
+    static func address(of base: UnsafeMutableRawPointer) -> UInt { UInt(bitPattern: base) }
 }
 
 /// Rounds `n` up to a multiple of `to` (a power of two).

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// Loads the kernel modules balloond needs (`uio`, then `uio_pci_generic`).

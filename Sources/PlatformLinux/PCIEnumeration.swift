@@ -46,7 +46,8 @@ public func isVirtioBalloonID(vendor: UInt16, device: UInt16) -> Bool {
 /// return: libpci continues with invalid state). So the enumerator first checks everything
 /// libpci's sysfs back end treats as fatal — the `devices` directory, entry names, and each
 /// function's `vendor`, `device`, `class` and `resource` files — and throws a `PlatformError`
-/// itself instead.
+/// itself instead. It also requires `config` (every real function has one), without which
+/// libpci's config reads would silently return all-ones.
 public struct PCIEnumerator: Sendable {
     public let root: SysRoot
 
@@ -93,9 +94,9 @@ public struct PCIEnumerator: Sendable {
             guard let a = PCIAddress(name) else {
                 throw .malformedFile(path: devicesDir, reason: "entry '\(name)' is not a PCI address")
             }
-            for file in ["vendor", "device", "class", "resource"] {
+            for file in ["vendor", "device", "class", "resource", "config"] {
                 let p = devicesDir + "/" + name + "/" + file
-                guard access(p, R_OK) == 0 else {
+                guard unsafe access(p, R_OK) == 0 else {
                     throw .malformedFile(path: p, reason: "missing or unreadable (libpci needs it to describe \(name))")
                 }
             }
@@ -116,11 +117,11 @@ public struct PCIEnumerator: Sendable {
     /// The libpci part: pci_alloc, sysfs method at `sysfsPath`, pci_init, pci_scan_bus,
     /// pci_fill_info, config reads for fields the fill did not provide, pci_cleanup.
     private func scanWithLibPCI(sysfsPath: String, wanted: Set<PCIAddress>) throws(PlatformError) -> [PCIFunction] {
-        guard let access = pci_alloc() else { throw .libpci("pci_alloc failed (out of memory)") }
+        guard let access = unsafe pci_alloc() else { throw .libpci("pci_alloc failed (out of memory)") }
         // pci_set_param copies the value in libpci ≥ 3.5; keep ours alive until cleanup anyway.
-        guard let pathCopy = strdup(sysfsPath) else { pci_cleanup(access); throw .libpci("out of memory") }
+        guard let pathCopy = unsafe strdup(sysfsPath) else { unsafe pci_cleanup(access); throw .libpci("out of memory") }
         defer {
-            pci_cleanup(access)
+            unsafe pci_cleanup(access)
             unsafe free(pathCopy)
         }
         unsafe access.pointee.method = UInt32(PCI_ACCESS_SYS_BUS_PCI.rawValue)
@@ -128,14 +129,14 @@ public struct PCIEnumerator: Sendable {
             unsafe pci_set_param(access, UnsafeMutablePointer(mutating: name), pathCopy)
         }
         guard setOK == 0 else { throw .libpci("this libpci has no sysfs.path parameter; install libpci3 ≥ 3.5 (Debian: libpci3)") }
-        pci_init(access)
-        pci_scan_bus(access)
+        unsafe pci_init(access)
+        unsafe pci_scan_bus(access)
 
         let fill = PCI_FILL_IDENT | PCI_FILL_CLASS | PCI_FILL_BASES | PCI_FILL_SIZES | PCI_FILL_CLASS_EXT | PCI_FILL_SUBSYS
         var result: [PCIFunction] = []
         var dev = unsafe access.pointee.devices
         while let d = unsafe dev {
-            dev = unsafe d.pointee.next
+            unsafe dev = unsafe d.pointee.next
             let address = unsafe PCIAddress(domain: UInt32(truncatingIfNeeded: d.pointee.domain), bus: d.pointee.bus,
                                             device: d.pointee.dev & 0x1f, function: d.pointee.func & 7)
             guard wanted.contains(address) else { continue }
@@ -145,24 +146,24 @@ public struct PCIEnumerator: Sendable {
             // config header (readable by anyone for the first 64 bytes).
             let subsystemVendor: UInt16, subsystem: UInt16
             if known & Int32(PCI_FILL_SUBSYS) != 0 {
-                (subsystemVendor, subsystem) = (p.subsys_vendor_id, p.subsys_id)
+                (subsystemVendor, subsystem) = unsafe (p.subsys_vendor_id, p.subsys_id)
             } else {
                 (subsystemVendor, subsystem) = unsafe (pci_read_word(d, Int32(PCIConfig.subsystemVendorID)), pci_read_word(d, Int32(PCIConfig.subsystemID)))
             }
             let revision: UInt8, progIf: UInt8
             if known & Int32(PCI_FILL_CLASS_EXT) != 0 {
-                (revision, progIf) = (p.rev_id, p.prog_if)
+                (revision, progIf) = unsafe (p.rev_id, p.prog_if)
             } else {
                 (revision, progIf) = unsafe (pci_read_byte(d, Int32(PCIConfig.revision)), pci_read_byte(d, Int32(PCIConfig.classCode)))
             }
             var sizes: [UInt64?] = []
             if known & Int32(PCI_FILL_SIZES) != 0 {
-                let s = p.size
+                let s = unsafe p.size
                 for v in [s.0, s.1, s.2, s.3, s.4, s.5] { sizes.append(v == 0 ? nil : UInt64(v)) }
             } else {
                 sizes = Array(repeating: nil, count: 6)
             }
-            result.append(PCIFunction(
+            unsafe result.append(PCIFunction(
                 address: address, vendorID: p.vendor_id, deviceID: p.device_id,
                 subsystemVendorID: subsystemVendor, subsystemID: subsystem, revision: revision,
                 classCode: UInt32(p.device_class) << 8 | UInt32(progIf),

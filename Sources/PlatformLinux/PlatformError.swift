@@ -25,6 +25,8 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     case iommuTranslating(bdf: String, group: String, domainType: String)
     /// Physical addresses cannot be read from /proc/self/pagemap.
     case pagemap(String)
+    /// No 2 MiB hugepage could be had.
+    case hugePages(String)
     /// A kernel module is neither loaded nor loadable.
     case moduleUnavailable(name: String, attempts: [String])
     /// Binding uio_pci_generic did not take.
@@ -59,6 +61,8 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
         case .iommuTranslating(let bdf, let group, let type):
             return "PCI function \(bdf) is in IOMMU group \(group) with domain type '\(type)': the guest IOMMU translates its DMA, so the guest-physical ring addresses balloond programs would be wrong. Boot the guest with iommu=pt (or intel_iommu=off / amd_iommu=off)"
         case .pagemap(let m):
+            return m
+        case .hugePages(let m):
             return m
         case .moduleUnavailable(let name, let attempts):
             let tried = attempts.isEmpty ? "" : " Tried: " + attempts.joined(separator: "; ") + "."

@@ -39,7 +39,7 @@ public final class OpenFile {
     public init(path: String, flags: Int32, mode: mode_t = 0o600) throws(SystemCallError) {
         self.path = path
         let fl = flags | O_CLOEXEC
-        descriptor = try Sys.call("open", path: path) { open(path, fl, mode) }
+        descriptor = try Sys.call("open", path: path) { unsafe open(path, fl, mode) }
     }
 
     deinit { if descriptor >= 0 { _ = Glibc.close(descriptor) } }
@@ -57,7 +57,7 @@ public final class OpenFile {
         var buffer = [UInt8](repeating: 0, count: count)
         let fd = descriptor
         let n = try Sys.call("pread", path: path) {
-            buffer.withUnsafeMutableBytes { raw in unsafe Glibc.pread(fd, raw.baseAddress, raw.count, off_t(offset)) }
+            unsafe buffer.withUnsafeMutableBytes { raw in unsafe Glibc.pread(fd, raw.baseAddress, raw.count, off_t(offset)) }
         }
         buffer.removeLast(count - n)
         return buffer
@@ -68,7 +68,7 @@ public final class OpenFile {
     public func pwrite(_ bytes: [UInt8], offset: Int) throws(SystemCallError) -> Int {
         let fd = descriptor
         return try Sys.call("pwrite", path: path) {
-            bytes.withUnsafeBytes { raw in unsafe Glibc.pwrite(fd, raw.baseAddress, raw.count, off_t(offset)) }
+            unsafe bytes.withUnsafeBytes { raw in unsafe Glibc.pwrite(fd, raw.baseAddress, raw.count, off_t(offset)) }
         }
     }
 
@@ -77,7 +77,7 @@ public final class OpenFile {
         var buffer = [UInt8](repeating: 0, count: count)
         let fd = descriptor
         let n = try Sys.call("read", path: path) {
-            buffer.withUnsafeMutableBytes { raw in unsafe Glibc.read(fd, raw.baseAddress, raw.count) }
+            unsafe buffer.withUnsafeMutableBytes { raw in unsafe Glibc.read(fd, raw.baseAddress, raw.count) }
         }
         buffer.removeLast(count - n)
         return buffer
@@ -98,7 +98,7 @@ public final class OpenFile {
     public func writeAll(_ bytes: [UInt8]) throws(SystemCallError) {
         let fd = descriptor
         let n = try Sys.call("write", path: path) {
-            bytes.withUnsafeBytes { raw in unsafe Glibc.write(fd, raw.baseAddress, raw.count) }
+            unsafe bytes.withUnsafeBytes { raw in unsafe Glibc.write(fd, raw.baseAddress, raw.count) }
         }
         if n != bytes.count { throw SystemCallError(call: "write (short: \(n) of \(bytes.count) bytes)", path: path, errno: .ioError) }
     }
@@ -156,7 +156,7 @@ public enum Sys {
     public static func readlink(_ path: String) throws(SystemCallError) -> String {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = try Sys.call("readlink", path: path) {
-            buffer.withUnsafeMutableBufferPointer { p in unsafe Glibc.readlink(path, p.baseAddress!, p.count - 1) }
+            unsafe buffer.withUnsafeMutableBufferPointer { p in unsafe Glibc.readlink(path, p.baseAddress!, p.count - 1) }
         }
         return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
@@ -201,7 +201,7 @@ public enum Sys {
         var names: [String] = []
         while let entry = unsafe readdir(dir) {
             let name = unsafe withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+                unsafe String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
             }
             if name != "." && name != ".." { names.append(name) }
         }
@@ -213,7 +213,7 @@ public enum Sys {
         var current = path.hasPrefix("/") ? "" : "."
         for part in path.split(separator: "/") {
             current += "/" + part
-            if mkdir(current, mode) != 0 {
+            if unsafe mkdir(current, mode) != 0 {
                 let e = Glibc.errno
                 if e == EEXIST, isDirectory(current) { continue }
                 throw SystemCallError(call: "mkdir", path: current, errno: Errno(rawValue: e))
@@ -223,7 +223,7 @@ public enum Sys {
 
     /// Removes a file; a missing file is not an error.
     public static func removeFile(_ path: String) throws(SystemCallError) {
-        if unlink(path) != 0 {
+        if unsafe unlink(path) != 0 {
             let e = Glibc.errno
             if e == ENOENT { return }
             throw SystemCallError(call: "unlink", path: path, errno: Errno(rawValue: e))
@@ -235,7 +235,7 @@ public enum Sys {
         var u = utsname()
         guard unsafe uname(&u) == 0 else { return "" }
         return unsafe withUnsafeBytes(of: u.release) { raw in
-            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            unsafe String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
         }
     }
 

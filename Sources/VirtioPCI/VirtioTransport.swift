@@ -25,6 +25,8 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
     case needsReset(DeviceStatus)
     case deviceConfigOutOfRange(offset: Int, length: Int)
     case notifyOutOfRange(queue: UInt16, offset: Int)
+    /// Waiting for or acknowledging an interrupt failed (e.g. poll/read of /dev/uioN).
+    case interrupt(String)
 
     public var description: String {
         switch self {
@@ -41,6 +43,7 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
         case .queueEnableDidNotStick(let q): return "queue \(q) did not read back enabled after queue_enable=1"
         case .needsReset(let s): return "device set NEEDS_RESET (status \(s)): it found an error in what the driver sent; balloond will reset it"
         case .deviceConfigOutOfRange(let o, let l): return "device config access at \(o) (+\(l)) is outside the device config window"
+        case .interrupt(let m): return "interrupt: \(m)"
         case .notifyOutOfRange(let q, let o): return "notify address for queue \(q) (offset 0x\(String(o, radix: 16))) is outside the notify structure"
         }
     }

@@ -171,7 +171,7 @@ struct BringUpTests {
         #expect(rig.driver.counters.statsBuffersSent == 2)
     }
 
-    @Test("VERSION_1 missing: bring-up fails with FAILED set and an actionable message")
+    @Test("a device that does not keep FEATURES_OK: bring-up fails with FAILED set and an actionable message")
     func legacyDevice() throws {
         let rig = try Rig()
         rig.device.faults.rejectFeaturesOK = true
@@ -197,13 +197,13 @@ struct BringUpTests {
     func corruptedUsed() throws {
         let rig = try Rig()
         try rig.driver.bringUp()
-        rig.device.faults.corruptNextUsedID[2] = 99
+        rig.device.faults.corruptNextUsedID[2] = 200
         rig.device.requestStats()
         do {
             try rig.serviceAll()
             Issue.record("expected a queue error")
         } catch let error as BalloonError {
-            guard case .queue(.stats, .usedIDOutOfRange(id: 99, size: 128)) = error else {
+            guard case .queue(.stats, .usedIDOutOfRange(id: 200, size: 128)) = error else {
                 Issue.record("wrong error \(error)")
                 return
             }
@@ -270,5 +270,38 @@ struct StatsTests {
         #expect(bytes.count == 20)
         #expect(Array(bytes[0..<10]) == [4, 0, 8, 7, 6, 5, 4, 3, 2, 1])
         #expect(Array(bytes[10..<12]) == [7, 0])
+    }
+}
+
+@Suite("Guest page poisoning detection (virtio-balloon.md §7)")
+struct PoisonDetectionTests {
+    static let debianConfig = "CONFIG_PAGE_POISONING=y\n# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\nCONFIG_INIT_ON_ALLOC_DEFAULT_ON=y\n"
+
+    @Test("Debian default: no poisoning, init_on_alloc from the config")
+    func debianDefault() {
+        let c = GuestMemoryDebugConfig.detect(cmdline: "console=ttyS0 quiet", kernelConfig: Self.debianConfig)
+        #expect(c == GuestMemoryDebugConfig(pagePoisoning: false, initOnFree: false, initOnAlloc: true))
+        #expect(c.poisonPolicy == .none)
+    }
+
+    @Test("page_poison=1 gives 0xAAAAAAAA and overrides init_on_free/init_on_alloc")
+    func poison() {
+        let c = GuestMemoryDebugConfig.detect(cmdline: "page_poison=1 init_on_free=1", kernelConfig: Self.debianConfig)
+        #expect(c == GuestMemoryDebugConfig(pagePoisoning: true, initOnFree: false, initOnAlloc: false))
+        #expect(c.poisonPolicy.poisonValue == 0xAAAA_AAAA)
+    }
+
+    @Test("init_on_free=1 gives poison_val 0")
+    func initOnFree() {
+        let c = GuestMemoryDebugConfig.detect(cmdline: "init_on_free=1 init_on_alloc=0", kernelConfig: Self.debianConfig)
+        #expect(c.poisonPolicy == .initOnFree)
+        #expect(c.poisonPolicy.poisonValue == 0)
+        #expect(!c.initOnAlloc)
+    }
+
+    @Test("page_poison=1 on a kernel built without CONFIG_PAGE_POISONING does nothing")
+    func poisonNotBuilt() {
+        let c = GuestMemoryDebugConfig.detect(cmdline: "page_poison=1", kernelConfig: "# CONFIG_PAGE_POISONING is not set\n")
+        #expect(!c.pagePoisoning)
     }
 }

@@ -12,8 +12,9 @@ private struct RingPeer {
 
     init(_ q: SplitQueue<Int>) {
         self.q = q
-        lastAvail = q.available.load16(at: QueueLayout.availIdx)
+        // The device has popped exactly what it has returned so far.
         usedIdx = q.used.load16(at: QueueLayout.usedIdx)
+        lastAvail = usedIdx
     }
 
     mutating func popHead() -> UInt16? {

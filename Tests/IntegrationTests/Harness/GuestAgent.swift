@@ -136,6 +136,7 @@ private extension Data {
 
 /// The last `lines` lines of `text`, for error messages.
 func tail(_ text: String, lines: Int = 30) -> String {
-    let all = text.split(separator: "\n", omittingEmptySubsequences: false)
+    // isNewline, not "\n": console logs use CRLF, which is one Character in Swift.
+    let all = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)
     return all.suffix(lines).joined(separator: "\n")
 }

@@ -118,7 +118,7 @@ private final class HarnessState: @unchecked Sendable {
         let fm = FileManager.default
         try? fm.createDirectory(at: HarnessPaths.cache.appendingPathComponent("guest"), withIntermediateDirectories: true)
         let logURL = HarnessPaths.cache.appendingPathComponent("guest/build.log")
-        fm.createFile(atPath: logURL.path, contents: nil)
+        _ = fm.createFile(atPath: logURL.path, contents: nil)
         let log = try FileHandle(forWritingTo: logURL)
         defer { try? log.close() }
         let p = Process()
@@ -265,7 +265,7 @@ final class GuestVM {
             "run directory kept: \(runDirectory.path) (console log: \(runDirectory.path)/console.log, QEMU log: \(runDirectory.path)/qemu.log)" + extra
         }
         func fail(_ error: HarnessError, consoleTail: Bool) -> HarnessError {
-            if let launched { stop(launched, runDirectory: runDirectory) }
+            if let launched { stop(launched, runDirectory: runDirectory, graceSeconds: 0) }
             if slotHeld { state.slots.signal(); slotHeld = false }
             var extra = ""
             if consoleTail {
@@ -300,7 +300,7 @@ final class GuestVM {
         p.environment = env
         p.standardInput = FileHandle.nullDevice
         let qemuLogURL = runDirectory.appendingPathComponent("qemu.log")
-        fm.createFile(atPath: qemuLogURL.path, contents: nil)
+        _ = fm.createFile(atPath: qemuLogURL.path, contents: nil)
         do {
             let log = try FileHandle(forWritingTo: qemuLogURL)
             p.standardOutput = log
@@ -320,7 +320,8 @@ final class GuestVM {
         while true {
             if let data = try? Data(contentsOf: consoleURL) {
                 let text = String(decoding: data, as: UTF8.self)
-                if let line = text.split(separator: "\n").first(where: { $0.hasPrefix(readyMarker) }) {
+                // The console writes CRLF; "\r\n" is a single Character, so split on isNewline.
+                if let line = text.split(whereSeparator: \.isNewline).first(where: { $0.hasPrefix(readyMarker) }) {
                     if let k = line.split(separator: " ").first(where: { $0.hasPrefix("kernel=") }) {
                         kernelVersion = String(k.dropFirst("kernel=".count))
                     }
@@ -526,13 +527,14 @@ final class GuestVM {
         HarnessState.shared.slots.signal()
     }
 
-    private static func stop(_ p: Process, runDirectory: URL) {
+    /// Waits `graceSeconds` for QEMU to exit by itself (after QMP quit), then escalates.
+    private static func stop(_ p: Process, runDirectory: URL, graceSeconds: Double = 10) {
         func waitExit(_ seconds: Double) -> Bool {
             let deadline = Date().addingTimeInterval(seconds)
             while p.isRunning && Date() < deadline { usleep(50_000) }
             return !p.isRunning
         }
-        if waitExit(10) { return }
+        if waitExit(graceSeconds) { return }
         p.terminate()  // run-guest.sh forwards SIGTERM to QEMU, SIGKILLs it after 10 s
         if waitExit(15) { return }
         if let text = try? String(contentsOf: runDirectory.appendingPathComponent("qemu.pid"), encoding: .utf8),

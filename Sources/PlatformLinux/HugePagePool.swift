@@ -1,0 +1,77 @@
+/// The kernel's pool of 2 MiB hugetlb pages (Documentation/admin-guide/mm/hugetlbpage.rst).
+///
+/// Uses the per-size files `/sys/kernel/mm/hugepages/hugepages-2048kB/{nr,free,resv}_hugepages`
+/// when present, else `/proc/sys/vm/nr_hugepages` with `/proc/meminfo` (valid only when the
+/// default hugepage size is 2 MiB).
+public struct HugePagePool: Sendable {
+    public static let pageSize = 2 << 20
+    public let root: SysRoot
+
+    public init(root: SysRoot = .host) { self.root = root }
+
+    private var sysfsDirectory: String { root.path("/sys/kernel/mm/hugepages/hugepages-2048kB") }
+    private var usesSysfs: Bool { Sys.isDirectory(sysfsDirectory) }
+
+    /// The file that sets the pool size.
+    public var countPath: String {
+        usesSysfs ? sysfsDirectory + "/nr_hugepages" : root.path("/proc/sys/vm/nr_hugepages")
+    }
+
+    /// Whether this kernel has 2 MiB hugetlb pages at all.
+    public func isSupported() -> Bool {
+        if usesSysfs { return true }
+        guard Sys.exists(root.path("/proc/sys/vm/nr_hugepages")), let info = try? MemInfo.read(root: root) else { return false }
+        return info.hugePageSize == UInt64(Self.pageSize)
+    }
+
+    /// Pages in the pool (`nr_hugepages`).
+    public func count() throws(PlatformError) -> UInt64 { try readNumber(countPath) }
+
+    /// Free pages not reserved by another mapping.
+    public func available() throws(PlatformError) -> UInt64 {
+        if usesSysfs {
+            let free = try readNumber(sysfsDirectory + "/free_hugepages")
+            let reserved = try readNumber(sysfsDirectory + "/resv_hugepages")
+            return free - min(free, reserved)
+        }
+        let info = try MemInfo.read(root: root)
+        guard info.hugePageSize == UInt64(Self.pageSize) else {
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "the default hugepage size is \(info.hugePageSize ?? 0) bytes, not 2 MiB, and there is no \(sysfsDirectory)")
+        }
+        guard let a = info.hugePagesAvailable else {
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "no HugePages_Free line")
+        }
+        return a
+    }
+
+    /// Sets `nr_hugepages`.
+    public func setCount(_ n: UInt64) throws(PlatformError) {
+        do { try Sys.writeAttribute(countPath, "\(n)\n") } catch { throw .system(error) }
+    }
+
+    /// Makes sure one page is available, growing the pool by one if needed. Returns true
+    /// when it grew the pool (the caller must `giveBackOne()` when done). On failure the
+    /// pool is left as it was.
+    public func reserveOne() throws(PlatformError) -> Bool {
+        if try available() > 0 { return false }
+        let before = try count()
+        try setCount(before + 1)
+        if try available() > 0 { return true }
+        // The kernel could not find 2 MiB of contiguous free memory.
+        try? setCount(before)
+        throw .hugePages("raising \(countPath) from \(before) to \(before + 1) produced no free 2 MiB hugepage (memory is too fragmented); reserve one at boot with the kernel parameter hugepages=1 or early with `echo 1 > \(countPath)`")
+    }
+
+    /// Shrinks the pool by one (after our page was unmapped).
+    public func giveBackOne() throws(PlatformError) {
+        let n = try count()
+        if n > 0 { try setCount(n - 1) }
+    }
+
+    private func readNumber(_ path: String) throws(PlatformError) -> UInt64 {
+        let text: String
+        do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
+        guard let v = UInt64(text) else { throw .malformedFile(path: path, reason: "'\(text)' is not a number") }
+        return v
+    }
+}

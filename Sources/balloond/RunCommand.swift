@@ -1,0 +1,189 @@
+import ArgumentParser
+import Balloon
+import CBalloonShims
+import Logging
+import PlatformLinux
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Find the balloon, bind it to uio_pci_generic, and drive it in the foreground until SIGTERM/SIGINT.",
+        discussion: """
+        Needs root. Loads uio and uio_pci_generic if needed, unbinds the current driver (normally \
+        virtio-pci), maps BAR4, puts the virtqueues in one locked 2 MiB hugepage (reserving one \
+        through nr_hugepages if none is free; falling back to locked 4 KiB pages with queues of at \
+        most 256 entries), negotiates features and page poisoning from the guest's configuration, \
+        and serves the device. Logs go to stderr. On SIGTERM/SIGINT it resets the device, frees its \
+        memory and rebinds the previous driver (unless --keep-bound). After a crash or SIGKILL, run \
+        it again: it resets and re-initialises the device.
+        """
+    )
+
+    @OptionGroup var device: DeviceOption
+    @Flag(help: "Leave the device bound to uio_pci_generic at exit instead of restoring the previous driver.")
+    var keepBound = false
+    @Flag(inversion: .prefixedNo, help: "Negotiate FREE_PAGE_HINT when the device offers it.")
+    var freePageHint = true
+    @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
+    var stateFile: String = DaemonState.defaultPath
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        let logger = try logging.makeLogger()
+        let preflight = Preflight()
+        try preflight.checkRoot()
+        try preflight.checkLockdown()
+        let function = try device.select()
+        try preflight.run(for: function.address)
+        let lock = try DeviceLock(address: function.address)
+        defer { lock.unlock() }
+        let binder = DriverBinder(logger: logger)
+        let binding = try binder.bind(function.address)
+        logger.info("device bound", metadata: ["binding": "\(binding)"])
+
+        var exitError: Error?
+        do {
+            try serve(function: function, binding: binding, logger: logger)
+        } catch {
+            exitError = error
+        }
+        DaemonState.remove(at: stateFile)
+        if keepBound {
+            logger.info("leaving the device bound to uio_pci_generic (--keep-bound); `balloond unbind` restores \(binding.previousDriver ?? "the kernel's choice")")
+        } else {
+            do {
+                let now = try binder.restore(function.address)
+                logger.info("driver restored", metadata: ["driver": "\(now ?? "none")"])
+            } catch {
+                logger.error("could not restore the previous driver: \(error); run `balloond unbind`")
+                if exitError == nil { exitError = error }
+            }
+        }
+        if let exitError { throw exitError }
+    }
+
+    /// Everything that holds the device open lives in here, so it is all closed (uio fd, BAR
+    /// mapping, DMA memory after the device reset) before the driver is restored.
+    private func serve(function: PCIFunction, binding: UIOBinding, logger: Logger) throws {
+        let signals = try SignalPipe()
+        let config = try SysfsConfigSpace(address: function.address)
+        let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
+        let mapper = BARMapper(address: function.address)
+        let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
+        let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
+        logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
+        let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
+                                                         kernelConfig: readTextFile("/boot/config-\(kernelRelease())"))
+        logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
+        var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
+        if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
+        if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
+        let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
+                                   statsSource: ProcStatsSource(readFile: readTextFile), logger: logger)
+        defer { driver.shutdown() }
+
+        let started = wallClockSeconds()
+        var restarts = 0
+        var lastPublished: BalloonDriverStatus?
+        var lastPublishTime = 0.0
+        func publish(force: Bool = false) {
+            let snapshot = driver.statusSnapshot()
+            let now = wallClockSeconds()
+            guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
+            let state = DaemonState(pid: getpid(), device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
+                                    previousDriver: binding.previousDriver, uioDevice: binding.devicePath, dmaMemory: dmaDescription,
+                                    hintSource: nil, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
+            do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
+            lastPublished = snapshot
+            lastPublishTime = now
+        }
+
+        var backoffSeconds = 1.0
+        var needsBringUp = true
+        while signals.received == 0 {
+            if needsBringUp {
+                do {
+                    try driver.bringUp()
+                    needsBringUp = false
+                    backoffSeconds = 1
+                    publish(force: true)
+                } catch {
+                    logger.error("device bring-up failed: \(error); retrying in \(Int(backoffSeconds)) s")
+                    restarts += 1
+                    publish(force: true)
+                    signals.sleep(seconds: backoffSeconds)
+                    backoffSeconds = min(backoffSeconds * 2, 30)
+                    continue
+                }
+            }
+            do {
+                // Block on the uio fd and the signal pipe together: no busy polling.
+                if try signals.waitReadable(line.pollDescriptor, timeoutMilliseconds: 5000) {
+                    if try line.wait(timeoutMilliseconds: 0) {
+                        try driver.serviceInterrupt(line: line)
+                    }
+                }
+                publish()
+            } catch {
+                logger.error("device error: \(error); resetting and re-initialising the device")
+                restarts += 1
+                needsBringUp = true
+            }
+        }
+        logger.info("signal \(signals.received) received; stopping: resetting the device")
+    }
+}
+
+/// SIGTERM/SIGINT/SIGHUP through a self-pipe, so the event loop can poll for them.
+final class SignalPipe {
+    private let readFD: Int32
+    private let writeFD: Int32
+
+    init() throws {
+        var fds: [Int32] = [0, 0]
+        guard unsafe pipe(&fds) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
+        readFD = fds[0]
+        writeFD = fds[1]
+        for fd in fds {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        }
+        guard bs_install_signal_pipe(writeFD) == 0 else { throw Failure("sigaction: \(String(cString: strerror(errno)))") }
+    }
+
+    deinit {
+        close(readFD)
+        close(writeFD)
+    }
+
+    /// The last signal received (0: none).
+    var received: Int32 { bs_signal_received() }
+
+    /// Waits until `fd` is readable, a signal arrives, or the timeout passes. Returns whether
+    /// `fd` is readable.
+    func waitReadable(_ fd: Int32?, timeoutMilliseconds: Int32) throws -> Bool {
+        var pfds = [pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)]
+        if let fd { pfds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+        let n = unsafe poll(&pfds, nfds_t(pfds.count), timeoutMilliseconds)
+        if n < 0 {
+            if errno == EINTR { return false }
+            throw Failure("poll: \(String(cString: strerror(errno)))")
+        }
+        return pfds.count > 1 && pfds[1].revents & Int16(POLLIN | POLLPRI | POLLERR) != 0
+    }
+
+    /// Sleeps, waking early on a signal.
+    func sleep(seconds: Double) { _ = try? waitReadable(nil, timeoutMilliseconds: Int32(seconds * 1000)) }
+}
+
+func kernelRelease() -> String {
+    var u = utsname()
+    uname(&u)
+    return withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+}

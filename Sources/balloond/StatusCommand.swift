@@ -1,0 +1,43 @@
+import ArgumentParser
+import Balloon
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show the running balloond's device, negotiated features, queue states and counters.",
+        discussion: "Reads the state file `balloond run` keeps (default \(DaemonState.defaultPath), root only). Exits 1 if no balloond is running."
+    )
+
+    @Option(help: "State file written by `balloond run`.") var stateFile: String = DaemonState.defaultPath
+    @Flag(help: "Print the raw JSON state.") var json = false
+
+    func run() throws {
+        let s = try DaemonState.read(from: stateFile)
+        guard processExists(s.pid) else {
+            throw Failure("balloond (pid \(s.pid)) is not running any more; its last state is in \(stateFile)")
+        }
+        if json {
+            print(readTextFile(stateFile) ?? "")
+            return
+        }
+        let d = s.driver
+        print("balloond pid \(s.pid), up \(Int(wallClockSeconds() - s.startedAt)) s, state updated \(Int(wallClockSeconds() - s.updatedAt)) s ago")
+        print("device       \(s.device) [\(s.pciID)] via \(s.uioDevice) (previous driver: \(s.previousDriver ?? "none"))")
+        print("status       \(d.deviceStatus)")
+        print("offered      \(d.offeredFeatures)")
+        print("negotiated   \(d.negotiatedFeatures)")
+        print("poison_val   \(d.poisonValue.map { "0x" + String($0, radix: 16) } ?? "not negotiated")")
+        print("dma          \(s.dmaMemory)")
+        print("balloon      num_pages \(d.numPages), actual \(d.actual)")
+        print("hint cmd     \(d.hintCommand)")
+        for q in d.queues {
+            print("queue \(q.index)      \(q.role.padding(16)) size \(q.size) enabled \(q.enabled) avail \(q.availableIndex) used \(q.usedIndex) in-flight \(q.inFlight)")
+        }
+        let c = d.counters
+        print("counters     interrupts \(c.interrupts), config changes \(c.configChanges), stats sent \(c.statsBuffersSent), device resets \(c.deviceResets), restarts \(s.restarts), errors \(c.errors)")
+    }
+}
+
+extension String {
+    func padding(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
+}

@@ -1,0 +1,123 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import PlatformLinux
+
+/// A temporary directory that stands in for "/" (a `SysRoot`), with helpers to lay out fake
+/// `/sys`, `/proc`, `/dev` and `/lib/modules` files. Removed in deinit.
+final class FakeTree {
+    let path: String
+    var root: SysRoot { SysRoot(path) }
+
+    init() {
+        var template = Array("/tmp/balloond-test-XXXXXX".utf8CString)
+        let p = template.withUnsafeMutableBufferPointer { buf in mkdtemp(buf.baseAddress!) }
+        precondition(p != nil, "mkdtemp failed")
+        path = String(cString: p!)
+    }
+
+    deinit { removeTree(path) }
+
+    /// Absolute path of `relative` ("/sys/...") inside the tree.
+    func at(_ relative: String) -> String { path + relative }
+
+    /// Writes a file, creating parent directories.
+    func file(_ relative: String, _ contents: String) {
+        let full = at(relative)
+        try! Sys.makeDirectories(parent(full))
+        try! Sys.writeFile(full, contents)
+    }
+
+    /// Writes binary contents.
+    func file(_ relative: String, bytes: [UInt8]) {
+        let full = at(relative)
+        try! Sys.makeDirectories(parent(full))
+        let f = try! OpenFile(path: full, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+        try! f.writeAll(bytes)
+    }
+
+    func directory(_ relative: String) { try! Sys.makeDirectories(at(relative)) }
+
+    /// Creates a symbolic link at `relative` pointing at `target` (used verbatim).
+    func symlink(_ relative: String, to target: String) {
+        let full = at(relative)
+        try! Sys.makeDirectories(parent(full))
+        _ = unlink(full)
+        precondition(Glibc.symlink(target, full) == 0, "symlink \(full) failed")
+    }
+
+    func remove(_ relative: String) { _ = unlink(at(relative)) }
+
+    func read(_ relative: String) -> String? { try? Sys.readTextFile(at(relative)) }
+
+    func exists(_ relative: String) -> Bool { Sys.exists(at(relative)) }
+
+    /// A PCI function directory as sysfs shows it.
+    func pciDevice(_ bdf: String, vendor: UInt16, device: UInt16, classCode: UInt32 = 0x00ff00, revision: UInt8 = 1,
+                   subsystemVendor: UInt16 = 0x1af4, subsystem: UInt16 = 0x1100, driver: String? = nil,
+                   resources: [String]? = nil, config: [UInt8]? = nil) {
+        let d = "/sys/bus/pci/devices/\(bdf)"
+        func h(_ v: UInt64, _ n: Int) -> String {
+            let s = String(v, radix: 16)
+            return "0x" + String(repeating: "0", count: max(0, n - s.count)) + s
+        }
+        file(d + "/vendor", h(UInt64(vendor), 4) + "\n")
+        file(d + "/device", h(UInt64(device), 4) + "\n")
+        file(d + "/class", h(UInt64(classCode), 6) + "\n")
+        file(d + "/revision", h(UInt64(revision), 2) + "\n")
+        file(d + "/subsystem_vendor", h(UInt64(subsystemVendor), 4) + "\n")
+        file(d + "/subsystem_device", h(UInt64(subsystem), 4) + "\n")
+        file(d + "/irq", "11\n")
+        file(d + "/driver_override", "(null)\n")
+        let zero = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
+        let lines = resources ?? Array(repeating: zero, count: 13)
+        file(d + "/resource", lines.joined(separator: "\n") + "\n")
+        var cfg = config ?? [UInt8](repeating: 0, count: 256)
+        if config == nil {
+            cfg[0] = UInt8(vendor & 0xff); cfg[1] = UInt8(vendor >> 8)
+            cfg[2] = UInt8(device & 0xff); cfg[3] = UInt8(device >> 8)
+            cfg[8] = revision
+            cfg[9] = UInt8(classCode & 0xff); cfg[10] = UInt8((classCode >> 8) & 0xff); cfg[11] = UInt8(classCode >> 16)
+            cfg[0x2c] = UInt8(subsystemVendor & 0xff); cfg[0x2d] = UInt8(subsystemVendor >> 8)
+            cfg[0x2e] = UInt8(subsystem & 0xff); cfg[0x2f] = UInt8(subsystem >> 8)
+        }
+        file(d + "/config", bytes: cfg)
+        if let driver { bindLink(bdf, driver) }
+    }
+
+    /// Points `devices/BDF/driver` at `drivers/NAME` the way sysfs does (relative link) and
+    /// makes sure the driver directory with bind/unbind exists.
+    func bindLink(_ bdf: String, _ driver: String) {
+        pciDriver(driver)
+        symlink("/sys/bus/pci/devices/\(bdf)/driver", to: "../../../../bus/pci/drivers/\(driver)")
+    }
+
+    func pciDriver(_ name: String) {
+        let d = "/sys/bus/pci/drivers/\(name)"
+        if !exists(d + "/bind") { file(d + "/bind", "") }
+        if !exists(d + "/unbind") { file(d + "/unbind", "") }
+    }
+
+    private func parent(_ p: String) -> String {
+        String(p[..<(p.lastIndex(of: "/") ?? p.startIndex)])
+    }
+}
+
+/// `rm -rf` without following links.
+func removeTree(_ path: String) {
+    if let st = try? Sys.lstatIfExists(path), (st.st_mode & S_IFMT) == S_IFDIR {
+        for name in (try? Sys.listDirectory(path)) ?? [] { removeTree(path + "/" + name) }
+        _ = rmdir(path)
+    } else {
+        _ = unlink(path)
+    }
+}
+
+/// The standard 13-line resource file of a modern virtio-balloon: only BAR4 (16 KiB,
+/// 64-bit prefetchable, flags 0x14220c as measured under QEMU 7.2).
+let balloonResources: [String] = {
+    let zero = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
+    var lines = Array(repeating: zero, count: 13)
+    lines[4] = "0x00000000fe000000 0x00000000fe003fff 0x000000000014220c"
+    return lines
+}()
