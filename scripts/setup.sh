@@ -14,25 +14,36 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s libpci-dev >/dev/null 2>&1 || need+=(libpci-dev)
 command -v cpio >/dev/null || need+=(cpio)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# apt's chatter goes to a log; on failure its tail is shown.
+APT_LOG=$CACHE/setup-apt.log
+apt_quiet() {
+  if ! "$@" >>"$APT_LOG" 2>&1; then
+    echo "setup: '$*' failed; last lines of $APT_LOG:" >&2
+    tail -n 20 "$APT_LOG" >&2
+    exit 1
+  fi
+}
 if [ ${#need[@]} -gt 0 ]; then
-  echo "setup: installing ${need[*]}" >&2
+  echo "setup: installing ${need[*]} (log: $APT_LOG)" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+  apt_quiet apt-get update -qq
+  apt_quiet apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
 # The guest kernel: linux-image-amd64 is a metapackage; download what it depends on.
 KDIR="$CACHE/kernel"
 if [ ! -f "$KDIR/.done" ]; then
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi
+  if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt_quiet apt-get update -qq; fi
   pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
   [ -n "$pkg" ] || { echo "setup: cannot find the kernel package linux-image-amd64 depends on" >&2; exit 1; }
   echo "setup: downloading guest kernel $pkg" >&2
   rm -rf "$KDIR"; mkdir -p "$KDIR/pkg"
-  (cd "$KDIR/pkg" && apt-get download "$pkg" >&2)
+  (cd "$KDIR/pkg" && apt_quiet apt-get download "$pkg")
   dpkg-deb -x "$KDIR"/pkg/*.deb "$KDIR/root"
-  vmlinuz=$(ls "$KDIR"/root/boot/vmlinuz-* | head -1)
+  kernels=("$KDIR"/root/boot/vmlinuz-*)
+  vmlinuz=${kernels[0]}
+  [ -f "$vmlinuz" ] || { echo "setup: no vmlinuz in $pkg" >&2; exit 1; }
   kver=${vmlinuz##*/vmlinuz-}
   ln -sf "$vmlinuz" "$KDIR/vmlinuz"
   echo "$kver" > "$KDIR/version"

@@ -1,3 +1,4 @@
+import FreePages
 import Logging
 import VirtioCore
 import VirtioPCI
@@ -31,6 +32,17 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var statsBuffersSent = 0
     public var deviceResets = 0
     public var errors = 0
+    /// Free page hint rounds started (START sent).
+    public var hintRounds = 0
+    /// Hint descriptors posted, and the bytes they covered.
+    public var hintsSent = 0
+    public var bytesHinted: UInt64 = 0
+    /// Latest round: microseconds from reading the cmd id to posting the first hint, and to STOP.
+    public var lastRoundFirstHintMicros: Int64?
+    public var lastRoundStopMicros: Int64?
+    public var lastRoundBytes: UInt64 = 0
+    /// Rounds ended because the ring stayed full with the device not consuming.
+    public var hintRoundsTimedOut = 0
     public init() {}
 }
 
@@ -62,8 +74,10 @@ public struct BalloonDriverStatus: Sendable, Codable, Equatable {
 enum BufferToken {
     case stats
     case pfns
-    case hintID
-    case hint
+    /// A START or STOP cmd id buffer (index into the driver's id buffers).
+    case hintID(Int)
+    /// One hinted range, of round `round`.
+    case hint(GuestPhysicalRange, round: UInt32)
     case report
 }
 
@@ -78,29 +92,35 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let allocator: DMAAllocator
     public let options: BalloonDriverOptions
     public var logger: Logger
+    public var hintOptions = HintOptions()
     public let statsSource: BalloonStatsSource?
+    /// Where free pages for hints come from (nil: FREE_PAGE_HINT is not negotiated).
+    public let hintSource: FreePageSource?
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()
     public private(set) var indices = BalloonQueueIndices(offered: [])
     public private(set) var poisonValue: UInt32?
-    public private(set) var counters = BalloonCounters()
+    public internal(set) var counters = BalloonCounters()
     /// `num_pages` as last read.
     public private(set) var targetPages: UInt32 = 0
     /// `actual` as last written or read.
     public private(set) var actualPages: UInt32 = 0
     /// The hint cmd id as last read after a config interrupt (Linux caches it the same way:
     /// while QEMU is in START the field reads 0 with no interrupt, so it must not be polled).
-    public private(set) var hintCommand = FreePageHintCommand.stop
+    public internal(set) var hintCommand = FreePageHintCommand.stop
     public private(set) var isRunning = false
 
     var queues: [BalloonQueueRole: SplitQueue<BufferToken>] = [:]
     /// The stats buffer (exactly one, reused: only posted while the device does not hold it).
     var statsBuffer: DMARegion?
     var statsOutstanding = false
+    /// Free page hinting state (FreePageHinting.swift).
+    var hinting = HintRoundState()
 
     public init(transport: Transport, allocator: DMAAllocator, options: BalloonDriverOptions = BalloonDriverOptions(),
-                statsSource: BalloonStatsSource? = nil, logger: Logger = Logger(label: "balloond")) {
+                statsSource: BalloonStatsSource? = nil, hintSource: FreePageSource? = nil, logger: Logger = Logger(label: "balloond")) {
+        self.hintSource = hintSource
         self.transport = transport
         self.allocator = allocator
         self.options = options
@@ -129,18 +149,23 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// numbering; `poison_val`; prime stats; DRIVER_OK; then read `num_pages` and the cmd id
     /// (QEMU raises no config interrupt for changes made before DRIVER_OK).
     public func bringUp() throws(BalloonError) {
+        if isRunning || negotiated != [] { counters.deviceResets += 1 }
         isRunning = false
         guard transport.virtioDeviceType == 5 else { throw .wrongDeviceType(transport.virtioDeviceType) }
         do {
             try transport.enableDMA()
             try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds)
         } catch { throw .transport(error) }
+        // Only after the reset: the device can no longer apply a queued hint, so owned
+        // pages may be given back.
+        abandonHinting()
         for q in queues.values { q.resetAfterDeviceReset() }
         statsOutstanding = false
         transport.addStatus(.acknowledge)
         transport.addStatus(.driver)
         offered = transport.deviceFeatures()
-        let want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy)
+        var want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy)
+        if hintSource == nil { want.remove(.freePageHint) }
         do {
             negotiated = try transport.negotiate(wanted: want)
         } catch {
@@ -168,6 +193,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         let s = transport.status()
         if s.contains(.needsReset) { throw .transport(.needsReset(s)) }
         isRunning = true
+        hintCommand = .stop
         try readConfig(afterInterrupt: true)
         logger.info("device running", metadata: ["status": "\(s)", "num_pages": "\(targetPages)", "cmd_id": "\(hintCommand)"])
     }
@@ -259,9 +285,16 @@ public final class BalloonDriver<Transport: VirtioTransport> {
 
     /// Handles one interrupt: reads the ISR (which clears it), handles a config change and
     /// used buffers, unmasks the line, then re-checks the rings so no completion that raced
-    /// the unmask is lost (field-notes §5.1).
+    /// the unmask is lost (field-notes §5.1). A new hint cmd id then starts a hint round,
+    /// which streams hints until the source runs dry or the device moves on.
     public func serviceInterrupt(line: InterruptLine?) throws(BalloonError) {
         guard isRunning else { throw .notRunning }
+        try handleInterruptCauses(line: line)
+        try actOnHintCommand(line: line)
+    }
+
+    /// The ISR, config and used-ring part of servicing an interrupt (also used mid-round).
+    func handleInterruptCauses(line: InterruptLine?) throws(BalloonError) {
         counters.interrupts += 1
         let isr = transport.readISR()
         let s = transport.status()
@@ -293,7 +326,11 @@ public final class BalloonDriver<Transport: VirtioTransport> {
                     // The device wants fresh stats: refill and return the buffer at once.
                     statsOutstanding = false
                     try postStats()
-                default:
+                case .hintID(let i):
+                    hinting.idBufferInFlight[i] = false
+                case .hint(let range, let round):
+                    hintUsed(range, round: round)
+                case .pfns, .report:
                     break
                 }
             }
@@ -306,6 +343,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         do { try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds) } catch {
             logger.warning("device reset at shutdown failed", metadata: ["error": "\(error)"])
         }
+        // After the reset, as in bringUp: no queued hint can be applied any more.
+        abandonHinting()
         for q in queues.values { q.resetAfterDeviceReset() }
         statsOutstanding = false
     }

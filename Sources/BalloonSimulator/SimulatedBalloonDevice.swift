@@ -335,7 +335,13 @@ public final class SimulatedBalloonDevice {
     }
 
     private func popAll(_ q: DeviceQueue, _ body: (DeviceElement) -> Void) {
-        while true {
+        var unlimited = Int.max
+        popAll(q, limit: &unlimited, body)
+    }
+
+    private func popAll(_ q: DeviceQueue, limit: inout Int, _ body: (DeviceElement) -> Void) {
+        while limit > 0 {
+            limit -= 1
             let element: DeviceElement?
             do { element = try q.pop(memory) } catch {
                 virtioError(error.message)
@@ -413,9 +419,13 @@ public final class SimulatedBalloonDevice {
     }
 
     /// The free page hint queue (`get_free_page_hints`), processed until empty.
-    public func drainHintQueue() {
+    public func drainHintQueue() { drainHintQueueOnce(limit: Int.max) }
+
+    /// Processes at most `limit` hint-queue elements (a slow iothread).
+    public func drainHintQueueOnce(limit: Int) {
         guard let index = queueIndices.freePageHint, let q = queue(index), q.enabled, !broken, busMaster else { return }
-        popAll(q) { element in
+        var remaining = limit
+        popAll(q, limit: &remaining) { element in
             if !element.readable.isEmpty {
                 let first = element.readable[0]
                 guard first.length >= 4, let bytes = memory.read(first.start, count: 4) else {

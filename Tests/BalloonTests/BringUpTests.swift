@@ -3,6 +3,7 @@ import BalloonSimulator
 import VirtioCore
 import VirtioPCI
 import VirtioQueue
+import FreePages
 @testable import Balloon
 
 final class FixedStats: BalloonStatsSource {
@@ -19,7 +20,8 @@ struct Rig {
     init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions()) throws {
         device = SimulatedBalloonDevice(properties: props)
         line = device.makeInterruptLine()
-        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats)
+        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats,
+                               hintSource: SimulatedBuddyAllocator(bytes: props.ramSize, usedFraction: 0.9))
     }
 
     /// Services every pending interrupt, as the event loop would.

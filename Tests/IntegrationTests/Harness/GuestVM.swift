@@ -119,29 +119,16 @@ private final class HarnessState: @unchecked Sendable {
         try? fm.createDirectory(at: HarnessPaths.cache.appendingPathComponent("guest"), withIntermediateDirectories: true)
         let logURL = HarnessPaths.cache.appendingPathComponent("guest/build.log")
         _ = fm.createFile(atPath: logURL.path, contents: nil)
-        let log = try FileHandle(forWritingTo: logURL)
-        defer { try? log.close() }
-        let p = Process()
-        p.executableURL = HarnessPaths.buildGuest
-        p.currentDirectoryURL = HarnessPaths.packageRoot
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = log
-        p.standardError = log
-        do {
-            try p.run()
-        } catch {
-            throw HarnessError(.setup, "cannot run \(HarnessPaths.buildGuest.path): \(error)")
-        }
-        let deadline = Date().addingTimeInterval(300)
-        while p.isRunning && Date() < deadline { usleep(100_000) }
-        if p.isRunning {
-            p.terminate()
+        let p = try ChildProcess(executable: HarnessPaths.buildGuest.path, arguments: [],
+                                 environment: ProcessInfo.processInfo.environment, outputPath: logURL.path)
+        if !p.wait(timeout: 300) {
+            p.signal(SIGKILL)
             throw HarnessError(.setup, "scripts/build-guest.sh did not finish within 300 s (log: \(logURL.path))")
         }
         let output = (try? String(contentsOf: logURL, encoding: .utf8)) ?? ""
-        guard p.terminationStatus == 0 else {
+        guard p.exitStatus == 0 else {
             throw HarnessError(.setup, """
-                scripts/build-guest.sh failed (exit \(p.terminationStatus)); log \(logURL.path):
+                scripts/build-guest.sh failed (exit \(p.exitStatus ?? -1)); log \(logURL.path):
                 \(tail(output, lines: 20))
                 """)
         }
@@ -222,10 +209,10 @@ final class GuestVM {
     var qemuLogPath: String { runDirectory.appendingPathComponent("qemu.log").path }
 
     private let agent: GuestAgent
-    private let process: Process
+    private let process: ChildProcess
     private var isShutDown = false
 
-    private init(options: Options, runDirectory: URL, process: Process, qmp: QMPClient, agent: GuestAgent,
+    private init(options: Options, runDirectory: URL, process: ChildProcess, qmp: QMPClient, agent: GuestAgent,
                  kernelVersion: String, bootSeconds: Double) {
         self.options = options
         self.runDirectory = runDirectory
@@ -253,7 +240,7 @@ final class GuestVM {
         let state = HarnessState.shared
         state.slots.wait()
         var slotHeld = true
-        var launched: Process?
+        var launched: ChildProcess?
         let runDirectory: URL
         do {
             runDirectory = try makeRunDirectory(name: options.name, index: state.nextIndex())
@@ -279,10 +266,6 @@ final class GuestVM {
         }
 
         // Launch run-guest.sh (it runs QEMU as its child and kills it if we die).
-        let p = Process()
-        p.executableURL = HarnessPaths.runGuest
-        p.currentDirectoryURL = HarnessPaths.packageRoot
-        p.arguments = options.extraQEMUArgs
         var env = ProcessInfo.processInfo.environment
         // Set every knob explicitly so a variable exported in the developer's shell cannot
         // change what a test boots.
@@ -297,18 +280,12 @@ final class GuestVM {
         env["CONSOLE"] = "file"
         env["QEMU_EXTRA"] = ""
         env["PARENT_PID"] = String(getpid())
-        p.environment = env
-        p.standardInput = FileHandle.nullDevice
-        let qemuLogURL = runDirectory.appendingPathComponent("qemu.log")
-        _ = fm.createFile(atPath: qemuLogURL.path, contents: nil)
+        let p: ChildProcess
         do {
-            let log = try FileHandle(forWritingTo: qemuLogURL)
-            p.standardOutput = log
-            p.standardError = log
-            try p.run()
-            try? log.close()  // the child has its own copy
-        } catch {
-            throw fail(HarnessError(.setup, "cannot start \(HarnessPaths.runGuest.path): \(error)"), consoleTail: false)
+            p = try ChildProcess(executable: HarnessPaths.runGuest.path, arguments: options.extraQEMUArgs,
+                                 environment: env, outputPath: runDirectory.appendingPathComponent("qemu.log").path)
+        } catch let error as HarnessError {
+            throw fail(error, consoleTail: false)
         }
         launched = p
         let started = Date()
@@ -332,7 +309,7 @@ final class GuestVM {
                 }
             }
             if !p.isRunning {
-                throw fail(HarnessError(.setup, "QEMU exited (status \(p.terminationStatus)) before the guest was ready"), consoleTail: true)
+                throw fail(HarnessError(.setup, "QEMU exited (status \(p.exitStatus ?? -1)) before the guest was ready"), consoleTail: true)
             }
             if Date() >= deadline {
                 throw fail(HarnessError(.timeout, "the guest did not print \(readyMarker) within \(Int(options.bootTimeout)) s (TCG is slow; raise BALLOOND_BOOT_TIMEOUT if the machine is loaded)"), consoleTail: true)
@@ -528,21 +505,16 @@ final class GuestVM {
     }
 
     /// Waits `graceSeconds` for QEMU to exit by itself (after QMP quit), then escalates.
-    private static func stop(_ p: Process, runDirectory: URL, graceSeconds: Double = 10) {
-        func waitExit(_ seconds: Double) -> Bool {
-            let deadline = Date().addingTimeInterval(seconds)
-            while p.isRunning && Date() < deadline { usleep(50_000) }
-            return !p.isRunning
-        }
-        if waitExit(graceSeconds) { return }
-        p.terminate()  // run-guest.sh forwards SIGTERM to QEMU, SIGKILLs it after 10 s
-        if waitExit(15) { return }
+    private static func stop(_ p: ChildProcess, runDirectory: URL, graceSeconds: Double = 10) {
+        if p.wait(timeout: graceSeconds) { return }
+        p.signal(SIGTERM)  // run-guest.sh forwards it to QEMU and SIGKILLs QEMU after 10 s
+        if p.wait(timeout: 15) { return }
         if let text = try? String(contentsOf: runDirectory.appendingPathComponent("qemu.pid"), encoding: .utf8),
            let qpid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
             kill(qpid, SIGKILL)
         }
-        kill(p.processIdentifier, SIGKILL)
-        _ = waitExit(5)
+        p.signal(SIGKILL)
+        _ = p.wait(timeout: 5)
     }
 
     // MARK: Errors
@@ -551,7 +523,7 @@ final class GuestVM {
     func annotate(_ error: HarnessError) -> HarnessError {
         var extra = "run directory kept: \(runDirectory.path) (console log: \(consoleLogPath))"
         if error.kind == .timeout || error.kind == .closed {
-            extra += process.isRunning ? "\nQEMU is still running." : "\nQEMU has exited (status \(process.terminationStatus))."
+            extra += process.isRunning ? "\nQEMU is still running." : "\nQEMU has exited (status \(process.exitStatus ?? -1))."
             extra += "\n--- console.log (tail) ---\n" + tail(consoleLog(), lines: 25)
         }
         recordFailure(error.message)

@@ -1,0 +1,214 @@
+import FreePages
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Driver-side state of free page hinting (virtio-balloon.md §6).
+struct HintRoundState {
+    /// The id of the round we sent START for (Linux `cmd_id_active`), nil before any.
+    var activeRound: UInt32?
+    /// Whether this round's STOP buffer has been sent.
+    var stopSent = false
+    /// 4-byte id buffers (START/STOP), each used only when the device has returned it.
+    var idBuffers: [DMARegion] = []
+    var idBufferInFlight: [Bool] = []
+    /// Hint ranges posted in the active round and not yet used.
+    var outstandingHints = 0
+    /// When the active round's cmd id was read (monotonic ns).
+    var roundStartNanos: UInt64 = 0
+    var firstHintPosted = false
+    var roundBytes: UInt64 = 0
+}
+
+/// Tunables for hinting.
+public struct HintOptions: Sendable {
+    /// Ranges per batch (one descriptor each, one kick per batch).
+    public var batchRanges = 64
+    /// Longest single hint descriptor. Owned memory behind a descriptor is released as a
+    /// unit once the device has used it.
+    public var maxRangeBytes: UInt64 = 4 << 20
+    /// How long a round may wait for the device to return descriptors when the ring is full
+    /// before it sends STOP and ends the round (the device keeps its hints; nothing hangs).
+    public var fullRingTimeoutMilliseconds = 2000
+    public init() {}
+}
+
+func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+extension BalloonDriver {
+    /// Reacts to the cached cmd id (Linux `report_free_page_func`): DONE releases
+    /// everything; a new round id starts a round; STOP ends the active one.
+    func actOnHintCommand(line: InterruptLine?) throws(BalloonError) {
+        guard negotiated.contains(.freePageHint), let source = hintSource else { return }
+        // A round can end because a new id arrived mid-round: act again until the command
+        // we acted on is the current one.
+        var handled: FreePageHintCommand?
+        while handled != hintCommand {
+            let command = hintCommand
+            handled = command
+            switch command {
+            case .done:
+                if hinting.activeRound != nil || source.heldBytes > 0 {
+                    try finishRound(sendStop: false)
+                    source.releaseAll()
+                    logger.info("free page hinting done: hinted pages released")
+                }
+                hinting.activeRound = nil
+            case .stop:
+                if hinting.activeRound != nil, !hinting.stopSent { try finishRound(sendStop: true) }
+            case .round(let id):
+                guard id != hinting.activeRound else { continue }
+                if hinting.activeRound != nil, !hinting.stopSent { try finishRound(sendStop: true) }
+                try runRound(id: id, source: source, line: line)
+            }
+        }
+    }
+
+    /// One 4-byte buffer holding `value`, in memory the device has returned (or fresh).
+    private func idBuffer(holding value: UInt32) throws(BalloonError) -> (Int, DMARegion) {
+        let i: Int
+        if let free = hinting.idBufferInFlight.firstIndex(of: false) {
+            i = free
+        } else {
+            do { hinting.idBuffers.append(try allocator.allocate(byteCount: 4, alignment: 4)) } catch { throw .dma(error.description) }
+            hinting.idBufferInFlight.append(false)
+            i = hinting.idBuffers.count - 1
+        }
+        hinting.idBuffers[i].store32(value, at: 0)
+        return (i, hinting.idBuffers[i])
+    }
+
+    private func postID(_ value: UInt32, queue q: SplitQueue<BufferToken>) throws(BalloonError) {
+        let (i, buffer) = try idBuffer(holding: value)
+        do {
+            try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: 4)], token: .hintID(i))
+        } catch { throw .queue(role: .freePageHint, error) }
+        hinting.idBufferInFlight[i] = true
+        try kick(.freePageHint)
+    }
+
+    /// A hint's descriptor came back: QEMU has applied it (or ignored it); owned memory
+    /// behind it may be given back.
+    func hintUsed(_ range: GuestPhysicalRange, round: UInt32) {
+        if round == hinting.activeRound { hinting.outstandingHints -= 1 }
+        hintSource?.hintsApplied([range])
+    }
+
+    /// Streams one round: START with the id, then batches of hints from the source, kicking
+    /// after each batch so the first hint leaves as soon as it is ready, until the source
+    /// runs dry (then STOP) or the device moves on (new id, STOP, DONE). One ring slot is
+    /// always kept free for the STOP buffer.
+    private func runRound(id: UInt32, source: FreePageSource, line: InterruptLine?) throws(BalloonError) {
+        guard let q = queues[.freePageHint] else { return }
+        let startNanos = monotonicNanos()
+        try processUsed()
+        hinting.activeRound = id
+        hinting.stopSent = false
+        hinting.outstandingHints = 0
+        hinting.firstHintPosted = false
+        hinting.roundBytes = 0
+        hinting.roundStartNanos = startNanos
+        counters.hintRounds += 1
+        try postID(id, queue: q)
+        do {
+            try source.beginRound(id: id)
+        } catch {
+            logger.warning("free page source \(source.name) cannot start round 0x\(String(id, radix: 16)): \(error)")
+            try finishRound(sendStop: true)
+            return
+        }
+        var fullSince: UInt64?
+        while hintCommand == .round(id) && isRunning {
+            let room = q.freeDescriptors - 1  // one slot stays free for STOP
+            if room <= 0 {
+                // The device has not returned enough descriptors yet; QEMU's iothread polls
+                // the queue during START, so wait briefly, watching for STOP/DONE meanwhile.
+                let now = monotonicNanos()
+                if fullSince == nil { fullSince = now }
+                if now - fullSince! > UInt64(hintOptions.fullRingTimeoutMilliseconds) * 1_000_000 {
+                    counters.hintRoundsTimedOut += 1
+                    logger.warning("hint ring stayed full for \(hintOptions.fullRingTimeoutMilliseconds) ms; ending round 0x\(String(id, radix: 16))")
+                    break
+                }
+                try pollDuringRound(line: line, waitMilliseconds: 1)
+                continue
+            }
+            fullSince = nil
+            let batch: [GuestPhysicalRange]
+            do {
+                batch = try source.nextBatch(maxRanges: min(room, hintOptions.batchRanges), maxRangeBytes: hintOptions.maxRangeBytes)
+            } catch {
+                logger.warning("free page source \(source.name) failed mid-round: \(error)")
+                break
+            }
+            if batch.isEmpty { break }
+            for range in batch {
+                precondition(range.start.value % balloonPageSize == 0 && range.length % balloonPageSize == 0 && range.length > 0,
+                             "free page source returned an unaligned range")
+                do { try q.add(writable: [range], token: .hint(range, round: id)) } catch { throw .queue(role: .freePageHint, error) }
+                hinting.outstandingHints += 1
+                hinting.roundBytes += range.length
+                counters.hintsSent += 1
+                counters.bytesHinted += range.length
+            }
+            try kick(.freePageHint)
+            if !hinting.firstHintPosted {
+                hinting.firstHintPosted = true
+                counters.lastRoundFirstHintMicros = Int64((monotonicNanos() - startNanos) / 1000)
+            }
+            try pollDuringRound(line: line, waitMilliseconds: 0)
+        }
+        // Linux sends the STOP id after its loop whatever ended it; with a new id QEMU is in
+        // REQUESTED and ignores it, with DONE it is ignored too.
+        if hintCommand != .done { try finishRound(sendStop: true) } else { try finishRound(sendStop: false) }
+    }
+
+    /// Mid-round: take used hints, and service a pending interrupt (a config change may
+    /// carry STOP, DONE or a new id; the stats queue may want a refill).
+    private func pollDuringRound(line: InterruptLine?, waitMilliseconds: Int) throws(BalloonError) {
+        try processUsed()
+        guard let line else { return }
+        let fired: Bool
+        do { fired = try line.wait(timeoutMilliseconds: waitMilliseconds) } catch { throw .transport(error) }
+        if fired { try handleInterruptCauses(line: line) }
+    }
+
+    /// Ends the active round: sends the STOP id when asked (Linux always does after its
+    /// loop), tells the source, and records timing.
+    private func finishRound(sendStop: Bool) throws(BalloonError) {
+        guard let round = hinting.activeRound else { return }
+        if sendStop, !hinting.stopSent, let q = queues[.freePageHint], isRunning {
+            try postID(FreePageHintCommand.stopID, queue: q)
+        }
+        hinting.stopSent = true
+        hintSource?.endRound()
+        counters.lastRoundStopMicros = Int64((monotonicNanos() - hinting.roundStartNanos) / 1000)
+        counters.lastRoundBytes = hinting.roundBytes
+        logger.info("free page hint round ended", metadata: [
+            "round": "0x\(String(round, radix: 16))", "hinted_mib": "\(hinting.roundBytes >> 20)",
+            "first_hint_us": "\(counters.lastRoundFirstHintMicros.map(String.init) ?? "-")",
+            "stop_us": "\(counters.lastRoundStopMicros ?? 0)",
+        ])
+    }
+
+    /// After a device reset (or at shutdown): the device holds no buffer any more, so every
+    /// hinted page can be given back.
+    func abandonHinting() {
+        if hinting.activeRound != nil || (hintSource?.heldBytes ?? 0) > 0 {
+            hintSource?.endRound()
+            hintSource?.releaseAll()
+        }
+        hinting.activeRound = nil
+        hinting.stopSent = false
+        hinting.outstandingHints = 0
+        for i in hinting.idBufferInFlight.indices { hinting.idBufferInFlight[i] = false }
+    }
+}

@@ -1,0 +1,77 @@
+import VirtioCore
+
+/// How a source knows its pages are free, which decides where it is safe
+/// (virtio-balloon.md §9).
+public enum FreePageOwnership: String, Sendable, Codable {
+    /// balloond holds the pages (hugetlb pool pages, or anonymous memory it populated): nobody
+    /// else can write them until balloond releases them, so a hint is safe on any host.
+    case owned
+    /// The pages were only observed free (a kpageflags scan): another task may allocate and
+    /// write them at any time. Safe only where every such write is dirty-logged after the
+    /// hint is applied (TCG), never on KVM with manual dirty-log protect.
+    case observed
+}
+
+/// Why a source cannot supply pages.
+public struct FreePageSourceError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// Supplies free guest-physical memory to hint, one free page hint round at a time.
+///
+/// The driver calls, for each round: `beginRound` once the new cmd id has arrived (never
+/// earlier: pages read before the round's bitmap sync may have been written since), then
+/// `nextBatch` repeatedly while the round lasts, `hintsApplied` whenever the device has used
+/// descriptors (QEMU applied those hints under its lock), `endRound` on STOP or a new id, and
+/// `releaseAll` on DONE, reset and shutdown.
+///
+/// Ranges are 4 KiB-aligned in start and length, disjoint, and each lies in RAM.
+public protocol FreePageSource: AnyObject {
+    /// The `--hint-source` name.
+    var name: String { get }
+    var ownership: FreePageOwnership { get }
+    /// Bytes currently held (owned sources), for status and memory-pressure policy.
+    var heldBytes: UInt64 { get }
+    /// Starts a round: free memory is read from now on.
+    func beginRound(id: UInt32) throws(FreePageSourceError)
+    /// Up to `maxRanges` ranges, each at most `maxRangeBytes` long; empty when the source has
+    /// nothing more this round. Owned sources hold the pages until they are released.
+    func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange]
+    /// The device has used the descriptors for these ranges: their hints are applied, and
+    /// owned memory behind them may be given back.
+    func hintsApplied(_ ranges: [GuestPhysicalRange])
+    /// The round is over (STOP, or a new id): no further hint of this round can be applied.
+    func endRound()
+    /// DONE, device reset or shutdown: give back everything.
+    func releaseAll()
+}
+
+/// Coalesces ranges (sorted by start) that touch into fewer, larger ones, and splits any
+/// longer than `maxLength` (a descriptor carries at most 4 GiB - 1; balloond uses smaller).
+/// Ranges are assumed 4 KiB-aligned and disjoint.
+public func coalesce(_ ranges: [GuestPhysicalRange], maxLength: UInt64) -> [GuestPhysicalRange] {
+    precondition(maxLength >= balloonPageSize)
+    let limit = maxLength & ~(balloonPageSize - 1)
+    var merged: [GuestPhysicalRange] = []
+    for r in ranges.sorted(by: { $0.start < $1.start }) where r.length > 0 {
+        if var last = merged.last, last.end == r.start.value {
+            last.length += r.length
+            merged[merged.count - 1] = last
+        } else {
+            merged.append(r)
+        }
+    }
+    var out: [GuestPhysicalRange] = []
+    for r in merged {
+        var start = r.start.value
+        var left = r.length
+        while left > 0 {
+            let n = min(left, limit)
+            out.append(GuestPhysicalRange(start: start, length: n))
+            start += n
+            left -= n
+        }
+    }
+    return out
+}

@@ -1,0 +1,264 @@
+import Testing
+import BalloonSimulator
+import FreePages
+import VirtioCore
+import VirtioPCI
+@testable import Balloon
+
+/// Wraps the simulated buddy allocator and records what the device could still do when the
+/// driver gave pages back.
+final class RecordingSource: FreePageSource {
+    let inner: SimulatedBuddyAllocator
+    weak var device: SimulatedBalloonDevice?
+    var releaseDeviceStatus: [DeviceStatus] = []
+    var releaseHintState: [SimulatedBalloonDevice.HintState] = []
+    var appliedRanges: [GuestPhysicalRange] = []
+    var endRounds = 0
+    init(_ inner: SimulatedBuddyAllocator) { self.inner = inner }
+    var name: String { inner.name }
+    var ownership: FreePageOwnership { inner.ownership }
+    var heldBytes: UInt64 { inner.heldBytes }
+    func beginRound(id: UInt32) throws(FreePageSourceError) { try inner.beginRound(id: id) }
+    func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
+        try inner.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+    }
+    func hintsApplied(_ ranges: [GuestPhysicalRange]) { appliedRanges += ranges }
+    func endRound() { endRounds += 1; inner.endRound() }
+    func releaseAll() {
+        if let device {
+            releaseDeviceStatus.append(device.status)
+            releaseHintState.append(device.hintState)
+        }
+        inner.releaseAll()
+    }
+}
+
+struct HintRig {
+    let device: SimulatedBalloonDevice
+    let driver: BalloonDriver<ModernPCITransport>
+    let line: SimulatedInterruptLine
+    let source: RecordingSource
+
+    init(ramMiB: UInt64 = 256, usedFraction: Double = 0.3, seed: UInt64 = 7) throws {
+        device = SimulatedBalloonDevice(properties: BalloonDeviceProperties(freePageHint: true, ramSize: ramMiB << 20))
+        line = device.makeInterruptLine()
+        source = RecordingSource(SimulatedBuddyAllocator(bytes: ramMiB << 20, usedFraction: usedFraction, seed: seed))
+        source.device = device
+        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), hintSource: source)
+        try driver.bringUp()
+    }
+
+    func serviceAll() throws {
+        var n = 0
+        while try line.wait(timeoutMilliseconds: 0) {
+            try driver.serviceInterrupt(line: line)
+            n += 1
+            precondition(n < 1000, "interrupt storm")
+        }
+    }
+
+    var hintQueue: UInt16 { 3 }
+}
+
+@Suite("Free page hinting protocol (virtio-balloon.md §6)")
+struct FreePageHintTests {
+    @Test("a round: START with the id, hints covering the source's free blocks, then STOP; all hints land in START")
+    func fullRound() throws {
+        let rig = try HintRig()
+        let freeBefore = rig.source.inner.freePages
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        let id: UInt32 = 0x8000_0001
+        #expect(rig.device.receivedHintIDs == [id, 0])
+        let hinted = rig.device.hintedRanges[id] ?? []
+        let bytes = hinted.reduce(UInt64(0)) { $0 + $1.length }
+        #expect(bytes == UInt64(freeBefore) * 4096)
+        #expect(hinted.allSatisfy { $0.start.value % 4096 == 0 && $0.length % 4096 == 0 && $0.length <= 4 << 20 })
+        #expect(!hinted.contains { rig.source.inner.overlapsGuestMemory($0) })
+        #expect(rig.device.hintState == .stop)
+        #expect(rig.driver.counters.bytesHinted == bytes)
+        #expect(rig.driver.counters.lastRoundFirstHintMicros != nil)
+        // Pages stay held (owned) until DONE.
+        #expect(rig.source.heldBytes == bytes)
+        rig.device.finishHinting()
+        try rig.serviceAll()
+        #expect(rig.source.heldBytes == 0)
+        #expect(rig.source.inner.freePages == freeBefore)
+    }
+
+    @Test("the id reads 0 while QEMU is in START, with no interrupt: the driver keeps hinting (it never polls the field)")
+    func idReadsZeroInStart() throws {
+        let rig = try HintRig()
+        var sawZero = false
+        rig.device.onHintElement = { dev in
+            if dev.hintState == .start, (try? rig.driver.transport.readDeviceConfig32(at: 8)) == 0 { sawZero = true }
+        }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(sawZero)
+        #expect((rig.device.hintedRanges[0x8000_0001] ?? []).count > 1)
+    }
+
+    @Test("a repeated id (config interrupt with the same id) does not start a second round")
+    func repeatedID() throws {
+        let rig = try HintRig()
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        let sent = rig.driver.counters.hintsSent
+        // Another config interrupt (e.g. a target change) while the field still reads the id.
+        rig.device.faults.forcedCmdID = 0x8000_0001
+        rig.device.setTarget(bytes: 200 << 20)
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRounds == 1)
+        #expect(rig.driver.counters.hintsSent == sent)
+        #expect(rig.device.receivedHintIDs == [0x8000_0001, 0])
+    }
+
+    @Test("a stale id is answered, but the device ignores its hints (only the current id starts START)")
+    func staleID() throws {
+        let rig = try HintRig()
+        rig.device.startHintRound()  // device is REQUESTED with 0x80000001
+        rig.device.faults.forcedCmdID = 0x7000_0000  // the driver reads an old id
+        try rig.serviceAll()
+        #expect(rig.device.receivedHintIDs.first == 0x7000_0000)
+        #expect(rig.device.hintState == .requested)
+        #expect(rig.device.allHintedRanges.isEmpty)
+        #expect(rig.device.ignoredHints > 0)
+    }
+
+    @Test("a new id ends the running round and starts the next one at once")
+    func newIDMidRound() throws {
+        let rig = try HintRig()
+        var triggered = false
+        rig.device.onHintElement = { dev in
+            if !triggered, (dev.hintedRanges[0x8000_0001]?.count ?? 0) >= 10 {
+                triggered = true
+                rig.source.inner.churn(count: -50)  // the guest frees memory between the rounds
+                dev.stopHintRound()
+                dev.startHintRound()
+            }
+        }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRounds == 2)
+        #expect(rig.device.receivedHintIDs == [0x8000_0001, 0, 0x8000_0002, 0], "\(rig.device.receivedHintIDs.map { String($0, radix: 16) })")
+        #expect((rig.device.hintedRanges[0x8000_0002] ?? []).count > 0)
+        #expect(rig.device.receivedHintIDs.filter { $0 == 0x8000_0002 }.count == 1)
+        // Pages from both rounds stay held until DONE.
+        #expect(rig.source.releaseDeviceStatus.isEmpty)
+    }
+
+    @Test("DONE without START: nothing held, nothing sent, no hang")
+    func doneWithoutStart() throws {
+        let rig = try HintRig()
+        rig.device.finishHinting()
+        try rig.serviceAll()
+        #expect(rig.device.receivedHintIDs.isEmpty)
+        #expect(rig.source.heldBytes == 0)
+        #expect(rig.driver.counters.hintRounds == 0)
+    }
+
+    @Test("a cancelled migration (DONE right after START) releases every hinted page")
+    func cancelled() throws {
+        let rig = try HintRig()
+        rig.device.onHintElement = { dev in
+            if dev.hintState == .start, (dev.hintedRanges[0x8000_0001]?.count ?? 0) == 3 { dev.finishHinting() }
+        }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.source.heldBytes == 0)
+        #expect(rig.source.releaseHintState == [.done])
+    }
+
+    @Test("STOP while hints are queued: the round ends, late hints are acked and ignored, pages kept until DONE")
+    func stopWhileQueued() throws {
+        let rig = try HintRig()
+        rig.device.processHintsOnNotify = false
+        rig.line.onIdle = { dev in
+            // The driver is waiting for a full ring: migration moves to the next bitmap sync.
+            if dev.hintState != .stop { dev.drainHintQueueOnce(limit: 1); dev.stopHintRound() }
+        }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.device.hintState == .stop)
+        let queuedAfterStop = rig.driver.counters.hintsSent - (rig.device.hintedRanges[0x8000_0001]?.count ?? 0)
+        #expect(queuedAfterStop > 0)
+        rig.device.drainHintQueue()
+        try rig.driver.serviceInterrupt(line: rig.line)
+        #expect(rig.device.ignoredHints == queuedAfterStop)
+        #expect(rig.source.appliedRanges.count == rig.driver.counters.hintsSent)
+        #expect(rig.source.heldBytes > 0)
+        #expect(rig.device.receivedHintIDs.last == 0)
+    }
+
+    @Test("ring full with a device that does not consume: one slot stays for STOP, the round times out, no hang")
+    func ringFull() throws {
+        let rig = try HintRig(ramMiB: 8192, usedFraction: 0.1)
+        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
+        rig.device.processHintsOnNotify = false
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRoundsTimedOut == 1)
+        #expect(rig.driver.counters.hintsSent == 1024 - 2)  // START + the slot kept for STOP
+        rig.device.drainHintQueue()
+        #expect(rig.device.receivedHintIDs == [0x8000_0001, 0])
+        #expect(!rig.device.broken)
+    }
+
+    @Test("owned pages are given back only after the device can no longer apply their hints (DONE or reset)")
+    func releaseOrder() throws {
+        let rig = try HintRig()
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.source.heldBytes > 0)
+        rig.driver.shutdown()
+        #expect(rig.source.releaseDeviceStatus == [[]])  // device already reset
+        #expect(rig.source.heldBytes == 0)
+    }
+
+    @Test("postcopy: no round ever starts, so nothing is taken and nothing hangs")
+    func postcopy() throws {
+        let rig = try HintRig()
+        rig.device.setTarget(bytes: 128 << 20)  // unrelated config interrupt; cmd id stays STOP
+        try rig.serviceAll()
+        #expect(rig.source.inner.rounds.isEmpty)
+        #expect(rig.source.heldBytes == 0)
+    }
+
+    @Test("without a hint source, FREE_PAGE_HINT is not negotiated")
+    func noSource() throws {
+        let device = SimulatedBalloonDevice(properties: BalloonDeviceProperties(freePageHint: true))
+        let driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator())
+        try driver.bringUp()
+        #expect(!device.negotiatedFeatures.contains(.freePageHint))
+    }
+
+    @Test("the buddy simulator never hands out a page twice and restores itself on release")
+    func buddyInvariants() throws {
+        let b = SimulatedBuddyAllocator(bytes: 64 << 20, usedFraction: 0.5, seed: 3)
+        let free = b.freePages
+        try b.beginRound(id: 2)
+        var all: [GuestPhysicalRange] = []
+        while true {
+            let batch = try b.nextBatch(maxRanges: 7, maxRangeBytes: 1 << 20)
+            if batch.isEmpty { break }
+            all += batch
+        }
+        #expect(all.allSatisfy { $0.length <= 1 << 20 })
+        let sorted = all.sorted { $0.start < $1.start }
+        #expect(zip(sorted, sorted.dropFirst()).allSatisfy { $0.end <= $1.start.value })
+        #expect(all.reduce(0) { $0 + $1.length } == UInt64(free) * 4096)
+        #expect(b.freePages == 0)
+        b.releaseAll()
+        #expect(b.freePages == free)
+    }
+
+    @Test("coalesce merges touching ranges and splits long ones")
+    func coalescing() {
+        let r = coalesce([GuestPhysicalRange(start: 0x3000, length: 0x1000), GuestPhysicalRange(start: 0x1000, length: 0x2000),
+                          GuestPhysicalRange(start: 0x10000, length: 0x5000)], maxLength: 0x2000)
+        #expect(r == [GuestPhysicalRange(start: 0x1000, length: 0x2000), GuestPhysicalRange(start: 0x3000, length: 0x1000),
+                      GuestPhysicalRange(start: 0x10000, length: 0x2000), GuestPhysicalRange(start: 0x12000, length: 0x2000),
+                      GuestPhysicalRange(start: 0x14000, length: 0x1000)])
+    }
+}
