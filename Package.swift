@@ -40,6 +40,7 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "FreePagesLinux", dependencies: ["FreePages", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "balloond", dependencies: [
             "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "VirtioCore", "VirtioPCI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -52,5 +53,6 @@ let package = Package(
         .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore"]),
+        .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore"]),
     ]
 )

@@ -113,8 +113,8 @@ while read -r f; do
   builtin[${base//-/_}]=1
 done <"$KMODS/modules.builtin"
 
-# Copies one module (decompressed: busybox modprobe's support for compressed modules
-# depends on its build options) and returns its dependency list from .modinfo.
+# Stages one module, decompressed (busybox modprobe's support for compressed modules depends
+# on its build options), then the modules its .modinfo "depends=" names, recursively.
 stage_module() { # name
   local name=${1//-/_} rel src dst deps
   [ -z "${done_mod[$name]:-}" ] || return 0

@@ -44,6 +44,31 @@ public struct HugePagePool: Sendable {
         return a
     }
 
+    /// All of the 2 MiB pool's counters at once (the per-size sysfs files, else
+    /// `/proc/meminfo` and `/proc/sys/vm/nr_overcommit_hugepages` when the default size is
+    /// 2 MiB). Each is one read; they are not one atomic snapshot.
+    public func counters() throws(PlatformError) -> HugePageCounters {
+        if usesSysfs {
+            let d = sysfsDirectory
+            let overcommitPath = d + "/nr_overcommit_hugepages"
+            return HugePageCounters(total: try readNumber(d + "/nr_hugepages"),
+                                    free: try readNumber(d + "/free_hugepages"),
+                                    reserved: try readNumber(d + "/resv_hugepages"),
+                                    surplus: Sys.exists(d + "/surplus_hugepages") ? try readNumber(d + "/surplus_hugepages") : 0,
+                                    overcommit: Sys.exists(overcommitPath) ? try readNumber(overcommitPath) : 0)
+        }
+        let info = try MemInfo.read(root: root)
+        guard info.hugePageSize == UInt64(Self.pageSize) else {
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "the default hugepage size is \(info.hugePageSize ?? 0) bytes, not 2 MiB, and there is no \(sysfsDirectory)")
+        }
+        guard let total = info.hugePagesTotal, let free = info.hugePagesFree, let reserved = info.hugePagesReserved else {
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "no HugePages_Total/Free/Rsvd lines")
+        }
+        let overcommitPath = root.path("/proc/sys/vm/nr_overcommit_hugepages")
+        return HugePageCounters(total: total, free: free, reserved: reserved, surplus: info.hugePagesSurplus ?? 0,
+                                overcommit: Sys.exists(overcommitPath) ? try readNumber(overcommitPath) : 0)
+    }
+
     /// Sets `nr_hugepages`.
     public func setCount(_ n: UInt64) throws(PlatformError) {
         do { try Sys.writeAttribute(countPath, "\(n)\n") } catch { throw .system(error) }
@@ -73,5 +98,34 @@ public struct HugePagePool: Sendable {
         do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
         guard let v = UInt64(text) else { throw .malformedFile(path: path, reason: "'\(text)' is not a number") }
         return v
+    }
+}
+
+/// The 2 MiB hugetlb pool's counters (Documentation/admin-guide/mm/hugetlbpage.rst).
+public struct HugePageCounters: Hashable, Sendable, CustomStringConvertible {
+    /// `nr_hugepages`: persistent pages in the pool (in use or free).
+    public var total: UInt64
+    /// `free_hugepages`: pool pages not allocated to anyone (reserved ones included).
+    public var free: UInt64
+    /// `resv_hugepages`: free pages promised to a mapping that has not faulted them yet.
+    public var reserved: UInt64
+    /// `surplus_hugepages`: pages allocated beyond `nr_hugepages` through overcommit.
+    public var surplus: UInt64
+    /// `nr_overcommit_hugepages`: how many surplus pages the kernel may create on demand.
+    public var overcommit: UInt64
+
+    public init(total: UInt64, free: UInt64, reserved: UInt64, surplus: UInt64 = 0, overcommit: UInt64 = 0) {
+        self.total = total
+        self.free = free
+        self.reserved = reserved
+        self.surplus = surplus
+        self.overcommit = overcommit
+    }
+
+    /// Pages in use (allocated to a mapping or a hugetlbfs file).
+    public var inUse: UInt64 { total - min(total, free) }
+
+    public var description: String {
+        "HugePages total \(total), free \(free), reserved \(reserved), surplus \(surplus), overcommit \(overcommit)"
     }
 }

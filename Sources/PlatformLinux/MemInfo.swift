@@ -55,6 +55,8 @@ public struct MemInfo: Hashable, Sendable {
     public var hugePagesFree: UInt64? { fields["HugePages_Free"] }
     /// Reserved (promised to a mapping but not yet faulted) pages, included in Free.
     public var hugePagesReserved: UInt64? { fields["HugePages_Rsvd"] }
+    /// Surplus (overcommitted) default-size hugepages.
+    public var hugePagesSurplus: UInt64? { fields["HugePages_Surp"] }
     /// Free default-size hugepages nobody has reserved: what a new mapping can get.
     public var hugePagesAvailable: UInt64? {
         guard let free = hugePagesFree else { return nil }

@@ -83,6 +83,25 @@ public final class PagemapResolver {
         return PagemapEntry(rawValue: raw)
     }
 
+    /// The raw entries for `count` consecutive pages starting at the page holding
+    /// `virtualAddress`, in one `pread` (8 bytes per page).
+    public func entries(forVirtual virtualAddress: UInt, count: Int) throws(PlatformError) -> [PagemapEntry] {
+        guard count > 0 else { return [] }
+        let offset = Int(virtualAddress / UInt(pageSize)) * 8
+        let bytes: [UInt8]
+        do { bytes = try file.pread(count: count * 8, offset: offset) } catch {
+            throw .pagemap("reading \(path) at offset \(offset) failed: \(error)")
+        }
+        guard bytes.count == count * 8 else {
+            throw .pagemap("\(path) returned \(bytes.count) bytes for \(count) entries at offset \(offset), expected \(count * 8)")
+        }
+        return (0..<count).map { i in
+            var raw: UInt64 = 0
+            for b in 0..<8 { raw |= UInt64(bytes[i * 8 + b]) << (8 * UInt64(b)) }
+            return PagemapEntry(rawValue: raw)
+        }
+    }
+
     /// The physical address of `virtualAddress` (its page must be present and locked).
     public func physicalAddress(ofVirtual virtualAddress: UInt) throws(PlatformError) -> PhysicalAddress {
         try PlatformLinux.physicalAddress(from: entry(forVirtual: virtualAddress), virtualAddress: virtualAddress, pageSize: pageSize)

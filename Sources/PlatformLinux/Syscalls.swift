@@ -63,6 +63,14 @@ public final class OpenFile {
         return buffer
     }
 
+    /// Reads up to `buffer.count` bytes at `offset` into `buffer` (one `pread`, EINTR
+    /// retried, no allocation): for scanning large binary files such as /proc/kpageflags
+    /// chunk by chunk. Returns the bytes read (0 at end of file).
+    public func pread(into buffer: UnsafeMutableRawBufferPointer, offset: Int) throws(SystemCallError) -> Int {
+        let fd = descriptor
+        return try Sys.call("pread", path: path) { unsafe Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
     /// Writes `bytes` at `offset` in one `pwrite`; returns how many were written.
     @discardableResult
     public func pwrite(_ bytes: [UInt8], offset: Int) throws(SystemCallError) -> Int {

@@ -1,0 +1,253 @@
+import FreePages
+import Logging
+import PlatformLinux
+import VirtioCore
+
+/// Owned free pages from anonymous memory (`--hint-source anonymous`, and the fallback of
+/// the hugetlb source): chunks of private memory populated for write (THP where possible)
+/// and locked, their PFNs read from /proc/self/pagemap right after, coalesced into ranges.
+///
+/// Safety argument (virtio-balloon.md §9).
+/// - *Nobody else writes these pages while balloond holds them.* They are balloond's private,
+///   locked (not reclaimable), not mergeable (`MADV_UNMERGEABLE`), not shared with children
+///   (`MADV_DONTFORK`) memory, and balloond never touches them after populating. The kernel's
+///   zeroing on population happens before the PFNs are read: writes before the decision are
+///   fine.
+/// - *PFNs are read after the new cmd id*, for each chunk just after populating it: a PFN
+///   read before the round's bitmap sync could belong to a page that moved and was rewritten
+///   by its new owner before the sync, and the hint would erase that write on any host.
+/// - *Release only when no hint can be applied.* A chunk is unmapped once its round has ended
+///   and every descriptor for it has come back (`hintsApplied`), or at `releaseAll` (DONE,
+///   reset). Its pages are then freed (and re-zeroed or re-poisoned under init_on_free or
+///   page_poison) after their hints: those writes are logged and re-sent.
+/// - *The residual window: page migration.* mlock does not pin. The kernel can still migrate a
+///   locked page (compaction with `vm.compact_unevictable_allowed=1`, the default; NUMA
+///   balancing; memory offlining). The move's own write goes to the new frame (dirty-logged,
+///   not hinted) and the old frame is freed. If the old frame is reused and written *after*
+///   QEMU applied its hint, that write is logged and re-sent: safe everywhere. If it is
+///   written *between* the PFN read and QEMU applying the hint, it is safe under TCG (QEMU's
+///   dirty log keeps every write after the round's sync, so the next sync re-sends it) but can
+///   be lost on KVM with manual dirty-log protect, whose log clear drops it. The window is the
+///   milliseconds between populating a chunk and its descriptors coming back. balloond
+///   cannot close it from userspace; it detects it: each chunk's pagemap is re-read when its
+///   last descriptor comes back and again before munmap, and any moved page is logged as an
+///   error naming the old frames. The hugetlb source, whose pages are not migrated, has no
+///   such window; that is why it is the default on KVM.
+/// - *Memory pressure.* Each chunk is sized by `ownedMemoryAllowance` (margin, MemFree,
+///   MemAvailable, PSI), and `oom_score_adj` is raised to 1000 while memory is held, so the
+///   OOM killer takes balloond (freeing all of it at once) rather than a workload.
+public final class AnonymousSource: FreePageSource {
+    public let name = "anonymous"
+    public let ownership = FreePageOwnership.owned
+
+    public struct Options: Hashable, Sendable {
+        public var limits: OwnedMemoryLimits
+        /// The first chunk (small, so the first hint leaves quickly) and the later ones.
+        public var firstChunkBytes: UInt64
+        public var chunkBytes: UInt64
+        /// `oom_score_adj` while memory is held (nil: leave it alone).
+        public var oomScoreAdj: Int?
+        public init(limits: OwnedMemoryLimits = OwnedMemoryLimits(), firstChunkBytes: UInt64 = 32 << 20, chunkBytes: UInt64 = 64 << 20,
+                    oomScoreAdj: Int? = 1000) {
+            self.limits = limits
+            self.firstChunkBytes = firstChunkBytes
+            self.chunkBytes = chunkBytes
+            self.oomScoreAdj = oomScoreAdj
+        }
+    }
+
+    public struct RoundStatistics: Hashable, Sendable {
+        public var chunks = 0
+        public var bytesTaken: UInt64 = 0
+        public var populateNanos: UInt64 = 0
+        public var pagemapNanos: UInt64 = 0
+        public var stoppedBecause: String?
+    }
+
+    private final class Held {
+        let id: Int
+        let round: Int
+        let chunk: AnonymousChunk
+        /// PFN of each 4 KiB page, as read right after populating.
+        let pfns: [UInt64]
+        var verifiedAfterHints = false
+        init(id: Int, round: Int, chunk: AnonymousChunk, pfns: [UInt64]) {
+            self.id = id
+            self.round = round
+            self.chunk = chunk
+            self.pfns = pfns
+        }
+    }
+
+    public let root: SysRoot
+    public let options: Options
+    private let backend: AnonymousMemoryBackend
+    private let oom: OOMScoreAdjustment?
+    private let logger: Logger
+
+    private var held: [Int: Held] = [:]
+    private var nextChunkID = 0
+    private var round = 0
+    private var roundOpen = false
+    private var growthStopped = false
+    private var pressureAtRoundStart: MemoryPressure?
+    private var pending: [(range: GuestPhysicalRange, chunk: Int)] = []
+    private var outstanding = OutstandingHints<Int>()
+
+    public private(set) var lastRound = RoundStatistics()
+    /// Pages found moved (see the safety argument); 0 in a healthy run.
+    public private(set) var movedPages = 0
+
+    public var heldBytes: UInt64 { held.values.reduce(0) { $0 + UInt64($1.chunk.bytes) } }
+
+    /// - Parameters:
+    ///   - backend: the memory (tests pass a fake).
+    public init(root: SysRoot = .host, backend: AnonymousMemoryBackend, options: Options = Options(),
+                logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+        self.root = root
+        self.options = options
+        self.backend = backend
+        self.oom = options.oomScoreAdj.map { OOMScoreAdjustment(root: root, raisedValue: $0) }
+        self.logger = logger
+    }
+
+    /// The real source. `pagemap` must have been opened while privileged.
+    public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, options: Options = Options(),
+                            logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap), options: options, logger: logger)
+    }
+
+    public func beginRound(id: UInt32) throws(FreePageSourceError) {
+        round += 1
+        roundOpen = true
+        growthStopped = false
+        pending = []
+        lastRound = RoundStatistics()
+        pressureAtRoundStart = (try? MemorySnapshot.read(root: root, withBuddyInfo: false))?.pressure
+    }
+
+    public func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
+        guard roundOpen, maxRanges > 0 else { return [] }
+        if pending.isEmpty && !growthStopped {
+            do { try takeChunk(maxRangeBytes: max(balloonPageSize, maxRangeBytes)) } catch {
+                growthStopped = true
+                lastRound.stoppedBecause = error.description
+                logger.warning("anonymous source stops taking memory this round: \(error)")
+                throw error.sourceError
+            }
+        }
+        let take = min(maxRanges, pending.count)
+        let out = pending.prefix(take)
+        pending.removeFirst(take)
+        for p in out { outstanding.handedOut(p.range, tag: p.chunk) }
+        return out.map(\.range)
+    }
+
+    public func hintsApplied(_ ranges: [GuestPhysicalRange]) {
+        for r in ranges {
+            guard let id = outstanding.applied(r), outstanding.outstanding(id) == 0, let h = held[id] else { continue }
+            let stillPending = pending.contains { $0.chunk == id }
+            if !stillPending && !h.verifiedAfterHints {
+                // Every hint for this chunk is applied: if no page moved until now, none of its
+                // hints could have raced a move.
+                h.verifiedAfterHints = true
+                verify(h, when: "after its hints were applied")
+            }
+        }
+        releaseIdleChunks()
+    }
+
+    public func endRound() {
+        roundOpen = false
+        pending = []
+        if lastRound.chunks > 0 {
+            logger.debug("anonymous round ended", metadata: [
+                "taken_mib": "\(lastRound.bytesTaken >> 20)", "chunks": "\(lastRound.chunks)",
+                "populate_ms": "\(lastRound.populateNanos / 1_000_000)", "held_mib": "\(heldBytes >> 20)",
+                "outstanding": "\(outstanding.total)",
+            ])
+        }
+        releaseIdleChunks()
+    }
+
+    public func releaseAll() {
+        roundOpen = false
+        pending = []
+        for id in held.keys.sorted() { release(id) }
+        outstanding.retireAll()
+    }
+
+    // MARK: chunks
+
+    private func takeChunk(maxRangeBytes: UInt64) throws(FreePagesLinuxError) {
+        let snapshot = try MemorySnapshot.read(root: root, withBuddyInfo: false)
+        let allowance = ownedMemoryAllowance(limits: options.limits, now: snapshot, pressureAtRoundStart: pressureAtRoundStart,
+                                             heldBytes: heldBytes)
+        let want = lastRound.chunks == 0 ? options.firstChunkBytes : options.chunkBytes
+        let huge: UInt64 = 2 << 20
+        let bytes = min(want, allowance.bytes) / huge * huge
+        guard bytes > 0 else {
+            growthStopped = true
+            lastRound.stoppedBecause = "allowance \(allowance)"
+            logger.debug("anonymous source stops taking memory: allowance \(allowance)", metadata: ["held_mib": "\(heldBytes >> 20)"])
+            return
+        }
+        if let oom, let problem = oom.raise() { logger.warning("\(problem)") }
+        let t0 = monotonicNanos()
+        let chunk = try backend.mapPopulated(bytes: Int(bytes))
+        let t1 = monotonicNanos()
+        let entries: [PagemapEntry]
+        do { entries = try backend.pagemap(of: chunk) } catch {
+            chunk.release()
+            throw error
+        }
+        lastRound.populateNanos += t1 - t0
+        lastRound.pagemapNanos += monotonicNanos() - t1
+        var pfns: [UInt64] = []
+        pfns.reserveCapacity(entries.count)
+        for (i, e) in entries.enumerated() {
+            guard e.present, !e.swapped, e.pfn != 0 else {
+                chunk.release()
+                throw .system("page \(i) of a populated, locked chunk has no PFN in /proc/self/pagemap (\(e)); balloond needs CAP_SYS_ADMIN for PFNs")
+            }
+            pfns.append(e.pfn)
+        }
+        let id = nextChunkID
+        nextChunkID += 1
+        held[id] = Held(id: id, round: round, chunk: chunk, pfns: pfns)
+        lastRound.chunks += 1
+        lastRound.bytesTaken += bytes
+        let ranges = pfns.sorted().map { GuestPhysicalRange(start: $0 * balloonPageSize, length: balloonPageSize) }
+        for r in coalesce(ranges, maxLength: maxRangeBytes) { pending.append((r, id)) }
+    }
+
+    /// Re-reads a chunk's pagemap and logs every page whose PFN changed since it was read.
+    private func verify(_ h: Held, when: String) {
+        let entries: [PagemapEntry]
+        do { entries = try backend.pagemap(of: h.chunk) } catch {
+            logger.error("cannot re-read the pagemap of a hinted chunk \(when): \(error); page moves cannot be ruled out")
+            return
+        }
+        var moved: [(old: UInt64, new: UInt64)] = []
+        for (i, e) in entries.enumerated() where i < h.pfns.count && e.pfn != h.pfns[i] { moved.append((h.pfns[i], e.pfn)) }
+        guard !moved.isEmpty else { return }
+        movedPages += moved.count
+        logger.error("the kernel moved \(moved.count) hinted anonymous page(s) \(when). If a moved page's old frame was reused and written before QEMU applied its hint, and the guest runs on KVM with manual dirty-log protect, the migration destination may hold stale data in that frame (under TCG, or if the move came after the hint, it is re-sent). Prefer --hint-source hugetlb on KVM, or set vm.compact_unevictable_allowed=0", metadata: [
+            "old_frames": "\(moved.prefix(16).map { "0x" + String($0.old * balloonPageSize, radix: 16) })",
+        ])
+    }
+
+    /// Unmaps chunks whose round is over and whose descriptors have all come back.
+    private func releaseIdleChunks() {
+        for (id, h) in held where (!roundOpen || h.round != round) && outstanding.outstanding(id) == 0 {
+            release(id)
+        }
+    }
+
+    private func release(_ id: Int) {
+        guard let h = held.removeValue(forKey: id) else { return }
+        verify(h, when: "before release")
+        h.chunk.release()
+        if held.isEmpty, let oom, let problem = oom.restore() { logger.warning("\(problem)") }
+    }
+}
