@@ -134,12 +134,17 @@ private final class HarnessState: @unchecked Sendable {
         }
     }
 
-    /// Keeps the newest BALLOOND_KEEP_RUNS (default 20) run directories.
+    /// Keeps the newest BALLOOND_KEEP_RUNS (default 20) run directories. Only directories
+    /// named the way `makeRunDirectory` names them (…-yyyyMMdd-HHmmss-<pid>-<n>) are
+    /// touched; anything else under .cache/runs belongs to someone else.
     private func pruneRuns() {
         let keep = Int(environmentNumber("BALLOOND_KEEP_RUNS") ?? 20)
         let fm = FileManager.default
         guard let entries = try? fm.contentsOfDirectory(at: HarnessPaths.runs, includingPropertiesForKeys: [.contentModificationDateKey]) else { return }
-        let dated = entries.map { url -> (URL, Date) in
+        let ours = entries.filter { url in
+            url.lastPathComponent.range(of: #"-[0-9]{8}-[0-9]{6}-[0-9]+-[0-9]+$"#, options: .regularExpression) != nil
+        }
+        let dated = ours.map { url -> (URL, Date) in
             let date = (try? url.resourceValues(forKeys: [.contentModificationDateKey]))?.contentModificationDate ?? .distantPast
             return (url, date)
         }

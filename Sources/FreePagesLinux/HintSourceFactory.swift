@@ -1,0 +1,66 @@
+import FreePages
+import Logging
+import PlatformLinux
+import VirtioCore
+
+/// What the Linux sources need from the driver.
+public struct LinuxHintSourceEnvironment {
+    public var root: SysRoot
+    /// /proc/self/pagemap, opened while privileged (needed by anonymous and hugetlb's fallback).
+    public var pagemap: PagemapResolver?
+    /// balloond's own hugetlb pages (the ring/DMA hugepage), never hinted.
+    public var ownHugePages: [GuestPhysicalRange]
+    public var limits: OwnedMemoryLimits
+    public var logger: Logger
+
+    public init(root: SysRoot = .host, pagemap: PagemapResolver?, ownHugePages: [GuestPhysicalRange] = [],
+                limits: OwnedMemoryLimits = OwnedMemoryLimits(), logger: Logger = Logger(label: "balloond.hint")) {
+        self.root = root
+        self.pagemap = pagemap
+        self.ownHugePages = ownHugePages
+        self.limits = limits
+        self.logger = logger
+    }
+}
+
+/// Whether the hugetlb source can work here: a 2 MiB pool, and /proc/kpageflags and
+/// /proc/kpagecount readable (root). For `chooseHintSource(hugetlbAvailable:)`.
+public func hugetlbHintSourceUsable(root: SysRoot = .host) -> Bool {
+    guard HugePagePool(root: root).isSupported() else { return false }
+    guard (try? KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: 1)) != nil,
+          (try? KPageFile(path: root.path("/proc/kpagecount"), chunkEntries: 1)) != nil else { return false }
+    return true
+}
+
+/// Builds the source `chooseHintSource` picked (`hugetlb`, `anonymous`, `kpageflags`;
+/// `simulated` is the FreePages `SimulatedBuddyAllocator`, built by the caller). `hugetlb` is a
+/// `RoundFallbackSource` over hugetlb and anonymous.
+public func makeLinuxFreePageSource(named name: String, environment env: LinuxHintSourceEnvironment) throws(FreePageSourceError) -> FreePageSource {
+    func anonymous() throws(FreePageSourceError) -> AnonymousSource {
+        guard let pagemap = env.pagemap else {
+            throw FreePageSourceError("the anonymous source needs /proc/self/pagemap opened while privileged")
+        }
+        return AnonymousSource(root: env.root, pagemap: pagemap, options: AnonymousSource.Options(limits: env.limits),
+                               logger: env.logger.withLabel("anonymous"))
+    }
+    switch name {
+    case "hugetlb":
+        let huge = try HugeTLBPoolSource(root: env.root, ownHugePages: env.ownHugePages,
+                                         options: HugeTLBPoolSource.Options(limits: env.limits), logger: env.logger.withLabel("hugetlb"))
+        return RoundFallbackSource(primary: huge, fallback: try anonymous(), logger: env.logger)
+    case "anonymous":
+        return try anonymous()
+    case "kpageflags":
+        return try KPageFlagsSource(root: env.root, logger: env.logger.withLabel("kpageflags"))
+    default:
+        throw FreePageSourceError("no Linux free page source named '\(name)' (simulated is built with SimulatedBuddyAllocator)")
+    }
+}
+
+extension Logger {
+    fileprivate func withLabel(_ suffix: String) -> Logger {
+        var l = Logger(label: label + "." + suffix)
+        l.logLevel = logLevel
+        return l
+    }
+}
