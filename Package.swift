@@ -42,7 +42,7 @@ let package = Package(
         ]),
         .target(name: "FreePagesLinux", dependencies: ["FreePages", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "balloond", dependencies: [
-            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "VirtioCore", "VirtioPCI",
+            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Atomics", package: "swift-atomics"),

@@ -41,7 +41,10 @@ public protocol FreePageSource: AnyObject {
     /// The device has used the descriptors for these ranges: their hints are applied, and
     /// owned memory behind them may be given back.
     func hintsApplied(_ ranges: [GuestPhysicalRange])
-    /// The round is over (STOP, or a new id): no further hint of this round can be applied.
+    /// The round is over (STOP, or a new id): no new hints will be posted for it. Hints
+    /// already posted may still be applied until their descriptors come back through
+    /// `hintsApplied` (or `releaseAll` after a device reset), so owned memory behind them
+    /// must stay held until then.
     func endRound()
     /// DONE, device reset or shutdown: give back everything.
     func releaseAll()

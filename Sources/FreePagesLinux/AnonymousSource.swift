@@ -71,6 +71,8 @@ public final class AnonymousSource: FreePageSource {
         /// PFN of each 4 KiB page, as read right after populating.
         let pfns: [UInt64]
         var verifiedAfterHints = false
+        /// Pages already reported as moved (each is counted and logged once).
+        var reportedMoves: Set<Int> = []
         init(id: Int, round: Int, chunk: AnonymousChunk, pfns: [UInt64]) {
             self.id = id
             self.round = round
@@ -151,7 +153,7 @@ public final class AnonymousSource: FreePageSource {
                 // Every hint for this chunk is applied: if no page moved until now, none of its
                 // hints could have raced a move.
                 h.verifiedAfterHints = true
-                verify(h, when: "after its hints were applied")
+                verify(h, when: "once its hints were applied")
             }
         }
         releaseIdleChunks()
@@ -229,10 +231,13 @@ public final class AnonymousSource: FreePageSource {
             return
         }
         var moved: [(old: UInt64, new: UInt64)] = []
-        for (i, e) in entries.enumerated() where i < h.pfns.count && e.pfn != h.pfns[i] { moved.append((h.pfns[i], e.pfn)) }
+        for (i, e) in entries.enumerated() where i < h.pfns.count && e.pfn != h.pfns[i] && !h.reportedMoves.contains(i) {
+            moved.append((h.pfns[i], e.pfn))
+            h.reportedMoves.insert(i)
+        }
         guard !moved.isEmpty else { return }
         movedPages += moved.count
-        logger.error("the kernel moved \(moved.count) hinted anonymous page(s) \(when). If a moved page's old frame was reused and written before QEMU applied its hint, and the guest runs on KVM with manual dirty-log protect, the migration destination may hold stale data in that frame (under TCG, or if the move came after the hint, it is re-sent). Prefer --hint-source hugetlb on KVM, or set vm.compact_unevictable_allowed=0", metadata: [
+        logger.error("the kernel moved \(moved.count) hinted anonymous page(s) (found \(when)). If a moved page's old frame was reused and written before QEMU applied its hint, and the guest runs on KVM with manual dirty-log protect, the migration destination may hold stale data in that frame (under TCG, or if the move came after the hint, it is re-sent). Prefer --hint-source hugetlb on KVM, or set vm.compact_unevictable_allowed=0", metadata: [
             "old_frames": "\(moved.prefix(16).map { "0x" + String($0.old * balloonPageSize, radix: 16) })",
         ])
     }
@@ -246,7 +251,7 @@ public final class AnonymousSource: FreePageSource {
 
     private func release(_ id: Int) {
         guard let h = held.removeValue(forKey: id) else { return }
-        verify(h, when: "before release")
+        verify(h, when: "just before release")
         h.chunk.release()
         if held.isEmpty, let oom, let problem = oom.restore() { logger.warning("\(problem)") }
     }

@@ -44,10 +44,11 @@ public struct KPageFlags: OptionSet, Hashable, Sendable, CustomStringConvertible
     public static let idle = KPageFlags(rawValue: 1 << 25)
     public static let pageTable = KPageFlags(rawValue: 1 << 26)
 
+    /// Flags that contradict "free buddy page" (defensive: the kernel sets none of them on one).
+    public static let notFreeMask: UInt64 = KPageFlags([.noPage, .hwpoison, .offline, .slab, .mmap, .huge]).rawValue
+
     /// A free page in the buddy allocator, and nothing that contradicts it.
-    public var isFreeBuddy: Bool {
-        contains(.buddy) && isDisjoint(with: [.noPage, .hwpoison, .offline, .slab, .mmap, .huge])
-    }
+    public var isFreeBuddy: Bool { rawValue & Self.buddy.rawValue != 0 && rawValue & Self.notFreeMask == 0 }
 
     /// The first frame of a hugetlb page.
     public var isHugeTLBHead: Bool { contains([.huge, .compoundHead]) && !contains(.compoundTail) }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Balloon
 import CBalloonShims
+import FreePages
+import FreePagesLinux
 import Logging
 import PlatformLinux
 import VirtioCore
@@ -30,6 +32,14 @@ struct RunCommand: ParsableCommand {
     var keepBound = false
     @Flag(inversion: .prefixedNo, help: "Negotiate FREE_PAGE_HINT when the device offers it.")
     var freePageHint = true
+    @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, kpageflags.", discussion: """
+        hugetlb and anonymous hint memory balloond owns (safe on any host). kpageflags hints pages the         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG,         where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else         anonymous) elsewhere, and logs why.
+        """))
+    var hintSource: String = "auto"
+    @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """
+        DANGEROUS: on KVM with manual dirty-log protect, a page the guest writes between balloond's         scan and QEMU applying the hint is dropped from the migration: the destination silently gets         stale memory. Use only on hosts whose dirty logging you know survives hints.
+        """))
+    var unsafeHintsOnKVM = false
     @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
     var stateFile: String = DaemonState.defaultPath
     @OptionGroup var logging: LoggingOptions
@@ -76,16 +86,22 @@ struct RunCommand: ParsableCommand {
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
         let mapper = BARMapper(address: function.address)
         let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
+        // A balloond killed mid-round may have left the hugetlb pool grown: put it back before
+        // our own ring page is taken from the pool.
+        let recovery = try HugeTLBPoolSource.recoverAfterCrash(logger: logger)
+        logger.debug("hugetlb pool recovery: \(recovery)")
         let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
                                                          kernelConfig: readTextFile("/boot/config-\(kernelRelease())"))
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
+        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, logger: logger)
         var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
-                                   statsSource: ProcStatsSource(readFile: readTextFile), logger: logger)
+                                   statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
+                                   logger: logger)
         defer { driver.shutdown() }
 
         let started = wallClockSeconds()
@@ -98,7 +114,7 @@ struct RunCommand: ParsableCommand {
             guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
             let state = DaemonState(pid: getpid(), device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
                                     previousDriver: binding.previousDriver, uioDevice: binding.devicePath, dmaMemory: dmaDescription,
-                                    hintSource: nil, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
+                                    hintSource: hints?.name, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
             do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
             lastPublished = snapshot
             lastPublishTime = now
@@ -180,6 +196,24 @@ final class SignalPipe {
 
     /// Sleeps, waking early on a signal.
     func sleep(seconds: Double) { _ = try? waitReadable(nil, timeoutMilliseconds: Int32(seconds * 1000)) }
+}
+
+extension RunCommand {
+    /// Chooses and builds the free page source (`--hint-source`), logging the choice and why.
+    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, logger: Logger) throws -> (name: String, source: FreePageSource)? {
+        guard freePageHint else { return nil }
+        let choice: (name: String, reason: String)
+        switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
+                                memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
+                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable()) {
+        case .failure(let e): throw Failure(e.description)
+        case .success(let c): choice = c
+        }
+        logger.notice("free page hint source: \(choice.name): \(choice.reason)")
+        let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
+        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), logger: logger)
+        return (choice.name, try makeLinuxFreePageSource(named: choice.name, environment: env))
+    }
 }
 
 func kernelRelease() -> String {

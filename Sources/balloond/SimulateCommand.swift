@@ -1,6 +1,7 @@
 import ArgumentParser
 import Balloon
 import BalloonSimulator
+import FreePages
 import VirtioCore
 import VirtioPCI
 
@@ -21,7 +22,9 @@ struct SimulateCommand: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Simulate page-poison (QEMU's default is on).") var pagePoison = true
     @Flag(help: "Simulate a modern-only device (1af4:1045).") var modernOnly = false
     @Option(help: "Guest page poisoning to assume: none, poison, init-on-free.") var poisonPolicy: String = "none"
-    @Option(help: "Guest RAM in MiB.") var ramMiB: UInt64 = 1024
+    @Option(help: "Guest RAM in MiB (a multiple of 4).") var ramMiB: UInt64 = 1024
+    @Option(help: "Share of RAM the simulated guest has in use (0...1).") var used: Double = 0.3
+    @Option(help: "Seed of the simulated buddy allocator's layout.") var seed: UInt64 = 1
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
@@ -38,8 +41,10 @@ struct SimulateCommand: ParsableCommand {
         let device = SimulatedBalloonDevice(properties: props)
         let line = device.makeInterruptLine()
         let stats = ProcStatsSource(readFile: readTextFile)
+        guard ramMiB % 4 == 0, ramMiB > 0, (0...1).contains(used) else { throw ValidationError("--ram-mib must be a positive multiple of 4 and --used within 0...1") }
+        let buddy = SimulatedBuddyAllocator(bytes: ramMiB << 20, usedFraction: used, seed: seed)
         let driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(),
-                                   options: BalloonDriverOptions(poisonPolicy: policy), statsSource: stats, logger: logger)
+                                   options: BalloonDriverOptions(poisonPolicy: policy), statsSource: stats, hintSource: buddy, logger: logger)
         do { try driver.bringUp() } catch { throw Failure("bring-up against the simulator failed: \(error)") }
         func service() throws {
             while try line.wait(timeoutMilliseconds: 0) { try driver.serviceInterrupt(line: line) }
@@ -60,9 +65,17 @@ struct SimulateCommand: ParsableCommand {
         try service()
         print("stats       refilled: \(device.statsUpdates) buffers received, one held")
         if freePageHint {
+            let freeMiB = (buddy.freePages * 4096) >> 20
             device.startHintRound()
             try service()
-            print("hint        cmd id \(driver.hintCommand) received")
+            let ranges = device.hintedRanges[device.hintCmdID] ?? []
+            let bytes = ranges.reduce(UInt64(0)) { $0 + $1.length }
+            print("hint        \(FreePageHintCommand.round(device.hintCmdID)): \(ranges.count) hints, \(bytes >> 20) MiB of \(freeMiB) MiB free, ids sent \(device.receivedHintIDs.map { "0x" + String($0, radix: 16) })")
+            print("hint        first hint \(driver.counters.lastRoundFirstHintMicros ?? -1) us, STOP \(driver.counters.lastRoundStopMicros ?? -1) us after the cmd id")
+            print("hint        holding \(buddy.heldBytes >> 20) MiB until DONE")
+            device.finishHinting()
+            try service()
+            print("hint        DONE: holding \(buddy.heldBytes >> 20) MiB, \(buddy.released.count) blocks released")
         }
         driver.shutdown()
         print("shutdown    device status \(device.status)")

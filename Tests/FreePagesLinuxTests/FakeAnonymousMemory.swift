@@ -1,0 +1,69 @@
+@testable import FreePagesLinux
+import PlatformLinux
+
+/// Fake anonymous memory: chunks get 2 MiB blocks of fake physical memory from a list, and
+/// /proc/meminfo in the tree loses (and regains) what they hold.
+final class FakeAnonymousMemory: AnonymousMemoryBackend {
+    let tree: FakeTree
+    var memTotal: UInt64
+    var memFree: UInt64
+    var memAvailable: UInt64
+    /// 2 MiB physical blocks still to hand out, in order.
+    var blocks: [UInt64]
+    private var nextVA: UInt = 0x7f00_0000_0000
+    /// Live chunks: base VA → PFN of each 4 KiB page.
+    private(set) var mapped: [UInt: [UInt64]] = [:]
+    private(set) var unmapCount = 0
+    /// Pages moved by "the kernel": (chunk base, page index) → new PFN.
+    var moves: [UInt: [Int: UInt64]] = [:]
+    var failNextMap: FreePagesLinuxError?
+    /// Page indices reported not present in the next chunk.
+    var notPresent: Set<Int> = []
+
+    init(tree: FakeTree, totalMiB: UInt64, freeMiB: UInt64, availableMiB: UInt64, blocks: [UInt64]) {
+        self.tree = tree
+        memTotal = totalMiB << 20
+        memFree = freeMiB << 20
+        memAvailable = availableMiB << 20
+        self.blocks = blocks
+        writeMeminfo()
+    }
+
+    func writeMeminfo() { tree.meminfo(total: memTotal, free: memFree, available: memAvailable) }
+
+    func mapPopulated(bytes: Int) throws(FreePagesLinuxError) -> AnonymousChunk {
+        if let e = failNextMap { failNextMap = nil; throw e }
+        let n = bytes / (2 << 20)
+        precondition(blocks.count >= n, "fake ran out of blocks")
+        let taken = blocks.prefix(n)
+        blocks.removeFirst(n)
+        let pfns = taken.flatMap { b in (0..<512).map { b * 512 + UInt64($0) } }
+        let va = nextVA
+        nextVA += UInt(bytes) + (2 << 20)
+        mapped[va] = pfns
+        memFree -= UInt64(bytes)
+        memAvailable -= UInt64(bytes)
+        writeMeminfo()
+        return AnonymousChunk(base: va, bytes: bytes, usedPopulateWrite: true) { [weak self] in
+            guard let self else { return }
+            self.mapped[va] = nil
+            self.unmapCount += 1
+            self.memFree += UInt64(bytes)
+            self.memAvailable += UInt64(bytes)
+            self.writeMeminfo()
+        }
+    }
+
+    func pagemap(of chunk: AnonymousChunk) throws(FreePagesLinuxError) -> [PagemapEntry] {
+        guard let pfns = mapped[chunk.base] else { throw .system("not mapped") }
+        let moved = moves[chunk.base] ?? [:]
+        let present: UInt64 = 1 << 63
+        let missing = notPresent
+        notPresent = []
+        return pfns.enumerated().map { i, pfn in
+            missing.contains(i) ? PagemapEntry(rawValue: 0) : PagemapEntry(rawValue: present | (moved[i] ?? pfn))
+        }
+    }
+
+    var heldPFNs: Set<UInt64> { Set(mapped.values.joined()) }
+}
