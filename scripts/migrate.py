@@ -172,7 +172,10 @@ def migrate_once(mode, run_index, args):
         a.check(f"dd if=/dev/urandom of=/dev/shm/keep bs=1M count={args.keep_mib} 2>/dev/null && md5sum /dev/shm/keep > /run/keep.md5", timeout=300)
         a.check(f"yes balloond-dirty-page-pattern | dd of=/dev/shm/dirty bs=1M count={args.dirty_mib} iflag=fullblock 2>/dev/null; rm /dev/shm/dirty; sync", timeout=300)
         free_kib = int(re.search(r"MemFree:\s+(\d+)", a.check("cat /proc/meminfo")).group(1))
-        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30, "downtime-limit": 300})
+        params = {"downtime-limit": 300}
+        if args.bandwidth_mib:
+            params["max-bandwidth"] = args.bandwidth_mib << 20
+        src.qmp.cmd("migrate-set-parameters", **params)
         if args.postcopy:
             src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
             dst.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
@@ -222,6 +225,8 @@ def main():
     ap.add_argument("--dirty-mib", type=int, default=600)
     ap.add_argument("--keep-mib", type=int, default=16)
     ap.add_argument("--kernel-args", default="")
+    ap.add_argument("--bandwidth-mib", type=int, default=0,
+                    help="migration bandwidth cap in MiB/s (default: QEMU's own default, 128 MiB/s, about a 1 Gbit/s link)")
     ap.add_argument("--postcopy", action="store_true", help="enable the postcopy-ram capability (QEMU then never hints)")
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args()
