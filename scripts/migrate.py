@@ -209,6 +209,8 @@ def migrate_once(mode, run_index, args):
             result["first_hint_ms"] = int(m.group(1)) / 1000 if m else None
             m = re.search(r'"hintRounds"\s*:\s*(\d+)', st_out)
             result["hint_rounds"] = int(m.group(1)) if m else None
+            m = re.search(r'"hintSource"\s*:\s*"([a-z]+)"', st_out)
+            result["hint_source"] = m.group(1) if m else None
         time.sleep(1)
         bad = [l for l in dst.console().splitlines() if re.search(r"BUG|Oops|pagealloc|corruption", l)]
         result["dest_console_errors"] = bad[:5]

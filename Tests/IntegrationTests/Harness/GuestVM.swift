@@ -71,7 +71,7 @@ func shellQuote(_ s: String) -> String {
 // MARK: - Process-wide state
 
 /// Once-per-process work (image build, pruning) and the limit on concurrent VMs.
-private final class HarnessState: @unchecked Sendable {
+final class HarnessState: @unchecked Sendable {
     static let shared = HarnessState()
 
     private let lock = NSLock()
