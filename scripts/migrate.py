@@ -161,7 +161,8 @@ def migrate_once(mode, run_index, args):
         a = src.agent
         if mode.startswith("balloond"):
             source = mode.split(":", 1)[1] if ":" in mode else "auto"
-            a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source} --log-level info")
+            extra = " --allow-unverified-owned-sources" if source in ("hugetlb", "anonymous") else ""
+            a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level info")
             deadline = time.time() + 60
             while "DRIVER_OK" not in a.run("balloond status")[0]:
                 if time.time() > deadline:
@@ -203,6 +204,7 @@ def migrate_once(mode, run_index, args):
         result["kept_region_ok"] = "OK" in ok
         if mode.startswith("balloond"):
             st_out = dst.agent.run("balloond status --json")[0]
+            result["balloond_log_tail"] = dst.agent.run("tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
             m = re.search(r'"bytesHinted"\s*:\s*(\d+)', st_out)
             result["hinted_mib"] = int(m.group(1)) >> 20 if m else None
             m = re.search(r'"lastRoundFirstHintMicros"\s*:\s*(\d+)', st_out)

@@ -177,10 +177,13 @@ public final class ModernPCITransport: VirtioTransport {
     /// balloond makes goes through here or `unmaskINTx`.
     public func enableDMA() throws(TransportError) { try enableBusMaster() }
 
+    /// Also clears INTx-Disable: a balloond killed between uio masking the line and its own
+    /// unmask leaves it set, and a restarted one would otherwise never see an interrupt.
     public func enableBusMaster() throws(TransportError) {
         do {
             let cmd = try config.read16(at: PCIConfig.command)
-            try config.write16(cmd | PCIConfig.commandBusMaster | PCIConfig.commandMemory, at: PCIConfig.command)
+            let want = (cmd | PCIConfig.commandBusMaster | PCIConfig.commandMemory) & ~PCIConfig.commandINTxDisable
+            try config.write16(want, at: PCIConfig.command)
         } catch { throw .pci(error) }
     }
 

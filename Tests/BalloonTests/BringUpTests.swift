@@ -233,11 +233,18 @@ struct BringUpTests {
     func restartAfterBusMasterClear() throws {
         let rig = try Rig()
         try rig.driver.bringUp()
-        try rig.device.configSpace.write16(0x0103, at: PCIConfig.command)  // what uio's release() leaves
+        // A kill between uio masking INTx and balloond's unmask, then uio's release(): Bus
+        // Master clear and INTx-Disable set.
+        try rig.device.configSpace.write16(0x0103 | PCIConfig.commandINTxDisable, at: PCIConfig.command)
         #expect(!rig.device.status.contains(.driverOK))
         try rig.driver.bringUp()
         #expect(rig.device.status.contains(.driverOK))
         #expect(rig.device.busMaster)
+        #expect(rig.device.configSpace.command & PCIConfig.commandINTxDisable == 0)
+        // And interrupts reach the driver again.
+        rig.device.setTarget(bytes: 512 << 20)
+        try rig.serviceAll()
+        #expect(rig.driver.targetPages == 131072)
     }
 
     @Test("shutdown resets the device")

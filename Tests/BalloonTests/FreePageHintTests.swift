@@ -205,6 +205,21 @@ struct FreePageHintTests {
         #expect(!rig.device.broken)
     }
 
+    @Test("a device that never answers: bring-up completes, a hint round times out with STOP queued, nothing hangs")
+    func neverAnswers() throws {
+        let rig = try HintRig(ramMiB: 8192, usedFraction: 0.1)
+        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
+        rig.device.faults.ignoreNotifications = true
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRoundsTimedOut == 1)
+        #expect(rig.device.receivedHintIDs.isEmpty)
+        // Pages stay held: their hints may still be applied by a device that wakes up later.
+        #expect(rig.source.heldBytes > 0)
+        rig.driver.shutdown()
+        #expect(rig.source.heldBytes == 0)
+    }
+
     @Test("owned pages are given back only after the device can no longer apply their hints (DONE or reset)")
     func releaseOrder() throws {
         let rig = try HintRig()
