@@ -11,7 +11,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
-        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
     ],
     targets: [
         // C: exact-width volatile MMIO, ring fences, cpuid, signal pipe. The only place raw
@@ -45,7 +44,6 @@ let package = Package(
             "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
-            .product(name: "Atomics", package: "swift-atomics"),
         ]),
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),

@@ -1,5 +1,6 @@
 import ArgumentParser
 import PlatformLinux
+import VirtioPCI
 
 /// `--device BDF`, shared by the commands that act on one balloon.
 struct DeviceOption: ParsableArguments {
@@ -31,7 +32,3 @@ struct DeviceOption: ParsableArguments {
     }
 }
 
-func hex4(_ v: UInt16) -> String {
-    let s = String(v, radix: 16)
-    return String(repeating: "0", count: max(0, 4 - s.count)) + s
-}

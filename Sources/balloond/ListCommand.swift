@@ -1,5 +1,6 @@
 import ArgumentParser
 import PlatformLinux
+import VirtioPCI
 
 struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
