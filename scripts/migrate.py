@@ -270,10 +270,13 @@ def main():
         ok = all(x["kept_region_ok"] and not x["dest_console_errors"] for x in all_rs)
         print(f"{mode:<22} {len(all_rs):>4} {t:>9.0f} {b:>8.0f} {rel:>8} {statistics.median(hinted) if hinted else '-':>10} "
               f"{(f'{statistics.median(first):.1f}' if first else '-'):>11} {'yes' if ok else 'NO':>7}")
-    if not all(x["kept_region_ok"] and not x["dest_console_errors"] for x in results):
-        print("migrate: the destination failed verification; see the run directories under .cache/runs/migrate", file=sys.stderr)
-        return 1
-    return 0
+    bad = [x for x in results if not (x["kept_region_ok"] and not x["dest_console_errors"])]
+    for x in bad:
+        print(f"migrate: {x['mode']} run {x['run'] + 1}: destination failed verification: {x['dest_console_errors'][:2]} (see {x['run_dir']}-dst)",
+              file=sys.stderr)
+    # Only balloond's own runs decide the exit status: the no-driver and in-kernel runs are
+    # comparisons (the in-kernel driver's destination crashes now and then under TCG, §9).
+    return 1 if any(x["mode"].startswith("balloond") for x in bad) else 0
 
 
 if __name__ == "__main__":
