@@ -1,0 +1,88 @@
+import VirtioCore
+
+/// One piece of memory the balloon holds for the host (inflated, or held while reported).
+///
+/// A *huge* block is one 2 MiB-aligned, physically contiguous 2 MiB page: its 512 PFNs go
+/// to the device in one buffer, so a host whose guest RAM is backed by 2 MiB pages can really
+/// discard it (virtio-balloon.md §4), and it can be reported (§8). Other blocks are up to 512
+/// 4 KiB frames in any physical order.
+public struct BalloonBlock: Hashable, Sendable {
+    /// The backend's handle (for `release` and `stillInPlace`).
+    public let handle: UInt64
+    /// The frames, 4 KiB-aligned, ascending, disjoint.
+    public let ranges: [GuestPhysicalRange]
+
+    public init(handle: UInt64, ranges: [GuestPhysicalRange]) {
+        self.handle = handle
+        self.ranges = ranges
+    }
+
+    /// Number of 4 KiB pages.
+    public var pageCount: Int { ranges.reduce(0) { $0 + Int($1.length / balloonPageSize) } }
+    public var byteCount: UInt64 { ranges.reduce(0) { $0 + $1.length } }
+
+    /// A single 2 MiB-aligned 2 MiB range.
+    public var isHuge: Bool {
+        ranges.count == 1 && ranges[0].length == balloonHugeBlockSize && ranges[0].start.value % balloonHugeBlockSize == 0
+    }
+
+    /// The PFNs (guest-physical address >> 12), in order, as the inflate and deflate queues
+    /// carry them (le32 each; 32 bits cover 16 TiB).
+    public var pfns: [UInt32] {
+        var out: [UInt32] = []
+        out.reserveCapacity(pageCount)
+        for r in ranges {
+            let first = r.start.value >> 12
+            for pfn in first..<(first + r.length / balloonPageSize) { out.append(UInt32(truncatingIfNeeded: pfn)) }
+        }
+        return out
+    }
+}
+
+/// 2 MiB: the block size QEMU needs to discard hugepage-backed RAM and Linux reports at.
+public let balloonHugeBlockSize: UInt64 = 2 << 20
+/// 4 KiB pages in a 2 MiB block.
+public let balloonPagesPerHugeBlock = 512
+
+/// Why balloon memory could not be taken or kept.
+public struct BalloonMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// What `take` got, and, when it got less than asked, why.
+public struct BalloonTake: Sendable {
+    public var blocks: [BalloonBlock]
+    /// Set when fewer pages than asked were taken (the guest cannot spare more now).
+    public var limitedBy: String?
+
+    public init(blocks: [BalloonBlock], limitedBy: String? = nil) {
+        self.blocks = blocks
+        self.limitedBy = limitedBy
+    }
+
+    public var pageCount: Int { blocks.reduce(0) { $0 + $1.pageCount } }
+}
+
+/// Where the balloon's memory comes from: memory the guest gives up for the host while
+/// inflated (or while reported). Implementations must hold frames that cannot move while
+/// held — QEMU discards a frame as soon as it sees its PFN, so a frame the kernel migrated
+/// away and reused would lose its new owner's data (virtio-balloon.md §4).
+public protocol BalloonMemory: AnyObject {
+    /// Short name for logs and status ("hugetlb", "locked-anonymous", "simulated").
+    var name: String { get }
+    /// Bytes currently held.
+    var heldBytes: UInt64 { get }
+    /// Takes up to `maxPages` 4 KiB pages from the guest. With `hugeOnly`, only huge blocks
+    /// (free page reporting needs 2 MiB-aligned ranges). Returns fewer, or none, when the
+    /// guest cannot spare more now (`limitedBy` says why); throws only when the backend is
+    /// unusable.
+    func take(maxPages: Int, hugeOnly: Bool) throws(BalloonMemoryError) -> BalloonTake
+    /// Whether every frame of `block` is still where `take` found it (checked right before
+    /// its PFNs are sent).
+    func stillInPlace(_ block: BalloonBlock) -> Bool
+    /// Gives blocks back to the guest.
+    func release(_ blocks: [BalloonBlock])
+    /// Gives everything back (shutdown).
+    func releaseAll()
+}
