@@ -14,6 +14,10 @@ public struct BalloonDriverOptions: Sendable {
     public var maxQueueSize: UInt16
     /// How long a reset may take.
     public var resetTimeoutMilliseconds: Int
+    /// Inflate/deflate, memory pressure and free page reporting policies.
+    public var sizing = BalloonSizingOptions()
+    public var pressure = PressurePolicy()
+    public var reporting = ReportingPolicy()
 
     public init(wantedFeatures: FeatureBits = BalloonDriver<ModernPCITransport>.implementedFeatures,
                 poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeoutMilliseconds: Int = 1000) {
@@ -43,6 +47,20 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var lastRoundBytes: UInt64 = 0
     /// Rounds ended because the ring stayed full with the device not consuming.
     public var hintRoundsTimedOut = 0
+    /// Inflate and deflate buffers sent, and pages acknowledged.
+    public var inflateBuffers = 0
+    public var deflateBuffers = 0
+    public var pagesInflated: UInt64 = 0
+    public var pagesDeflated: UInt64 = 0
+    /// Inflate steps that fell short of the target (the guest could not spare the memory).
+    public var inflateShortfalls = 0
+    /// Blocks given back before sending because their frames had moved.
+    public var balloonBlocksMoved = 0
+    /// Deflates caused by memory pressure.
+    public var pressureDeflates = 0
+    /// Free page reports sent, and bytes reported.
+    public var reportsSent = 0
+    public var bytesReported: UInt64 = 0
     public init() {}
 }
 
@@ -65,6 +83,12 @@ public struct BalloonDriverStatus: Sendable, Codable, Equatable {
     public let poisonValue: UInt32?
     public let numPages: UInt32
     public let actual: UInt32
+    /// Bytes held for the balloon (inflated and in flight) and for free page reporting.
+    public let balloonBytes: UInt64
+    public let reportedBytes: UInt64
+    public let balloonMemory: String?
+    /// Why the target is not reached, when it is not.
+    public let shortfall: String?
     public let hintCommand: String
     public let queues: [QueueStatus]
     public let counters: BalloonCounters
@@ -73,7 +97,9 @@ public struct BalloonDriverStatus: Sendable, Codable, Equatable {
 /// What a queue buffer is for; kept with each posted chain.
 enum BufferToken {
     case stats
-    case pfns
+    /// An inflate or deflate PFN buffer (index into the driver's PFN buffers).
+    case inflate(Int)
+    case deflate(Int)
     /// A START or STOP cmd id buffer (index into the driver's id buffers).
     case hintID(Int)
     /// One hinted range, of round `round`.
@@ -86,7 +112,7 @@ enum BufferToken {
 /// code runs against a real BAR4 and the simulator. It contains no unsafe code.
 public final class BalloonDriver<Transport: VirtioTransport> {
     /// Everything this driver implements today.
-    public static var implementedFeatures: FeatureBits { [.statsVQ, .freePageHint, .pagePoison, .deflateOnOOM, .version1] }
+    public static var implementedFeatures: FeatureBits { [.statsVQ, .freePageHint, .pagePoison, .deflateOnOOM, .reporting, .version1] }
 
     public let transport: Transport
     public let allocator: DMAAllocator
@@ -96,6 +122,13 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let statsSource: BalloonStatsSource?
     /// Where free pages for hints come from (nil: FREE_PAGE_HINT is not negotiated).
     public let hintSource: FreePageSource?
+    /// Where inflated and reported memory comes from (nil: the balloon stays empty and
+    /// REPORTING is not negotiated).
+    public let balloonMemory: BalloonMemory?
+    /// MemAvailable/MemFree, for the pressure and reporting policies.
+    public let memoryStatus: GuestMemoryStatus?
+    /// Monotonic nanoseconds (tests inject a fake clock).
+    public var clock: () -> UInt64 = monotonicNanos
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()
@@ -103,9 +136,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public private(set) var poisonValue: UInt32?
     public internal(set) var counters = BalloonCounters()
     /// `num_pages` as last read.
-    public private(set) var targetPages: UInt32 = 0
+    public internal(set) var targetPages: UInt32 = 0
     /// `actual` as last written or read.
-    public private(set) var actualPages: UInt32 = 0
+    public internal(set) var actualPages: UInt32 = 0
     /// The hint cmd id as last read after a config interrupt (Linux caches it the same way:
     /// while QEMU is in START the field reads 0 with no interrupt, so it must not be polled).
     public internal(set) var hintCommand = FreePageHintCommand.stop
@@ -117,10 +150,17 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     var statsOutstanding = false
     /// Free page hinting state (FreePageHinting.swift).
     var hinting = HintRoundState()
+    /// Balloon size, pressure and reporting state (BalloonSizing.swift, MemoryPressurePolicy.swift).
+    var sizing = SizingState()
+    var pressure = PressureState()
+    var reporting = ReportingState()
 
     public init(transport: Transport, allocator: DMAAllocator, options: BalloonDriverOptions = BalloonDriverOptions(),
-                statsSource: BalloonStatsSource? = nil, hintSource: FreePageSource? = nil, logger: Logger = Logger(label: "balloond")) {
+                statsSource: BalloonStatsSource? = nil, hintSource: FreePageSource? = nil, balloonMemory: BalloonMemory? = nil,
+                memoryStatus: GuestMemoryStatus? = nil, logger: Logger = Logger(label: "balloond")) {
         self.hintSource = hintSource
+        self.balloonMemory = balloonMemory
+        self.memoryStatus = memoryStatus
         self.transport = transport
         self.allocator = allocator
         self.options = options
@@ -159,6 +199,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         // Only after the reset: the device can no longer apply a queued hint, so owned
         // pages may be given back.
         abandonHinting()
+        abandonPFNBuffers()
+        if let f = reporting.inFlight { balloonMemory?.release(f) }
+        reporting.inFlight = nil
         for q in queues.values { q.resetAfterDeviceReset() }
         statsOutstanding = false
         transport.addStatus(.acknowledge)
@@ -166,6 +209,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         offered = transport.deviceFeatures()
         var want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy)
         if hintSource == nil { want.remove(.freePageHint) }
+        if balloonMemory == nil { want.remove(.reporting) }
         do {
             negotiated = try transport.negotiate(wanted: want)
         } catch {
@@ -195,7 +239,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         isRunning = true
         hintCommand = .stop
         try readConfig(afterInterrupt: true)
-        logger.info("device running", metadata: ["status": "\(s)", "num_pages": "\(targetPages)", "cmd_id": "\(hintCommand)"])
+        // `actual` survives a device reset (and a balloond restart): state what is really
+        // held now, then move towards `num_pages`, which survives too (re-inflate).
+        try writeActual()
+        configureReporting()
+        logger.info("device running", metadata: ["status": "\(s)", "num_pages": "\(targetPages)", "actual": "\(actualPages)", "cmd_id": "\(hintCommand)"])
+        try adjustBalloonSize()
     }
 
     private func setUpQueues() throws(BalloonError) {
@@ -291,6 +340,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         guard isRunning else { throw .notRunning }
         try handleInterruptCauses(line: line)
         try actOnHintCommand(line: line)
+        try adjustBalloonSize()
+        try reportIfDue()
     }
 
     /// The ISR, config and used-ring part of servicing an interrupt (also used mid-round).
@@ -330,8 +381,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
                     hinting.idBufferInFlight[i] = false
                 case .hint(let range, let round):
                     hintUsed(range, round: round)
-                case .pfns, .report:
-                    break
+                case .inflate(let slot):
+                    try pfnBufferUsed(slot: slot, inflate: true)
+                case .deflate(let slot):
+                    try pfnBufferUsed(slot: slot, inflate: false)
+                case .report:
+                    reportUsed()
                 }
             }
         }
@@ -345,6 +400,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         }
         // After the reset, as in bringUp: no queued hint can be applied any more.
         abandonHinting()
+        releaseBalloon()
         for q in queues.values { q.resetAfterDeviceReset() }
         statsOutstanding = false
     }
@@ -357,7 +413,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
                                availableIndex: q.availableIndex, usedIndex: q.usedIndexConsumed, inFlight: q.inFlight)
         }
         return BalloonDriverStatus(deviceStatus: "\(transport.status())", offeredFeatures: "\(offered)", negotiatedFeatures: "\(negotiated)",
-                                   poisonValue: poisonValue, numPages: targetPages, actual: actualPages, hintCommand: "\(hintCommand)",
+                                   poisonValue: poisonValue, numPages: targetPages, actual: actualPages,
+                                   balloonBytes: UInt64(sizing.inflatedPages + sizing.inflatingPages) * balloonPageSize,
+                                   reportedBytes: UInt64(reporting.heldPages) * balloonPageSize, balloonMemory: balloonMemory?.name,
+                                   shortfall: committedPages < effectiveTargetPages ? sizing.lastShortfall : nil, hintCommand: "\(hintCommand)",
                                    queues: qs, counters: counters)
     }
 

@@ -185,11 +185,14 @@ extension BalloonDriver {
     /// loop), tells the source, and records timing.
     private func finishRound(sendStop: Bool) throws(BalloonError) {
         guard let round = hinting.activeRound else { return }
+        // DONE after STOP finishes the same round again: keep STOP's timing.
+        let firstFinish = !hinting.stopSent
         if sendStop, !hinting.stopSent, let q = queues[.freePageHint], isRunning {
             try postID(FreePageHintCommand.stopID, queue: q)
         }
         hinting.stopSent = true
         hintSource?.endRound()
+        guard firstFinish else { return }
         counters.lastRoundStopMicros = Int64((monotonicNanos() - hinting.roundStartNanos) / 1000)
         counters.lastRoundBytes = hinting.roundBytes
         logger.info("free page hint round ended", metadata: [

@@ -52,6 +52,14 @@ public final class SimulatedBalloonDevice {
     public private(set) var inflateBuffers: [[UInt32]] = []
     /// Every deflate buffer as received.
     public private(set) var deflateBuffers: [[UInt32]] = []
+    /// Process inflate/deflate buffers as soon as they are notified (QEMU does, in its main
+    /// loop); off: they wait for `drainPFNQueues`.
+    public var processPFNsOnNotify = true
+    /// Host pages discarded, for a host whose guest RAM is backed by `hostPageSize` pages:
+    /// as QEMU's `PartiallyBalloonedPage`, a host page larger than 4 KiB is discarded only when
+    /// all its subpages arrive in one inflate element without another host page in between.
+    public var hostPageSize: UInt64 = 4096
+    public private(set) var discardedHostPages: Set<UInt64> = []
     /// PFNs that were neither RAM nor DMA memory (QEMU skips them: `virtio_balloon_bad_addr`).
     public private(set) var badPFNs: [UInt32] = []
 
@@ -98,6 +106,8 @@ public final class SimulatedBalloonDevice {
     }
     public private(set) var events: [Event] = []
     func record(_ e: Event) { events.append(e) }
+    /// Forgets the event log (tests look at what follows).
+    public func clearEvents() { events = [] }
 
     /// Every notify written, by queue.
     public private(set) var notifyCount: [UInt16: Int] = [:]
@@ -325,8 +335,8 @@ public final class SimulatedBalloonDevice {
         guard !faults.ignoreNotifications, !broken, busMaster, let q = queue(index), q.enabled else { return }
         let idx = queueIndices
         switch index {
-        case idx.inflate: processPFNQueue(q, inflate: true)
-        case idx.deflate: processPFNQueue(q, inflate: false)
+        case idx.inflate: if processPFNsOnNotify { processPFNQueue(q, inflate: true) }
+        case idx.deflate: if processPFNsOnNotify { processPFNQueue(q, inflate: false) }
         case idx.stats: processStats()
         case idx.freePageHint: if processHintsOnNotify { drainHintQueue() }
         case idx.reporting: processReports(q)
@@ -366,6 +376,14 @@ public final class SimulatedBalloonDevice {
         return pfns
     }
 
+    /// Processes the inflate and deflate queues now (when `processPFNsOnNotify` is off: a
+    /// busy main loop).
+    public func drainPFNQueues() {
+        guard !broken, busMaster else { return }
+        if let q = queue(queueIndices.inflate), q.enabled { processPFNQueue(q, inflate: true) }
+        if let q = queue(queueIndices.deflate), q.enabled { processPFNQueue(q, inflate: false) }
+    }
+
     private func processPFNQueue(_ q: DeviceQueue, inflate: Bool) {
         popAll(q) { element in
             guard let pfns = readPFNs(element.readable) else {
@@ -380,8 +398,28 @@ public final class SimulatedBalloonDevice {
                 }
                 if inflate { inflatedPFNs.insert(pfn) } else { inflatedPFNs.remove(pfn) }
             }
+            if inflate { discardHostPages(pfns) }
             if inflate { inflateBuffers.append(pfns) } else { deflateBuffers.append(pfns) }
             push(queue: q.index, head: element.head)
+        }
+    }
+
+    private func discardHostPages(_ pfns: [UInt32]) {
+        let sub = Int(hostPageSize / 4096)
+        guard sub > 1 else {
+            for p in pfns { discardedHostPages.insert(UInt64(p) << 12) }
+            return
+        }
+        var current: UInt64?
+        var seen = Set<UInt32>()
+        for p in pfns {
+            let host = (UInt64(p) << 12) & ~(hostPageSize - 1)
+            if host != current {
+                current = host
+                seen = []
+            }
+            seen.insert(p)
+            if seen.count == sub { discardedHostPages.insert(host) }
         }
     }
 

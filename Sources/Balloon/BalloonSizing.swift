@@ -1,0 +1,271 @@
+import FreePages
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+
+/// Tunables for inflating and deflating (virtio-balloon.md §4).
+public struct BalloonSizingOptions: Sendable {
+    /// Most PFNs per inflate/deflate buffer. A multiple of 512, so every 2 MiB block's 512
+    /// PFNs travel in one buffer (QEMU discards a 2 MiB host page only when all its subpages
+    /// arrive in one element; Linux's 256-PFN buffers never free anything there).
+    public var pagesPerBuffer = 8192
+    /// Buffers in flight per queue: memory is taken for the next while QEMU discards the last.
+    public var buffersInFlight = 3
+    /// Pages taken from the guest per step (keeps the event loop responsive).
+    public var takeStepPages = 4096
+    /// First and longest wait before retrying a target that could not be reached.
+    public var retryInitialMilliseconds = 1000
+    public var retryMaxMilliseconds = 30_000
+
+    public init() {}
+}
+
+/// Driver-side state of the balloon's size.
+struct SizingState {
+    /// Acknowledged inflated blocks (the balloon), oldest first.
+    var inflated: [BalloonBlock] = []
+    var inflatedPages = 0
+    /// PFN buffers, each either free or carrying blocks to the device.
+    var buffers: [DMARegion] = []
+    var bufferBlocks: [[BalloonBlock]?] = []
+    var inflatingPages = 0
+    var deflatingPages = 0
+    /// Not before this time (monotonic ns) try to inflate again after a shortfall.
+    var retryAtNanos: UInt64?
+    var retryMilliseconds = 0
+    var shortfallLogged = false
+    /// Why the last inflate step fell short.
+    var lastShortfall: String?
+}
+
+extension BalloonDriver {
+    /// Pages committed to the balloon once the buffers in flight are acknowledged.
+    var committedPages: Int { sizing.inflatedPages + sizing.inflatingPages - sizing.deflatingPages }
+
+    /// The size the balloon aims for now: the host's target, capped while memory pressure
+    /// holds it smaller (deflate on OOM).
+    var effectiveTargetPages: Int {
+        var t = Int(targetPages)
+        if let cap = pressure.ceilingPages, pressure.holdUntilNanos.map({ clock() < $0 }) ?? true { t = min(t, cap) }
+        return t
+    }
+
+    /// Moves the balloon towards its target (Linux `update_balloon_size_func`): inflates by
+    /// taking memory and sending its PFNs, deflates by sending PFNs and releasing the memory
+    /// only after the device acknowledged them. Never blocks on the device: buffers in
+    /// flight are finished by `processUsed`, which calls this again.
+    public func adjustBalloonSize() throws(BalloonError) {
+        guard isRunning, let memory = balloonMemory, queues[.inflate] != nil, queues[.deflate] != nil else { return }
+        let target = effectiveTargetPages
+        if committedPages < target {
+            if sizing.deflatingPages > 0 { return }  // let the deflate finish first
+            if let at = sizing.retryAtNanos, clock() < at { return }
+            sizing.retryAtNanos = nil
+            while committedPages < target, let slot = freePFNBuffer() {
+                var want = min(target - committedPages, options.sizing.pagesPerBuffer)
+                var blocks: [BalloonBlock] = []
+                var got = 0
+                var shortBy: String?
+                // Blocks held for free page reporting come first: already discarded on the host.
+                let recycled = takeReportedForInflate(maxPages: want)
+                blocks += recycled
+                got += recycled.reduce(0) { $0 + $1.pageCount }
+                if let floor = reinflateFloorPages() , want - got > floor {
+                    shortBy = "memory pressure earlier: re-inflating only while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB"
+                    want = got + floor
+                }
+                while got < want {
+                    let step = min(want - got, options.sizing.takeStepPages)
+                    let take: BalloonTake
+                    do { take = try memory.take(maxPages: step, hugeOnly: false) } catch {
+                        shortBy = "\(memory.name): \(error)"
+                        break
+                    }
+                    // QEMU discards a PFN the moment it sees it: re-check that no frame moved
+                    // since it was resolved, and give back any block that did.
+                    let (kept, movedBlocks) = partition(take.blocks) { memory.stillInPlace($0) }
+                    if !movedBlocks.isEmpty {
+                        memory.release(movedBlocks)
+                        counters.balloonBlocksMoved += movedBlocks.count
+                    }
+                    blocks += kept
+                    got += kept.reduce(0) { $0 + $1.pageCount }
+                    if take.pageCount < step || kept.isEmpty {
+                        shortBy = shortBy ?? take.limitedBy ?? "\(memory.name) gave \(take.pageCount) of \(step) pages"
+                        break
+                    }
+                }
+                if !blocks.isEmpty { try postPFNs(blocks, slot: slot, inflate: true) }
+                if let shortBy {
+                    noteShortfall(shortBy, target: target)
+                    break
+                }
+            }
+        } else if committedPages > target {
+            if sizing.inflatingPages > 0 { return }  // only acknowledged pages may be deflated
+            while committedPages > target, let slot = freePFNBuffer() {
+                var excess = committedPages - target
+                var chosen: [BalloonBlock] = []
+                var chosenPages = 0
+                // Newest first; skip blocks larger than what is left unless nothing fits, so
+                // a small excess does not give back a whole 2 MiB block when 4 KiB pages exist.
+                var i = sizing.inflated.count - 1
+                while i >= 0, excess > 0, chosenPages + sizing.inflated[i].pageCount <= options.sizing.pagesPerBuffer {
+                    let b = sizing.inflated[i]
+                    if b.pageCount <= excess {
+                        chosen.append(b)
+                        chosenPages += b.pageCount
+                        excess -= b.pageCount
+                        sizing.inflated.remove(at: i)
+                    }
+                    i -= 1
+                }
+                if chosen.isEmpty, let b = sizing.inflated.last {
+                    // Only blocks larger than the excess are left: give one back whole; the
+                    // next step inflates the difference with smaller pages.
+                    chosen = [b]
+                    chosenPages = b.pageCount
+                    sizing.inflated.removeLast()
+                }
+                guard !chosen.isEmpty else { break }
+                sizing.inflatedPages -= chosenPages
+                try postPFNs(chosen, slot: slot, inflate: false)
+            }
+        } else {
+            sizing.retryMilliseconds = 0
+            if pressure.ceilingPages != nil, committedPages == Int(targetPages) { pressure.ceilingPages = nil }
+            if sizing.shortfallLogged {
+                logger.info("balloon target reached", metadata: ["actual": "\(sizing.inflatedPages)", "num_pages": "\(targetPages)"])
+                sizing.shortfallLogged = false
+            }
+        }
+    }
+
+    /// After a pressure deflate (DEFLATE_ON_OOM), how many more pages inflating may take:
+    /// only what keeps MemAvailable above the re-inflate watermark (nil: no limit).
+    private func reinflateFloorPages() -> Int? {
+        guard pressure.ceilingPages != nil, negotiated.contains(.deflateOnOOM), let m = memoryStatus?.read() else { return nil }
+        let floor = options.pressure.reinflateAboveAvailableBytes
+        return m.available > floor ? Int((m.available - floor) / balloonPageSize) : 0
+    }
+
+    private func partition(_ blocks: [BalloonBlock], _ keep: (BalloonBlock) -> Bool) -> ([BalloonBlock], [BalloonBlock]) {
+        var a: [BalloonBlock] = [], b: [BalloonBlock] = []
+        for x in blocks { if keep(x) { a.append(x) } else { b.append(x) } }
+        return (a, b)
+    }
+
+    /// A target that cannot be reached now: report `actual` honestly, log once per episode,
+    /// count it, and retry later with a growing delay (no busy loop; Linux retries every
+    /// 200 ms forever).
+    private func noteShortfall(_ why: String, target: Int) {
+        counters.inflateShortfalls += 1
+        sizing.lastShortfall = why
+        let s = options.sizing
+        sizing.retryMilliseconds = sizing.retryMilliseconds == 0 ? s.retryInitialMilliseconds : min(sizing.retryMilliseconds * 2, s.retryMaxMilliseconds)
+        sizing.retryAtNanos = clock() + UInt64(sizing.retryMilliseconds) * 1_000_000
+        if !sizing.shortfallLogged {
+            logger.warning("cannot reach the balloon target now; retrying with backoff", metadata: [
+                "num_pages": "\(targetPages)", "committed": "\(committedPages)", "aim": "\(target)", "reason": "\(why)",
+                "retry_ms": "\(sizing.retryMilliseconds)",
+            ])
+            sizing.shortfallLogged = true
+        }
+    }
+
+    private func freePFNBuffer() -> Int? {
+        if let i = sizing.bufferBlocks.firstIndex(where: { $0 == nil }) { return i }
+        guard sizing.buffers.count < options.sizing.buffersInFlight else { return nil }
+        do {
+            sizing.buffers.append(try allocator.allocate(byteCount: options.sizing.pagesPerBuffer * 4, alignment: 64))
+        } catch {
+            logger.warning("no DMA memory for another PFN buffer: \(error)")
+            return nil
+        }
+        sizing.bufferBlocks.append(nil)
+        return sizing.buffers.count - 1
+    }
+
+    /// Writes the blocks' PFNs (le32) into buffer `slot` and posts it as one chain of one
+    /// device-readable descriptor.
+    private func postPFNs(_ blocks: [BalloonBlock], slot: Int, inflate: Bool) throws(BalloonError) {
+        let role: BalloonQueueRole = inflate ? .inflate : .deflate
+        guard let q = queues[role] else { return }
+        let buffer = sizing.buffers[slot]
+        var offset = 0
+        for block in blocks {
+            for pfn in block.pfns {
+                buffer.store32(pfn, at: offset)
+                offset += 4
+            }
+        }
+        precondition(offset <= buffer.size && offset > 0)
+        do {
+            try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(offset))], token: inflate ? .inflate(slot) : .deflate(slot))
+        } catch { throw .queue(role: role, error) }
+        sizing.bufferBlocks[slot] = blocks
+        let pages = offset / 4
+        if inflate {
+            sizing.inflatingPages += pages
+            counters.inflateBuffers += 1
+        } else {
+            sizing.deflatingPages += pages
+            counters.deflateBuffers += 1
+        }
+        try kick(role)
+    }
+
+    /// The device acknowledged a PFN buffer.
+    func pfnBufferUsed(slot: Int, inflate: Bool) throws(BalloonError) {
+        guard let blocks = sizing.bufferBlocks[slot] else { return }
+        sizing.bufferBlocks[slot] = nil
+        let pages = blocks.reduce(0) { $0 + $1.pageCount }
+        if inflate {
+            sizing.inflatingPages -= pages
+            sizing.inflated += blocks
+            sizing.inflatedPages += pages
+            counters.pagesInflated += UInt64(pages)
+        } else {
+            sizing.deflatingPages -= pages
+            // Only now, with the deflate acknowledged, does the memory go back to the guest.
+            balloonMemory?.release(blocks)
+            counters.pagesDeflated += UInt64(pages)
+        }
+        try writeActual()
+    }
+
+    /// `actual` = acknowledged inflated pages, as one 32-bit store (virtio-balloon.md §3.3).
+    func writeActual() throws(BalloonError) {
+        let value = UInt32(clamping: sizing.inflatedPages)
+        do { try transport.writeDeviceConfig32(value, at: BalloonConfigLayout.actual) } catch { throw .transport(error) }
+        actualPages = value
+    }
+
+    /// After a device reset: buffers in flight are gone. Their blocks are given back (the
+    /// host may or may not have discarded them; the guest can reuse them either way, since
+    /// QEMU does not need to be told, MUST_TELL_HOST is never offered). Acknowledged blocks
+    /// stay held: they are still the balloon, and `actual` is rewritten at bring-up.
+    func abandonPFNBuffers() {
+        for i in sizing.bufferBlocks.indices {
+            if let blocks = sizing.bufferBlocks[i] { balloonMemory?.release(blocks) }
+            sizing.bufferBlocks[i] = nil
+        }
+        sizing.inflatingPages = 0
+        sizing.deflatingPages = 0
+    }
+
+    /// Shutdown: everything goes back to the guest (after the device reset).
+    func releaseBalloon() {
+        abandonPFNBuffers()
+        balloonMemory?.release(sizing.inflated)
+        sizing.inflated = []
+        sizing.inflatedPages = 0
+        reporting.abandon(memory: balloonMemory)
+    }
+
+    /// When `adjustBalloonSize` wants to be called again (a retry after a shortfall).
+    var sizingDeadlineNanos: UInt64? {
+        guard committedPages < effectiveTargetPages else { return nil }
+        return sizing.retryAtNanos
+    }
+}

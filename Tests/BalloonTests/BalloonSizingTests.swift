@@ -1,0 +1,349 @@
+import Testing
+import BalloonSimulator
+import VirtioCore
+import VirtioPCI
+import VirtioQueue
+import FreePages
+@testable import Balloon
+
+extension Rig {
+    /// Brings the device up and sets a target of `pages` 4 KiB pages in the balloon.
+    func running(target pages: UInt32) throws -> Rig {
+        try driver.bringUp()
+        setTarget(pages: pages)
+        try serviceAll()
+        return self
+    }
+
+    func setTarget(pages: UInt32) {
+        device.setTarget(bytes: device.properties.ramSize - UInt64(pages) * 4096)
+    }
+
+    /// Every config write of `actual`, in order.
+    var actualWrites: [[UInt8]] {
+        device.events.compactMap { if case .configWrite(BalloonConfigLayout.actual, let b) = $0 { return b }; return nil }
+    }
+}
+
+@Suite("Inflate and deflate (virtio-balloon.md §4)")
+struct BalloonSizingTests {
+    @Test("inflating to num_pages sends each 2 MiB block's 512 PFNs in one buffer, and the host discards whole 2 MiB pages")
+    func inflateHugeBlocks() throws {
+        let rig = try Rig()
+        rig.device.hostPageSize = 2 << 20
+        _ = try rig.running(target: 8192)  // 32 MiB
+        #expect(rig.device.actual == 8192)
+        #expect(rig.device.inflatedPFNs.count == 8192)
+        #expect(Set(rig.memory.held.values.flatMap(\.pfns)) == rig.device.inflatedPFNs)
+        #expect(rig.memory.held.values.allSatisfy { $0.isHuge })
+        // Every block's PFNs are contiguous inside one buffer, so every 2 MiB host page went.
+        #expect(rig.device.discardedHostPages.count == 16)
+        for buffer in rig.device.inflateBuffers {
+            #expect(buffer.count % 512 == 0 && buffer.count <= rig.driver.options.sizing.pagesPerBuffer)
+        }
+        #expect(rig.driver.statusSnapshot().actual == 8192)
+    }
+
+    @Test("actual is written as one 32-bit store after each acknowledged buffer, never before")
+    func actualAfterAck() throws {
+        var options = BalloonDriverOptions()
+        options.sizing.pagesPerBuffer = 1024
+        options.sizing.buffersInFlight = 2
+        let rig = try Rig(options: options)
+        rig.device.processPFNsOnNotify = false
+        try rig.driver.bringUp()
+        rig.setTarget(pages: 4096)
+        try rig.serviceAll()
+        // Two buffers in flight, nothing acknowledged: actual still 0.
+        #expect(rig.device.actual == 0)
+        #expect(rig.driver.statusSnapshot().actual == 0)
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 2048)
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 4096)
+        // Each write is a whole 4-byte value: 0 at bring-up, then 1024 per acknowledged buffer.
+        let values = rig.actualWrites.map { b -> UInt32 in
+            #expect(b.count == 4)
+            return UInt32(b[0]) | UInt32(b[1]) << 8 | UInt32(b[2]) << 16 | UInt32(b[3]) << 24
+        }
+        #expect(values == [0, 1024, 2048, 3072, 4096])
+    }
+
+    @Test("a target that is not a multiple of 512 pages gets 2 MiB blocks plus 4 KiB pages")
+    func oddTarget() throws {
+        let rig = try Rig().running(target: 1300)
+        #expect(rig.device.actual == 1300)
+        let blocks = Array(rig.memory.held.values)
+        #expect(blocks.filter(\.isHuge).count == 2)
+        #expect(blocks.filter { !$0.isHuge }.reduce(0) { $0 + $1.pageCount } == 276)
+    }
+
+    @Test("deflate sends PFNs and releases the memory only after the device acknowledged them")
+    func deflateBeforeRelease() throws {
+        let rig = try Rig().running(target: 4096)
+        rig.device.processPFNsOnNotify = false
+        rig.setTarget(pages: 1024)
+        try rig.serviceAll()
+        let posted = rig.device.deflateBuffers.count
+        #expect(rig.memory.events.filter { if case .release = $0 { return true }; return false }.isEmpty, "released before the deflate ack")
+        #expect(rig.memory.heldBytes == 16 << 20)
+        rig.device.drainPFNQueues()
+        #expect(rig.device.deflateBuffers.count > posted)
+        try rig.serviceAll()
+        #expect(rig.memory.heldBytes == 4 << 20)
+        #expect(rig.device.actual == 1024)
+        #expect(rig.device.inflatedPFNs == Set(rig.memory.held.values.flatMap(\.pfns)))
+    }
+
+    @Test("a small deflate gives back 4 KiB pages rather than a 2 MiB block when it can")
+    func smallDeflatePrefersSmallBlocks() throws {
+        let rig = try Rig().running(target: 1300)
+        rig.setTarget(pages: 1200)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 1200)
+        #expect(rig.memory.held.values.filter(\.isHuge).count == 2)
+    }
+
+    @Test("a deflate smaller than any block gives one back whole and re-inflates the difference")
+    func deflateOvershootsThenReinflates() throws {
+        let rig = try Rig().running(target: 1024)  // two huge blocks, no small pages
+        rig.setTarget(pages: 1000)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 1000)
+        #expect(rig.memory.held.values.filter(\.isHuge).count == 1)
+        #expect(rig.memory.heldBytes == 1000 * 4096)
+    }
+
+    @Test("an unreachable target: actual stays honest, the shortfall is counted and logged once, retries back off without busy looping")
+    func shortfallBacksOff() throws {
+        let rig = try Rig()
+        rig.memory.availablePages = 2048
+        _ = try rig.running(target: 8192)
+        #expect(rig.device.actual == 2048)
+        let takes = rig.memory.events.count
+        #expect(rig.driver.counters.inflateShortfalls == 1)
+        #expect(rig.driver.statusSnapshot().shortfall?.contains("spare") == true)
+        // Ticks before the retry time do not try again.
+        for _ in 0..<50 { try rig.driver.tick() }
+        #expect(rig.memory.events.count == takes)
+        rig.clock.advance(milliseconds: 1001)
+        try rig.driver.tick()
+        #expect(rig.memory.events.count == takes + 1)
+        #expect(rig.driver.counters.inflateShortfalls == 2)
+        // The second wait is twice as long.
+        rig.clock.advance(milliseconds: 1500)
+        try rig.driver.tick()
+        #expect(rig.memory.events.count == takes + 1)
+        // Memory becomes available: the next retry reaches the target.
+        rig.memory.availablePages = nil
+        rig.clock.advance(milliseconds: 600)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 8192)
+        #expect(rig.driver.statusSnapshot().shortfall == nil)
+    }
+
+    @Test("a block whose frames moved before sending is given back and never sent")
+    func movedBlockNotSent() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.memory.moved = [1]  // the first block taken
+        rig.setTarget(pages: 1024)
+        try rig.serviceAll()
+        let sent = Set(rig.device.inflateBuffers.flatMap { $0 })
+        #expect(rig.driver.counters.balloonBlocksMoved == 1)
+        #expect(rig.memory.held[1] == nil)
+        #expect(sent.count == 1024)
+        #expect(rig.device.actual == 1024)
+    }
+
+    @Test("a restarted driver re-inflates to the preserved num_pages, and first states actual as 0")
+    func restartReinflates() throws {
+        let rig = try Rig().running(target: 2048)
+        #expect(rig.device.actual == 2048)
+        // A new process: new driver and memory on the same device (num_pages and actual survive reset).
+        let memory = SimulatedBalloonMemory(base: rig.device.properties.ramSize - (64 << 20), bytes: 64 << 20)
+        let driver = BalloonDriver(transport: try rig.device.makeTransport(), allocator: rig.device.makeDMAAllocator(),
+                                   balloonMemory: memory)
+        rig.device.clearEvents()
+        try driver.bringUp()
+        try rig.serviceAll(driver)
+        #expect(rig.actualWrites.first == [0, 0, 0, 0])
+        #expect(rig.device.actual == 2048)
+        #expect(memory.heldBytes == 8 << 20)
+    }
+
+    @Test("after a device reset the acknowledged balloon stays held and actual is restated; buffers in flight are given back")
+    func resetKeepsBalloon() throws {
+        let rig = try Rig().running(target: 2048)
+        rig.device.processPFNsOnNotify = false
+        rig.setTarget(pages: 4096)
+        try rig.serviceAll()
+        #expect(rig.memory.heldBytes == 16 << 20)
+        try rig.driver.bringUp()  // the reset drops the in-flight inflate
+        #expect(rig.device.actual == 2048)
+        rig.device.processPFNsOnNotify = true
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 4096)
+        #expect(rig.memory.heldBytes == 16 << 20)
+    }
+
+    @Test("shutdown resets the device first, then gives every balloon page back")
+    func shutdownReleases() throws {
+        let rig = try Rig().running(target: 2048)
+        rig.driver.shutdown()
+        #expect(rig.memory.heldBytes == 0)
+        #expect(rig.device.status == [])
+    }
+}
+
+@Suite("Deflate under memory pressure (DEFLATE_ON_OOM)")
+struct PressureTests {
+    func pressureRig(deflateOnOOM: Bool = true) throws -> Rig {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = deflateOnOOM
+        return try Rig(props).running(target: 8192)
+    }
+
+    @Test("low MemAvailable deflates at least the step plus the shortfall, and holds the balloon smaller")
+    func lowAvailableDeflates() throws {
+        let rig = try pressureRig()
+        #expect(rig.device.actual == 8192)
+        rig.memoryStatus.available = 80 << 20  // 16 MiB below the 96 MiB watermark
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        // 64 MiB step + 16 MiB short ≥ the whole 32 MiB balloon.
+        #expect(rig.device.actual == 0)
+        #expect(rig.driver.counters.pressureDeflates == 1)
+        // Pressure gone, but inside the hold time: no re-inflate.
+        rig.memoryStatus.available = 800 << 20
+        rig.clock.advance(milliseconds: 30_000)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 0)
+        // After the hold: re-inflated.
+        rig.clock.advance(milliseconds: 31_000)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 8192)
+    }
+
+    @Test("a PSI trigger deflates one step")
+    func psiDeflatesAStep() throws {
+        var options = BalloonDriverOptions()
+        options.pressure.deflateStepBytes = 8 << 20
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let rig = try Rig(props, options: options).running(target: 8192)
+        try rig.driver.tick(psiFired: true)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 8192 - 2048)
+    }
+
+    @Test("after a pressure deflate, re-inflating keeps MemAvailable above the re-inflate watermark")
+    func hysteresis() throws {
+        let rig = try pressureRig()
+        rig.memoryStatus.available = 90 << 20
+        try rig.driver.tick(psiFired: true)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 0)
+        rig.clock.advance(milliseconds: 61_000)
+        rig.memoryStatus.available = (192 + 8) << 20  // 8 MiB above the watermark
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 2048)
+    }
+
+    @Test("without DEFLATE_ON_OOM the host's target is binding: pressure does not deflate")
+    func noDeflateWithoutFeature() throws {
+        let rig = try pressureRig(deflateOnOOM: false)
+        rig.memoryStatus.available = 10 << 20
+        try rig.driver.tick(psiFired: true)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 8192)
+        #expect(rig.driver.counters.pressureDeflates == 0)
+    }
+}
+
+@Suite("Free page reporting, report-then-hold (virtio-balloon.md §8)")
+struct ReportingTests {
+    func reportingRig(pagePoison: PagePoisonPolicy = .none, balloonBytes: UInt64 = 64 << 20) throws -> Rig {
+        var props = BalloonDeviceProperties()
+        props.freePageReporting = true
+        let rig = try Rig(props, options: BalloonDriverOptions(poisonPolicy: pagePoison), balloonBytes: balloonBytes)
+        rig.memoryStatus.free = (256 + 40) << 20  // 40 MiB above the keep-free watermark
+        try rig.driver.bringUp()
+        return rig
+    }
+
+    @Test("free memory above the watermark is reported in 2 MiB-aligned blocks, at most 32 per buffer, and held")
+    func reportsHugeBlocks() throws {
+        let rig = try reportingRig()
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.reportedRanges.count == 20)
+        #expect(rig.device.reportedRanges.allSatisfy { $0.length == 2 << 20 && $0.start.value % (2 << 20) == 0 })
+        #expect(rig.memory.heldBytes == 40 << 20)
+        #expect(rig.driver.statusSnapshot().reportedBytes == 40 << 20)
+        #expect(rig.driver.counters.reportsSent == 1)
+    }
+
+    @Test("low MemFree gives reported blocks back, then a cooldown passes before reporting again")
+    func releaseAndCooldown() throws {
+        let rig = try reportingRig()
+        try rig.driver.tick()
+        try rig.serviceAll()
+        rig.memoryStatus.free = 100 << 20
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        #expect(rig.memory.heldBytes == 0)  // the 64 MiB step covers all 40 MiB
+        rig.memoryStatus.free = 400 << 20
+        rig.clock.advance(milliseconds: 5000)
+        try rig.driver.tick()
+        #expect(rig.driver.counters.reportsSent == 1, "reported again inside the cooldown")
+        rig.clock.advance(milliseconds: 6000)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.reportsSent == 2)
+    }
+
+    @Test("with a non-zero poison_val nothing is reported (QEMU would ignore it)")
+    func poisonDisablesReporting() throws {
+        let rig = try reportingRig(pagePoison: .poison)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.device.poisonVal == 0xAAAA_AAAA)
+        #expect(rig.device.reportedRanges.isEmpty)
+        #expect(rig.memory.heldBytes == 0)
+    }
+
+    @Test("inflating takes reported blocks first: they are already discarded on the host")
+    func inflateRecyclesReported() throws {
+        let rig = try reportingRig()
+        try rig.driver.tick()
+        try rig.serviceAll()
+        let reported = Set(rig.device.reportedRanges.flatMap { r in (r.start.value >> 12)..<((r.start.value + r.length) >> 12) }.map(UInt32.init))
+        let takesBefore = rig.memory.events.count
+        rig.setTarget(pages: 2048)
+        try rig.serviceAll()
+        #expect(rig.device.actual == 2048)
+        #expect(rig.device.inflatedPFNs.isSubset(of: reported))
+        #expect(rig.memory.events.count == takesBefore, "took new memory although reported blocks were held")
+    }
+
+    @Test("a report is not sent while the balloon is still moving towards its target")
+    func targetFirst() throws {
+        let rig = try reportingRig()
+        rig.device.processPFNsOnNotify = false
+        rig.setTarget(pages: 1024)
+        try rig.serviceAll()
+        try rig.driver.tick()
+        #expect(rig.driver.counters.reportsSent == 0)
+    }
+}
