@@ -15,6 +15,9 @@ Modes:
   none                 no balloon driver in the guest (the baseline)
   kernel               the in-kernel virtio_balloon driver (the anchor)
   balloond[:SOURCE]    balloond run --hint-source SOURCE (default auto)
+  balloond:SOURCE-control
+                       the same rounds, taking and releasing memory, but no hint sent
+                       (tells a wrong hint from the churn of the rounds themselves)
 
 Usage: scripts/migrate.py [--modes none,balloond] [--runs N] [--dirty-mib 600] [--json FILE]
                          [--plot FILE.png]
@@ -170,7 +173,11 @@ def migrate_once(mode, run_index, args):
         a = src.agent
         if mode.startswith("balloond"):
             source = mode.split(":", 1)[1] if ":" in mode else "auto"
+            control = source.endswith("-control")
+            source = source.removesuffix("-control")
             extra = " --allow-unverified-owned-sources" if source in ("hugetlb", "anonymous") else ""
+            if control:
+                extra += " --hint-control"
             a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level info")
             deadline = time.time() + 60
             while "DRIVER_OK" not in a.run("balloond status")[0]:

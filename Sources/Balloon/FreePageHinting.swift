@@ -34,6 +34,11 @@ public struct HintOptions: Sendable {
     /// How long a round may wait for the device to return descriptors when the ring is full
     /// before it sends STOP and ends the round (the device keeps its hints; nothing hangs).
     public var fullRingTimeoutMilliseconds = 2000
+    /// A control experiment (`balloond run --hint-control`): take memory from the source
+    /// exactly as a real round would (same churn in the guest) but post no hint; each batch
+    /// is handed back as if applied. A migration that still goes wrong with this on was not
+    /// broken by a hint.
+    public var controlNoHints = false
     public init() {}
 }
 
@@ -150,6 +155,12 @@ extension BalloonDriver {
                 break
             }
             if batch.isEmpty { break }
+            if hintOptions.controlNoHints {
+                hinting.roundBytes += batch.reduce(0) { $0 + $1.length }
+                source.hintsApplied(batch)
+                try pollDuringRound(line: line, waitMilliseconds: 0)
+                continue
+            }
             for range in batch {
                 precondition(range.start.value % balloonPageSize == 0 && range.length % balloonPageSize == 0 && range.length > 0,
                              "free page source returned an unaligned range")

@@ -44,6 +44,11 @@ struct RunCommand: ParsableCommand {
         In this release's QEMU migration tests the destination kernel reported list corruption after         rounds hinted by the owned sources; until the cause is found they are off unless asked for.
         """))
     var allowUnverifiedOwnedSources = false
+    @Flag(help: ArgumentHelp("Control experiment: run hint rounds that take memory from the hint source as usual but send no hint.", discussion: """
+        For telling a wrong hint from the guest-side churn of taking and releasing memory during \
+        a migration (virtio-balloon.md §9's bench caveat). Nothing is saved with it on.
+        """))
+    var hintControl = false
     @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate and deflate to the host's target (QMP `balloon`).", discussion: """
         Inflated memory is taken as 2 MiB hugetlb pages (surplus pages, which go back to the guest \
         the moment balloond exits), else as locked 4 KiB pages, and shows as balloond's own \
@@ -148,6 +153,8 @@ struct RunCommand: ParsableCommand {
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
                                    balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
+        driver.hintOptions.controlNoHints = hintControl
+        if hintControl { logger.warning("--hint-control: hint rounds take memory but send no hints (control experiment)") }
         defer { driver.shutdown() }
         var psi: PressureTrigger?
         do {

@@ -28,13 +28,17 @@ struct StatusCommand: ParsableCommand {
         print("negotiated   \(d.negotiatedFeatures)")
         print("poison_val   \(d.poisonValue.map { "0x" + String($0, radix: 16) } ?? "not negotiated")")
         print("dma          \(s.dmaMemory)")
-        print("balloon      num_pages \(d.numPages), actual \(d.actual)")
+        print("balloon      num_pages \(d.numPages) (\(d.numPages >> 8) MiB), actual \(d.actual) (\(d.actual >> 8) MiB), held \(d.balloonBytes >> 20) MiB from \(d.balloonMemory ?? "no backend")")
+        if let why = d.shortfall { print("shortfall    \(why)") }
+        print("reporting    holding \(d.reportedBytes >> 20) MiB reported")
         print("hint cmd     \(d.hintCommand)")
         for q in d.queues {
             print("queue \(q.index)      \(q.role.padding(16)) size \(q.size) enabled \(q.enabled) avail \(q.availableIndex) used \(q.usedIndex) in-flight \(q.inFlight)")
         }
         let c = d.counters
         print("counters     interrupts \(c.interrupts), config changes \(c.configChanges), stats sent \(c.statsBuffersSent), device resets \(c.deviceResets), restarts \(s.restarts), errors \(c.errors)")
+        print("sizing       inflated \(c.pagesInflated >> 8) MiB in \(c.inflateBuffers) buffers, deflated \(c.pagesDeflated >> 8) MiB in \(c.deflateBuffers), shortfalls \(c.inflateShortfalls), pressure deflates \(c.pressureDeflates), moved blocks \(c.balloonBlocksMoved)")
+        print("hinting      rounds \(c.hintRounds), hinted \(c.bytesHinted >> 20) MiB in \(c.hintsSent) hints; reports \(c.reportsSent), reported \(c.bytesReported >> 20) MiB")
     }
 }
 
