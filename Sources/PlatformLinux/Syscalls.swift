@@ -160,6 +160,15 @@ public enum Sys {
         try f.writeAll(Array(contents.utf8))
     }
 
+    /// Replaces a regular file's contents atomically: writes `path.tmp`, then renames it over
+    /// `path`, so a reader (or a restart after SIGKILL) sees the old contents or the new ones,
+    /// never an empty or half-written file.
+    public static func replaceFile(_ path: String, _ contents: String, mode: mode_t = 0o644) throws(SystemCallError) {
+        let temporary = path + ".tmp"
+        try writeFile(temporary, contents, mode: mode)
+        _ = try Sys.call("rename", path: path) { unsafe rename(temporary, path) }
+    }
+
     /// The target of a symbolic link.
     public static func readlink(_ path: String) throws(SystemCallError) -> String {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)

@@ -305,6 +305,8 @@ extension RunCommand {
     /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
     /// anonymous memory.
     func makeBalloonMemory(logger: Logger) throws -> BalloonMemory? {
-        nil
+        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), limits: OwnedMemoryLimits(), logger: logger)
+        logger.info("balloon memory: \(memory.name)")
+        return memory
     }
 }
