@@ -6,7 +6,9 @@
 #   - the kernel modules the tests need (GUEST_MODULES below) and all their dependencies,
 #     with modules.dep/alias/... so busybox modprobe works inside the guest,
 #   - balloond (BALLOOND_BIN, default .build/release/balloond if it exists) and every shared
-#     library ldd lists for it, at the same paths.
+#     library ldd lists for it, at the same paths,
+#   - /bin/memhog, scripts/guest/memhog.c compiled statically (gcc -static -O2; installs
+#     gcc and libc6-dev with apt if they are missing), the memory hog of the balloon tests.
 # Nothing is loaded at boot: the balloon device stays unbound (virtio_pci is a module in the
 # Debian kernel), which is what balloond expects to find.
 #
@@ -44,6 +46,28 @@ for tool in cpio gzip sha256sum; do
   command -v "$tool" >/dev/null || die "$tool not found: run scripts/setup.sh"
 done
 
+# memhog is linked statically, which needs gcc and glibc's static libc.a (libc6-dev).
+# Installed the way setup.sh installs packages, when missing.
+LIBC_A=/usr/lib/x86_64-linux-gnu/libc.a
+memhog_need=()
+command -v gcc >/dev/null || memhog_need+=(gcc)
+[ -f "$LIBC_A" ] || memhog_need+=(libc6-dev)
+if [ ${#memhog_need[@]} -gt 0 ]; then
+  mkdir -p "$CACHE"
+  APT_LOG=$CACHE/setup-apt.log
+  note "installing ${memhog_need[*]} for memhog (log: $APT_LOG)"
+  export DEBIAN_FRONTEND=noninteractive
+  for cmd in "apt-get update -qq" "apt-get install -y -qq --no-install-recommends ${memhog_need[*]}"; do
+    # shellcheck disable=SC2086 # word splitting of the command on purpose
+    if ! $cmd >>"$APT_LOG" 2>&1; then
+      tail -n 20 "$APT_LOG" >&2
+      die "'$cmd' failed"
+    fi
+  done
+  command -v gcc >/dev/null || die "gcc still missing after installing ${memhog_need[*]}"
+  [ -f "$LIBC_A" ] || die "$LIBC_A still missing after installing ${memhog_need[*]}"
+fi
+
 # balloond: explicit BALLOOND_BIN must exist; the default is optional.
 if [ -n "${BALLOOND_BIN+set}" ]; then
   case $BALLOOND_BIN in
@@ -61,6 +85,18 @@ fi
 mkdir -p "$OUT_DIR"
 exec 9>"$OUT_DIR/.lock"
 flock -w 300 9 || die "another build-guest.sh holds $OUT_DIR/.lock for more than 5 minutes"
+
+# memhog: compiled into the cache (not the staging tree), only when the source's checksum
+# changed, so the image stays byte-identical between runs.
+MEMHOG_SRC=$ROOT/scripts/guest/memhog.c
+MEMHOG=$OUT_DIR/memhog
+memhog_sum=$(sha256sum "$MEMHOG_SRC" | cut -d' ' -f1)
+if [ ! -x "$MEMHOG" ] || [ "$(cat "$MEMHOG.src.sha256" 2>/dev/null)" != "$memhog_sum" ]; then
+  gcc -static -O2 -Wall -o "$MEMHOG.tmp" "$MEMHOG_SRC" || die "compiling $MEMHOG_SRC failed"
+  mv "$MEMHOG.tmp" "$MEMHOG"
+  echo "$memhog_sum" >"$MEMHOG.src.sha256"
+  note "compiled $MEMHOG"
+fi
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
 cd "$STAGE"
@@ -91,6 +127,7 @@ install -m 0755 "$ROOT/scripts/guest/init" init
 install -m 0755 "$ROOT/scripts/guest/balloond-agent" usr/libexec/balloond-agent
 install -m 0755 "$ROOT/scripts/guest/bg-run-child" usr/libexec/bg-run-child
 install -m 0755 "$ROOT/scripts/guest/bg-run" usr/bin/bg-run
+install -m 0755 "$MEMHOG" usr/bin/memhog
 
 # --- kernel modules -----------------------------------------------------------------------
 # uio + uio_pci_generic for balloond; virtio_pci + virtio_balloon (pulling in virtio,
@@ -171,6 +208,7 @@ fi
 
 {
   echo "kernel=$KVER"
+  echo "memhog_sha256=$(sha256sum usr/bin/memhog | cut -d' ' -f1)"
   echo "modules=$(cd "lib/modules/$KVER" && find kernel -name '*.ko' -printf '%f\n' | sed 's/\.ko$//' | sort | tr '\n' ' ')"
   if [ -n "$BIN" ]; then
     echo "balloond=$BIN"

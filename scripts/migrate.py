@@ -175,7 +175,7 @@ def migrate_once(mode, run_index, args):
             source = mode.split(":", 1)[1] if ":" in mode else "auto"
             control = source.endswith("-control")
             source = source.removesuffix("-control")
-            extra = " --allow-unverified-owned-sources" if source in ("hugetlb", "anonymous") else ""
+            extra = ""
             if control:
                 extra += " --hint-control"
             a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level info")

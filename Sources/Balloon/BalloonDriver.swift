@@ -61,6 +61,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     /// Free page reports sent, and bytes reported.
     public var reportsSent = 0
     public var bytesReported: UInt64 = 0
+    /// Milliseconds from the last `num_pages` change to the balloon reaching it.
+    public var lastTargetMilliseconds: Int64?
     public init() {}
 }
 
@@ -320,7 +322,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
                 let c = hint && afterInterrupt ? try transport.readDeviceConfig32(at: BalloonConfigLayout.freePageHintCmdID) : nil
                 return (p, c)
             }
-            if pages != targetPages { logger.info("balloon target changed", metadata: ["num_pages": "\(pages)", "previous": "\(targetPages)"]) }
+            if pages != targetPages {
+                logger.info("balloon target changed", metadata: ["num_pages": "\(pages)", "previous": "\(targetPages)"])
+                sizing.targetChangedNanos = clock()
+            }
             targetPages = pages
             if let cmd {
                 let command = FreePageHintCommand(rawValue: cmd)

@@ -36,6 +36,8 @@ struct SizingState {
     var shortfallLogged = false
     /// Why the last inflate step fell short.
     var lastShortfall: String?
+    /// When `num_pages` last changed (monotonic ns), until the balloon got there.
+    var targetChangedNanos: UInt64?
 }
 
 extension BalloonDriver {
@@ -132,6 +134,11 @@ extension BalloonDriver {
                 try postPFNs(chosen, slot: slot, inflate: false)
             }
         } else {
+            if let t = sizing.targetChangedNanos, sizing.inflatingPages == 0, sizing.deflatingPages == 0 {
+                sizing.targetChangedNanos = nil
+                counters.lastTargetMilliseconds = Int64((clock() - t) / 1_000_000)
+                logger.info("balloon at its target", metadata: ["actual": "\(sizing.inflatedPages)", "ms": "\(counters.lastTargetMilliseconds ?? 0)"])
+            }
             sizing.retryMilliseconds = 0
             if pressure.ceilingPages != nil, committedPages == Int(targetPages) { pressure.ceilingPages = nil }
             if sizing.shortfallLogged {

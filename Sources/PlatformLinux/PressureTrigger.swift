@@ -27,7 +27,7 @@ public final class PressureTrigger {
         var bytes = Array(spec.utf8)
         bytes.append(0)
         let written: Int
-        do { written = try file.pwrite(bytes, offset: 0) } catch { throw .system(error) }
+        do { written = try file.write(bytes) } catch { throw .system(error) }
         if written != bytes.count { throw .malformedFile(path: path, reason: "the kernel took \(written) of \(bytes.count) bytes of the trigger") }
     }
 

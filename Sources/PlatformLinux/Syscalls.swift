@@ -71,6 +71,16 @@ public final class OpenFile {
         return try Sys.call("pread", path: path) { unsafe Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
 
+    /// Writes `bytes` in one `write` at the current position (for files that cannot seek,
+    /// such as a PSI trigger); returns how many were written.
+    @discardableResult
+    public func write(_ bytes: [UInt8]) throws(SystemCallError) -> Int {
+        let fd = descriptor
+        return try Sys.call("write", path: path) {
+            unsafe bytes.withUnsafeBytes { raw in unsafe Glibc.write(fd, raw.baseAddress, raw.count) }
+        }
+    }
+
     /// Writes `bytes` at `offset` in one `pwrite`; returns how many were written.
     @discardableResult
     public func pwrite(_ bytes: [UInt8], offset: Int) throws(SystemCallError) -> Int {

@@ -1,0 +1,531 @@
+// Balloon sizing in a 1 GiB TCG guest: inflate to a QMP target and deflate back, host
+// memory given back (QEMU's RSS), free page reporting, guest stats, deflate on memory
+// pressure, and re-inflation after the driver restarts.
+//
+// Every test is written against a `SizingDriver`, so the same test body runs with balloond
+// or with the in-kernel virtio_balloon driver. The test methods drive balloond; one extra
+// method (`inKernelInflateDeflate`) runs the inflate/deflate test with the in-kernel driver,
+// which proves the test logic and the guest tooling on the image as it is. To run every
+// balloond-named test against the in-kernel driver instead (e.g. to check a changed test's
+// logic), set BALLOOND_SIZING_DRIVER=kernel.
+//
+// The guest memory hog is /bin/memhog (scripts/guest/memhog.c): `memhog [-H HOLD_S] MIB`
+// writes every page of MIB MiB, holds, verifies, and ends with "memhog: ok MIB MiB".
+
+import Foundation
+import Testing
+
+private let mib: Int64 = 1 << 20
+private let guestRAM: Int64 = 1 << 30
+
+// MARK: - The driver under test
+
+/// Which balloon driver a sizing test runs against.
+enum SizingDriver: String, CustomStringConvertible {
+    /// The in-kernel virtio_balloon driver, loaded at boot (balloond.modprobe=...).
+    case kernel
+    /// `bg-run /run/bg/balloond balloond run --log-level info` (virtio_pci loaded at boot,
+    /// as on a normal guest; balloond takes the function over).
+    case balloond
+
+    var description: String { rawValue }
+
+    /// The driver of the balloond test methods: balloond, or BALLOOND_SIZING_DRIVER.
+    static var forBalloondTests: SizingDriver {
+        let name = ProcessInfo.processInfo.environment["BALLOOND_SIZING_DRIVER"] ?? ""
+        return SizingDriver(rawValue: name) ?? .balloond
+    }
+
+    var kernelArgs: [String] {
+        switch self {
+        case .kernel: ["balloond.modprobe=virtio_pci,virtio_balloon"]
+        case .balloond: ["balloond.modprobe=virtio_pci"]
+        }
+    }
+}
+
+/// A booted guest with a balloon driver: the driver's lifecycle, the QMP balloon commands,
+/// and the guest's and host's memory numbers.
+final class BalloonUnderTest {
+    let vm: GuestVM
+    let driver: SizingDriver
+    /// balloond's process, while it runs.
+    private(set) var balloond: GuestVM.GuestProcess?
+    /// QEMU's pid (RUN_DIR/qemu.pid).
+    let qemuPID: Int32
+
+    static let balloondDirectory = "/run/bg/balloond"
+
+    init(_ vm: GuestVM, driver: SizingDriver) throws {
+        self.vm = vm
+        self.driver = driver
+        let pidFile = vm.runDirectory.appendingPathComponent("qemu.pid")
+        guard let text = try? String(contentsOf: pidFile, encoding: .utf8),
+              let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw HarnessError(.setup, "cannot read QEMU's pid from \(pidFile.path)")
+        }
+        qemuPID = pid
+    }
+
+    /// Boots a 1 GiB guest for `driver`, starts the driver, runs `body`, then checks the
+    /// guest kernel log (`checkKernelLog`) and that the driver is still alive. Harness
+    /// errors thrown in here get the run directory from `GuestVM.with`.
+    static func with(_ driver: SizingDriver, name: String, balloonProperties: [String] = [],
+                     _ body: (BalloonUnderTest) throws -> Void) throws {
+        try GuestVM.with(.init(name: "\(name)-\(driver)", memory: "1G", kernelArgs: driver.kernelArgs,
+                               balloonProperties: balloonProperties)) { vm in
+            let b = try BalloonUnderTest(vm, driver: driver)
+            try b.start()
+            try body(b)
+            try b.checkKernelLog()
+            try b.expectDriverAlive()
+        }
+    }
+
+    // MARK: Driver lifecycle
+
+    /// Starts the driver (or checks that the boot-time one is there) and waits until the
+    /// device is DRIVER_OK.
+    func start() throws {
+        switch driver {
+        case .kernel:
+            try vm.check("grep -q '^virtio_balloon ' /proc/modules || modprobe virtio_balloon", timeout: 60)
+            try waitFor(60, "the in-kernel virtio_balloon driver reaches DRIVER_OK") { try VirtioStatus(vm).driverOK }
+        case .balloond:
+            let p = try vm.spawn(["balloond", "run", "--log-level", "info"], name: "balloond")
+            balloond = p
+            try waitFor(90, "balloond reaches DRIVER_OK") {
+                if let rc = try vm.exitStatus(of: p) {
+                    throw HarnessError(.commandFailed, "balloond exited with \(rc) before DRIVER_OK:\n\(tail(try vm.output(of: p)))")
+                }
+                return try vm.run("balloond status").output.contains("DRIVER_OK")
+            }
+        }
+    }
+
+    /// Stops the driver the hard way: balloond gets SIGKILL (`kill -9 $(cat
+    /// /run/bg/balloond/pid)`); the in-kernel driver is unloaded (rmmod deflates it fully).
+    func kill() throws {
+        switch driver {
+        case .kernel:
+            try vm.check("rmmod virtio_balloon", timeout: 120)
+        case .balloond:
+            try vm.check("kill -9 $(cat \(Self.balloondDirectory)/pid)", timeout: 10)
+            if let p = balloond {
+                let rc = try vm.waitForExit(p, timeout: 30)
+                #expect(rc == 137, "balloond after SIGKILL: exit status \(rc)")
+            }
+            balloond = nil
+        }
+    }
+
+    /// balloond must still be running (a crash during a test is a failure of its own).
+    func expectDriverAlive() throws {
+        guard driver == .balloond, let p = balloond else { return }
+        if let rc = try vm.exitStatus(of: p) {
+            Issue.record("balloond exited with \(rc) during the test:\n\(diagnostics())")
+        }
+    }
+
+    /// What the driver said: balloond's log tail, or the kernel's balloon lines.
+    func diagnostics() -> String {
+        let command: String
+        switch driver {
+        case .kernel: command = "dmesg | grep -i -E 'balloon|virtio' | tail -20"
+        case .balloond: command = "tail -c 3000 \(Self.balloondDirectory)/log"
+        }
+        return (try? vm.run(command, timeout: 30).output) ?? "(guest did not answer)"
+    }
+
+    // MARK: QMP balloon
+
+    /// QMP `balloon value=<bytes>`: the guest should be left with `bytes` of RAM.
+    func setTarget(_ bytes: Int64) throws {
+        _ = try vm.qmp.execute("balloon", arguments: ["value": bytes])
+    }
+
+    /// `query-balloon` actual: bytes of RAM the guest has (RAM minus the balloon).
+    func actual() throws -> Int64 {
+        let info = try vm.qmp.executeObject("query-balloon")
+        guard let actual = (info["actual"] as? NSNumber)?.int64Value else {
+            throw HarnessError(.protocolViolation, "query-balloon without actual: \(info)")
+        }
+        return actual
+    }
+
+    /// Polls `query-balloon` (every 100 ms) until `condition(actual)` holds; returns the
+    /// seconds it took. Throws `.timeout` with the driver's diagnostics otherwise.
+    @discardableResult
+    func waitForActual(_ timeout: TimeInterval, _ what: String, _ condition: (Int64) -> Bool) throws -> Double {
+        let started = Date()
+        let deadline = started.addingTimeInterval(timeout)
+        var last: Int64 = -1
+        while Date() < deadline {
+            last = try actual()
+            if condition(last) { return Date().timeIntervalSince(started) }
+            usleep(100_000)
+        }
+        throw HarnessError(.timeout, """
+            \(driver): query-balloon actual did not reach \(what) within \(Int(timeout)) s \
+            (last actual \(last / mib) MiB); driver diagnostics:
+            \(diagnostics())
+            """)
+    }
+
+    // MARK: Memory numbers
+
+    /// A /proc/meminfo field of the guest, in MiB.
+    func meminfo(_ field: String) throws -> Int64 {
+        let out = try vm.check("cat /proc/meminfo", timeout: 30)
+        for line in out.split(separator: "\n") where line.hasPrefix(field + ":") {
+            let parts = line.split(separator: " ", omittingEmptySubsequences: true)
+            if parts.count >= 2, let kib = Int64(parts[1]) { return kib / 1024 }
+        }
+        throw HarnessError(.protocolViolation, "no \(field) in the guest's /proc/meminfo:\n\(out)")
+    }
+
+    func memAvailable() throws -> Int64 { try meminfo("MemAvailable") }
+
+    /// QEMU's resident set on the host (VmRSS of /proc/<qemu pid>/status), in MiB.
+    func qemuRSS() throws -> Int64 {
+        let path = "/proc/\(qemuPID)/status"
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw HarnessError(.closed, "cannot read \(path): QEMU has exited?")
+        }
+        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            if let kib = line.split(separator: " ").compactMap({ Int64($0) }).first { return kib / 1024 }
+        }
+        throw HarnessError(.protocolViolation, "no VmRSS in \(path)")
+    }
+
+    /// QEMU's RSS once it has settled: sampled every second until four samples in a row lie
+    /// within `band` MiB of each other (or `timeout` passes: then the last sample).
+    func stableQEMURSS(timeout: TimeInterval = 60, band: Int64 = 2) throws -> Int64 {
+        let deadline = Date().addingTimeInterval(timeout)
+        var samples: [Int64] = [try qemuRSS()]
+        while Date() < deadline {
+            Thread.sleep(forTimeInterval: 1)
+            samples.append(try qemuRSS())
+            let window = samples.suffix(4)
+            if window.count == 4, let lo = window.min(), let hi = window.max(), hi - lo <= band {
+                return samples.last!
+            }
+        }
+        return samples.last!
+    }
+
+    // MARK: Guest programs
+
+    /// Runs `memhog <args> <mibs>` in the foreground and checks it ends with
+    /// "memhog: ok <mibs> MiB".
+    func memhog(_ mibs: Int, _ arguments: [String] = [], timeout: TimeInterval = 600) throws {
+        let (out, rc) = try vm.run((["memhog"] + arguments + ["\(mibs)"]).joined(separator: " "), timeout: timeout)
+        guard rc == 0, out.contains("memhog: ok \(mibs) MiB") else {
+            throw HarnessError(.commandFailed, "memhog \(mibs) failed (rc \(rc)):\n\(tail(out))\nkernel log:\n\(kernelLogTail())")
+        }
+    }
+
+    /// Starts `memhog -H hold <mibs>` in the background and waits until it holds all of
+    /// its memory (its "holding" line).
+    func spawnHoldingMemhog(_ mibs: Int, hold: Int, name: String = "memhog", timeout: TimeInterval = 600) throws -> GuestVM.GuestProcess {
+        let p = try vm.spawn(["memhog", "-H", "\(hold)", "\(mibs)"], name: name)
+        try waitFor(timeout, "memhog \(mibs) holds its memory") {
+            if let rc = try vm.exitStatus(of: p) {
+                throw HarnessError(.commandFailed, "memhog \(mibs) exited with \(rc) before holding:\n\(tail(try vm.output(of: p)))\nkernel log:\n\(kernelLogTail())")
+            }
+            return try vm.run("grep -q 'memhog: holding' \(p.logPath)").rc == 0
+        }
+        return p
+    }
+
+    /// Waits for a spawned memhog to finish and checks its "ok" line.
+    func expectMemhogOK(_ p: GuestVM.GuestProcess, mibs: Int, timeout: TimeInterval = 300) throws {
+        let rc = try vm.waitForExit(p, timeout: timeout)
+        let out = try vm.output(of: p)
+        #expect(rc == 0 && out.contains("memhog: ok \(mibs) MiB"), "memhog \(mibs): rc \(rc)\n\(tail(out))")
+    }
+
+    // MARK: Kernel log
+
+    /// Lines of the guest's dmesg matching the extended regex `pattern`.
+    func kernelLogLines(matching pattern: String) throws -> [String] {
+        let (out, rc) = try vm.run("dmesg | grep -E \(shellQuote(pattern))", timeout: 30)
+        guard rc == 0 else { return [] }  // grep: 1 = no match
+        return out.split(separator: "\n").map(String.init)
+    }
+
+    func kernelLogTail() -> String {
+        (try? vm.run("dmesg | tail -25", timeout: 30).output) ?? "(guest did not answer)"
+    }
+
+    /// No BUG, Oops, soft lockup or RCU stall in the guest's dmesg or on its console.
+    func checkKernelLog() throws {
+        let pattern = "BUG[: ]|Oops|soft lockup|rcu.*stall"
+        let bad = try kernelLogLines(matching: pattern)
+        #expect(bad.isEmpty, "guest kernel log (\(driver)):\n\(bad.prefix(10).joined(separator: "\n"))")
+        let regex = try NSRegularExpression(pattern: pattern)
+        let console = vm.consoleLog().split(whereSeparator: \.isNewline).filter { line in
+            let s = String(line)
+            return regex.firstMatch(in: s, range: NSRange(s.startIndex..., in: s)) != nil
+        }
+        #expect(console.isEmpty, "guest console (\(driver)):\n\(console.prefix(10).joined(separator: "\n"))")
+    }
+
+    // MARK: Stats
+
+    /// `qom-get /machine/peripheral/balloon0 guest-stats`: last-update and the stats.
+    func guestStats() throws -> (lastUpdate: Int64, stats: [String: UInt64]) {
+        let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
+        let last = (gs["last-update"] as? NSNumber)?.int64Value ?? 0
+        var stats: [String: UInt64] = [:]
+        for (key, value) in (gs["stats"] as? [String: Any]) ?? [:] {
+            if let n = value as? NSNumber { stats[key] = n.uint64Value }
+        }
+        return (last, stats)
+    }
+
+    /// Waits for a guest-stats update whose last-update (host wall-clock seconds) is at
+    /// least `after`; returns its stats.
+    func guestStats(updatedAfter after: Int64, timeout: TimeInterval = 30) throws -> [String: UInt64] {
+        var result: [String: UInt64] = [:]
+        try waitFor(timeout, "a guest-stats update after \(after)") {
+            let (last, stats) = try guestStats()
+            result = stats
+            return last >= after
+        }
+        return result
+    }
+
+    // MARK: Polling
+
+    /// Polls `condition` every 0.5 s until it holds (true) or `timeout` passes (false): for
+    /// waits whose outcome the test then checks with `#expect` and a full message.
+    func poll(_ timeout: TimeInterval, _ what: String, _ condition: () throws -> Bool) throws -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            if try condition() { return true }
+            if Date() >= deadline { return false }
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+    }
+
+    /// Polls `condition` every 0.5 s until it holds; throws `.timeout` (with the driver's
+    /// diagnostics) if `timeout` passes first.
+    func waitFor(_ timeout: TimeInterval, _ what: String, _ condition: () throws -> Bool) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            if try condition() { return }
+            if Date() >= deadline { break }
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+        throw HarnessError(.timeout, "\(driver): timed out after \(Int(timeout)) s waiting for: \(what); driver diagnostics:\n\(diagnostics())")
+    }
+}
+
+/// The ten stats of a 6.1 guest (virtio-balloon.md §5), by QOM key.
+let allGuestStatKeys = ["stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults", "stat-free-memory",
+                        "stat-total-memory", "stat-available-memory", "stat-disk-caches", "stat-htlb-pgalloc", "stat-htlb-pgfail"]
+
+// MARK: - The tests, parameterised by driver
+
+enum BalloonSizingChecks {
+    /// `balloon 512M` is reached (actual ≤ 514 MiB) and MemAvailable drops by ≥ 400 MiB;
+    /// `balloon 1024M` gives it all back (actual == 1 GiB, MemAvailable within 64 MiB).
+    static func inflateDeflate(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-inflate") { b in
+            #expect(try b.actual() == guestRAM)
+            let before = try b.memAvailable()
+
+            try b.setTarget(512 * mib)
+            let inflateSeconds = try b.waitForActual(180, "≤ 514 MiB") { $0 <= 514 * mib }
+            // The driver reports actual as it goes; the guest's accounting may lag by a
+            // buffer or two.
+            var inflated = try b.memAvailable()
+            _ = try b.poll(20, "MemAvailable drops by ≥ 400 MiB") {
+                inflated = try b.memAvailable()
+                return before - inflated >= 400
+            }
+            let actualInflated = try b.actual()
+            #expect(before - inflated >= 400, "\(driver): MemAvailable \(before) -> \(inflated) MiB after balloon 512M (actual \(actualInflated / mib) MiB)")
+
+            try b.setTarget(guestRAM)
+            let deflateSeconds = try b.waitForActual(180, "== 1024 MiB") { $0 == guestRAM }
+            var deflated = try b.memAvailable()
+            _ = try b.poll(20, "MemAvailable recovers to within 64 MiB") {
+                deflated = try b.memAvailable()
+                return deflated >= before - 64
+            }
+            #expect(deflated >= before - 64, "\(driver): MemAvailable \(before) MiB before, \(deflated) MiB after deflating")
+            #expect(try b.actual() == guestRAM)
+            print("sizing-inflate (\(driver)): MemAvailable \(before) -> \(inflated) -> \(deflated) MiB; inflate to 512 MiB in \(String(format: "%.1f", inflateSeconds)) s, deflate in \(String(format: "%.1f", deflateSeconds)) s")
+        }
+    }
+
+    /// After ~500 MiB are dirtied in the guest (resident on the host) and freed, inflating
+    /// to 512M makes QEMU's RSS drop by ≥ 300 MiB.
+    static func hostRSSDrops(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-rss") { b in
+            try b.memhog(500)
+            let before = try b.stableQEMURSS()
+            try b.setTarget(512 * mib)
+            try b.waitForActual(180, "≤ 514 MiB") { $0 <= 514 * mib }
+            let after = try b.stableQEMURSS()
+            #expect(before - after >= 300, "\(driver): QEMU RSS \(before) -> \(after) MiB after inflating to 512 MiB")
+            print("sizing-rss (\(driver)): QEMU RSS \(before) -> \(after) MiB (\(before - after) MiB given back)")
+        }
+    }
+
+    /// free-page-reporting=on: the driver negotiates REPORTING, and after 500 MiB are
+    /// dirtied and freed QEMU's RSS drops by ≥ 200 MiB within 30 s, with no balloon command.
+    static func freePageReporting(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-fpr", balloonProperties: ["free-page-reporting=on"]) { b in
+            let status = try VirtioStatus(b.vm)
+            #expect(status.has("VIRTIO_BALLOON_F_REPORTING"), "\(driver) did not negotiate REPORTING: \(status.guestFeatures)")
+            let hog = try b.spawnHoldingMemhog(500, hold: 5)
+            let peak = try b.qemuRSS()
+            try b.expectMemhogOK(hog, mibs: 500)
+            let freed = Date()
+            var now = peak
+            _ = try b.poll(30, "QEMU RSS drops by ≥ 200 MiB") {
+                now = try b.qemuRSS()
+                return peak - now >= 200
+            }
+            let seconds = Date().timeIntervalSince(freed)
+            #expect(peak - now >= 200, "\(driver): QEMU RSS \(peak) MiB with 500 MiB in use, \(now) MiB 30 s after it was freed")
+            #expect(try b.actual() == guestRAM, "reporting must not touch the balloon")
+            print("sizing-fpr (\(driver)): QEMU RSS \(peak) -> \(now) MiB \(String(format: "%.1f", seconds)) s after the guest freed 500 MiB")
+        }
+    }
+
+    /// guest-stats-polling-interval 2: all ten stats are set; while memhog holds 200 MiB,
+    /// stat-minor-faults has grown and stat-free-memory has dropped by ≥ 150 MiB.
+    static func stats(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-stats") { b in
+            _ = try b.vm.qmp.execute("qom-set", arguments: ["path": "/machine/peripheral/balloon0",
+                                                            "property": "guest-stats-polling-interval", "value": 2])
+            // Two fresh updates, so the polling is really going round.
+            var updates: [Int64] = []
+            try b.waitFor(30, "two guest-stats updates") {
+                let last = try b.guestStats().lastUpdate
+                if last != 0 && updates.last != last { updates.append(last) }
+                return updates.count >= 2
+            }
+            let (_, idle) = try b.guestStats()
+            for key in allGuestStatKeys {
+                let v = idle[key]
+                #expect(v != nil && v != UInt64.max, "\(driver): \(key) = \(v.map(String.init) ?? "missing")")
+            }
+            let total = idle["stat-total-memory"] ?? 0
+            #expect(total > 900 << 20 && total <= 1 << 30, "\(driver): stat-total-memory \(total)")
+
+            let hog = try b.spawnHoldingMemhog(200, hold: 10)
+            let held = try b.guestStats(updatedAfter: Int64(Date().timeIntervalSince1970) + 1)
+            let faults0 = idle["stat-minor-faults"] ?? 0, faults1 = held["stat-minor-faults"] ?? 0
+            let free0 = Int64(clamping: idle["stat-free-memory"] ?? 0) / mib, free1 = Int64(clamping: held["stat-free-memory"] ?? 0) / mib
+            #expect(faults1 > faults0, "\(driver): stat-minor-faults \(faults0) -> \(faults1) while memhog 200 holds its memory")
+            #expect(free0 - free1 >= 150, "\(driver): stat-free-memory \(free0) -> \(free1) MiB while memhog 200 holds its memory")
+            for key in allGuestStatKeys {
+                #expect(held[key] != nil && held[key] != UInt64.max, "\(driver): \(key) unset after an update")
+            }
+            try b.expectMemhogOK(hog, mibs: 200)
+            print("sizing-stats (\(driver)): minor faults \(faults0) -> \(faults1), free \(free0) -> \(free1) MiB")
+        }
+    }
+
+    /// deflate-on-oom=on, inflated to 512M: `memhog 600` (more than the guest has left)
+    /// succeeds with no OOM kill, and while it holds its memory query-balloon actual is
+    /// above 512 MiB, so the driver deflated.
+    static func deflateOnPressure(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-oom", balloonProperties: ["deflate-on-oom=on"]) { b in
+            let status = try VirtioStatus(b.vm)
+            #expect(status.has("VIRTIO_BALLOON_F_DEFLATE_ON_OOM"), "\(driver) did not negotiate DEFLATE_ON_OOM: \(status.guestFeatures)")
+            try b.setTarget(512 * mib)
+            try b.waitForActual(180, "≤ 514 MiB") { $0 <= 514 * mib }
+            let available = try b.memAvailable()
+
+            let hog = try b.spawnHoldingMemhog(600, hold: 10, timeout: 900)
+            let whileHeld = try b.actual()
+            try b.expectMemhogOK(hog, mibs: 600)
+            #expect(whileHeld > 514 * mib, "\(driver): actual \(whileHeld / mib) MiB while memhog 600 held its memory (MemAvailable was \(available) MiB)")
+            let oom = try b.kernelLogLines(matching: "Out of memory|oom-kill|Killed process")
+            #expect(oom.isEmpty, "\(driver): OOM in the guest:\n\(oom.prefix(5).joined(separator: "\n"))")
+            let console = b.vm.consoleLog().split(whereSeparator: \.isNewline).filter {
+                $0.contains("Out of memory") || $0.contains("oom-kill") || $0.contains("Killed process")
+            }
+            #expect(console.isEmpty, "\(driver): OOM on the guest console:\n\(console.prefix(5).joined(separator: "\n"))")
+            print("sizing-oom (\(driver)): MemAvailable \(available) MiB at 512M; actual \(whileHeld / mib) MiB while memhog 600 held, \(try b.actual() / mib) MiB after")
+        }
+    }
+
+    /// Inflated to 768M, the driver is killed (balloond: SIGKILL; kernel: rmmod): the guest
+    /// gets the balloon's memory back (nothing leaks). Started again, the driver re-inflates:
+    /// actual ≤ 770 MiB and MemAvailable back within 64 MiB of the inflated value.
+    static func restartReinflates(_ driver: SizingDriver) throws {
+        try BalloonUnderTest.with(driver, name: "sizing-restart") { b in
+            let before = try b.memAvailable()
+            try b.setTarget(768 * mib)
+            try b.waitForActual(180, "≤ 770 MiB") { $0 <= 770 * mib }
+            var inflated = try b.memAvailable()
+            _ = try b.poll(20, "MemAvailable drops by ≥ 200 MiB") {
+                inflated = try b.memAvailable()
+                return before - inflated >= 200
+            }
+            #expect(before - inflated >= 200, "\(driver): MemAvailable \(before) -> \(inflated) MiB at 768M")
+
+            try b.kill()
+            var released = try b.memAvailable()
+            _ = try b.poll(30, "the guest gets the balloon's memory back") {
+                released = try b.memAvailable()
+                return released - inflated >= 200
+            }
+            #expect(released - inflated >= 200, "\(driver): MemAvailable \(inflated) MiB inflated, \(released) MiB after the driver was killed")
+
+            try b.start()
+            var again = released
+            let seconds = Date()
+            try b.waitFor(180, "actual ≤ 770 MiB and MemAvailable within 64 MiB of \(inflated) MiB again") {
+                again = try b.memAvailable()
+                return try b.actual() <= 770 * mib && again <= inflated + 64
+            }
+            print("sizing-restart (\(driver)): MemAvailable \(before) -> \(inflated) (768M) -> \(released) (killed) -> \(again) MiB (restarted, re-inflated in \(String(format: "%.1f", Date().timeIntervalSince(seconds))) s)")
+        }
+    }
+}
+
+@Suite("Balloon sizing in a 1 GiB guest", .serialized)
+struct BalloonSizingTests {
+    @Test("in-kernel virtio_balloon: balloon 512M is reached and MemAvailable drops ≥ 400 MiB; balloon 1024M gives it back")
+    func inKernelInflateDeflate() throws {
+        try BalloonSizingChecks.inflateDeflate(.kernel)
+    }
+
+    @Test("balloond: balloon 512M is reached and MemAvailable drops ≥ 400 MiB; balloon 1024M gives it back")
+    func balloondInflateDeflate() throws {
+        try BalloonSizingChecks.inflateDeflate(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond: inflating to 512M after 500 MiB were dirtied makes QEMU's RSS drop ≥ 300 MiB")
+    func balloondHostRSSDrops() throws {
+        try BalloonSizingChecks.hostRSSDrops(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond: free-page-reporting=on gives 500 MiB freed in the guest back to the host (RSS −200 MiB in 30 s) without a balloon command")
+    func balloondFreePageReporting() throws {
+        try BalloonSizingChecks.freePageReporting(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond: with guest-stats-polling-interval 2 all ten stats are set and follow a 200 MiB memhog")
+    func balloondStats() throws {
+        try BalloonSizingChecks.stats(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond: deflate-on-oom=on, inflated to 512M, memhog 600 succeeds without an OOM kill and the balloon deflates")
+    func balloondDeflateOnPressure() throws {
+        try BalloonSizingChecks.deflateOnPressure(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond: SIGKILL at 768M returns the memory to the guest; restarted, balloond re-inflates to ≤ 770 MiB")
+    func balloondRestartReinflates() throws {
+        try BalloonSizingChecks.restartReinflates(SizingDriver.forBalloondTests)
+    }
+}
