@@ -5,8 +5,8 @@
 #   none                 no driver, ~600 MiB dirtied and freed (the baseline)
 #   kernel               the in-kernel virtio_balloon driver (the anchor)
 #   balloond:kpageflags  balloond's scan source (the TCG default)
-#   balloond:anonymous   only with OWNED=1 (an owned source, still behind
-#                        --allow-unverified-owned-sources, which migrate.py passes)
+#   balloond:anonymous   only with OWNED=1 (an owned source; under TCG its churn alone
+#                        corrupts the destination, see balloond:anonymous-control)
 # Prints scripts/migrate.py's table (medians, vs none, x floor, hinted MiB, first hint and
 # STOP ms) and writes the per-run JSON and a plot to .cache/bench/.
 #   scripts/bench-migrate.sh                      # RUNS=3

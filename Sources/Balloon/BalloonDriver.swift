@@ -63,6 +63,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var bytesReported: UInt64 = 0
     /// Milliseconds from the last `num_pages` change to the balloon reaching it.
     public var lastTargetMilliseconds: Int64?
+    /// Time spent taking balloon memory from the guest (zeroing dominates under TCG).
+    public var takeMicroseconds: UInt64 = 0
     public init() {}
 }
 

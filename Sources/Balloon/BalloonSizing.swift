@@ -79,6 +79,8 @@ extension BalloonDriver {
                 while got < want {
                     let step = min(want - got, options.sizing.takeStepPages)
                     let take: BalloonTake
+                    let t0 = clock()
+                    defer { counters.takeMicroseconds += (clock() - t0) / 1000 }
                     do { take = try memory.take(maxPages: step, hugeOnly: false) } catch {
                         shortBy = "\(memory.name): \(error)"
                         break
