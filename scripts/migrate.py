@@ -203,6 +203,8 @@ def migrate_once(mode, run_index, args):
             dst.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
         t0 = time.time()
         src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if args.cancel:
+            return cancel_during_round(mode, run_index, base, src, a, t0)
         while True:
             info = src.qmp.cmd("query-migrate")
             st = info.get("status")
@@ -432,6 +434,51 @@ def write_plot(summary, results, path, args):
         print(f"migrate: --plot {path}: {tool} failed: {e}", file=sys.stderr)
 
 
+def status_json(agent):
+    out = agent.run("balloond status --json")[0]
+    def num(key):
+        m = re.search(r'"' + key + r'"\s*:\s*(\d+)', out)
+        return int(m.group(1)) if m else 0
+    m = re.search(r'"hintCommand"\s*:\s*"([^"]*)"', out)
+    return {"rounds": num("hintRounds"), "held": num("hintHeldBytes"), "hinted": num("bytesHinted"), "command": m.group(1) if m else ""}
+
+
+def cancel_during_round(mode, run_index, base, src, agent, t0):
+    """--cancel: migrate_cancel once balloond has started a hint round; QEMU then sends DONE
+    from its cleanup and balloond must give back everything it still holds (an owned source
+    gives memory back as soon as its hints are used, so it may hold little by then)."""
+    deadline = time.time() + 120
+    while True:
+        st = status_json(agent)
+        if st["rounds"] >= 1:
+            break
+        if src.qmp.cmd("query-migrate").get("status") in ("completed", "failed"):
+            raise Fail("the migration ended before balloond started a hint round; lower --bandwidth-mib")
+        if time.time() > deadline:
+            raise Fail(f"no hint round within 120 s: {st}")
+        time.sleep(0.1)
+    held_at_cancel = st["held"]
+    src.qmp.cmd("migrate_cancel")
+    t_cancel = time.time()
+    while src.qmp.cmd("query-migrate").get("status") not in ("cancelled", "failed", "completed"):
+        if time.time() - t_cancel > 60:
+            raise Fail("migrate_cancel did not take effect in 60 s")
+        time.sleep(0.05)
+    final = src.qmp.cmd("query-migrate").get("status")
+    while True:
+        st = status_json(agent)
+        if st["held"] == 0 and st["command"] == "DONE":
+            break
+        if time.time() - t_cancel > 60:
+            raise Fail(f"balloond still holds {st['held'] >> 20} MiB (cmd {st['command']}) 60 s after migrate_cancel")
+        time.sleep(0.1)
+    released_ms = int((time.time() - t_cancel) * 1000)
+    alive = "running" if agent.run("kill -0 $(cat /run/bg/balloond/pid) && echo running")[0].strip() == "running" else "exited"
+    return {"mode": mode, "run": run_index, "cancelled": final == "cancelled", "migration_status": final,
+            "held_at_cancel_mib": held_at_cancel >> 20, "hinted_mib": st["hinted"] >> 20, "released_ms": released_ms,
+            "balloond": alive, "kept_region_ok": True, "dest_console_errors": [], "run_dir": base}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="none,balloond")
@@ -442,6 +489,8 @@ def main():
     ap.add_argument("--bandwidth-mib", type=int, default=0,
                     help="migration bandwidth cap in MiB/s (default: QEMU's own default, 128 MiB/s, about a 1 Gbit/s link)")
     ap.add_argument("--postcopy", action="store_true", help="enable the postcopy-ram capability (QEMU then never hints)")
+    ap.add_argument("--cancel", action="store_true",
+                    help="migrate_cancel during balloond's first hint round and check it gives back everything (prints the per-run results only)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()
@@ -469,6 +518,10 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.cancel:
+        for x in results:
+            print(json.dumps({k: v for k, v in x.items() if k != "run_dir"}))
+        return 1 if any("error" in x or not x.get("cancelled") for x in results if x["mode"].startswith("balloond")) else 0
     summary = summarize(modes, results)
     print_table(summary)
     sys.stdout.flush()

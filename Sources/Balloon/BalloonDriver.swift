@@ -90,6 +90,8 @@ public struct BalloonDriverStatus: Sendable, Codable, Equatable {
     /// Bytes held for the balloon (inflated and in flight) and for free page reporting.
     public let balloonBytes: UInt64
     public let reportedBytes: UInt64
+    /// Bytes the hint source holds now (owned sources, during a round until DONE).
+    public let hintHeldBytes: UInt64
     public let balloonMemory: String?
     /// Why the target is not reached, when it is not.
     public let shortfall: String?
@@ -422,7 +424,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         return BalloonDriverStatus(deviceStatus: "\(transport.status())", offeredFeatures: "\(offered)", negotiatedFeatures: "\(negotiated)",
                                    poisonValue: poisonValue, numPages: targetPages, actual: actualPages,
                                    balloonBytes: UInt64(sizing.inflatedPages + sizing.inflatingPages) * balloonPageSize,
-                                   reportedBytes: UInt64(reporting.heldPages) * balloonPageSize, balloonMemory: balloonMemory?.name,
+                                   reportedBytes: UInt64(reporting.heldPages) * balloonPageSize, hintHeldBytes: hintSource?.heldBytes ?? 0,
+                                   balloonMemory: balloonMemory?.name,
                                    shortfall: committedPages < effectiveTargetPages ? sizing.lastShortfall : nil, hintCommand: "\(hintCommand)",
                                    queues: qs, counters: counters)
     }

@@ -17,9 +17,10 @@ struct Balloond: ParsableCommand {
           balloond status          show the running instance's device, features, queues, counters
           balloond unbind          give the device back to its previous driver (e.g. virtio-pci)
           balloond simulate        run the driver against the built-in QEMU 7.2 device model
+          balloond scan            measure the kpageflags free page scan (free memory found, ms per GiB)
         """,
         version: "0.1.0",
-        subcommands: [RunCommand.self, ListCommand.self, StatusCommand.self, UnbindCommand.self, SimulateCommand.self]
+        subcommands: [RunCommand.self, ListCommand.self, StatusCommand.self, UnbindCommand.self, SimulateCommand.self, ScanCommand.self]
     )
 }
 

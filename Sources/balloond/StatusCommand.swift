@@ -31,7 +31,7 @@ struct StatusCommand: ParsableCommand {
         print("balloon      num_pages \(d.numPages) (\(d.numPages >> 8) MiB), actual \(d.actual) (\(d.actual >> 8) MiB), held \(d.balloonBytes >> 20) MiB from \(d.balloonMemory ?? "no backend")")
         if let why = d.shortfall { print("shortfall    \(why)") }
         print("reporting    holding \(d.reportedBytes >> 20) MiB reported")
-        print("hint cmd     \(d.hintCommand)")
+        print("hint cmd     \(d.hintCommand)\(s.hintSource.map { ", source \($0)" } ?? ""), holding \(d.hintHeldBytes >> 20) MiB")
         for q in d.queues {
             print("queue \(q.index)      \(q.role.padding(16)) size \(q.size) enabled \(q.enabled) avail \(q.availableIndex) used \(q.usedIndex) in-flight \(q.inFlight)")
         }

@@ -19,8 +19,23 @@ struct MigrationResult: Decodable {
     let run_dir: String
 }
 
+/// A `--cancel` run: migrate_cancel during the first hint round.
+struct CancelResult: Decodable {
+    let mode: String
+    let cancelled: Bool
+    let held_at_cancel_mib: Int
+    let hinted_mib: Int
+    let released_ms: Int
+    let balloond: String
+}
+
 /// Runs scripts/migrate.py for `modes` and returns its per-run results.
 func migrate(modes: [String], extra: [String] = [], name: String) throws -> [MigrationResult] {
+    try JSONDecoder().decode([MigrationResult].self, from: runMigrateScript(modes: modes, extra: extra, name: name))
+}
+
+/// Runs scripts/migrate.py and returns its JSON output.
+func runMigrateScript(modes: [String], extra: [String], name: String) throws -> Data {
     try HarnessState.shared.prepare()
     // migrate.py runs two guests; hold the harness's VM slot so no other VM test runs beside it.
     HarnessState.shared.slots.wait()
@@ -41,7 +56,7 @@ func migrate(modes: [String], extra: [String] = [], name: String) throws -> [Mig
         throw HarnessError(.commandFailed, "scripts/migrate.py failed (exit \(p.exitStatus ?? -1)); log \(log.path):\n\(tail(text, lines: 30))")
     }
     print(tail(text, lines: 8))
-    return try JSONDecoder().decode([MigrationResult].self, from: Data(contentsOf: out))
+    return try Data(contentsOf: out)
 }
 
 @Suite("Live migration with free page hinting", .serialized)
@@ -69,7 +84,19 @@ struct MigrationTests {
         #expect((r.hint_rounds ?? -1) == 0 && (r.hinted_mib ?? -1) == 0)
     }
 
-    @Test("a page_poison=1 guest: auto refuses kpageflags (and, for now, the unverified owned sources) and migrates without pagealloc errors")
+    @Test("migrate_cancel during a hint round: QEMU sends DONE, balloond holds nothing afterwards and keeps running")
+    func cancelReleases() throws {
+        // Slow link, so the round is still on when the test cancels. (kpageflags: with the
+        // owned anonymous source the source guest stopped answering under TCG; open in #4.)
+        let data = try runMigrateScript(modes: ["balloond:kpageflags"], extra: ["--cancel", "--bandwidth-mib", "16"], name: "cancel")
+        let r = try #require(try JSONDecoder().decode([CancelResult].self, from: data).first)
+        #expect(r.cancelled)
+        #expect(r.hinted_mib > 0, "no hint was sent before the cancel")
+        #expect(r.released_ms < 30_000)
+        #expect(r.balloond == "running")
+    }
+
+    @Test("a page_poison=1 guest: auto refuses kpageflags (and, under TCG, the owned sources) and migrates without pagealloc errors")
     func pagePoisonGuest() throws {
         let results = try migrate(modes: ["balloond"], extra: ["--kernel-args", "page_poison=1"], name: "poison")
         let r = try #require(results.first)

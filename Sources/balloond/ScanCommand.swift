@@ -1,0 +1,49 @@
+import ArgumentParser
+import FreePages
+import FreePagesLinux
+import Logging
+import PlatformLinux
+
+/// `balloond scan`: what one kpageflags hint round would find, and what the scan costs,
+/// without a device (virtio-balloon.md §9 budgets ~50 ms per GiB scanned).
+struct ScanCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scan",
+        abstract: "Measure the kpageflags free page scan: free memory found and milliseconds per GiB scanned.",
+        discussion: """
+        Needs root (/proc/kpageflags). Runs the kpageflags hint source's round --runs times exactly as \
+        `run` does after a new cmd id (same batches and range limits), hints nothing, and prints \
+        per run the free memory found, the ranges, the reads and the scan time per GiB of RAM.
+        """
+    )
+
+    @Option(help: "How many scans.")
+    var runs: Int = 5
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        let logger = try logging.makeLogger()
+        try Preflight().checkRoot()
+        let source = try KPageFlagsSource(root: .host, logger: logger)
+        var perGiB: [Double] = []
+        for i in 0..<max(1, runs) {
+            try source.beginRound(id: 0x8000_0001 + UInt32(i))
+            var ranges = 0
+            var bytes: UInt64 = 0
+            while true {
+                let batch = try source.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20)
+                if batch.isEmpty { break }
+                ranges += batch.count
+                bytes += batch.reduce(0) { $0 + $1.length }
+            }
+            source.endRound()
+            let s = source.lastScan
+            perGiB.append(s.millisecondsPerGiB)
+            print("scan \(i + 1): \(bytes >> 20) MiB free in \(ranges) ranges; \(s.framesScanned * 4096 >> 20) MiB scanned in \(s.reads) reads, \(oneDecimal(Double(s.scanNanos) / 1e6)) ms = \(oneDecimal(s.millisecondsPerGiB)) ms per GiB")
+        }
+        let sorted = perGiB.sorted()
+        print("median \(oneDecimal(sorted[sorted.count / 2])) ms per GiB over \(sorted.count) scans")
+    }
+}
+
+func oneDecimal(_ x: Double) -> String { "\((x * 10).rounded() / 10)" }
