@@ -39,7 +39,7 @@ struct ScanCommand: ParsableCommand {
             source.endRound()
             let s = source.lastScan
             perGiB.append(s.millisecondsPerGiB)
-            print("scan \(i + 1): \(bytes >> 20) MiB free in \(ranges) ranges; \(s.framesScanned * 4096 >> 20) MiB scanned in \(s.reads) reads, \(oneDecimal(Double(s.scanNanos) / 1e6)) ms = \(oneDecimal(s.millisecondsPerGiB)) ms per GiB")
+            print("scan \(i + 1): \(bytes >> 20) MiB free in \(ranges) ranges; \((s.framesScanned * 4096) >> 20) MiB scanned in \(s.reads) reads, \(oneDecimal(Double(s.scanNanos) / 1e6)) ms = \(oneDecimal(s.millisecondsPerGiB)) ms per GiB")
         }
         let sorted = perGiB.sorted()
         print("median \(oneDecimal(sorted[sorted.count / 2])) ms per GiB over \(sorted.count) scans")
