@@ -33,11 +33,18 @@ struct RunCommand: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Negotiate FREE_PAGE_HINT when the device offers it.")
     var freePageHint = true
     @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, kpageflags.", discussion: """
-        hugetlb and anonymous hint memory balloond owns (safe on any host). kpageflags hints pages the         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG,         where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else         anonymous) elsewhere, and logs why.
+        hugetlb and anonymous hint memory balloond owns (safe on any host). kpageflags hints pages the \
+        kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG, \
+        where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else \
+        anonymous) elsewhere, and logs why; under TCG it never picks an owned source (their memory \
+        churn during a migration corrupts TCG destinations even with no hint sent), so on a TCG guest \
+        with page poisoning or init_on_free it turns hinting off.
         """))
     var hintSource: String = "auto"
     @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """
-        DANGEROUS: on KVM with manual dirty-log protect, a page the guest writes between balloond's         scan and QEMU applying the hint is dropped from the migration: the destination silently gets         stale memory. Use only on hosts whose dirty logging you know survives hints.
+        DANGEROUS: on KVM with manual dirty-log protect, a page the guest writes between balloond's \
+        scan and QEMU applying the hint is dropped from the migration: the destination silently gets \
+        stale memory. Use only on hosts whose dirty logging you know survives hints.
         """))
     var unsafeHintsOnKVM = false
     @Flag(help: ArgumentHelp("Control experiment: run hint rounds that take memory from the hint source as usual but send no hint.", discussion: """
