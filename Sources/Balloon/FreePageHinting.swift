@@ -42,7 +42,8 @@ public struct HintOptions: Sendable {
     public init() {}
 }
 
-func monotonicNanos() -> UInt64 {
+/// CLOCK_MONOTONIC in nanoseconds (the driver's default clock; the run loop uses it too).
+public func monotonicNanos() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)

@@ -16,7 +16,7 @@ public final class ProcMemoryStatus: GuestMemoryStatus {
     public init(readFile: @escaping (String) -> String?) { self.readFile = readFile }
     public func read() -> (available: UInt64, free: UInt64)? {
         guard let text = readFile("/proc/meminfo") else { return nil }
-        let m = parseKeyValueKiB(text)
+        let m = parseKeyValues(text, separator: ":")
         guard let a = m["MemAvailable"], let f = m["MemFree"] else { return nil }
         return (a * 1024, f * 1024)
     }
@@ -238,15 +238,4 @@ extension BalloonDriver {
             reporting.disabledReason = nil
         }
     }
-}
-
-func parseKeyValueKiB(_ text: String) -> [String: UInt64] {
-    var out: [String: UInt64] = [:]
-    for line in text.split(separator: "\n") {
-        guard let colon = line.firstIndex(of: ":") else { continue }
-        let key = String(line[..<colon])
-        let rest = line[line.index(after: colon)...].split(separator: " ")
-        if let v = rest.first.flatMap({ UInt64($0) }) { out[key] = v }
-    }
-    return out
 }

@@ -205,7 +205,7 @@ struct RunCommand: ParsableCommand {
                 // driver's next deadline at the latest: no busy polling.
                 var timeout: Int32 = 5000
                 if let d = driver.nextDeadlineNanos {
-                    let now = monotonicNanoseconds()
+                    let now = monotonicNanos()
                     timeout = d <= now ? 0 : Int32(min(5000, (d - now + 999_999) / 1_000_000))
                 }
                 let ready = try signals.wait(for: [(line.pollDescriptor, Int16(POLLIN)), (psi?.pollDescriptor, Int16(POLLPRI))], timeoutMilliseconds: timeout)
@@ -300,12 +300,6 @@ func kernelRelease() -> String {
     var u = utsname()
     uname(&u)
     return withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-}
-
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 extension RunCommand {
