@@ -114,7 +114,7 @@ extension BalloonDriver {
     /// always kept free for the STOP buffer.
     private func runRound(id: UInt32, source: FreePageSource, line: InterruptLine?) throws(BalloonError) {
         guard let q = queues[.freePageHint] else { return }
-        let startNanos = monotonicNanos()
+        let startNanos = clock()
         try processUsed()
         hinting.activeRound = id
         hinting.stopSent = false
@@ -137,7 +137,7 @@ extension BalloonDriver {
             if room <= 0 {
                 // The device has not returned enough descriptors yet; QEMU's iothread polls
                 // the queue during START, so wait briefly, watching for STOP/DONE meanwhile.
-                let now = monotonicNanos()
+                let now = clock()
                 if fullSince == nil { fullSince = now }
                 if now - fullSince! > UInt64(hintOptions.fullRingTimeoutMilliseconds) * 1_000_000 {
                     counters.hintRoundsTimedOut += 1
@@ -174,7 +174,7 @@ extension BalloonDriver {
             try kick(.freePageHint)
             if !hinting.firstHintPosted {
                 hinting.firstHintPosted = true
-                counters.lastRoundFirstHintMicros = Int64((monotonicNanos() - startNanos) / 1000)
+                counters.lastRoundFirstHintMicros = Int64((clock() - startNanos) / 1000)
             }
             try pollDuringRound(line: line, waitMilliseconds: 0)
         }
@@ -205,7 +205,7 @@ extension BalloonDriver {
         hinting.stopSent = true
         hintSource?.endRound()
         guard firstFinish else { return }
-        counters.lastRoundStopMicros = Int64((monotonicNanos() - hinting.roundStartNanos) / 1000)
+        counters.lastRoundStopMicros = Int64((clock() - hinting.roundStartNanos) / 1000)
         counters.lastRoundBytes = hinting.roundBytes
         logger.info("free page hint round ended", metadata: [
             "round": "0x\(String(round, radix: 16))", "hinted_mib": "\(hinting.roundBytes >> 20)",
