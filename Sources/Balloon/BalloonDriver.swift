@@ -135,6 +135,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let memoryStatus: GuestMemoryStatus?
     /// Monotonic nanoseconds (tests inject a fake clock).
     public var clock: () -> UInt64 = monotonicNanos
+    /// Whether a stop was requested (the daemon wires its signal check here); long work such
+    /// as a hint round checks it and ends early.
+    public var shouldStop: () -> Bool = { false }
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()

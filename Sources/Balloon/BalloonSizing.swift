@@ -48,7 +48,7 @@ extension BalloonDriver {
     /// holds it smaller (deflate on OOM).
     var effectiveTargetPages: Int {
         var t = Int(targetPages)
-        if let cap = pressure.ceilingPages, pressure.holdUntilNanos.map({ clock() < $0 }) ?? true { t = min(t, cap) }
+        if let cap = pressure.ceilingPages, let until = pressure.holdUntilNanos, clock() < until { t = min(t, cap) }
         return t
     }
 
@@ -142,7 +142,10 @@ extension BalloonDriver {
                 logger.info("balloon at its target", metadata: ["actual": "\(sizing.inflatedPages)", "ms": "\(counters.lastTargetMilliseconds ?? 0)"])
             }
             sizing.retryMilliseconds = 0
-            if pressure.ceilingPages != nil, committedPages == Int(targetPages) { pressure.ceilingPages = nil }
+            if committedPages == Int(targetPages) {
+                pressure.ceilingPages = nil
+                pressure.reinflateLimited = false
+            }
             if sizing.shortfallLogged {
                 logger.info("balloon target reached", metadata: ["actual": "\(sizing.inflatedPages)", "num_pages": "\(targetPages)"])
                 sizing.shortfallLogged = false
@@ -153,7 +156,7 @@ extension BalloonDriver {
     /// After a pressure deflate (DEFLATE_ON_OOM), how many more pages inflating may take:
     /// only what keeps MemAvailable above the re-inflate watermark (nil: no limit).
     private func reinflateFloorPages() -> Int? {
-        guard pressure.ceilingPages != nil, negotiated.contains(.deflateOnOOM), let m = memoryStatus?.read() else { return nil }
+        guard pressure.ceilingPages != nil || pressure.reinflateLimited, negotiated.contains(.deflateOnOOM), let m = memoryStatus?.read() else { return nil }
         let floor = options.pressure.reinflateAboveAvailableBytes
         return m.available > floor ? Int((m.available - floor) / balloonPageSize) : 0
     }

@@ -190,6 +190,10 @@ public final class SimulatedBalloonDevice {
         if broken { new.insert(.needsReset) }
         let becameReady = new.contains(.driverOK) && !status.contains(.driverOK)
         status = new
+        if becameReady, faults.needsResetAfterDriverOK {
+            virtioError("fault injection: NEEDS_RESET after DRIVER_OK")
+            return
+        }
         if becameReady, heldStats == nil, queues[2].inflight > 0 {
             // virtio_balloon_set_status: with no element held (it was dropped while the VM
             // was stopped or migrated) rewind the last popped one and receive it again.

@@ -69,6 +69,8 @@ public struct BalloonDeviceFaults: Sendable {
     public var corruptNextUsedLength: [UInt16: UInt32] = [:]
     /// Device-config reads of the cmd id return this instead of the real value.
     public var forcedCmdID: UInt32? = nil
+    /// Marks itself NEEDS_RESET (with a config interrupt) the moment the driver sets DRIVER_OK.
+    public var needsResetAfterDriverOK = false
 
     public init() {}
 }

@@ -41,7 +41,15 @@ int bs_install_signal_pipe(int fd) {
     if (sigaction(SIGTERM, &sa, 0) != 0) return -1;
     if (sigaction(SIGINT, &sa, 0) != 0) return -1;
     if (sigaction(SIGHUP, &sa, 0) != 0) return -1;
+    /* A closed status reader or log pipe must not kill the daemon mid-round: EPIPE instead. */
+    if (signal(SIGPIPE, SIG_IGN) == SIG_ERR) return -1;
     return 0;
+}
+
+void bs_uninstall_signal_pipe(int fd) {
+    /* Only the pipe this fd belongs to: a newer pipe stays installed. After this the handler
+       writes nowhere, so a signal arriving after close() cannot write into a reused fd. */
+    if (signal_fd == fd) signal_fd = -1;
 }
 
 int bs_signal_received(void) { return last_signal; }

@@ -1,6 +1,5 @@
 import ArgumentParser
 import Balloon
-import CBalloonShims
 import FreePages
 import FreePagesLinux
 import Logging
@@ -40,7 +39,7 @@ struct RunCommand: ParsableCommand {
         churn during a migration corrupts TCG destinations even with no hint sent), so on a TCG guest \
         with page poisoning or init_on_free it turns hinting off.
         """))
-    var hintSource: String = "auto"
+    var hintSource: HintSourceOption = .auto
     @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """
         DANGEROUS: on KVM with manual dirty-log protect, a page the guest writes between balloond's \
         scan and QEMU applying the hint is dropped from the migration: the destination silently gets \
@@ -62,7 +61,7 @@ struct RunCommand: ParsableCommand {
     var freePageReporting = true
     @Option(help: "Free page reporting keeps at least this much MemFree (MiB) for the guest.")
     var reportKeepFreeMib: UInt64 = 256
-    @Option(help: "Free page reporting gives held blocks back when MemFree falls below this (MiB).")
+    @Option(help: "Free page reporting gives held blocks back when MemFree falls below this (MiB; less than --report-keep-free-mib).")
     var reportReleaseBelowMib: UInt64 = 128
     @Option(help: "Most memory (MiB) held for free page reporting (default: no cap).")
     var reportMaxMib: UInt64?
@@ -73,19 +72,72 @@ struct RunCommand: ParsableCommand {
         --reinflate-above-mib.
         """))
     var deflateBelowMib: UInt64 = 96
-    @Option(help: "Memory (MiB) given back per pressure event.")
+    @Option(help: "Memory (MiB) given back per pressure event (at least 1).")
     var deflateStepMib: UInt64 = 64
-    @Option(help: "Seconds the balloon stays deflated after a pressure event.")
+    @Option(help: "Seconds the balloon stays deflated after a pressure event (0-86400).")
     var pressureHoldSeconds: Double = 60
-    @Option(help: "After a pressure event, re-inflate only while MemAvailable stays above this (MiB).")
+    @Option(help: "After a pressure event, re-inflate only while MemAvailable stays above this (MiB; at least --deflate-below-mib).")
     var reinflateAboveMib: UInt64 = 192
-    @Option(help: "PSI trigger: stall time (ms) of some task within the window that counts as pressure.")
+    @Option(help: "PSI trigger: stall time (ms) of some task within the window that counts as pressure (1 to the window).")
     var psiStallMs: Int = 100
-    @Option(help: "PSI trigger window (ms, 500-10000).")
+    @Option(help: "PSI trigger window (ms, 500-10000, the kernel's range).")
     var psiWindowMs: Int = 1000
     @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
     var stateFile: String = DaemonState.defaultPath
     @OptionGroup var logging: LoggingOptions
+
+    /// Largest memory size an option may name (1 TiB), so MiB-to-byte shifts cannot overflow.
+    static let maxMib: UInt64 = 1 << 20
+
+    /// Every option is checked here, before `run` loads a module, unbinds a driver or takes
+    /// memory.
+    func validate() throws {
+        _ = try logging.makeLogger()
+        for (name, value) in [("--report-keep-free-mib", reportKeepFreeMib), ("--report-release-below-mib", reportReleaseBelowMib),
+                              ("--report-max-mib", reportMaxMib ?? 0), ("--deflate-below-mib", deflateBelowMib),
+                              ("--deflate-step-mib", deflateStepMib), ("--reinflate-above-mib", reinflateAboveMib)] where value > Self.maxMib {
+            throw ValidationError("\(name) \(value) is more than \(Self.maxMib) MiB (1 TiB)")
+        }
+        guard reportReleaseBelowMib < reportKeepFreeMib else {
+            throw ValidationError("--report-release-below-mib (\(reportReleaseBelowMib)) must be below --report-keep-free-mib (\(reportKeepFreeMib)), or reporting would give back what it just took")
+        }
+        guard deflateStepMib >= 1 else { throw ValidationError("--deflate-step-mib must be at least 1") }
+        guard reinflateAboveMib >= deflateBelowMib else {
+            throw ValidationError("--reinflate-above-mib (\(reinflateAboveMib)) must be at least --deflate-below-mib (\(deflateBelowMib)), or the balloon would re-inflate straight back into pressure")
+        }
+        guard pressureHoldSeconds.isFinite, pressureHoldSeconds >= 0, pressureHoldSeconds <= 86400 else {
+            throw ValidationError("--pressure-hold-seconds must be a number of seconds from 0 to 86400, not \(pressureHoldSeconds)")
+        }
+        guard (500...10_000).contains(psiWindowMs) else {
+            throw ValidationError("--psi-window-ms must be from 500 to 10000 (the kernel's PSI window range), not \(psiWindowMs)")
+        }
+        guard (1...psiWindowMs).contains(psiStallMs) else {
+            throw ValidationError("--psi-stall-ms must be from 1 to --psi-window-ms (\(psiWindowMs)), not \(psiStallMs)")
+        }
+        if unsafeHintsOnKVM, hintSource != .kpageflags {
+            throw ValidationError("--unsafe-hints-on-kvm only applies to --hint-source kpageflags")
+        }
+        if hintSource == .simulated {
+            throw ValidationError("--hint-source simulated is only for `balloond simulate`: its addresses are not free guest memory; use auto, hugetlb, anonymous or kpageflags")
+        }
+    }
+
+    /// The driver's policies from the options (valid after `validate`).
+    func driverOptions(poisonPolicy: PagePoisonPolicy) -> BalloonDriverOptions {
+        var options = BalloonDriverOptions(poisonPolicy: poisonPolicy)
+        if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
+        if !freePageReporting { options.wantedFeatures.remove(.reporting) }
+        options.pressure.deflateBelowAvailableBytes = deflateBelowMib << 20
+        options.pressure.deflateStepBytes = deflateStepMib << 20
+        options.pressure.holdNanos = UInt64(pressureHoldSeconds * 1e9)
+        options.pressure.reinflateAboveAvailableBytes = reinflateAboveMib << 20
+        options.pressure.psiStallMicroseconds = psiStallMs * 1000
+        options.pressure.psiWindowMicroseconds = psiWindowMs * 1000
+        options.reporting.keepFreeBytes = reportKeepFreeMib << 20
+        options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
+        options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
+        return options
+    }
 
     func run() throws {
         let logger = try logging.makeLogger()
@@ -94,6 +146,10 @@ struct RunCommand: ParsableCommand {
         try preflight.checkLockdown()
         let function = try device.select()
         try preflight.run(for: function.address)
+        // Decided before anything changes: a refused --hint-source stops here.
+        let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
+                                                         kernelConfig: readTextFile("/boot/config-\(Sys.kernelRelease())"))
+        let hintChoice = try chooseHints(memoryConfig: memoryConfig, logger: logger)
         let lock = try DeviceLock(address: function.address)
         defer { lock.unlock() }
         let binder = DriverBinder(logger: logger)
@@ -102,7 +158,7 @@ struct RunCommand: ParsableCommand {
 
         var exitError: Error?
         do {
-            try serve(function: function, binding: binding, logger: logger)
+            try serve(function: function, binding: binding, memoryConfig: memoryConfig, hintChoice: hintChoice, logger: logger)
         } catch {
             exitError = error
         }
@@ -123,7 +179,8 @@ struct RunCommand: ParsableCommand {
 
     /// Everything that holds the device open lives in here, so it is all closed (uio fd, BAR
     /// mapping, DMA memory after the device reset) before the driver is restored.
-    private func serve(function: PCIFunction, binding: UIOBinding, logger: Logger) throws {
+    private func serve(function: PCIFunction, binding: UIOBinding, memoryConfig: GuestMemoryDebugConfig,
+                       hintChoice: (name: String, reason: String)?, logger: Logger) throws {
         let signals = try SignalPipe()
         let config = try SysfsConfigSpace(address: function.address)
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
@@ -135,26 +192,13 @@ struct RunCommand: ParsableCommand {
         logger.debug("hugetlb pool recovery: \(recovery)")
         let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
-        let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
-                                                         kernelConfig: readTextFile("/boot/config-\(kernelRelease())"))
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, logger: logger)
-        var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
-        if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
-        if !freePageReporting { options.wantedFeatures.remove(.reporting) }
+        let hints = try hintChoice.map { (name: $0.name, source: try makeHintSource(named: $0.name, allocator: allocator, logger: logger)) }
+        var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
-        options.pressure.deflateBelowAvailableBytes = deflateBelowMib << 20
-        options.pressure.deflateStepBytes = deflateStepMib << 20
-        options.pressure.holdSeconds = pressureHoldSeconds
-        options.pressure.reinflateAboveAvailableBytes = reinflateAboveMib << 20
-        options.pressure.psiStallMicroseconds = psiStallMs * 1000
-        options.pressure.psiWindowMicroseconds = psiWindowMs * 1000
-        options.reporting.keepFreeBytes = reportKeepFreeMib << 20
-        options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
-        options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
         let memory = balloon ? try makeBalloonMemory(logger: logger) : nil
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
-                                   statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
+                                   statsSource: ProcStatsSource(readFile: readTextFile), hintSource: hints?.source,
                                    balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
         driver.hintOptions.controlNoHints = hintControl
         if hintControl { logger.warning("--hint-control: hint rounds take memory but send no hints (control experiment)") }
@@ -166,12 +210,12 @@ struct RunCommand: ParsableCommand {
             logger.warning("no PSI memory trigger (\(error)); memory pressure is watched through MemAvailable only")
         }
 
+        let poller = LinuxEventPoller(signals: signals, interruptDescriptor: line.pollDescriptor, pressureDescriptor: psi?.pollDescriptor)
+        let daemon = Daemon(driver: driver, line: line, poller: poller, clock: monotonicNanos, logger: logger)
         let started = wallClockSeconds()
-        var restarts = 0
         var lastPublished: BalloonDriverStatus?
         var lastPublishTime = 0.0
-        func publish(force: Bool = false) {
-            let snapshot = driver.statusSnapshot()
+        daemon.onIteration = { snapshot, restarts, force in
             let now = wallClockSeconds()
             guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
             let state = DaemonState(pid: getpid(), device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
@@ -181,97 +225,29 @@ struct RunCommand: ParsableCommand {
             lastPublished = snapshot
             lastPublishTime = now
         }
-
-        var backoffSeconds = 1.0
-        var needsBringUp = true
-        while signals.received == 0 {
-            if needsBringUp {
-                do {
-                    try driver.bringUp()
-                    needsBringUp = false
-                    backoffSeconds = 1
-                    publish(force: true)
-                } catch {
-                    logger.error("device bring-up failed: \(error); retrying in \(Int(backoffSeconds)) s")
-                    restarts += 1
-                    publish(force: true)
-                    signals.sleep(seconds: backoffSeconds)
-                    backoffSeconds = min(backoffSeconds * 2, 30)
-                    continue
-                }
-            }
-            do {
-                // Block on the uio fd, the PSI trigger and the signal pipe together, until the
-                // driver's next deadline at the latest: no busy polling.
-                var timeout: Int32 = 5000
-                if let d = driver.nextDeadlineNanos {
-                    let now = monotonicNanos()
-                    timeout = d <= now ? 0 : Int32(min(5000, (d - now + 999_999) / 1_000_000))
-                }
-                let ready = try signals.wait(for: [(line.pollDescriptor, Int16(POLLIN)), (psi?.pollDescriptor, Int16(POLLPRI))], timeoutMilliseconds: timeout)
-                if ready[0], try line.wait(timeoutMilliseconds: 0) {
-                    try driver.serviceInterrupt(line: line)
-                }
-                try driver.tick(psiFired: ready[1])
-                publish()
-            } catch {
-                logger.error("device error: \(error); resetting and re-initialising the device")
-                restarts += 1
-                needsBringUp = true
-            }
+        switch daemon.run() {
+        case .stopSignal(let signal):
+            logger.info("signal \(signal) received; stopping: resetting the device")
+        case .interruptSourceLost(let why):
+            throw Failure("the device's interrupt source went away (\(why)); balloond cannot drive it")
+        case .pollFailed(let why):
+            throw Failure("waiting for device events failed: \(why)")
         }
-        logger.info("signal \(signals.received) received; stopping: resetting the device")
     }
 }
 
-/// SIGTERM/SIGINT/SIGHUP through a self-pipe, so the event loop can poll for them.
-final class SignalPipe {
-    private let readFD: Int32
-    private let writeFD: Int32
-
-    init() throws {
-        var fds: [Int32] = [0, 0]
-        guard unsafe pipe(&fds) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
-        readFD = fds[0]
-        writeFD = fds[1]
-        for fd in fds {
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        }
-        guard bs_install_signal_pipe(writeFD) == 0 else { throw Failure("sigaction: \(String(cString: strerror(errno)))") }
-    }
-
-    deinit {
-        close(readFD)
-        close(writeFD)
-    }
-
-    /// The last signal received (0: none).
-    var received: Int32 { bs_signal_received() }
-
-    /// Waits until one of `fds` has its event, a signal arrives, or the timeout passes.
-    /// Returns, per entry, whether it is ready (a nil descriptor never is).
-    func wait(for fds: [(Int32?, Int16)], timeoutMilliseconds: Int32) throws -> [Bool] {
-        var pfds = [pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)]
-        for (fd, events) in fds { pfds.append(pollfd(fd: fd ?? -1, events: events, revents: 0)) }
-        let n = unsafe poll(&pfds, nfds_t(pfds.count), timeoutMilliseconds)
-        if n < 0 {
-            if errno == EINTR { return fds.map { _ in false } }
-            throw Failure("poll: \(String(cString: strerror(errno)))")
-        }
-        return pfds.dropFirst().map { $0.fd >= 0 && $0.revents & ($0.events | Int16(POLLERR)) != 0 }
-    }
-
-    /// Sleeps, waking early on a signal.
-    func sleep(seconds: Double) { _ = try? wait(for: [], timeoutMilliseconds: Int32(seconds * 1000)) }
+/// `--hint-source`: parsed (and so checked) before anything changes.
+enum HintSourceOption: String, ExpressibleByArgument, CaseIterable {
+    case auto, hugetlb, anonymous, kpageflags, simulated
 }
 
 extension RunCommand {
-    /// Chooses and builds the free page source (`--hint-source`), logging the choice and why.
-    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, logger: Logger) throws -> (name: String, source: FreePageSource)? {
+    /// Chooses the free page source (`--hint-source`) and logs the choice and why; nil when
+    /// hinting is off. Reads only, so a refusal stops `run` before anything changed.
+    func chooseHints(memoryConfig: GuestMemoryDebugConfig, logger: Logger) throws -> (name: String, reason: String)? {
         guard freePageHint else { return nil }
         let choice: (name: String, reason: String)
-        switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
+        switch chooseHintSource(requested: hintSource.rawValue, hypervisor: detectHypervisor(),
                                 memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable()) {
         case .failure(let e): throw Failure(e.description)
@@ -279,27 +255,26 @@ extension RunCommand {
         }
         if choice.name == "hugetlb" || choice.name == "anonymous", isRunningUnderTCG() {
             // Measured (scripts/migrate.py, balloond:anonymous-control): taking and releasing
-            // most free memory during a migration corrupted the TCG destination kernel in 3 of
-            // 3 runs with no hint sent at all, the same list corruption the hinted runs and the
-            // in-kernel driver showed. On KVM that churn is ordinary dirty logging.
-            let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent (control runs: 3 of 3)"
-            if hintSource == "auto" {
+            // most free memory during a migration corrupted the TCG destination kernel with no
+            // hint sent at all, the same list corruption the hinted runs and the in-kernel
+            // driver showed. On KVM that churn is ordinary dirty logging.
+            let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent"
+            if hintSource == .auto {
                 logger.warning("free page hinting disabled: auto chose \(choice.name) (\(choice.reason)), but \(why); pass --hint-source \(choice.name) to use it anyway")
                 return nil
             }
             logger.warning("--hint-source \(choice.name) under TCG: \(why)")
         }
         logger.notice("free page hint source: \(choice.name): \(choice.reason)")
+        return choice
+    }
+
+    /// Builds the chosen free page source.
+    func makeHintSource(named name: String, allocator: DMAAllocator, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
         let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), logger: logger)
-        return (choice.name, try makeLinuxFreePageSource(named: choice.name, environment: env))
+        return try makeLinuxFreePageSource(named: name, environment: env)
     }
-}
-
-func kernelRelease() -> String {
-    var u = utsname()
-    uname(&u)
-    return withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
 }
 
 extension RunCommand {

@@ -45,8 +45,11 @@ int bs_cpuid(uint32_t leaf, uint32_t out[4]);
 
 /// Installs handlers for SIGTERM, SIGINT and SIGHUP that write the signal number as one byte
 /// to `fd` (the write end of a non-blocking pipe) and set a flag read by
-/// `bs_signal_received`. Returns 0 or -1 with errno set.
+/// `bs_signal_received`, and ignores SIGPIPE. Returns 0 or -1 with errno set.
 int bs_install_signal_pipe(int fd);
+/// Stops the handler writing to `fd` (if it is the installed one); call before closing it.
+/// The handlers stay installed and keep recording the signal.
+void bs_uninstall_signal_pipe(int fd);
 /// The last signal delivered through the pipe handler, or 0.
 int bs_signal_received(void);
 

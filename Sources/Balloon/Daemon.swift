@@ -1,0 +1,175 @@
+import Logging
+import VirtioCore
+import VirtioPCI
+
+/// Timing of the daemon's own decisions (the driver's are in `BalloonDriverOptions`).
+public struct DaemonOptions: Sendable, Equatable {
+    /// First wait before re-initialising a device that failed; doubled on each failure
+    /// that follows within `stableNanos` of the last bring-up, up to `maxBackoffNanos`.
+    public var initialBackoffNanos: UInt64 = 1_000_000_000
+    public var maxBackoffNanos: UInt64 = 60_000_000_000
+    /// How long the device must run without error before the backoff starts over.
+    public var stableNanos: UInt64 = 120_000_000_000
+    /// A deadline that is still in the past after the driver handled it is a driver bug; the
+    /// loop then waits at least this long instead of spinning, and says so once.
+    public var pastDeadlineFloorNanos: UInt64 = 1_000_000_000
+    public init() {}
+}
+
+/// How the daemon stopped.
+public enum DaemonExit: Equatable, Sendable {
+    /// A stop signal (the normal end): the caller resets the device and cleans up.
+    case stopSignal(Int32)
+    /// The interrupt source went away; driving the device is impossible.
+    case interruptSourceLost(String)
+    /// poll(2) failed.
+    case pollFailed(String)
+}
+
+/// The event loop of `balloond run`, as a library type with injected time and events, so its
+/// behaviour over time is a tested property (Tests/BalloonTests/DaemonTests.swift drives it in
+/// virtual time, as swift-nio's EmbeddedEventLoop does).
+///
+/// Each iteration: (re)initialise the device when due, then block in one `wait` until the
+/// interrupt, the PSI trigger, a stop signal, or the driver's next deadline, then service
+/// the interrupt and `tick` the policies. It never polls with a timeout of zero twice for the
+/// same reason: a device that keeps failing is retried with exponential backoff, and a
+/// deadline the driver does not move forward is floored and logged.
+public final class Daemon<Transport: VirtioTransport> {
+    public let driver: BalloonDriver<Transport>
+    public let line: InterruptLine?
+    public let poller: EventPoller
+    public let clock: () -> UInt64
+    public let options: DaemonOptions
+    public var logger: Logger
+    /// Called after every iteration with the driver's state, the restart count and whether
+    /// the state must be published now (bring-up, failure); the caller decides how often to
+    /// write it.
+    public var onIteration: ((BalloonDriverStatus, _ restarts: Int, _ force: Bool) -> Void)?
+
+    /// Loop iterations that returned from `wait` (tests count these).
+    public private(set) var wakeups = 0
+    /// Device re-initialisations after an error.
+    public private(set) var restarts = 0
+    /// The current wait before the next re-initialisation attempt.
+    public private(set) var backoffNanos: UInt64
+    /// Times a deadline was still in the past after the driver handled it (a driver bug the
+    /// loop floors instead of spinning on; tests assert it stays 0).
+    public private(set) var pastDeadlines = 0
+    /// Whether the device is to be (re)initialised.
+    public private(set) var needsBringUp = true
+
+    private var retryAtNanos: UInt64?
+    private var runningSinceNanos: UInt64?
+    private var loggedPastDeadline = false
+
+    /// - Parameter clock: monotonic nanoseconds; also becomes the driver's clock, so every
+    ///   timed decision runs on one clock.
+    public init(driver: BalloonDriver<Transport>, line: InterruptLine?, poller: EventPoller, clock: @escaping () -> UInt64,
+                options: DaemonOptions = DaemonOptions(), logger: Logger = Logger(label: "balloond")) {
+        self.driver = driver
+        self.line = line
+        self.poller = poller
+        self.clock = clock
+        self.options = options
+        self.logger = logger
+        self.backoffNanos = options.initialBackoffNanos
+        driver.clock = clock
+        let p = poller
+        driver.shouldStop = { p.stopSignal != 0 }
+    }
+
+    /// Runs until a stop signal or until the device cannot be driven any more.
+    public func run() -> DaemonExit {
+        while true {
+            let signal = poller.stopSignal
+            if signal != 0 { return .stopSignal(signal) }
+            let now = clock()
+            if needsBringUp, retryAtNanos.map({ now >= $0 }) ?? true { bringUp(now: now) }
+
+            let timeout = waitTimeout(now: now)
+            let ready: Readiness
+            do { ready = try poller.wait(timeoutNanos: timeout) } catch {
+                logger.critical("\(error)")
+                switch error {
+                case .interruptSourceLost(let why): return .interruptSourceLost(why)
+                case .pollFailed(let why): return .pollFailed(why)
+                }
+            }
+            wakeups += 1
+            if ready.contains(.stop) || poller.stopSignal != 0 { continue }
+            guard !needsBringUp else {
+                // Take the event off the line (uio's count) so a device that keeps
+                // interrupting while it waits for its retry does not keep the wait returning.
+                if ready.contains(.interrupt) { _ = try? line?.wait(timeoutMilliseconds: 0) }
+                continue
+            }
+            do {
+                if ready.contains(.interrupt), let line, try line.wait(timeoutMilliseconds: 0) {
+                    try driver.serviceInterrupt(line: line)
+                }
+                try driver.tick(psiFired: ready.contains(.pressure))
+                onIteration?(driver.statusSnapshot(), restarts, false)
+            } catch {
+                deviceFailed(error, now: clock())
+            }
+        }
+    }
+
+    /// How long to wait: until the re-initialisation retry or the driver's next deadline;
+    /// without either, until an event (an idle daemon does not wake).
+    private func waitTimeout(now: UInt64) -> UInt64? {
+        let deadline = needsBringUp ? retryAtNanos : driver.nextDeadlineNanos
+        guard let deadline else { return nil }
+        if deadline > now {
+            loggedPastDeadline = false
+            return deadline - now
+        }
+        if needsBringUp { return 0 }
+        // The driver has just been ticked (or brought up) and still asks to be called in the
+        // past: waiting zero would spin. Floor it and say so once.
+        pastDeadlines += 1
+        if !loggedPastDeadline {
+            logger.error("internal: the driver's next deadline is \((now - deadline) / 1_000_000) ms in the past after it was handled; waiting \(options.pastDeadlineFloorNanos / 1_000_000) ms instead of spinning")
+            loggedPastDeadline = true
+        }
+        return options.pastDeadlineFloorNanos
+    }
+
+    private func bringUp(now: UInt64) {
+        do {
+            try driver.bringUp()
+            // The policies run once before the first wait, so every deadline they set is
+            // already in the future when the loop computes its timeout.
+            try driver.tick()
+            needsBringUp = false
+            retryAtNanos = nil
+            runningSinceNanos = now
+            onIteration?(driver.statusSnapshot(), restarts, true)
+        } catch {
+            logger.error("device bring-up failed: \(error); retrying in \(secondsText(backoffNanos))")
+            scheduleRetry(now: now)
+        }
+    }
+
+    private func deviceFailed(_ error: Error, now: UInt64) {
+        // A device that ran long enough starts the backoff over; one that fails again soon
+        // after a re-initialisation keeps backing off.
+        if let since = runningSinceNanos, now - since >= options.stableNanos { backoffNanos = options.initialBackoffNanos }
+        logger.error("device error: \(error); resetting and re-initialising the device in \(secondsText(backoffNanos))")
+        needsBringUp = true
+        runningSinceNanos = nil
+        scheduleRetry(now: now)
+    }
+
+    private func scheduleRetry(now: UInt64) {
+        restarts += 1
+        retryAtNanos = now + backoffNanos
+        backoffNanos = min(backoffNanos * 2, options.maxBackoffNanos)
+        onIteration?(driver.statusSnapshot(), restarts, true)
+    }
+}
+
+private func secondsText(_ nanos: UInt64) -> String {
+    nanos % 1_000_000_000 == 0 ? "\(nanos / 1_000_000_000) s" : "\(nanos / 1_000_000) ms"
+}

@@ -1,0 +1,48 @@
+// The seam between the daemon's event loop and the operating system's wait.
+
+/// What woke the daemon's wait.
+public struct Readiness: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// The device's interrupt descriptor is readable.
+    public static let interrupt = Readiness(rawValue: 1 << 0)
+    /// The memory-pressure (PSI) trigger fired.
+    public static let pressure = Readiness(rawValue: 1 << 1)
+    /// A stop signal arrived (SIGTERM, SIGINT, SIGHUP).
+    public static let stop = Readiness(rawValue: 1 << 2)
+
+    public var description: String {
+        var parts: [String] = []
+        if contains(.interrupt) { parts.append("interrupt") }
+        if contains(.pressure) { parts.append("pressure") }
+        if contains(.stop) { parts.append("stop") }
+        return parts.isEmpty ? "timeout" : parts.joined(separator: "+")
+    }
+}
+
+/// Why the event source cannot be waited on any more.
+public enum PollerError: Error, Equatable, CustomStringConvertible {
+    /// The interrupt descriptor reported an error or hang-up: the device went away (for
+    /// example, somebody unbound uio_pci_generic).
+    case interruptSourceLost(String)
+    /// poll(2) itself failed.
+    case pollFailed(String)
+
+    public var description: String {
+        switch self {
+        case .interruptSourceLost(let why): return "the device's interrupt source went away: \(why)"
+        case .pollFailed(let why): return "waiting for events failed: \(why)"
+        }
+    }
+}
+
+/// The daemon's one blocking wait: the interrupt line, the PSI trigger and the stop signal
+/// together. Real: `LinuxEventPoller` (PlatformLinux) over poll(2). Fake: a virtual-time
+/// poller in the tests, which moves the clock instead of sleeping.
+public protocol EventPoller: AnyObject {
+    /// Blocks until something in `Readiness` happens or `timeoutNanos` pass (nil: no
+    /// timeout). Returns what is ready (empty: the timeout passed).
+    func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness
+    /// The stop signal received so far (0: none). Checked between steps and by long work.
+    var stopSignal: Int32 { get }
+}

@@ -1,0 +1,255 @@
+import Testing
+import BalloonSimulator
+import FreePages
+import VirtioCore
+import VirtioPCI
+@testable import Balloon
+
+/// The daemon's wait in virtual time: instead of sleeping it moves the rig's clock to the
+/// earlier of the timeout and the next scripted host event, runs that event, and reports what
+/// became ready. At the horizon it requests a stop, so every run ends; a loop that spins
+/// (timeout 0 again and again) shows up as a huge wakeup count instead of a hang.
+final class VirtualPoller: EventPoller {
+    let clock: FakeClock
+    let device: SimulatedBalloonDevice
+    private(set) var stopSignal: Int32 = 0
+    var horizonNanos: UInt64
+    /// Scripted host actions, each at a virtual time, with what they make ready.
+    private var events: [(at: UInt64, ready: Readiness, action: () -> Void)] = []
+    /// From this time on the interrupt source is gone (uio reports POLLERR).
+    var interruptLostAtNanos: UInt64?
+    /// Every wait, with the virtual time it returned at (for per-minute counts).
+    private(set) var wakeTimes: [UInt64] = []
+    /// Safety net so a spinning loop ends the test instead of hanging it.
+    let maxWaits = 200_000
+
+    init(clock: FakeClock, device: SimulatedBalloonDevice, runFor nanos: UInt64) {
+        self.clock = clock
+        self.device = device
+        self.horizonNanos = clock.nanos + nanos
+    }
+
+    func at(secondsFromNow s: Double, ready: Readiness = [], _ action: @escaping () -> Void = {}) {
+        events.append((clock.nanos + UInt64(s * 1e9), ready, action))
+        events.sort { $0.at < $1.at }
+    }
+
+    func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness {
+        defer { wakeTimes.append(clock.nanos) }
+        if wakeTimes.count >= maxWaits {
+            stopSignal = 15
+            return .stop
+        }
+        let deadline = timeoutNanos.map { clock.nanos &+ $0 } ?? UInt64.max
+        if let lost = interruptLostAtNanos, lost <= deadline {
+            clock.nanos = max(clock.nanos, lost)
+            throw .interruptSourceLost("fault injection: POLLERR on the uio descriptor")
+        }
+        if device.interruptAsserted { return .interrupt }
+        if let e = events.first, e.at <= deadline, e.at <= horizonNanos {
+            events.removeFirst()
+            clock.nanos = max(clock.nanos, e.at)
+            e.action()
+            return e.ready.union(device.interruptAsserted ? .interrupt : [])
+        }
+        if deadline >= horizonNanos {
+            clock.nanos = horizonNanos
+            stopSignal = 15
+            return .stop
+        }
+        clock.nanos = deadline
+        return []
+    }
+
+    /// Wakeups in the virtual interval [from, to).
+    func wakeups(fromNanos from: UInt64, toNanos to: UInt64) -> Int { wakeTimes.filter { $0 >= from && $0 < to }.count }
+}
+
+/// The simulator rig (BringUpTests' `Rig`) with a daemon over the virtual-time poller.
+struct DaemonRig {
+    let rig: Rig
+    let poller: VirtualPoller
+    let daemon: Daemon<ModernPCITransport>
+    let start: UInt64
+
+    init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions(),
+         daemonOptions: DaemonOptions = DaemonOptions(), runFor nanos: UInt64) throws {
+        rig = try Rig(props, options: options)
+        start = rig.clock.nanos
+        poller = VirtualPoller(clock: rig.clock, device: rig.device, runFor: nanos)
+        let clock = rig.clock
+        daemon = Daemon(driver: rig.driver, line: rig.line, poller: poller, clock: { clock.nanos }, options: daemonOptions)
+    }
+
+    /// Runs the daemon, and checks it never had to floor a deadline the driver left in the past.
+    @discardableResult
+    func run() -> DaemonExit {
+        let exit = daemon.run()
+        #expect(daemon.pastDeadlines == 0, "the driver left a deadline in the past after handling it")
+        return exit
+    }
+
+    /// Wakeups per minute over the last `minutes` minutes of the run.
+    func wakeupsPerMinute(lastMinutes minutes: UInt64) -> Double {
+        let end = poller.horizonNanos
+        let from = end - minutes * 60_000_000_000
+        return Double(poller.wakeups(fromNanos: from, toNanos: end)) / Double(minutes)
+    }
+}
+
+let minute: UInt64 = 60_000_000_000
+let hour: UInt64 = 60 * minute
+
+/// "A few wakeups per minute at most when nothing changes" (issue: a daemon you can leave running).
+let idleWakeupsPerMinute = 6.0
+
+@Suite("Daemon event loop in virtual time: bounded wakeups in every state")
+struct DaemonTests {
+    @Test("idle with nothing held: the loop sleeps until an event (no timed wakeups)")
+    func idleSleeps() throws {
+        let r = try DaemonRig(runFor: 30 * minute)
+        let exit = r.run()
+        #expect(exit == .stopSignal(15))
+        #expect(r.rig.driver.isRunning)
+        #expect(r.wakeupsPerMinute(lastMinutes: 25) == 0)
+        #expect(r.daemon.wakeups <= 3)
+    }
+
+    @Test("balloon inflated and idle: a few wakeups a minute (MemAvailable checks back off to the resting interval)")
+    func inflatedIdle() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let r = try DaemonRig(props, runFor: 30 * minute)
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (32 << 20)) }
+        _ = r.run()
+        #expect(r.rig.driver.actualPages == 32 << 8)
+        #expect(r.wakeupsPerMinute(lastMinutes: 20) <= idleWakeupsPerMinute)
+    }
+
+    @Test("1 h after a pressure deflate: a few wakeups a minute, not a spin (H1: the expired hold was never cleared)")
+    func afterPressureDeflate() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let r = try DaemonRig(props, runFor: hour + 10 * minute)
+        let status = r.rig.memoryStatus
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (48 << 20)) }
+        // A memory hog: MemAvailable drops below the watermark for a while, then recovers.
+        r.poller.at(secondsFromNow: 30) { status.available = 60 << 20; status.free = 40 << 20 }
+        r.poller.at(secondsFromNow: 31, ready: .pressure)
+        r.poller.at(secondsFromNow: 45) { status.available = 800 << 20; status.free = 700 << 20 }
+        _ = r.run()
+        #expect(r.rig.driver.counters.pressureDeflates >= 1)
+        #expect(r.wakeupsPerMinute(lastMinutes: 60) <= idleWakeupsPerMinute)
+        // The hold ended and the balloon went back to the host's target.
+        #expect(r.rig.driver.actualPages == 48 << 8)
+    }
+
+    @Test("a report buffer the device never returns: no timer while it is in flight (H1's short version)")
+    func reportNeverReturned() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageReporting = true
+        let r = try DaemonRig(props, runFor: 20 * minute)
+        r.rig.device.faults.ignoreNotifications = true
+        _ = r.run()
+        #expect(r.rig.driver.counters.reportsSent == 1)
+        #expect(r.wakeupsPerMinute(lastMinutes: 15) <= idleWakeupsPerMinute)
+    }
+
+    @Test("free page reporting with nothing more to report: passes back off to the resting interval")
+    func reportingIdle() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageReporting = true
+        let r = try DaemonRig(props, runFor: 30 * minute)
+        _ = r.run()
+        #expect(r.rig.driver.counters.reportsSent >= 1)
+        #expect(r.wakeupsPerMinute(lastMinutes: 20) <= idleWakeupsPerMinute)
+    }
+
+    @Test("an inflate buffer the device never returns: bounded wakeups")
+    func inflateNeverReturned() throws {
+        let r = try DaemonRig(runFor: 20 * minute)
+        r.poller.at(secondsFromNow: 1) {
+            r.rig.device.faults.ignoreNotifications = true
+            r.rig.device.setTarget(bytes: (1 << 30) - (32 << 20))
+        }
+        _ = r.run()
+        #expect(r.rig.driver.counters.inflateBuffers >= 1)
+        #expect(r.rig.driver.actualPages == 0)
+        #expect(r.wakeupsPerMinute(lastMinutes: 15) <= idleWakeupsPerMinute)
+    }
+
+    @Test("a stats buffer the host never returns: bounded wakeups")
+    func statsNeverReturned() throws {
+        let r = try DaemonRig(runFor: 20 * minute)
+        r.rig.device.faults.ignoreNotifications = true
+        _ = r.run()
+        #expect(r.rig.driver.counters.statsBuffersSent == 1)
+        #expect(r.wakeupsPerMinute(lastMinutes: 15) <= idleWakeupsPerMinute)
+    }
+
+    @Test("a device that raises NEEDS_RESET after every DRIVER_OK is retried with exponential backoff (M2)")
+    func needsResetAfterEveryDriverOK() throws {
+        let r = try DaemonRig(runFor: 30 * minute)
+        r.rig.device.faults.needsResetAfterDriverOK = true
+        _ = r.run()
+        // 1, 2, 4, ... 60 s: about 7 attempts in the first two minutes, then one a minute.
+        #expect(r.daemon.restarts >= 5)
+        #expect(r.daemon.restarts <= 40)
+        #expect(r.daemon.backoffNanos == DaemonOptions().maxBackoffNanos)
+        #expect(r.wakeupsPerMinute(lastMinutes: 20) <= 2)
+    }
+
+    @Test("a bring-up that always fails is retried with exponential backoff, not every second (M2)")
+    func failingBringUpBacksOff() throws {
+        let r = try DaemonRig(runFor: 10 * minute)
+        r.rig.device.faults.rejectFeaturesOK = true
+        _ = r.run()
+        #expect(!r.rig.driver.isRunning)
+        // 0, 1, 3, 7, 15, 31, 63, 123, 183, ... s
+        #expect(r.daemon.restarts <= 15)
+        #expect(r.daemon.restarts >= 6)
+    }
+
+    @Test("a device that recovers after a failure is running again, and a long stable run resets the backoff")
+    func recoversAfterFailure() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageHint = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        r.rig.device.faults.rejectFeaturesOK = true
+        r.poller.at(secondsFromNow: 20) { r.rig.device.faults.rejectFeaturesOK = false }
+        _ = r.run()
+        #expect(r.rig.driver.isRunning)
+        #expect(r.daemon.restarts >= 3)
+    }
+
+    @Test("POLLERR from the uio descriptor ends the daemon with a reason instead of retrying (M2)")
+    func interruptSourceLost() throws {
+        let r = try DaemonRig(runFor: 10 * minute)
+        r.poller.interruptLostAtNanos = r.start + 5_000_000_000
+        let exit = r.run()
+        guard case .interruptSourceLost(let why) = exit else {
+            Issue.record("expected interruptSourceLost, got \(exit)")
+            return
+        }
+        #expect(why.contains("POLLERR"))
+        #expect(r.daemon.wakeups <= 3)
+    }
+
+    @Test("a stop signal ends the loop at once")
+    func stopSignal() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageReporting = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        r.poller.at(secondsFromNow: 3) { r.rig.device.setTarget(bytes: (1 << 30) - (16 << 20)) }
+        let exit = r.run()
+        #expect(exit == .stopSignal(15))
+        #expect(r.rig.clock.nanos == r.poller.horizonNanos)
+    }
+
+    @Test("the driver runs on the daemon's clock")
+    func oneClock() throws {
+        let r = try DaemonRig(runFor: minute)
+        r.rig.clock.nanos = 42_000_000_000
+        #expect(r.rig.driver.clock() == 42_000_000_000)
+    }
+}
