@@ -119,6 +119,25 @@ final class BalloonUnderTest {
         }
     }
 
+    /// balloond's user + system CPU time, in clock ticks (100 per second), spent over the next
+    /// `seconds` of wall time (from /proc/<pid>/stat fields 14 and 15).
+    func balloondCPUTicks(over seconds: Double) throws -> Int {
+        func ticks() throws -> Int {
+            let stat = try vm.check("cat /proc/$(cat \(Self.balloondDirectory)/pid)/stat")
+            // The command name (field 2) is in parentheses and may hold spaces: split after it.
+            guard let close = stat.lastIndex(of: ")") else { throw HarnessError(.commandFailed, "unreadable /proc/pid/stat: \(stat)") }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            // fields[0] is field 3 (state): utime is field 14, stime field 15.
+            guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else {
+                throw HarnessError(.commandFailed, "unreadable /proc/pid/stat: \(stat)")
+            }
+            return user + system
+        }
+        let before = try ticks()
+        Thread.sleep(forTimeInterval: seconds)
+        return try ticks() - before
+    }
+
     /// balloond must still be running (a crash during a test is a failure of its own).
     func expectDriverAlive() throws {
         guard driver == .balloond, let p = balloond else { return }
@@ -454,6 +473,17 @@ enum BalloonSizingChecks {
             }
             #expect(console.isEmpty, "\(driver): OOM on the guest console:\n\(console.prefix(5).joined(separator: "\n"))")
             print("sizing-oom (\(driver)): MemAvailable \(available) MiB at 512M; actual \(whileHeld / mib) MiB while memhog 600 held, \(try b.actual() / mib) MiB after")
+            if driver == .balloond {
+                // After the hold (60 s) the balloon goes back to 512M; from then on balloond
+                // must be idle: at most 1 % of a CPU (it once spun at 100 % forever here).
+                try b.waitForActual(240, "≤ 514 MiB again after the pressure hold") { $0 <= 514 * mib }
+                Thread.sleep(forTimeInterval: 10)
+                let seconds = 60.0
+                let ticks = try b.balloondCPUTicks(over: seconds)
+                let percent = Double(ticks) / seconds  // 100 ticks per second = 100 %
+                print("sizing-oom (balloond): \(ticks) CPU ticks in \(Int(seconds)) s after the pressure deflate = \(String(format: "%.2f", percent)) % of a CPU")
+                #expect(percent <= 1.0, "balloond used \(percent) % of a CPU after a pressure deflate:\n\(b.diagnostics())")
+            }
         }
     }
 
