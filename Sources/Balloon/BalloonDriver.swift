@@ -47,6 +47,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var lastRoundBytes: UInt64 = 0
     /// Rounds ended because the ring stayed full with the device not consuming.
     public var hintRoundsTimedOut = 0
+    /// Calls that left a hint command for later because the device kept changing it.
+    public var hintCommandsDeferred = 0
     /// Inflate and deflate buffers sent, and pages acknowledged.
     public var inflateBuffers = 0
     public var deflateBuffers = 0
@@ -135,6 +137,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let memoryStatus: GuestMemoryStatus?
     /// Monotonic nanoseconds (tests inject a fake clock).
     public var clock: () -> UInt64 = monotonicNanos
+    /// Whether a stop is pending (the event loop wires its signal pipe here). Long work
+    /// inside one driver call (a hint round streaming hints, waiting on a full ring) checks
+    /// it and ends early, so SIGTERM is honoured promptly.
+    public var shouldStop: () -> Bool = { false }
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()

@@ -1,0 +1,104 @@
+import Testing
+import BalloonSimulator
+import FreePages
+import VirtioCore
+import VirtioPCI
+@testable import Balloon
+
+/// A hostile or broken device, as the driver sees it (issue 9 L1, M3, M7, L2): each fault
+/// is a typed error or bounded work, never a trap or a hang, and no memory goes back to the
+/// guest while the device may still write it.
+@Suite("Driver fault injection: hostile device")
+struct DeviceFaultInjectionTests {
+    // MARK: L1: config_generation that never settles
+
+    @Test("bring-up against a config_generation that never settles fails with a typed error, not a hang")
+    func unstableGenerationAtBringUp() throws {
+        let rig = try Rig()
+        rig.device.faults.unstableGenerationReads = 1_000_000
+        #expect(throws: BalloonError.transport(.configGenerationUnstable(attempts: configReadMaxAttempts))) {
+            try rig.driver.bringUp()
+        }
+    }
+
+    @Test("a config interrupt whose config never settles is a typed error from serviceInterrupt")
+    func unstableGenerationAtInterrupt() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.device.setTarget(bytes: 512 << 20)
+        rig.device.faults.unstableGenerationReads = 1_000_000
+        #expect(try rig.line.wait(timeoutMilliseconds: 0))
+        #expect(throws: BalloonError.transport(.configGenerationUnstable(attempts: configReadMaxAttempts))) {
+            try rig.driver.serviceInterrupt(line: rig.line)
+        }
+    }
+
+    // MARK: L1: a new cmd id on every config interrupt
+
+    @Test("a host posting a new cmd id on every config interrupt: each serviceInterrupt acts on a bounded number of ids, then returns")
+    func newIDOnEveryConfigInterrupt() throws {
+        // Rounds that poll mid-round (several batches each), and a source that lasts ~170 rounds.
+        let rig = try HintRig(ramMiB: 1024)
+        rig.source.inner.limitPerRound = 4 << 20
+        rig.driver.hintOptions.maxRangeBytes = 64 << 10
+        rig.driver.hintOptions.batchRanges = 16
+        let bound = rig.driver.hintOptions.maxCommandChangesPerCall
+        rig.device.faults.newHintRoundOnConfigInterrupt = 10_000
+        rig.device.startHintRound()
+        for _ in 0..<5 {
+            #expect(try rig.line.wait(timeoutMilliseconds: 0))
+            let before = rig.driver.counters.hintRounds
+            try rig.driver.serviceInterrupt(line: rig.line)
+            #expect(rig.driver.counters.hintRounds - before <= bound)
+            #expect(rig.driver.hintCommandPending)
+        }
+        #expect(rig.driver.counters.hintCommandsDeferred == 5)
+        // The host calms down: the pending id is acted on without waiting for an interrupt.
+        rig.device.faults.newHintRoundOnConfigInterrupt = 0
+        for _ in 0..<10 {
+            if try rig.line.wait(timeoutMilliseconds: 0) {
+                try rig.driver.serviceInterrupt(line: rig.line)
+            } else if rig.driver.hintCommandPending {
+                try rig.driver.serviceHintCommand(line: rig.line)
+            } else {
+                break
+            }
+        }
+        #expect(!rig.driver.hintCommandPending)
+        #expect(!rig.device.broken)
+        #expect(rig.device.hintState == .stop)
+    }
+
+    // MARK: L1/L5: a pending stop ends long hint work
+
+    @Test("a pending stop ends a hint round waiting on a full ring, before the full-ring timeout, with STOP sent")
+    func stopEndsFullRingWait() throws {
+        let rig = try HintRig()
+        rig.driver.hintOptions.maxRangeBytes = 4096
+        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 300
+        rig.device.processHintsOnNotify = false
+        var checks = 0
+        rig.driver.shouldStop = {
+            checks += 1
+            return checks > 200
+        }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRounds == 1)
+        #expect(rig.driver.counters.hintRoundsTimedOut == 0)
+        #expect(rig.source.endRounds == 1)
+        rig.device.drainHintQueue()
+        #expect(rig.device.receivedHintIDs == [0x8000_0001, 0])
+        #expect(!rig.device.broken)
+    }
+
+    @Test("with a stop pending, a new cmd id starts no round and stays pending")
+    func stopBeforeRound() throws {
+        let rig = try HintRig()
+        rig.driver.shouldStop = { true }
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.hintRounds == 0)
+        #expect(rig.driver.hintCommandPending)
+    }
+}
