@@ -197,7 +197,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     }
 
     /// Brings the device up (virtio 1.2 §3.1.1, Linux `virtio_dev_probe` + `virtballoon_probe`):
-    /// reset; ACKNOWLEDGE; DRIVER; negotiate; FEATURES_OK (re-read); queues by QEMU's
+    /// Bus Master off; reset; Bus Master on; ACKNOWLEDGE; DRIVER; negotiate; FEATURES_OK (re-read); queues by QEMU's
     /// numbering; `poison_val`; prime stats; DRIVER_OK; then read `num_pages` and the cmd id
     /// (QEMU raises no config interrupt for changes made before DRIVER_OK).
     public func bringUp() throws(BalloonError) {
@@ -205,8 +205,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         isRunning = false
         guard transport.virtioDeviceType == 5 else { throw .wrongDeviceType(transport.virtioDeviceType) }
         do {
-            try transport.enableDMA()
+            // Reset with Bus Master off and memory decoding on, and only then let the device
+            // reach memory: after a SIGKILL the device still holds the dead process's ring
+            // addresses, and Bus Master on before the reset would let it act on them.
+            try transport.disableDMA()
             try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds)
+            try transport.enableDMA()
         } catch { throw .transport(error) }
         // Only after the reset: the device can no longer apply a queued hint, so owned
         // pages may be given back.

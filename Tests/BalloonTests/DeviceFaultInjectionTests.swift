@@ -101,4 +101,64 @@ struct DeviceFaultInjectionTests {
         #expect(rig.driver.counters.hintRounds == 0)
         #expect(rig.driver.hintCommandPending)
     }
+
+    // MARK: M7: reset before Bus Master
+
+    private func index(_ events: [SimulatedBalloonDevice.Event], _ e: SimulatedBalloonDevice.Event) -> Int {
+        events.firstIndex(of: e) ?? Int.max
+    }
+
+    @Test("after a SIGKILL, a new driver resets the device before Bus Master is set again (the old rings are never live)")
+    func resetBeforeBusMasterAfterKill() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.device.simulateDriverKilled()
+        #expect(!rig.device.busMaster)
+        rig.device.clearEvents()
+        let resetsBefore = rig.device.commandAtResets.count
+        let next = BalloonDriver(transport: try rig.device.makeTransport(), allocator: rig.device.makeDMAAllocator())
+        try next.bringUp()
+        let e = rig.device.events
+        let reset = index(e, .status([]))
+        #expect(reset < index(e, .busMaster(true)))
+        #expect(index(e, .busMaster(true)) != Int.max)
+        #expect(rig.device.commandAtResets.count == resetsBefore + 1)
+        #expect(rig.device.commandAtResets.last.map { $0 & PCIConfig.commandBusMaster == 0 } == true)
+        #expect(rig.device.status.contains(.driverOK))
+    }
+
+    @Test("a re-bring-up with Bus Master on clears it, resets, then sets it again")
+    func rebringUpClearsBusMasterFirst() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.device.clearEvents()
+        try rig.driver.bringUp()
+        let e = rig.device.events
+        #expect(index(e, .busMaster(false)) < index(e, .status([])))
+        #expect(index(e, .status([])) < index(e, .busMaster(true)))
+        #expect(rig.device.commandAtResets.last.map { $0 & PCIConfig.commandBusMaster == 0 } == true)
+        #expect(rig.device.status.contains(.driverOK))
+    }
+
+    @Test("memory decoding off before bring-up: the reset happens with memory decoding on and Bus Master off")
+    func memoryDecodeOnAtReset() throws {
+        let rig = try Rig()
+        rig.device.configSpace.command = 0
+        try rig.driver.bringUp()
+        let c = try #require(rig.device.commandAtResets.last)
+        #expect(c & PCIConfig.commandMemory != 0)
+        #expect(c & PCIConfig.commandBusMaster == 0)
+    }
+
+    @Test("a Bus Master that will not clear fails bring-up with a typed error before any reset")
+    func busMasterStuckFailsBringUp() throws {
+        let rig = try Rig()
+        try rig.driver.bringUp()
+        rig.device.faults.busMasterStuckOn = true
+        let resets = rig.device.commandAtResets.count
+        #expect(throws: BalloonError.transport(.busMasterDidNotClear(command: rig.device.configSpace.command))) {
+            try rig.driver.bringUp()
+        }
+        #expect(rig.device.commandAtResets.count == resets)
+    }
 }
