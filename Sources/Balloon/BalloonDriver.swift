@@ -155,6 +155,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// while QEMU is in START the field reads 0 with no interrupt, so it must not be polled).
     public internal(set) var hintCommand = FreePageHintCommand.stop
     public private(set) var isRunning = false
+    /// Set by a `shutdown` that could neither reset the device nor clear Bus Master: balloon,
+    /// hint and DMA memory are still held, because the device may still write them.
+    public private(set) var memoryKeptAfterShutdown = false
+    /// Deliberate cycle set together with `memoryKeptAfterShutdown`: this driver (and so its
+    /// DMA regions, balloon memory and hint source) is never freed.
+    private var keptAliveWhileDeviceMayWrite: AnyObject?
 
     var queues: [BalloonQueueRole: SplitQueue<BufferToken>] = [:]
     /// The stats buffer (exactly one, reused: only posted while the device does not hold it).
@@ -412,10 +418,27 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     }
 
     /// Resets the device and forgets every buffer (at shutdown, or before a re-init).
+    ///
+    /// Memory goes back to the guest only once the device cannot reach it any more: after a
+    /// reset, or, when the reset fails, after Bus Master is cleared. When both fail, the
+    /// balloon, hint and DMA memory are kept (`memoryKeptAfterShutdown`; this driver then
+    /// keeps itself alive so its DMA regions are never unmapped), and the event loop must
+    /// not hand the memory back either.
     public func shutdown() {
         isRunning = false
         do { try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds) } catch {
-            logger.warning("device reset at shutdown failed", metadata: ["error": "\(error)"])
+            logger.warning("device reset at shutdown failed; clearing Bus Master so the device cannot reach memory", metadata: ["error": "\(error)"])
+            do { try transport.disableDMA() } catch let dmaError {
+                memoryKeptAfterShutdown = true
+                keptAliveWhileDeviceMayWrite = self
+                let held = (balloonMemory?.heldBytes ?? 0) + (hintSource?.heldBytes ?? 0)
+                logger.critical("""
+                    the device could not be reset and Bus Master could not be cleared: keeping \(held >> 20) MiB of balloon \
+                    and hint memory and all DMA memory, because the device may still write it; \
+                    reset the device (unbind/rebind, or reboot the guest) before reusing that memory
+                    """, metadata: ["reset_error": "\(error)", "bus_master_error": "\(dmaError)"])
+                return
+            }
         }
         // After the reset, as in bringUp: no queued hint can be applied any more.
         abandonHinting()

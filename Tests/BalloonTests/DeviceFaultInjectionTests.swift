@@ -161,4 +161,56 @@ struct DeviceFaultInjectionTests {
         }
         #expect(rig.device.commandAtResets.count == resets)
     }
+
+    // MARK: M3: no memory back to the guest while the device may still write it
+
+    /// A running device with inflated balloon pages and owned hint pages still outstanding.
+    private func busyRig() throws -> Rig {
+        let props = BalloonDeviceProperties(freePageHint: true)
+        let rig = try Rig(props, options: BalloonDriverOptions(resetTimeoutMilliseconds: 1))
+        try rig.driver.bringUp()
+        rig.device.setTarget(bytes: props.ramSize - (16 << 20))
+        try rig.serviceAll()
+        let hints = try #require(rig.driver.hintSource as? SimulatedBuddyAllocator)
+        hints.limitPerRound = 8 << 20
+        rig.device.processHintsOnNotify = false
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(rig.memory.heldBytes == 16 << 20)
+        #expect(hints.heldBytes == 8 << 20)
+        return rig
+    }
+
+    @Test("a reset that fails at shutdown: Bus Master is cleared, and only then does the memory go back to the guest")
+    func failedResetClearsBusMaster() throws {
+        let rig = try busyRig()
+        rig.device.faults.neverResets = true
+        let hints = try #require(rig.driver.hintSource)
+        rig.driver.shutdown()
+        #expect(!rig.device.busMaster)
+        #expect(rig.memory.heldBytes == 0)
+        #expect(hints.heldBytes == 0)
+        #expect(!rig.driver.memoryKeptAfterShutdown)
+    }
+
+    @Test("a reset that fails and a Bus Master that cannot be cleared: balloon, hint and DMA memory are all kept",
+          arguments: ["clear fails", "bit stuck"])
+    func failedResetAndBusMasterKeepsMemory(_ fault: String) throws {
+        weak var weakDriver: BalloonDriver<ModernPCITransport>?
+        var rig: Rig? = try busyRig()
+        let memory = rig!.memory
+        let hints = try #require(rig!.driver.hintSource)
+        let device = rig!.device
+        device.faults.neverResets = true
+        if fault == "clear fails" { device.faults.busMasterClearFails = true } else { device.faults.busMasterStuckOn = true }
+        rig!.driver.shutdown()
+        weakDriver = rig!.driver
+        #expect(rig!.driver.memoryKeptAfterShutdown)
+        rig = nil
+        #expect(device.busMaster)
+        #expect(memory.heldBytes == 16 << 20)
+        #expect(hints.heldBytes == 8 << 20)
+        // The driver, and with it every DMA region the device was given, stays alive.
+        #expect(weakDriver != nil)
+    }
 }
