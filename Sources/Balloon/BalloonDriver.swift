@@ -58,6 +58,9 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var inflateShortfalls = 0
     /// Blocks given back before sending because their frames had moved.
     public var balloonBlocksMoved = 0
+    /// Blocks given back before sending because a frame was at or above 16 TiB (its PFN
+    /// does not fit the queues' 32 bits).
+    public var balloonBlocksUnaddressable = 0
     /// Deflates caused by memory pressure.
     public var pressureDeflates = 0
     /// Free page reports sent, and bytes reported.

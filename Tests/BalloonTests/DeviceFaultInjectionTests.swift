@@ -213,4 +213,50 @@ struct DeviceFaultInjectionTests {
         // The driver, and with it every DMA region the device was given, stays alive.
         #expect(weakDriver != nil)
     }
+
+    // MARK: L2: PFNs at or above 2^32
+
+    @Test("balloon memory at or above 16 TiB is given back, counted and never sent as a truncated PFN")
+    func pfnsAbove32BitsNeverSent() throws {
+        let limit: UInt64 = 1 << 44
+        // Guest RAM reaching past 16 TiB; the balloon's memory straddles the limit (4 huge
+        // blocks below, 4 above, handed out from the top).
+        let ram = SimulatedGuestMemory(ram: GuestPhysicalRange(start: 0, length: limit + (16 << 20)))
+        let props = BalloonDeviceProperties()
+        let device = SimulatedBalloonDevice(properties: props, memory: ram)
+        let memory = SimulatedBalloonMemory(base: limit - (8 << 20), bytes: 16 << 20)
+        let clock = FakeClock()
+        let driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), balloonMemory: memory)
+        driver.clock = { clock.nanos }
+        let line = device.makeInterruptLine()
+        try driver.bringUp()
+        device.setTarget(bytes: props.ramSize - (16 << 20))
+        var n = 0
+        while try line.wait(timeoutMilliseconds: 0) {
+            try driver.serviceInterrupt(line: line)
+            n += 1
+            try #require(n < 100)
+        }
+        let sent = device.inflateBuffers.flatMap { $0 }
+        #expect(!sent.isEmpty)
+        // Only the frames below the limit went out, each under its own PFN.
+        #expect(sent.allSatisfy { UInt64($0) >= (limit - (8 << 20)) >> 12 })
+        #expect(Set(sent) == Set(memory.held.values.flatMap { $0.checkedPFNs ?? [] }))
+        #expect(memory.held.values.allSatisfy { $0.pfnsFitIn32Bits })
+        #expect(memory.heldBytes == 8 << 20)
+        #expect(driver.counters.balloonBlocksUnaddressable > 0)
+        #expect(driver.counters.inflateShortfalls > 0)
+        #expect(device.badPFNs.isEmpty)
+    }
+
+    @Test("checked PFN conversion: a block reaching 16 TiB has no PFNs, one just below has all of them")
+    func checkedPFNs() {
+        let limit: UInt64 = 1 << 44
+        let below = BalloonBlock(handle: 1, ranges: [GuestPhysicalRange(start: PhysicalAddress(limit - 8192), length: 8192)])
+        let across = BalloonBlock(handle: 2, ranges: [GuestPhysicalRange(start: PhysicalAddress(limit - 4096), length: 8192)])
+        #expect(below.checkedPFNs == [UInt32.max - 1, UInt32.max])
+        #expect(across.checkedPFNs == nil)
+        #expect(across.pfns.isEmpty)
+        #expect(!across.pfnsFitIn32Bits)
+    }
 }
