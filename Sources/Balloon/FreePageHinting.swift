@@ -70,7 +70,11 @@ extension BalloonDriver {
             if shouldStop() { return }
             if acted >= max(1, hintOptions.maxCommandChangesPerCall) {
                 counters.hintCommandsDeferred += 1
-                logger.warning("free page hint command changed \(acted) times in one call; leaving \(hintCommand) for the next interrupt or tick")
+                if counters.hintCommandsDeferred == 1 || counters.hintCommandsDeferred % 100 == 0 {
+                    logger.warning("free page hint command changed \(acted) times in one call; leaving \(hintCommand) for the next interrupt or tick", metadata: [
+                        "deferred_total": "\(counters.hintCommandsDeferred)",
+                    ])
+                }
                 return
             }
             acted += 1
@@ -97,10 +101,12 @@ extension BalloonDriver {
     /// Whether the current hint cmd id still needs acting on (a call to `actOnHintCommand`
     /// stopped early, or the id was read at bring-up with no interrupt to follow). The event
     /// loop then calls `serviceHintCommand` without waiting for an interrupt.
+    /// Each case turns false once acted on, so an event loop that polls while this is true
+    /// cannot spin.
     public var hintCommandPending: Bool {
-        guard isRunning, negotiated.contains(.freePageHint), let source = hintSource else { return false }
+        guard isRunning, negotiated.contains(.freePageHint), hintSource != nil, queues[.freePageHint] != nil else { return false }
         switch hintCommand {
-        case .done: return hinting.activeRound != nil || source.heldBytes > 0
+        case .done: return hinting.activeRound != nil
         case .stop: return hinting.activeRound != nil && !hinting.stopSent
         case .round(let id): return id != hinting.activeRound
         }
