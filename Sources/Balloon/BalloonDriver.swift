@@ -47,6 +47,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var lastRoundBytes: UInt64 = 0
     /// Rounds ended because the ring stayed full with the device not consuming.
     public var hintRoundsTimedOut = 0
+    /// Calls that left a hint command for later because the device kept changing it.
+    public var hintCommandsDeferred = 0
     /// Inflate and deflate buffers sent, and pages acknowledged.
     public var inflateBuffers = 0
     public var deflateBuffers = 0
@@ -56,6 +58,9 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var inflateShortfalls = 0
     /// Blocks given back before sending because their frames had moved.
     public var balloonBlocksMoved = 0
+    /// Blocks given back before sending because a frame was at or above 16 TiB (its PFN
+    /// does not fit the queues' 32 bits).
+    public var balloonBlocksUnaddressable = 0
     /// Deflates caused by memory pressure.
     public var pressureDeflates = 0
     /// Free page reports sent, and bytes reported.
@@ -135,8 +140,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let memoryStatus: GuestMemoryStatus?
     /// Monotonic nanoseconds (tests inject a fake clock).
     public var clock: () -> UInt64 = monotonicNanos
-    /// Whether a stop was requested (the daemon wires its signal check here); long work such
-    /// as a hint round checks it and ends early.
+    /// Whether a stop is pending (the event loop wires its signal pipe here). Long work
+    /// inside one driver call (a hint round streaming hints, waiting on a full ring) checks
+    /// it and ends early, so SIGTERM is honoured promptly.
     public var shouldStop: () -> Bool = { false }
 
     public private(set) var offered = FeatureBits()
@@ -152,6 +158,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// while QEMU is in START the field reads 0 with no interrupt, so it must not be polled).
     public internal(set) var hintCommand = FreePageHintCommand.stop
     public private(set) var isRunning = false
+    /// Set by a `shutdown` that could neither reset the device nor clear Bus Master: balloon,
+    /// hint and DMA memory are still held, because the device may still write them.
+    public private(set) var memoryKeptAfterShutdown = false
+    /// Deliberate cycle set together with `memoryKeptAfterShutdown`: this driver (and so its
+    /// DMA regions, balloon memory and hint source) is never freed.
+    private var keptAliveWhileDeviceMayWrite: AnyObject?
 
     var queues: [BalloonQueueRole: SplitQueue<BufferToken>] = [:]
     /// The stats buffer (exactly one, reused: only posted while the device does not hold it).
@@ -194,7 +206,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     }
 
     /// Brings the device up (virtio 1.2 §3.1.1, Linux `virtio_dev_probe` + `virtballoon_probe`):
-    /// reset; ACKNOWLEDGE; DRIVER; negotiate; FEATURES_OK (re-read); queues by QEMU's
+    /// Bus Master off; reset; Bus Master on; ACKNOWLEDGE; DRIVER; negotiate; FEATURES_OK (re-read); queues by QEMU's
     /// numbering; `poison_val`; prime stats; DRIVER_OK; then read `num_pages` and the cmd id
     /// (QEMU raises no config interrupt for changes made before DRIVER_OK).
     public func bringUp() throws(BalloonError) {
@@ -202,8 +214,12 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         isRunning = false
         guard transport.virtioDeviceType == 5 else { throw .wrongDeviceType(transport.virtioDeviceType) }
         do {
-            try transport.enableDMA()
+            // Reset with Bus Master off and memory decoding on, and only then let the device
+            // reach memory: after a SIGKILL the device still holds the dead process's ring
+            // addresses, and Bus Master on before the reset would let it act on them.
+            try transport.disableDMA()
             try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds)
+            try transport.enableDMA()
         } catch { throw .transport(error) }
         // Only after the reset: the device can no longer apply a queued hint, so owned
         // pages may be given back.
@@ -405,10 +421,27 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     }
 
     /// Resets the device and forgets every buffer (at shutdown, or before a re-init).
+    ///
+    /// Memory goes back to the guest only once the device cannot reach it any more: after a
+    /// reset, or, when the reset fails, after Bus Master is cleared. When both fail, the
+    /// balloon, hint and DMA memory are kept (`memoryKeptAfterShutdown`; this driver then
+    /// keeps itself alive so its DMA regions are never unmapped), and the event loop must
+    /// not hand the memory back either.
     public func shutdown() {
         isRunning = false
         do { try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds) } catch {
-            logger.warning("device reset at shutdown failed", metadata: ["error": "\(error)"])
+            logger.warning("device reset at shutdown failed; clearing Bus Master so the device cannot reach memory", metadata: ["error": "\(error)"])
+            do { try transport.disableDMA() } catch let dmaError {
+                memoryKeptAfterShutdown = true
+                keptAliveWhileDeviceMayWrite = self
+                let held = (balloonMemory?.heldBytes ?? 0) + (hintSource?.heldBytes ?? 0)
+                logger.critical("""
+                    the device could not be reset and Bus Master could not be cleared: keeping \(held >> 20) MiB of balloon \
+                    and hint memory and all DMA memory, because the device may still write it; \
+                    reset the device (unbind/rebind, or reboot the guest) before reusing that memory
+                    """, metadata: ["reset_error": "\(error)", "bus_master_error": "\(dmaError)"])
+                return
+            }
         }
         // After the reset, as in bringUp: no queued hint can be applied any more.
         abandonHinting()

@@ -69,7 +69,7 @@ extension BalloonDriver {
                 var got = 0
                 var shortBy: String?
                 // Blocks held for free page reporting come first: already discarded on the host.
-                let recycled = takeReportedForInflate(maxPages: want)
+                let recycled = refusingUnaddressable(takeReportedForInflate(maxPages: want), from: memory)
                 blocks += recycled
                 got += recycled.reduce(0) { $0 + $1.pageCount }
                 if let floor = reinflateFloorPages() , want - got > floor {
@@ -87,13 +87,19 @@ extension BalloonDriver {
                     }
                     // QEMU discards a PFN the moment it sees it: re-check that no frame moved
                     // since it was resolved, and give back any block that did.
-                    let (kept, movedBlocks) = partition(take.blocks) { memory.stillInPlace($0) }
+                    let (inPlace, movedBlocks) = partition(take.blocks) { memory.stillInPlace($0) }
                     if !movedBlocks.isEmpty {
                         memory.release(movedBlocks)
                         counters.balloonBlocksMoved += movedBlocks.count
                     }
+                    // The queues carry 32-bit PFNs: frames at or above 16 TiB are given back.
+                    let kept = refusingUnaddressable(inPlace, from: memory)
                     blocks += kept
                     got += kept.reduce(0) { $0 + $1.pageCount }
+                    if kept.isEmpty, !inPlace.isEmpty {
+                        shortBy = shortBy ?? "\(memory.name) gave only frames at or above 16 TiB, which a 32-bit PFN cannot name"
+                        break
+                    }
                     if take.pageCount < step || kept.isEmpty {
                         shortBy = shortBy ?? take.limitedBy ?? "\(memory.name) gave \(take.pageCount) of \(step) pages"
                         break
@@ -203,15 +209,20 @@ extension BalloonDriver {
     private func postPFNs(_ blocks: [BalloonBlock], slot: Int, inflate: Bool) throws(BalloonError) {
         let role: BalloonQueueRole = inflate ? .inflate : .deflate
         guard let q = queues[role] else { return }
+        // Checked conversion only: a truncated PFN would name another frame. Callers have
+        // already given such blocks back; this is the last line.
+        let blocks = balloonMemory.map { refusingUnaddressable(blocks, from: $0) } ?? blocks.filter(\.pfnsFitIn32Bits)
         let buffer = sizing.buffers[slot]
         var offset = 0
         for block in blocks {
-            for pfn in block.pfns {
+            guard let pfns = block.checkedPFNs else { continue }
+            for pfn in pfns {
                 buffer.store32(pfn, at: offset)
                 offset += 4
             }
         }
-        precondition(offset <= buffer.size && offset > 0)
+        guard offset > 0 else { return }
+        precondition(offset <= buffer.size)
         do {
             try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(offset))], token: inflate ? .inflate(slot) : .deflate(slot))
         } catch { throw .queue(role: role, error) }
@@ -225,6 +236,20 @@ extension BalloonDriver {
             counters.deflateBuffers += 1
         }
         try kick(role)
+    }
+
+    /// Gives back (and counts, and logs) the blocks whose frames a 32-bit PFN cannot name,
+    /// and returns the rest.
+    func refusingUnaddressable(_ blocks: [BalloonBlock], from memory: BalloonMemory) -> [BalloonBlock] {
+        let (fit, refused) = partition(blocks) { $0.pfnsFitIn32Bits }
+        guard !refused.isEmpty else { return blocks }
+        memory.release(refused)
+        counters.balloonBlocksUnaddressable += refused.count
+        let first = refused.first?.ranges.first?.start.value ?? 0
+        logger.warning("balloon memory at or above 16 TiB given back: the virtio-balloon PFN is 32 bits and cannot name it", metadata: [
+            "blocks": "\(refused.count)", "first_address": "0x\(String(first, radix: 16))", "total": "\(counters.balloonBlocksUnaddressable)",
+        ])
+        return fit
     }
 
     /// The device acknowledged a PFN buffer.

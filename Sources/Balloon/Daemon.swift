@@ -62,6 +62,12 @@ public final class Daemon<Transport: VirtioTransport> {
     private var retryAtNanos: UInt64?
     private var runningSinceNanos: UInt64?
     private var loggedPastDeadline = false
+    private var pendingIterations = 0
+
+    /// Acts on a hint command the last interrupt left for later (bounded work per call).
+    private func serviceHintCommandIfPending() throws {
+        if driver.hintCommandPending { try driver.serviceHintCommand(line: line) }
+    }
 
     /// - Parameter clock: monotonic nanoseconds; also becomes the driver's clock, so every
     ///   timed decision runs on one clock.
@@ -109,6 +115,7 @@ public final class Daemon<Transport: VirtioTransport> {
                     try driver.serviceInterrupt(line: line)
                 }
                 try driver.tick(psiFired: ready.contains(.pressure))
+                try serviceHintCommandIfPending()
                 onIteration?(driver.statusSnapshot(), restarts, false)
             } catch {
                 deviceFailed(error, now: clock())
@@ -119,6 +126,14 @@ public final class Daemon<Transport: VirtioTransport> {
     /// How long to wait: until the re-initialisation retry or the driver's next deadline;
     /// without either, until an event (an idle daemon does not wake).
     private func waitTimeout(now: UInt64) -> UInt64? {
+        // Hint commands left over from a call that hit its bound are handled next, without
+        // waiting; a driver that stays pending without progress is floored like a deadline.
+        if !needsBringUp, driver.hintCommandPending {
+            pendingIterations += 1
+            if pendingIterations <= 64 { return 0 }
+        } else {
+            pendingIterations = 0
+        }
         let deadline = needsBringUp ? retryAtNanos : driver.nextDeadlineNanos
         guard let deadline else { return nil }
         if deadline > now {
@@ -142,6 +157,8 @@ public final class Daemon<Transport: VirtioTransport> {
             // The policies run once before the first wait, so every deadline they set is
             // already in the future when the loop computes its timeout.
             try driver.tick()
+            // A cmd id read at bring-up is acted on now, as Linux does at probe.
+            try serviceHintCommandIfPending()
             needsBringUp = false
             retryAtNanos = nil
             runningSinceNanos = now

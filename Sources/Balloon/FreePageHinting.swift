@@ -39,6 +39,9 @@ public struct HintOptions: Sendable {
     /// is handed back as if applied. A migration that still goes wrong with this on was not
     /// broken by a hint.
     public var controlNoHints = false
+    /// Most hint commands (new ids, STOP, DONE) one `actOnHintCommand` call acts on; the
+    /// rest waits for the next interrupt or `serviceHintCommand`.
+    public var maxCommandChangesPerCall = 4
     public init() {}
 }
 
@@ -52,12 +55,29 @@ public func monotonicNanos() -> UInt64 {
 extension BalloonDriver {
     /// Reacts to the cached cmd id (Linux `report_free_page_func`): DONE releases
     /// everything; a new round id starts a round; STOP ends the active one.
+    ///
+    /// Bounded: a round can end because a new id arrived mid-round, so this acts again until
+    /// the command it acted on is the current one, but on at most
+    /// `hintOptions.maxCommandChangesPerCall` commands per call, and not at all once
+    /// `shouldStop` says so. What is left is `hintCommandPending`, for the next interrupt or
+    /// `serviceHintCommand` (a host that posts a new id on every config interrupt must not
+    /// keep one call running forever).
     func actOnHintCommand(line: InterruptLine?) throws(BalloonError) {
         guard negotiated.contains(.freePageHint), let source = hintSource else { return }
-        // A round can end because a new id arrived mid-round: act again until the command
-        // we acted on is the current one.
         var handled: FreePageHintCommand?
+        var acted = 0
         while handled != hintCommand {
+            if shouldStop() { return }
+            if acted >= max(1, hintOptions.maxCommandChangesPerCall) {
+                counters.hintCommandsDeferred += 1
+                if counters.hintCommandsDeferred == 1 || counters.hintCommandsDeferred % 100 == 0 {
+                    logger.warning("free page hint command changed \(acted) times in one call; leaving \(hintCommand) for the next interrupt or tick", metadata: [
+                        "deferred_total": "\(counters.hintCommandsDeferred)",
+                    ])
+                }
+                return
+            }
+            acted += 1
             let command = hintCommand
             handled = command
             switch command {
@@ -76,6 +96,26 @@ extension BalloonDriver {
                 try runRound(id: id, source: source, line: line)
             }
         }
+    }
+
+    /// Whether the current hint cmd id still needs acting on (a call to `actOnHintCommand`
+    /// stopped early, or the id was read at bring-up with no interrupt to follow). The event
+    /// loop then calls `serviceHintCommand` without waiting for an interrupt.
+    /// Each case turns false once acted on, so an event loop that polls while this is true
+    /// cannot spin.
+    public var hintCommandPending: Bool {
+        guard isRunning, negotiated.contains(.freePageHint), hintSource != nil, queues[.freePageHint] != nil else { return false }
+        switch hintCommand {
+        case .done: return hinting.activeRound != nil
+        case .stop: return hinting.activeRound != nil && !hinting.stopSent
+        case .round(let id): return id != hinting.activeRound
+        }
+    }
+
+    /// Acts on the current hint cmd id without an interrupt (bounded as `actOnHintCommand`).
+    public func serviceHintCommand(line: InterruptLine?) throws(BalloonError) {
+        guard isRunning else { throw .notRunning }
+        try actOnHintCommand(line: line)
     }
 
     /// One 4-byte buffer holding `value`, in memory the device has returned (or fresh).
@@ -133,6 +173,10 @@ extension BalloonDriver {
         }
         var fullSince: UInt64?
         while hintCommand == .round(id) && isRunning {
+            if shouldStop() {
+                logger.info("stop requested: ending free page hint round 0x\(String(id, radix: 16))")
+                break
+            }
             let room = q.freeDescriptors - 1  // one slot stays free for STOP
             if room <= 0 {
                 // The device has not returned enough descriptors yet; QEMU's iothread polls

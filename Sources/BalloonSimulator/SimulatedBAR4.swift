@@ -59,7 +59,7 @@ extension SimulatedBalloonDevice {
         case CommonConfig.msixConfig: return 0xffff
         case CommonConfig.numQueues: return UInt32(numQueues)
         case CommonConfig.deviceStatus: return UInt32(status.rawValue)
-        case CommonConfig.configGeneration: return UInt32(generation)
+        case CommonConfig.configGeneration: return UInt32(readGeneration())
         case CommonConfig.queueSelect: return UInt32(queueSelect)
         case CommonConfig.queueSize: return UInt32(queueSizeRead(queueSelect))
         case CommonConfig.queueMSIXVector: return 0xffff

@@ -109,6 +109,16 @@ public final class SimulatedBalloonDevice {
     /// Forgets the event log (tests look at what follows).
     public func clearEvents() { events = [] }
 
+    /// The PCI Command register at each reset the driver requested (status written 0).
+    public private(set) var commandAtResets: [UInt16] = []
+
+    /// What the kernel does when the process holding `/dev/uioN` dies (SIGKILL, OOM kill):
+    /// uio_pci_generic's release clears Bus Master. Queue addresses stay programmed.
+    public func simulateDriverKilled() {
+        let cmd = configSpace.command & ~PCIConfig.commandBusMaster
+        try? configSpace.write16(cmd, at: PCIConfig.command)
+    }
+
     /// Every notify written, by queue.
     public private(set) var notifyCount: [UInt16: Int] = [:]
 
@@ -168,7 +178,20 @@ public final class SimulatedBalloonDevice {
     func readISR() -> UInt8 {
         let v = isr
         isr = 0
+        if v & 2 != 0, faults.newHintRoundOnConfigInterrupt > 0, negotiatedFeatures.contains(.freePageHint) {
+            faults.newHintRoundOnConfigInterrupt -= 1
+            startHintRound()
+        }
         return v
+    }
+
+    /// `config_generation` as the driver reads it.
+    func readGeneration() -> UInt8 {
+        if faults.unstableGenerationReads > 0 {
+            faults.unstableGenerationReads -= 1
+            generation &+= 1
+        }
+        return generation
     }
 
     // MARK: status
@@ -176,6 +199,7 @@ public final class SimulatedBalloonDevice {
     func writeStatus(_ value: UInt8) {
         record(.status(DeviceStatus(rawValue: value)))
         if value == 0 {
+            commandAtResets.append(configSpace.command)
             if faults.neverResets { return }
             reset()
             return

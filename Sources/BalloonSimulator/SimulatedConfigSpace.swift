@@ -57,6 +57,24 @@ public final class SimulatedConfigSpace: PCIConfigSpace {
     /// Test support: overwrite raw config bytes (to build malformed capability lists).
     public func poke(_ offset: Int, _ value: UInt8) { bytes[offset] = value }
 
+    /// Fault injection: rewrites the BAR offset and/or length of the first virtio capability
+    /// of `cfgType` (1 common, 2 notify, 3 ISR, 4 device), e.g. an ISR of length 0 or a
+    /// common config at an unaligned offset. Returns whether such a capability was found.
+    @discardableResult
+    public func overrideCapability(cfgType: UInt8, offset: UInt32? = nil, length: UInt32? = nil) -> Bool {
+        var p = Int(bytes[PCIConfig.capabilitiesPointer])
+        var seen = Set<Int>()
+        while p != 0, p + 16 <= 256, seen.insert(p).inserted {
+            if bytes[p] == 0x09, bytes[p + 3] == cfgType {
+                if let offset { put32(offset, p + 8) }
+                if let length { put32(length, p + 12) }
+                return true
+            }
+            p = Int(bytes[p + 1])
+        }
+        return false
+    }
+
     private func check(_ o: Int, _ w: Int) throws(PCIError) {
         guard o >= 0, o + w <= 256 else { throw .configAccess(offset: o, reason: "outside config space") }
     }
@@ -82,6 +100,11 @@ public final class SimulatedConfigSpace: PCIConfigSpace {
         try check(offset, 2)
         guard offset == PCIConfig.command else { return }  // only Command is writable here
         let wasMaster = command & PCIConfig.commandBusMaster != 0
+        var value = value
+        if wasMaster, value & PCIConfig.commandBusMaster == 0 {
+            if device.faults.busMasterClearFails { throw .configAccess(offset: offset, reason: "injected: Bus Master clear fails") }
+            if device.faults.busMasterStuckOn { value |= PCIConfig.commandBusMaster }
+        }
         command = value
         commandWrites.append(value)
         let isMaster = value & PCIConfig.commandBusMaster != 0

@@ -71,6 +71,18 @@ public struct BalloonDeviceFaults: Sendable {
     public var forcedCmdID: UInt32? = nil
     /// Marks itself NEEDS_RESET (with a config interrupt) the moment the driver sets DRIVER_OK.
     public var needsResetAfterDriverOK = false
+    /// `config_generation` changes on each of the next this many reads (a config that never
+    /// settles; `Int.max` for ever). A finite count lets a test of an unbounded retry loop
+    /// fail instead of hang.
+    public var unstableGenerationReads = 0
+    /// A host that answers each config interrupt the driver takes (an ISR read with the
+    /// config bit) with a new hint round: a new cmd id and another config interrupt. Counts
+    /// down; 0 is off (a finite count lets a test without the bound fail instead of hang).
+    public var newHintRoundOnConfigInterrupt = 0
+    /// Command writes that clear Bus Master fail (the config-space write returns an error).
+    public var busMasterClearFails = false
+    /// Command writes that clear Bus Master are ignored for that bit (it reads back set).
+    public var busMasterStuckOn = false
 
     public init() {}
 }

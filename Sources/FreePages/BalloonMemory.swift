@@ -26,18 +26,38 @@ public struct BalloonBlock: Hashable, Sendable {
         ranges.count == 1 && ranges[0].length == balloonHugeBlockSize && ranges[0].start.value % balloonHugeBlockSize == 0
     }
 
+    /// Whether every frame has a PFN the inflate and deflate queues can carry (le32: frames
+    /// below 16 TiB). A block above that can never be sent: truncated, its PFN would name
+    /// another frame, which the host would then discard.
+    public var pfnsFitIn32Bits: Bool {
+        ranges.allSatisfy { r in
+            let (end, overflow) = r.start.value.addingReportingOverflow(r.length)
+            return !overflow && end <= balloonPFNLimitBytes
+        }
+    }
+
     /// The PFNs (guest-physical address >> 12), in order, as the inflate and deflate queues
-    /// carry them (le32 each; 32 bits cover 16 TiB).
-    public var pfns: [UInt32] {
+    /// carry them (le32 each), converted with a check: nil when a frame is at or above 16 TiB.
+    public var checkedPFNs: [UInt32]? {
+        guard pfnsFitIn32Bits else { return nil }
         var out: [UInt32] = []
         out.reserveCapacity(pageCount)
         for r in ranges {
             let first = r.start.value >> 12
-            for pfn in first..<(first + r.length / balloonPageSize) { out.append(UInt32(truncatingIfNeeded: pfn)) }
+            for pfn in first..<(first + r.length / balloonPageSize) {
+                guard let p = UInt32(exactly: pfn) else { return nil }
+                out.append(p)
+            }
         }
         return out
     }
+
+    /// `checkedPFNs`, or none at all for a block that does not fit (never truncated PFNs).
+    public var pfns: [UInt32] { checkedPFNs ?? [] }
 }
+
+/// The first byte a 32-bit PFN cannot name: 2^32 frames of 4 KiB, 16 TiB.
+public let balloonPFNLimitBytes: UInt64 = 1 << 44
 
 /// 2 MiB: the block size QEMU needs to discard hugepage-backed RAM and Linux reports at.
 public let balloonHugeBlockSize: UInt64 = 2 << 20

@@ -187,6 +187,19 @@ public final class ModernPCITransport: VirtioTransport {
         } catch { throw .pci(error) }
     }
 
+    /// Clears Bus Master and keeps memory decoding on, then reads Command back: QEMU stops
+    /// the device (no DMA, no queue processing, DRIVER_OK cleared) while Bus Master is clear.
+    public func disableDMA() throws(TransportError) {
+        let after: UInt16
+        do {
+            let cmd = try config.read16(at: PCIConfig.command)
+            let want = (cmd | PCIConfig.commandMemory) & ~PCIConfig.commandBusMaster
+            if want != cmd { try config.write16(want, at: PCIConfig.command) }
+            after = try config.read16(at: PCIConfig.command)
+        } catch { throw .pci(error) }
+        guard after & PCIConfig.commandBusMaster == 0 else { throw .busMasterDidNotClear(command: after) }
+    }
+
     /// Clears INTx-Disable (uio_pci_generic's handler sets it), keeping Bus Master set.
     public func unmaskINTx() throws(TransportError) {
         do {

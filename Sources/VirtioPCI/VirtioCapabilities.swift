@@ -39,6 +39,12 @@ public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
     case notifyMultiplierInvalid(at: Int, multiplier: UInt32)
     case missing(VirtioCapabilityType)
     case configSpace(PCIError)
+    /// The structure's window is shorter than its registers (e.g. an ISR of length 0).
+    case windowTooSmall(at: Int, type: VirtioCapabilityType, length: UInt32, minimum: UInt32)
+    /// The structure's offset in its BAR breaks the alignment its registers need.
+    case offsetMisaligned(at: Int, type: VirtioCapabilityType, offset: UInt32, alignment: UInt32)
+    /// Two structures share bytes of the same BAR (a write to one would change the other).
+    case overlapping(at: Int, other: Int, bar: Int)
 
     public var description: String {
         func h(_ v: Int) -> String { "0x" + String(v, radix: 16) }
@@ -56,6 +62,12 @@ public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
         case .notifyMultiplierInvalid(let at, let m): return "notify capability at \(h(at)) has notify_off_multiplier \(m), not a multiple of 2"
         case .missing(let t): return "required virtio capability \(t) is missing"
         case .configSpace(let e): return e.description
+        case .windowTooSmall(let at, let t, let l, let m):
+            return "virtio capability at \(h(at)) (\(t)) describes a window of \(l) bytes, less than the \(m) its registers need: the device is broken or hostile; do not use it"
+        case .offsetMisaligned(let at, let t, let o, let a):
+            return "virtio capability at \(h(at)) (\(t)) puts its structure at BAR offset 0x\(String(o, radix: 16)), not \(a)-byte aligned: the device is broken or hostile; do not use it"
+        case .overlapping(let at, let other, let bar):
+            return "virtio capabilities at \(h(at)) and \(h(other)) describe overlapping windows in BAR\(bar): the device is broken or hostile; do not use it"
         }
     }
 }
@@ -119,5 +131,26 @@ public func parseVirtioCapabilities(_ config: PCIConfigSpace, barSizes: [UInt64?
     guard let common = found[.common]?.0 else { throw .missing(.common) }
     guard let notify = found[.notify] else { throw .missing(.notify) }
     guard let isr = found[.isr]?.0 else { throw .missing(.isr) }
+    // Checked before any register access: MMIO accesses must be aligned and inside their
+    // window, and a device that gets this wrong must give a typed error, not a trap.
+    // Minimum lengths and alignments as Linux `vp_modern_probe` maps them (common: the
+    // registers balloond uses, 4-aligned; notify: 2 bytes, 2-aligned; ISR: 1 byte; device
+    // config: any length, 4-aligned), virtio 1.2 §4.1.4.3-4.1.4.6.
+    let rules: [(VirtioCapabilityType, minimum: UInt32, alignment: UInt32)] = [
+        (.common, UInt32(CommonConfig.queueDeviceHigh + 4), 4), (.notify, 2, 2), (.isr, 1, 1), (.device, 0, 4),
+    ]
+    var windows: [VirtioStructureLocation] = []
+    for (type, minimum, alignment) in rules {
+        guard let loc = found[type]?.0 else { continue }
+        guard loc.length >= minimum else { throw .windowTooSmall(at: loc.capabilityOffset, type: type, length: loc.length, minimum: minimum) }
+        guard loc.offset % alignment == 0 else { throw .offsetMisaligned(at: loc.capabilityOffset, type: type, offset: loc.offset, alignment: alignment) }
+        for other in windows where other.bar == loc.bar && loc.length > 0 && other.length > 0 {
+            // Both end without overflow (checked above), so the comparison is exact.
+            if loc.offset < other.offset + other.length && other.offset < loc.offset + loc.length {
+                throw .overlapping(at: loc.capabilityOffset, other: other.capabilityOffset, bar: loc.bar)
+            }
+        }
+        windows.append(loc)
+    }
     return VirtioCapabilities(common: common, notify: notify.0, notifyOffMultiplier: notify.1, isr: isr, device: found[.device]?.0)
 }

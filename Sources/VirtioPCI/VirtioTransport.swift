@@ -27,6 +27,10 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
     case notifyOutOfRange(queue: UInt16, offset: Int)
     /// Waiting for or acknowledging an interrupt failed (e.g. poll/read of /dev/uioN).
     case interrupt(String)
+    /// `config_generation` changed across every one of `attempts` snapshot reads.
+    case configGenerationUnstable(attempts: Int)
+    /// Bus Master still reads set after the driver cleared it (the device may still DMA).
+    case busMasterDidNotClear(command: UInt16)
 
     public var description: String {
         switch self {
@@ -45,6 +49,10 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
         case .deviceConfigOutOfRange(let o, let l): return "device config access at \(o) (+\(l)) is outside the device config window"
         case .interrupt(let m): return "interrupt: \(m)"
         case .notifyOutOfRange(let q, let o): return "notify address for queue \(q) (offset 0x\(String(o, radix: 16))) is outside the notify structure"
+        case .configGenerationUnstable(let n):
+            return "device config_generation changed during each of \(n) reads of its config: the device is broken or hostile; balloond will reset it"
+        case .busMasterDidNotClear(let c):
+            return "PCI Command still has Bus Master set after clearing it (Command 0x\(String(c, radix: 16))): the device may still access memory"
         }
     }
 }
@@ -78,6 +86,10 @@ public protocol VirtioTransport: AnyObject {
     func writeDeviceConfig32(_ value: UInt32, at offset: Int) throws(TransportError)
     /// Lets the device reach memory (PCI: sets Bus Master). Called before queues are used.
     func enableDMA() throws(TransportError)
+    /// Stops the device from reaching memory (PCI: clears Bus Master, keeps memory decoding
+    /// on so the registers stay reachable), and checks that it took. Used before a reset at
+    /// bring-up, and at shutdown when a reset fails.
+    func disableDMA() throws(TransportError)
 }
 
 extension VirtioTransport {
@@ -97,13 +109,17 @@ extension VirtioTransport {
     public func addStatus(_ bits: DeviceStatus) { setStatus(status().union(bits)) }
 
     /// Reads several device-config fields as one consistent snapshot: retries while
-    /// `config_generation` changes across the reads (virtio 1.2 §4.1.4.3.1).
-    public func readConsistent<T>(_ body: () throws(TransportError) -> T) throws(TransportError) -> T {
-        while true {
+    /// `config_generation` changes across the reads (virtio 1.2 §4.1.4.3.1), at most
+    /// `maxAttempts` times (Linux retries forever; a device whose generation never settles
+    /// gets a typed error here instead of a hung driver).
+    public func readConsistent<T>(maxAttempts: Int = configReadMaxAttempts, _ body: () throws(TransportError) -> T) throws(TransportError) -> T {
+        let attempts = max(1, maxAttempts)
+        for _ in 0..<attempts {
             let before = configGeneration()
             let value = try body()
             if configGeneration() == before { return value }
         }
+        throw .configGenerationUnstable(attempts: attempts)
     }
 
     /// Negotiates features (steps 4–5 of §3.1.1): writes the accepted subset, sets
@@ -118,6 +134,10 @@ extension VirtioTransport {
         return accepted
     }
 }
+
+/// How many times `readConsistent` reads a snapshot before giving up. QEMU bumps the
+/// generation once per config change, so a real device needs two at most in practice.
+public let configReadMaxAttempts = 64
 
 /// `usleep`, the default for polling loops.
 public func defaultSleepMicroseconds(_ us: Int) { platformSleepMicroseconds(us) }

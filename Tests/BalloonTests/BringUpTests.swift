@@ -67,7 +67,7 @@ struct Rig {
 
 @Suite("Device bring-up (virtio 1.2 §3.1.1, virtio-balloon.md §1.6)")
 struct BringUpTests {
-    @Test("bring-up order: bus master, reset, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
+    @Test("bring-up order: reset with Bus Master off and memory decoding on, then bus master, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
     func order() throws {
         let rig = try Rig()
         try rig.driver.bringUp()
@@ -82,7 +82,11 @@ struct BringUpTests {
         let queue2 = first { if case .queueEnabled(2, _) = $0 { return true }; return false }
         let statsKick = first { $0 == .notify(2) }
         let driverOK = first { if case .status(let s) = $0 { return s.contains(.driverOK) }; return false }
-        #expect(busMaster < reset)
+        // The device is reset while it cannot reach memory (M7), and may only after that.
+        let commandAtReset = try #require(rig.device.commandAtResets.first)
+        #expect(commandAtReset & PCIConfig.commandBusMaster == 0)
+        #expect(commandAtReset & PCIConfig.commandMemory != 0)
+        #expect(reset < busMaster && busMaster < ack)
         #expect(reset < ack && ack < driver && driver < featuresOK)
         #expect(featuresOK < queue0 && queue0 < queue2 && queue2 < statsKick && statsKick < driverOK)
         #expect(driverOK != Int.max)

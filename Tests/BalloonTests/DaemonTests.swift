@@ -29,6 +29,8 @@ final class VirtualPoller: EventPoller {
         self.horizonNanos = clock.nanos + nanos
     }
 
+    func requestStop(_ signal: Int32) { stopSignal = signal }
+
     func at(secondsFromNow s: Double, ready: Readiness = [], _ action: @escaping () -> Void = {}) {
         events.append((clock.nanos + UInt64(s * 1e9), ready, action))
         events.sort { $0.at < $1.at }
@@ -244,6 +246,36 @@ struct DaemonTests {
         let exit = r.run()
         #expect(exit == .stopSignal(15))
         #expect(r.rig.clock.nanos == r.poller.horizonNanos)
+    }
+
+    @Test("a host that answers every config interrupt with a new hint round: the loop keeps serving, and settles when the host does")
+    func hintCommandFlood() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageHint = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        r.rig.driver.hintOptions.maxRangeBytes = 64 << 10
+        r.poller.at(secondsFromNow: 5) {
+            r.rig.device.faults.newHintRoundOnConfigInterrupt = 200
+            r.rig.device.startHintRound()
+        }
+        r.poller.at(secondsFromNow: 60) { r.rig.device.finishHinting() }
+        r.run()
+        #expect(r.rig.driver.counters.hintCommandsDeferred > 0)
+        #expect(!r.rig.driver.hintCommandPending)
+        #expect(!r.rig.device.broken)
+        #expect(r.rig.driver.isRunning)
+        #expect(r.wakeupsPerMinute(lastMinutes: 8) <= idleWakeupsPerMinute)
+    }
+
+    @Test("a stop signal during a hint round ends the round (the driver sees the daemon's stop check)")
+    func stopEndsRound() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageHint = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        #expect(!r.rig.driver.shouldStop())
+        r.poller.at(secondsFromNow: 1) { r.poller.requestStop(2) }
+        r.run()
+        #expect(r.rig.driver.shouldStop())
     }
 
     @Test("the driver runs on the daemon's clock")
