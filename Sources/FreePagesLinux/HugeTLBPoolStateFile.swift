@@ -92,8 +92,8 @@ public struct HugeTLBPoolStateFile: Hashable, Sendable {
     }
 }
 
-/// This process's command name for state files (one line, no `=`-free requirement: values
-/// may hold `=`), or "" when unknown.
+/// This process's command name for state files (control characters dropped, so it stays one
+/// line), or "" when unknown.
 func processComm(root: SysRoot) -> String {
     let comm = (try? Sys.readAttribute(root.path("/proc/self/comm"))) ?? ""
     return String(comm.unicodeScalars.filter { $0.value >= 0x20 && $0.value != 0x7f }.map(Character.init))
