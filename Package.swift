@@ -18,6 +18,8 @@ let package = Package(
         .target(name: "CBalloonShims"),
         // libpci (Debian's libpci-dev) for PCI enumeration and config space.
         .systemLibrary(name: "CLibPCI", pkgConfig: "libpci", providers: [.apt(["libpci-dev"])]),
+        // zlib (Debian's zlib1g-dev; libpci already links it) for /proc/config.gz.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         // Pure spec types: feature bits, status, balloon config, queue numbering.
         .target(name: "VirtioCore"),
         // Driver-side split virtqueue over DMA regions.
@@ -35,7 +37,7 @@ let package = Package(
         .target(name: "BalloonSimulator", dependencies: ["VirtioCore", "VirtioQueue", "VirtioPCI"]),
         // Linux: sysfs, libpci, uio, BAR mmap, hugepage DMA, pagemap, interrupts.
         .target(name: "PlatformLinux", dependencies: [
-            "VirtioCore", "VirtioQueue", "VirtioPCI", "CBalloonShims", "CLibPCI",
+            "VirtioCore", "VirtioQueue", "VirtioPCI", "CBalloonShims", "CLibPCI", "CZlib",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -52,6 +54,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "BalloondCLITests", dependencies: ["balloond"]),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore"]),
+        .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),
         .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore"]),
     ]
 )

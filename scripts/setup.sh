@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything balloond's build, tests and demo need on a fresh Debian machine:
-# Debian packages (qemu-system-x86, busybox-static, libpci-dev, cpio) and the Debian
+# Debian packages (qemu-system-x86, busybox-static, libpci-dev, zlib1g-dev, cpio) and the Debian
 # guest kernel (the package linux-image-amd64 depends on), unpacked into .cache/.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
@@ -12,6 +12,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 dpkg -s libpci-dev >/dev/null 2>&1 || need+=(libpci-dev)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
 command -v cpio >/dev/null || need+=(cpio)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 # apt's chatter goes to a log; on failure its tail is shown.

@@ -25,8 +25,10 @@ public let hintSourceNames = ["auto", "hugetlb", "anonymous", "kpageflags", "sim
 ///
 /// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond
 ///   simulate`), not a real device.
+/// - Parameter initOnFreeKnown: false when init_on_free could not be determined
+///   (`GuestMemoryDebugConfig.initOnFreeKnown`): kpageflags is then treated as with init_on_free.
 public func chooseHintSource(requested: String, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
-                             unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool,
+                             initOnFreeKnown: Bool = true, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool,
                              simulatedDevice: Bool = false) -> Result<(name: String, reason: String), HintSourceSelectionError> {
     let poisonProblem: String? = {
         if memoryDebug.pagePoisoning {
@@ -34,6 +36,9 @@ public func chooseHintSource(requested: String, hypervisor: Hypervisor, memoryDe
         }
         if memoryDebug.initOnFree {
             return "init_on_free is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination may hold stale data in pages the kernel assumes are zero, and __GFP_ZERO allocations hand it out"
+        }
+        if !initOnFreeKnown {
+            return "whether init_on_free is active is unknown (no `mem auto-init` line in the kernel log, no init_on_free= on the command line, no readable /boot/config-$(uname -r) or /proc/config.gz), and with it kpageflags would leave stale data where the kernel assumes zeros"
         }
         return nil
     }()
@@ -73,7 +78,7 @@ public func chooseHintSource(requested: String, hypervisor: Hypervisor, memoryDe
             if poisonProblem == nil {
                 return .success(("kpageflags", "auto: kpageflags, the fastest source, because the guest runs under QEMU TCG (every write after the round's bitmap sync is dirty-logged) and neither page poisoning nor init_on_free is active"))
             }
-            why = "QEMU TCG, but kpageflags is not used because \(memoryDebug.pagePoisoning ? "page poisoning" : "init_on_free") is active"
+            why = "QEMU TCG, but kpageflags is not used because \(memoryDebug.pagePoisoning ? "page poisoning is active" : memoryDebug.initOnFree ? "init_on_free is active" : "init_on_free is unknown")"
         } else {
             why = "\(hypervisor): only owned pages are safe to hint (kpageflags needs TCG\(unsafeHintsOnKVM ? "; --unsafe-hints-on-kvm takes effect only with an explicit --hint-source kpageflags" : ""))"
         }

@@ -153,39 +153,35 @@ public final class HugeTLBPoolSource: FreePageSource {
         case nothingToDo
         case restored(from: UInt64, to: UInt64)
         case otherInstanceRunning(pid: Int32)
+        /// The pool already had its original size.
+        case alreadyOriginal(value: UInt64)
+        /// Someone changed `nr_hugepages` since balloond did; left as it is.
+        case changedByOthers(value: UInt64, original: UInt64, balloondSet: UInt64)
+        /// The state file could not be trusted or parsed: moved to `to` and not acted on.
+        case setAside(path: String, to: String, reason: String)
         public var description: String {
             switch self {
             case .nothingToDo: return "no hugetlb pool state left behind"
             case .restored(let from, let to): return "restored nr_hugepages from \(from) to \(to), as left by a balloond that did not exit cleanly"
             case .otherInstanceRunning(let pid): return "the hugetlb pool state file belongs to a running balloond (pid \(pid)); left alone"
+            case .alreadyOriginal(let v): return "nr_hugepages already has its original value \(v)"
+            case .changedByOthers(let v, let o, let set): return "nr_hugepages is \(v), which balloond never set (it set \(set); the original was \(o)): someone else changed it since; left alone"
+            case .setAside(let path, let to, let reason): return "set \(path) aside as \(to) without acting on it: \(reason)"
             }
         }
     }
 
     /// Puts `nr_hugepages` back to what a balloond that was killed mid-round found, if it
-    /// left a state file. Call it at start, **before** allocating the ring/DMA hugepage (which
-    /// would otherwise take one of the dead process's free pool pages and then be counted
-    /// as part of the pool to shrink).
+    /// left a state file and the pool is still where it left it (see `recoverAfterCrash(root:logger:)`,
+    /// which runs this with the other recoveries). Call it at start, **before** allocating the
+    /// ring/DMA hugepage (which would otherwise take one of the dead process's free pool pages
+    /// and then be counted as part of the pool to shrink).
     @discardableResult
     public static func recoverAfterCrash(root: SysRoot = .host, stateFile: HugeTLBPoolStateFile? = nil, control: HugeTLBPoolControl? = nil,
                                          logger: Logger = Logger(label: "balloond.hint.hugetlb")) throws(FreePageSourceError) -> RecoveryOutcome {
-        let file = stateFile ?? HugeTLBPoolStateFile(root: root)
-        let contents: HugeTLBPoolStateFile.Contents?
-        do { contents = try file.read() } catch { throw error.sourceError }
-        guard let contents else { return .nothingToDo }
-        if file.writerIsAlive(contents) { return .otherInstanceRunning(pid: contents.pid) }
-        let pool = control ?? LinuxHugeTLBPoolControl(root: root)
-        do {
-            let before = try pool.counters().total
-            try pool.setPoolSize(contents.originalPoolSize)
-            let after = try pool.counters().total
-            file.remove()
-            if after != contents.originalPoolSize {
-                logger.warning("nr_hugepages is \(after) after restoring \(contents.originalPoolSize): pages in use stay until freed (they are surplus now)")
-            }
-            logger.notice("\(RecoveryOutcome.restored(from: before, to: after))")
-            return .restored(from: before, to: after)
-        } catch { throw FreePageSourceError("restoring nr_hugepages from \(file.path) failed: \(error)") }
+        do { return try recoverHugeTLBPool(root: root, stateFile: stateFile ?? HugeTLBPoolStateFile(root: root), control: control, logger: logger) } catch {
+            throw error.sourceError
+        }
     }
 
     // MARK: FreePageSource
@@ -285,13 +281,14 @@ public final class HugeTLBPoolSource: FreePageSource {
     }
 
     private func startSession() throws(HugeTLBRefusal) {
-        if let left = try? stateFile.read() {
-            if stateFile.writerIsAlive(left) { throw .otherInstance(pid: left.pid) }
+        if stateFile.file.exists {
             // A previous balloond died holding a grown pool and nobody recovered it.
             logger.warning("found \(stateFile.path) from a balloond that did not exit cleanly; restoring the pool first")
-            do { try Self.recoverAfterCrash(root: root, stateFile: stateFile, control: control, logger: logger) } catch {
+            let outcome: RecoveryOutcome
+            do { outcome = try Self.recoverAfterCrash(root: root, stateFile: stateFile, control: control, logger: logger) } catch {
                 throw .system(error.description)
             }
+            if case .otherInstanceRunning(let pid) = outcome { throw .otherInstance(pid: pid) }
         }
         let c = try counters()
         try checkUnusedByOthers(c)
@@ -335,6 +332,9 @@ public final class HugeTLBPoolSource: FreePageSource {
         var c1 = c0
         if growPages > 0 {
             let t = monotonicNanos()
+            do { try stateFile.write(originalPoolSize: s.originalPoolSize, setting: c0.total + growPages, previous: c0.total) } catch {
+                throw .system(error.description)
+            }
             do { try control.setPoolSize(c0.total + growPages) } catch {
                 s.growthStopped = true
                 lastRound.stoppedBecause = "growing the pool failed: \(error)"
@@ -344,6 +344,9 @@ public final class HugeTLBPoolSource: FreePageSource {
             let grown = c1.total > c0.total ? c1.total - c0.total : 0
             lastRound.pagesGrown += grown
             s.expectedPoolSize = c1.total
+            do { try stateFile.write(originalPoolSize: s.originalPoolSize, setting: c1.total, previous: c1.total) } catch {
+                throw .system(error.description)
+            }
             if grown < growPages {
                 s.growthStopped = true
                 lastRound.stoppedBecause = "the kernel added \(grown) of \(growPages) pages (no more free 2 MiB blocks)"
@@ -411,6 +414,7 @@ public final class HugeTLBPoolSource: FreePageSource {
         }
         for r in s.reservations { r.release() }
         do {
+            try stateFile.write(originalPoolSize: s.originalPoolSize, setting: s.originalPoolSize, previous: s.expectedPoolSize)
             try control.setPoolSize(s.originalPoolSize)
             let after = try control.counters()
             if after.total != s.originalPoolSize {

@@ -9,21 +9,36 @@ import PlatformLinux
 /// (`/run/balloond/balloon-hugetlb.state` for `nr_overcommit_hugepages`,
 /// `/run/balloond/balloon-compact.state` for `compact_unevictable_allowed`): the setting,
 /// its value before balloond touched it, the value balloond is setting now and the one it
-/// set before that. Written (atomically, by rename) *before* each write to the setting and
-/// removed once the original is back, so a balloond killed with SIGKILL leaves it behind and
-/// the next start puts the original back (`SysctlOverride.recoverAfterCrash`).
+/// set before that. Written (atomically, through `StateFile`) *before* each write to the
+/// setting and removed once the original is back, so a balloond killed with SIGKILL leaves it
+/// behind and the next start puts the original back (`SysctlOverride.recoverAfterCrash`).
 ///
-/// Format: `sysctl=/proc/sys/…`, `original=N`, `set=N`, `previous=N`, `pid=P`, `comm=NAME` lines.
+/// Each file accepts only the settings it is for (`sysctls`): a file naming any other path is
+/// malformed and never acted on.
+///
+/// Format (strict, see `StateRecord`): `sysctl=/proc/sys/…`, `original=N`, `set=N`,
+/// `previous=N`, `pid=P`, `comm=NAME` lines.
 public struct SysctlStateFile: Hashable, Sendable {
     public static let hugeTLBOvercommitPath = "/run/balloond/balloon-hugetlb.state"
     public static let compactUnevictablePath = "/run/balloond/balloon-compact.state"
+    /// The settings each known state file may name.
+    public static let expectedSysctls: [String: Set<String>] = [
+        hugeTLBOvercommitPath: ["/sys/kernel/mm/hugepages/hugepages-2048kB/nr_overcommit_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"],
+        compactUnevictablePath: ["/proc/sys/vm/compact_unevictable_allowed"],
+    ]
+    public let file: StateFile
     /// The file (under the root).
-    public let path: String
+    public var path: String { file.path }
     public let root: SysRoot
+    /// The settings (absolute guest paths) this file may name.
+    public let sysctls: Set<String>
 
-    public init(root: SysRoot = .host, path: String) {
+    /// - Parameter sysctls: the settings the file may name; nil: `expectedSysctls[path]`
+    ///   (none for an unknown path, so such a file can be neither written nor read).
+    public init(root: SysRoot = .host, path: String, sysctls: Set<String>? = nil) {
         self.root = root
-        self.path = root.path(path)
+        self.file = StateFile(root: root, path: path)
+        self.sysctls = sysctls ?? Self.expectedSysctls[path] ?? []
     }
 
     public struct Contents: Hashable, Sendable {
@@ -47,45 +62,43 @@ public struct SysctlStateFile: Hashable, Sendable {
         }
     }
 
+    static let keys = ["sysctl", "original", "set", "previous", "pid", "comm"]
+
+    private var unexpectedSysctl: String {
+        sysctls.isEmpty ? "no setting (\(path) is not a known state file)" : "one of \(sysctls.sorted().joined(separator: ", "))"
+    }
+
     public func write(_ c: Contents) throws(FreePagesLinuxError) {
-        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-        let comm = c.comm ?? (try? Sys.readAttribute(root.path("/proc/self/comm"))) ?? ""
+        guard sysctls.contains(c.sysctl) else {
+            throw .stateFile(.malformed(path: path, problem: .badValue(key: "sysctl", value: c.sysctl, expected: unexpectedSysctl)))
+        }
+        let comm = c.comm ?? processComm(root: root)
+        let record = StateRecord(["sysctl": c.sysctl, "original": "\(c.original)", "set": "\(c.set)", "previous": "\(c.previous)",
+                                  "pid": "\(c.pid)", "comm": comm])
+        do { try file.write(try record.render(order: Self.keys)) } catch { throw .stateFile(error) }
+    }
+
+    /// The contents, nil when there is no file. A file that is not balloond's (link, owner,
+    /// mode), does not parse, or names a setting this file is not for is an error; nothing of
+    /// it is used.
+    public func read() throws(StateFileError) -> Contents? {
+        guard let r = try file.readRecord(keys: Set(Self.keys), required: Set(Self.keys).subtracting(["comm"])) else { return nil }
+        let sysctl = r["sysctl"]!
+        guard sysctls.contains(sysctl) else {
+            throw .malformed(path: path, problem: .badValue(key: "sysctl", value: sysctl, expected: unexpectedSysctl))
+        }
         do {
-            if !dir.isEmpty { try Sys.makeDirectories(dir) }
-            try Sys.replaceFile(path, "sysctl=\(c.sysctl)\noriginal=\(c.original)\nset=\(c.set)\nprevious=\(c.previous)\npid=\(c.pid)\ncomm=\(comm)\n")
-        } catch { throw .system("cannot write the state file \(path): \(error)") }
+            return Contents(sysctl: sysctl, original: try r.uint64("original")!, set: try r.uint64("set")!, previous: try r.uint64("previous")!,
+                            pid: try r.pid("pid")!, comm: r["comm"].flatMap { $0.isEmpty ? nil : $0 })
+        } catch { throw .malformed(path: path, problem: error) }
     }
 
-    /// The contents, nil when there is no file; an unreadable file is an error.
-    public func read() throws(FreePagesLinuxError) -> Contents? {
-        guard Sys.exists(path) else { return nil }
-        let text: String
-        do { text = try Sys.readTextFile(path) } catch { throw .system("cannot read \(path): \(error)") }
-        var fields: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            let kv = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            if kv.count == 2 { fields[String(kv[0])] = String(kv[1]) }
-        }
-        guard let sysctl = fields["sysctl"], sysctl.hasPrefix("/"),
-              let original = fields["original"].flatMap({ UInt64($0) }), let set = fields["set"].flatMap({ UInt64($0) }),
-              let pid = fields["pid"].flatMap({ Int32($0) }) else {
-            throw .malformedFile(path: path, reason: "expected sysctl=/path, original=N, set=N and pid=P lines, got \(text.debugDescription); restore the setting by hand and delete the file")
-        }
-        let previous = fields["previous"].flatMap { UInt64($0) } ?? original
-        let comm = fields["comm"].flatMap { $0.isEmpty ? nil : $0 }
-        return Contents(sysctl: sysctl, original: original, set: set, previous: previous, pid: pid, comm: comm)
-    }
-
-    public func remove() { try? Sys.removeFile(path) }
+    public func remove() { try? file.remove() }
 
     /// Whether the process that wrote `contents` is still running and is not this one (its
     /// /proc/PID exists and, when both are known, has the same command name).
     func writerIsAlive(_ contents: Contents) -> Bool {
-        guard contents.pid != getpid() else { return false }
-        let procDir = root.path("/proc/\(contents.pid)")
-        guard Sys.exists(procDir) else { return false }
-        if let want = contents.comm, let have = try? Sys.readAttribute(procDir + "/comm") { return want == have }
-        return true
+        stateWriterIsAlive(root: root, pid: contents.pid, comm: contents.comm)
     }
 }
 
@@ -98,10 +111,13 @@ public enum SysctlRecovery: Hashable, Sendable, CustomStringConvertible {
     /// Someone else changed it since balloond did; left as it is.
     case changedByOthers(sysctl: String, value: UInt64, original: UInt64)
     case otherInstanceRunning(pid: Int32)
+    /// The state file could not be trusted or parsed: moved to `to` and not acted on.
+    case setAside(path: String, to: String, reason: String)
 
     public var description: String {
         switch self {
         case .nothingToDo: return "no state left behind"
+        case .setAside(let path, let to, let reason): return "set \(path) aside as \(to) without acting on it: \(reason)"
         case .restored(let s, let from, let to): return "restored \(s) from \(from) to \(to), as left by a balloond that did not exit cleanly"
         case .alreadyOriginal(let s, let v): return "\(s) already has its original value \(v)"
         case .changedByOthers(let s, let v, let o): return "\(s) is \(v), which balloond never set (its original was \(o)): someone else changed it since; left alone"
@@ -145,12 +161,12 @@ final class SysctlOverride {
     /// SIGKILL starts from the true original, not from the dead process's raised value).
     func baseline() throws(FreePagesLinuxError) -> UInt64 {
         if let original { return original }
-        if let left = try stateFile.read() {
-            if stateFile.writerIsAlive(left) {
-                throw .system("another balloond (pid \(left.pid)) has changed \(left.sysctl) (see \(stateFile.path)); stop it first")
-            }
-            logger.warning("found \(stateFile.path) from a balloond that did not exit cleanly; restoring \(left.sysctl) first")
+        if stateFile.file.exists {
+            logger.warning("found \(stateFile.path) from a balloond that did not exit cleanly; restoring its setting first")
             let outcome = try Self.recoverAfterCrash(root: root, stateFile: stateFile, logger: logger)
+            if case .otherInstanceRunning(let pid) = outcome {
+                throw .system("another balloond (pid \(pid)) has changed \(sysctl) (see \(stateFile.path)); stop it first")
+            }
             logger.notice("\(outcome)")
         }
         return try read()
@@ -201,7 +217,12 @@ final class SysctlOverride {
     /// (and the setting still holds a value that balloond wrote).
     @discardableResult
     static func recoverAfterCrash(root: SysRoot, stateFile: SysctlStateFile, logger: Logger) throws(FreePagesLinuxError) -> SysctlRecovery {
-        guard let c = try stateFile.read() else { return .nothingToDo }
+        let c: SysctlStateFile.Contents
+        switch try readStateFileOrSetAside(stateFile.file, logger: logger, { () throws(StateFileError) in try stateFile.read() }) {
+        case .absent: return .nothingToDo
+        case .setAside(let to, let reason): return .setAside(path: stateFile.path, to: to, reason: reason)
+        case .contents(let contents): c = contents
+        }
         if stateFile.writerIsAlive(c) { return .otherInstanceRunning(pid: c.pid) }
         let path = root.path(c.sysctl)
         let current = try readValue(path)

@@ -17,7 +17,13 @@ public final class DeviceLock {
     /// Locks `<directory>/<BDF>.lock` (directory created if needed, default `/run/balloond`
     /// under `root`).
     public convenience init(address: PCIAddress, root: SysRoot = .host, directory: String? = nil) throws(PlatformError) {
-        let dir = directory ?? root.path("/run/balloond")
+        let dir: String
+        if let directory { dir = directory } else {
+            // The state directory: root-only (0700), created so if missing (StateDirectory).
+            let state = StateDirectory(root: root)
+            do { try state.prepare() } catch { throw .stateFile(error) }
+            dir = state.path
+        }
         try self.init(path: "\(dir)/\(address.bdf).lock", bdf: address.bdf)
     }
 
@@ -27,7 +33,7 @@ public final class DeviceLock {
         self.bdf = bdf
         let dir = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
         do {
-            if !dir.isEmpty { try Sys.makeDirectories(dir, mode: 0o755) }
+            if !dir.isEmpty { try Sys.makeDirectories(dir, mode: 0o700) }
             file = try OpenFile(path: path, flags: O_RDWR | O_CREAT, mode: 0o644)
         } catch { throw .system(error) }
         let fd = file.descriptor

@@ -43,6 +43,7 @@ public final class DriverBinder {
     public let kernel: KernelControl
     /// Where `<BDF>.driver` state files live (default `/run/balloond` under `root`).
     public let stateDirectory: String
+    private let state: StateDirectory
     public let modules: ModuleLoader
     public var logger: Logger
     /// How long to wait for devtmpfs to create /dev/uioN before making it: attempts and
@@ -53,22 +54,60 @@ public final class DriverBinder {
                 kernelRelease: String = Sys.kernelRelease(), logger: Logger = Logger(label: "balloond.binding")) {
         self.root = root
         self.kernel = kernel
-        self.stateDirectory = stateDirectory ?? root.path("/run/balloond")
+        self.stateDirectory = stateDirectory ?? root.path(StateDirectory.defaultPath)
+        self.state = StateDirectory(fullPath: self.stateDirectory, owner: root.stateOwner)
         self.modules = ModuleLoader(root: root, kernel: kernel, kernelRelease: kernelRelease, logger: logger)
         self.logger = logger
     }
 
+    /// The drivers `bind` takes a device from without `force`: none, the kernel's virtio
+    /// driver, or uio_pci_generic itself. Anything else (vfio-pci for a VM passthrough, say)
+    /// belongs to someone else.
+    public static let acceptedDrivers: Set<String> = ["virtio-pci", uioPCIGenericDriver]
+
+    /// Whether `name` can be a kernel driver name written into a sysfs path: 1-64 characters
+    /// from [A-Za-z0-9_.-], not "." or "..".
+    public static func isValidDriverName(_ name: String) -> Bool {
+        guard !name.isEmpty, name.utf8.count <= 64, name != ".", name != ".." else { return false }
+        return name.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c == 0x5f || c == 0x2e || c == 0x2d
+        }
+    }
+
     /// `<stateDirectory>/<BDF>.driver`.
-    public func stateFilePath(for address: PCIAddress) -> String { "\(stateDirectory)/\(address.bdf).driver" }
+    public func stateFilePath(for address: PCIAddress) -> String { stateFile(for: address).path }
+
+    private func stateFile(for address: PCIAddress) -> StateFile { state.file("\(address.bdf).driver") }
 
     /// The driver saved by an earlier `bind`: `.some(nil)` when the device had none, nil
-    /// when there is no state file.
+    /// when there is no state file. A file that is not balloond's, is not one line, or names
+    /// something that is not a driver name (e.g. with a `/`) is an error.
     public func savedPreviousDriver(for address: PCIAddress) throws(PlatformError) -> String?? {
-        let path = stateFilePath(for: address)
-        guard Sys.exists(path) else { return nil }
-        let text: String
-        do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
-        return .some(text.isEmpty ? nil : text)
+        let file = stateFile(for: address)
+        let text: String?
+        do { text = try file.read() } catch { throw .stateFile(error) }
+        guard let text else { return nil }
+        guard text.hasSuffix("\n"), !text.dropLast().contains("\n") else {
+            throw .stateFile(.malformed(path: file.path, problem: .undecodable("expected one line with a driver name (or an empty line), got \(String(text.prefix(128)).debugDescription)")))
+        }
+        let name = String(text.dropLast())
+        if name.isEmpty { return .some(nil) }
+        guard Self.isValidDriverName(name) else {
+            throw .stateFile(.malformed(path: file.path, problem: .badValue(key: "driver", value: name, expected: "a driver name of letters, digits, '_', '.' and '-'")))
+        }
+        return .some(name)
+    }
+
+    /// `savedPreviousDriver`, except that a file that cannot be trusted or parsed is logged,
+    /// moved to `<name>.bad` and treated as absent (its contents are never used).
+    private func loadSavedDriver(_ address: PCIAddress) throws(PlatformError) -> String?? {
+        do { return try savedPreviousDriver(for: address) } catch {
+            guard case .stateFile(let e) = error, e.isAboutTheFile else { throw error }
+            let file = stateFile(for: address)
+            do { try file.setAside() } catch { throw .stateFile(error) }
+            logger.error("ignoring \(file.path) and moving it to \(file.setAsidePath): \(e)")
+            return nil
+        }
     }
 
     /// The current driver of `address`.
@@ -78,9 +117,17 @@ public final class DriverBinder {
 
     /// Binds the balloon at `address` to uio_pci_generic (see the type's documentation).
     /// Already bound: returns the existing binding.
-    public func bind(_ address: PCIAddress) throws(PlatformError) -> UIOBinding {
+    ///
+    /// - Parameter force: take the device from any driver. Without it, a device bound to
+    ///   anything but none, virtio-pci or uio_pci_generic is refused before anything changes.
+    public func bind(_ address: PCIAddress, force: Bool = false) throws(PlatformError) -> UIOBinding {
         try requireVirtioBalloon(address)
         let dir = address.sysfsDirectory(in: root)
+        if let driver = try currentDriver(of: address), !Self.acceptedDrivers.contains(driver) {
+            guard force else { throw .foreignDriver(bdf: address.bdf, driver: driver) }
+            logger.warning("\(address) is bound to \(driver); taking it anyway (--force)")
+        }
+        do { try state.prepare() } catch { throw .stateFile(error) }
         guard Sys.exists(dir + "/driver_override") else {
             throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: try currentDriver(of: address),
                               detail: "\(dir)/driver_override does not exist (the kernel is older than 3.16).")
@@ -90,20 +137,20 @@ public final class DriverBinder {
 
         let current = try currentDriver(of: address)
         if current == uioPCIGenericDriver {
-            let saved = (try savedPreviousDriver(for: address)) ?? nil
+            let saved = (try loadSavedDriver(address)) ?? nil
             logger.info("\(address) is already bound to \(uioPCIGenericDriver)")
             return try uioBinding(address, previousDriver: saved)
         }
 
         // The driver to give the device back to. An unbound device with a state file is one
         // an earlier bind left half-done (crash after unbind): keep what that bind saved.
-        let saved = (try savedPreviousDriver(for: address)) ?? nil
+        let saved = (try loadSavedDriver(address)) ?? nil
         let previous = current ?? saved
+        if let previous, !Self.isValidDriverName(previous) {
+            throw .malformedFile(path: dir + "/driver", reason: "the driver name '\(previous)' has characters other than letters, digits, '_', '.' and '-'")
+        }
         // Save first, so a crash between here and the end can still be undone by `restore`.
-        do {
-            try Sys.makeDirectories(stateDirectory, mode: 0o755)
-            try Sys.writeFile(stateFilePath(for: address), (previous ?? "") + "\n")
-        } catch { throw .system(error) }
+        do { try stateFile(for: address).write((previous ?? "") + "\n") } catch { throw .stateFile(error) }
 
         if let current {
             logger.info("unbinding \(address) from \(current)")
@@ -136,7 +183,7 @@ public final class DriverBinder {
     public func restore(_ address: PCIAddress) throws(PlatformError) -> String? {
         try requireVirtioBalloon(address)
         let dir = address.sysfsDirectory(in: root)
-        let saved = (try savedPreviousDriver(for: address)) ?? nil
+        let saved = (try loadSavedDriver(address)) ?? nil
         let current = try currentDriver(of: address)
         if let current, current != uioPCIGenericDriver {
             logger.info("\(address) is bound to \(current), not \(uioPCIGenericDriver); nothing to restore")
@@ -220,7 +267,7 @@ public final class DriverBinder {
     }
 
     private func removeStateFile(_ address: PCIAddress) {
-        do { try Sys.removeFile(stateFilePath(for: address)) } catch {
+        do { try stateFile(for: address).remove() } catch {
             logger.warning("could not remove \(stateFilePath(for: address)): \(error)")
         }
     }

@@ -35,6 +35,10 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     case uioDeviceMissing(bdf: String, reason: String)
     /// Another process holds the device's lock.
     case deviceBusy(bdf: String, lockPath: String, holderPID: Int32?)
+    /// The device is bound to a driver balloond does not take devices from without `--force`.
+    case foreignDriver(bdf: String, driver: String)
+    /// A state file under /run/balloond cannot be used.
+    case stateFile(StateFileError)
 
     public var description: String {
         switch self {
@@ -74,6 +78,10 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
         case .deviceBusy(let bdf, let path, let pid):
             let who = pid.map { "another balloond (pid \($0))" } ?? "another balloond"
             return "device \(bdf) held by \(who): \(path) is locked. Stop that process first, or pick another device"
+        case .foreignDriver(let bdf, let driver):
+            return "PCI function \(bdf) is bound to \(driver), not virtio-pci or uio_pci_generic: something else (a VM passthrough, another tool) is using it, and balloond leaves it alone. Unbind it from \(driver) first, or pass --force to take it anyway"
+        case .stateFile(let e):
+            return e.description
         }
     }
 }

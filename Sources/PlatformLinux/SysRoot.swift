@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Where the kernel's file systems (`/sys`, `/proc`, `/dev`, `/run`, `/lib/modules`) are
 /// found.
 ///
@@ -14,6 +18,10 @@ public struct SysRoot: Hashable, Sendable, CustomStringConvertible {
         while p.count > 1 && p.hasSuffix("/") { p.removeLast() }
         self.prefix = p
     }
+
+    /// The uid that must own balloond's state directory and files (`StateDirectory`): root on
+    /// the host; the user running the tests in a fake tree (whose files that user creates).
+    public var stateOwner: UInt32 { isHost ? 0 : geteuid() }
 
     /// The real system.
     public static let host = SysRoot("/")

@@ -1,12 +1,15 @@
 import Balloon
 import FoundationEssentials
+import PlatformLinux
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// What a running `balloond run` publishes for `balloond status`: a JSON state file, readable
-/// by root only, rewritten atomically (write a temporary file, then rename) whenever the
-/// driver's state changes and at least every few seconds while it runs.
+/// What a running `balloond run` publishes for `balloond status`: a JSON state file in the
+/// root-only state directory, written through `StateFile` (a temporary file, fsync, rename)
+/// whenever the driver's state changes and at least every few seconds while it runs. Read
+/// back only if it is a regular root-owned file that others cannot write, has no keys but
+/// these, and holds sane values.
 struct DaemonState: Codable, Equatable {
     var pid: Int32
     var device: String
@@ -21,39 +24,75 @@ struct DaemonState: Codable, Equatable {
     var driver: BalloonDriverStatus
 
     static let defaultPath = "/run/balloond/status.json"
+    static let keys: Set<String> = ["pid", "device", "pciID", "previousDriver", "uioDevice", "dmaMemory", "hintSource",
+                                    "startedAt", "updatedAt", "restarts", "driver"]
 
-    func write(to path: String) throws {
+    /// - Parameters:
+    ///   - path: the file (absolute, on the guest); its directory is the state directory.
+    ///   - root: where "/" is (tests use a fake tree).
+    func write(to path: String, root: SysRoot = .host) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let data = try encoder.encode(self)
-        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-        if !dir.isEmpty { _ = mkdir(dir, 0o700) }
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw Failure("cannot write \(tmp): \(String(cString: strerror(errno)))") }
-        let ok = data.withUnsafeBytes { buf -> Bool in
-            var off = 0
-            while off < buf.count {
-                let n = unsafe Glibc.write(fd, buf.baseAddress! + off, buf.count - off)
-                if n < 0 { if errno == EINTR { continue }; return false }
-                off += n
-            }
-            return true
-        }
-        close(fd)
-        guard ok, rename(tmp, path) == 0 else { throw Failure("cannot write \(path): \(String(cString: strerror(errno)))") }
+        try StateFile(root: root, path: path).write(String(decoding: data, as: UTF8.self))
     }
 
-    static func read(from path: String) throws -> DaemonState {
-        guard let text = readTextFile(path) else {
-            throw Failure("no balloond state at \(path): is `balloond run` running? (the file is readable by root only)")
+    /// The state, or a `Failure` that says why it cannot be used.
+    static func read(from path: String, root: SysRoot = .host) throws -> DaemonState {
+        let file = StateFile(root: root, path: path)
+        let text: String?
+        do { text = try file.read() } catch { throw Failure("\(error)") }
+        guard let text else {
+            throw Failure("no balloond state at \(file.path): is `balloond run` running? (the file is readable by root only)")
         }
-        do { return try JSONDecoder().decode(DaemonState.self, from: Data(text.utf8)) } catch {
+        return try decode(text, path: file.path)
+    }
+
+    /// Parses the JSON strictly: unknown top-level keys, a pid that is not a process id and
+    /// times that are not finite, non-negative numbers are refused.
+    static func decode(_ text: String, path: String) throws -> DaemonState {
+        let data = Data(text.utf8)
+        let state: DaemonState
+        do {
+            let found = try JSONDecoder().decode(TopLevelKeys.self, from: data).keys
+            if let unknown = found.subtracting(keys).sorted().first {
+                throw Failure("\(path) is not a balloond state file: unknown key '\(unknown.prefix(64))'")
+            }
+            state = try JSONDecoder().decode(DaemonState.self, from: data)
+        } catch let failure as Failure { throw failure } catch {
             throw Failure("\(path) is not a balloond state file: \(error)")
         }
+        guard state.pid > 0 else { throw Failure("\(path) is not a balloond state file: pid \(state.pid) is not a process id") }
+        for (name, t) in [("startedAt", state.startedAt), ("updatedAt", state.updatedAt)] where !(t.isFinite && t >= 0) {
+            throw Failure("\(path) is not a balloond state file: \(name) is \(t), not a time")
+        }
+        guard state.restarts >= 0 else { throw Failure("\(path) is not a balloond state file: restarts is \(state.restarts)") }
+        return state
     }
 
-    static func remove(at path: String) { _ = unlink(path) }
+    static func remove(at path: String, root: SysRoot = .host) { try? StateFile(root: root, path: path).remove() }
+
+    /// Whole seconds from `start` to `now` for display, "?" when either is not a usable time
+    /// (never traps, whatever the file held).
+    static func elapsedSeconds(from start: Double, to now: Double) -> String {
+        let d = now - start
+        guard d.isFinite, d > -1e15, d < 1e15 else { return "?" }
+        return "\(Int(d.rounded(.towardZero)))"
+    }
+}
+
+/// The set of keys of a JSON object.
+private struct TopLevelKeys: Decodable {
+    let keys: Set<String>
+    struct AnyKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+    init(from decoder: Decoder) throws {
+        keys = Set(try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue))
+    }
 }
 
 /// Seconds since the epoch.
@@ -63,5 +102,6 @@ func wallClockSeconds() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
-/// Whether a process with this pid exists.
-func processExists(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno == EPERM }
+/// Whether a process with this pid exists (only positive pids: 0 and negative ones name
+/// process groups).
+func processExists(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }

@@ -17,17 +17,29 @@ struct ScanCommand: ParsableCommand {
         """
     )
 
-    @Option(help: "How many scans.")
+    @Option(help: "How many scans (1-\(ScanCommand.maxRuns)).")
     var runs: Int = 5
     @OptionGroup var logging: LoggingOptions
+
+    static let maxRuns = 1000
+
+    func validate() throws {
+        guard (1...Self.maxRuns).contains(runs) else { throw ValidationError("--runs must be 1-\(Self.maxRuns), got \(runs)") }
+    }
+
+    /// The cmd id of scan `run` (0-based): in the range the device uses for rounds
+    /// (0x80000001 and up), wrapping instead of trapping.
+    static func roundID(forRun run: Int) -> UInt32 {
+        0x8000_0001 &+ UInt32(truncatingIfNeeded: run) % 0x7fff_fffe
+    }
 
     func run() throws {
         let logger = try logging.makeLogger()
         try Preflight().checkRoot()
         let source = try KPageFlagsSource(root: .host, logger: logger)
         var perGiB: [Double] = []
-        for i in 0..<max(1, runs) {
-            try source.beginRound(id: 0x8000_0001 + UInt32(i))
+        for i in 0..<max(1, min(runs, Self.maxRuns)) {
+            try source.beginRound(id: Self.roundID(forRun: i))
             var ranges = 0
             var bytes: UInt64 = 0
             while true {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Balloon
+import PlatformLinux
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,11 +18,12 @@ struct StatusCommand: ParsableCommand {
             throw Failure("balloond (pid \(s.pid)) is not running any more; its last state is in \(stateFile)")
         }
         if json {
-            print(readTextFile(stateFile) ?? "")
+            print((try? StateFile(path: stateFile).read()) ?? "")
             return
         }
         let d = s.driver
-        print("balloond pid \(s.pid), up \(Int(wallClockSeconds() - s.startedAt)) s, state updated \(Int(wallClockSeconds() - s.updatedAt)) s ago")
+        let now = wallClockSeconds()
+        print("balloond pid \(s.pid), up \(DaemonState.elapsedSeconds(from: s.startedAt, to: now)) s, state updated \(DaemonState.elapsedSeconds(from: s.updatedAt, to: now)) s ago")
         print("device       \(s.device) [\(s.pciID)] via \(s.uioDevice) (previous driver: \(s.previousDriver ?? "none"))")
         print("status       \(d.deviceStatus)")
         print("offered      \(d.offeredFeatures)")

@@ -41,6 +41,17 @@ final class FakeTree {
         file(relative, bytes: bytes)
     }
 
+    /// A state file as balloond writes one: the directory mode 0700, the file 0600, both
+    /// owned by the test user (the fake tree's `stateOwner`).
+    func stateFile(_ relative: String, _ contents: String) {
+        let full = at(relative)
+        let dir = parent(full)
+        try! Sys.makeDirectories(dir, mode: 0o700)
+        precondition(chmod(dir, 0o700) == 0)
+        try! Sys.writeFile(full, contents, mode: 0o600)
+        precondition(chmod(full, 0o600) == 0)
+    }
+
     func read(_ relative: String) -> String? { try? Sys.readTextFile(at(relative)) }
     func exists(_ relative: String) -> Bool { Sys.exists(at(relative)) }
     func remove(_ relative: String) { _ = unlink(at(relative)) }

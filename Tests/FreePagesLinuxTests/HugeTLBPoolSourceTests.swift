@@ -249,7 +249,7 @@ import VirtioCore
 
     @Test func leavesAnotherRunningInstanceAlone() throws {
         let s = try Self.setup()
-        s.tree.file("/run/balloond/hugetlb-pool", "nr_hugepages_before=0\npid=4242\ncomm=balloond\n")
+        s.tree.stateFile("/run/balloond/hugetlb-pool", "nr_hugepages_before=0\nnr_hugepages_set=1\nnr_hugepages_previous=1\npid=4242\ncomm=balloond\n")
         s.tree.file("/proc/4242/comm", "balloond\n")
         #expect(try HugeTLBPoolSource.recoverAfterCrash(root: s.tree.root, control: s.kernel) == .otherInstanceRunning(pid: 4242))
         #expect(throws: FreePageSourceError.self) { try s.source.beginRound(id: 1) }
@@ -264,7 +264,7 @@ import VirtioCore
             // A dead balloond grew the pool by 2 pages (free, unreserved) and left its file.
             try! k.setPoolSize(3)
         }
-        s.tree.file("/run/balloond/hugetlb-pool", "nr_hugepages_before=1\npid=999999\n")
+        s.tree.stateFile("/run/balloond/hugetlb-pool", "nr_hugepages_before=1\nnr_hugepages_set=3\nnr_hugepages_previous=1\npid=999999\n")
         try s.source.beginRound(id: 1)
         #expect(s.kernel.setPoolSizeCalls.dropFirst().first == 1, "restored first")
         #expect(s.tree.read("/run/balloond/hugetlb-pool")?.hasPrefix("nr_hugepages_before=1\n") == true)

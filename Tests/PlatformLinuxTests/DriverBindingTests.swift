@@ -58,7 +58,7 @@ import Testing
     @Test func halfDoneBindKeepsTheSavedDriver() throws {
         // A crash after unbinding virtio-pci left the device unbound with a state file.
         let (t, _, b) = setUp(driver: nil)
-        t.file("/run/balloond/0000:00:03.0.driver", "virtio-pci\n")
+        t.stateFile("/run/balloond/0000:00:03.0.driver", "virtio-pci\n")
         let binding = try b.bind(bdf)
         #expect(binding.previousDriver == "virtio-pci")
         #expect(t.read("/run/balloond/0000:00:03.0.driver") == "virtio-pci\n")
@@ -106,7 +106,7 @@ import Testing
 
     @Test func restoreLeavesAnotherDriverAlone() throws {
         let (t, k, b) = setUp()
-        t.file("/run/balloond/0000:00:03.0.driver", "virtio-pci\n")
+        t.stateFile("/run/balloond/0000:00:03.0.driver", "virtio-pci\n")
         let now = try b.restore(bdf)
         #expect(now == "virtio-pci")
         #expect(k.writes.isEmpty)

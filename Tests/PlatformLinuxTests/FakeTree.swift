@@ -38,6 +38,17 @@ final class FakeTree {
 
     func directory(_ relative: String) { try! Sys.makeDirectories(at(relative)) }
 
+    /// A state file as balloond writes one: the directory mode 0700, the file 0600, both
+    /// owned by the test user (the fake tree's `stateOwner`).
+    func stateFile(_ relative: String, _ contents: String) {
+        let full = at(relative)
+        let dir = parent(full)
+        try! Sys.makeDirectories(dir, mode: 0o700)
+        precondition(chmod(dir, 0o700) == 0)
+        try! Sys.writeFile(full, contents, mode: 0o600)
+        precondition(chmod(full, 0o600) == 0)
+    }
+
     /// Creates a symbolic link at `relative` pointing at `target` (used verbatim).
     func symlink(_ relative: String, to target: String) {
         let full = at(relative)

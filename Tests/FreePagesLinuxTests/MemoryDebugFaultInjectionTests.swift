@@ -1,0 +1,22 @@
+import Testing
+@testable import FreePagesLinux
+import PlatformLinux
+
+/// The hint source choice when init_on_free could not be determined.
+@Suite struct MemoryDebugFaultInjectionTests {
+    @Test func autoAvoidsKpageflagsWhenInitOnFreeIsUnknown() throws {
+        let r = try chooseHintSource(requested: "auto", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
+                                     unsafeHintsOnKVM: false, hugetlbAvailable: true).get()
+        #expect(r.name == "hugetlb" && r.reason.contains("unknown"))
+        let known = try chooseHintSource(requested: "auto", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: true,
+                                         unsafeHintsOnKVM: false, hugetlbAvailable: true).get()
+        #expect(known.name == "kpageflags")
+    }
+
+    @Test func explicitKpageflagsIsRefusedWhenInitOnFreeIsUnknown() {
+        let r = chooseHintSource(requested: "kpageflags", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
+                                 unsafeHintsOnKVM: true, hugetlbAvailable: true)
+        guard case .failure(let e) = r else { Issue.record("kpageflags must be refused"); return }
+        #expect(e.description.contains("unknown"))
+    }
+}
