@@ -52,7 +52,6 @@ let package = Package(
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "BalloonSimulator"]),
         .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
         .testTarget(name: "IntegrationTests", dependencies: []),
-        .testTarget(name: "BalloondCLITests", dependencies: ["balloond"]),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),
         .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore"]),

@@ -29,6 +29,11 @@ struct RunCommand: ParsableCommand {
     @OptionGroup var device: DeviceOption
     @Flag(help: "Leave the device bound to uio_pci_generic at exit instead of restoring the previous driver.")
     var keepBound = false
+    @Flag(help: ArgumentHelp("Take the device even from a driver other than virtio-pci or uio_pci_generic (e.g. vfio-pci).", discussion: """
+        Without it, balloond refuses a device another driver holds, before changing anything: \
+        that driver's user would lose the device under its feet.
+        """))
+    var force = false
     @Flag(inversion: .prefixedNo, help: "Negotiate FREE_PAGE_HINT when the device offers it.")
     var freePageHint = true
     @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, kpageflags.", discussion: """
@@ -147,13 +152,18 @@ struct RunCommand: ParsableCommand {
         let function = try device.select()
         try preflight.run(for: function.address)
         // Decided before anything changes: a refused --hint-source stops here.
-        let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
-                                                         kernelConfig: readTextFile("/boot/config-\(Sys.kernelRelease())"))
+        let debugSources = KernelMemoryDebugSources.read()
+        let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: debugSources.cmdline, kernelConfig: debugSources.kernelConfig,
+                                                         kernelLog: debugSources.memAutoInitLog)
         let hintChoice = try chooseHints(memoryConfig: memoryConfig, logger: logger)
         let lock = try DeviceLock(address: function.address)
         defer { lock.unlock() }
+        // A balloond killed earlier may have left the hugetlb pool grown or sysctls changed:
+        // put them back first, whatever this run's options (before our ring page is taken).
+        let recovery = try recoverAfterCrash(root: .host, logger: logger)
+        logger.debug("crash recovery: \(recovery)")
         let binder = DriverBinder(logger: logger)
-        let binding = try binder.bind(function.address)
+        let binding = try binder.bind(function.address, force: force)
         logger.info("device bound", metadata: ["binding": "\(binding)"])
 
         var exitError: Error?
@@ -186,10 +196,6 @@ struct RunCommand: ParsableCommand {
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
         let mapper = BARMapper(address: function.address)
         let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
-        // A balloond killed mid-round may have left the hugetlb pool grown: put it back before
-        // our own ring page is taken from the pool.
-        let recovery = try HugeTLBPoolSource.recoverAfterCrash(logger: logger)
-        logger.debug("hugetlb pool recovery: \(recovery)")
         let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
@@ -249,6 +255,7 @@ extension RunCommand {
         let choice: (name: String, reason: String)
         switch chooseHintSource(requested: hintSource.rawValue, hypervisor: detectHypervisor(),
                                 memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
+                                initOnFreeKnown: memoryConfig.initOnFreeKnown,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable()) {
         case .failure(let e): throw Failure(e.description)
         case .success(let c): choice = c

@@ -24,10 +24,11 @@ import Testing
                                  "errors": 0, "hintRounds": 0, "hintsSent": 0, "bytesHinted": 0, "lastRoundBytes": 0,
                                  "hintRoundsTimedOut": 0, "inflateBuffers": 0, "deflateBuffers": 0, "pagesInflated": 0,
                                  "pagesDeflated": 0, "inflateShortfalls": 0, "balloonBlocksMoved": 0, "pressureDeflates": 0,
-                                 "reportsSent": 0, "bytesReported": 0, "takeMicroseconds": 0}}}
+                                 "reportsSent": 0, "bytesReported": 0, "takeMicroseconds": 0,
+                                 "hintCommandsDeferred": 0, "balloonBlocksUnaddressable": 0}}}
         """
 
-    static func sample() -> DaemonState { try! DaemonState.decode(sampleJSON, path: "sample") }
+    static func sample() throws -> DaemonState { try DaemonState.decode(sampleJSON, path: "sample") }
 
     @Test func writeAndReadRoundTripThroughTheRootOnlyDirectory() throws {
         let root = SysRoot(Self.tree())
@@ -35,7 +36,8 @@ import Testing
         try Self.sample().write(to: DaemonState.defaultPath, root: root)
         let st = try #require(try Sys.lstatIfExists(root.path("/run/balloond")))
         #expect(st.st_mode & 0o777 == 0o700)
-        #expect(try DaemonState.read(from: DaemonState.defaultPath, root: root) == Self.sample())
+        let expected = try Self.sample()
+        #expect(try DaemonState.read(from: DaemonState.defaultPath, root: root) == expected)
         DaemonState.remove(at: DaemonState.defaultPath, root: root)
         #expect(throws: Failure.self) { _ = try DaemonState.read(from: DaemonState.defaultPath, root: root) }
     }
