@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test guest's initramfs, .cache/guest/initramfs.cpio.gz, from:
+# Builds the test guest's initramfs for the guest kernel GUEST_KERNEL (6.1, the default:
+# .cache/guest/initramfs.cpio.gz; 6.12: .cache/guest-6.12/initramfs.cpio.gz), from:
 #   - busybox-static with every applet symlinked (the guest's whole userland),
 #   - scripts/guest/init (PID 1), scripts/guest/balloond-agent (the command agent on ttyS1),
 #     scripts/guest/bg-run{,-child} (start a program in the background, get its pid and rc),
@@ -9,10 +10,13 @@
 #     library ldd lists for it, at the same paths,
 #   - /bin/memhog, scripts/guest/memhog.c compiled statically (gcc -static -O2; installs
 #     gcc and libc6-dev with apt if they are missing), the memory hog of the balloon tests.
-# Nothing is loaded at boot: the balloon device stays unbound (virtio_pci is a module in the
-# Debian kernel), which is what balloond expects to find.
+# Modules are staged decompressed (6.12's are .ko.xz). Nothing is loaded at boot. With 6.1
+# the balloon stays unbound (virtio_pci is a module there); 6.12 builds virtio_pci in, so
+# the balloon starts bound to virtio-pci and `balloond run` unbinds it (as on a real 6.12
+# system); the in-kernel comparison then needs only virtio_balloon.
 #
 # Environment:
+#   GUEST_KERNEL    6.1 (default) or 6.12 (scripts/platform.sh)
 #   BALLOOND_BIN    balloond binary to include ("" or "none": include none)
 #   GUEST_MODULES   extra modules to include (space separated)
 #   BALLOOND_CACHE  cache directory (default .cache)
@@ -22,14 +26,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=${BALLOOND_CACHE:-$ROOT/.cache}
-KDIR=$CACHE/kernel
-OUT_DIR=$CACHE/guest
-OUT=$OUT_DIR/initramfs.cpio.gz
-STAGE=$OUT_DIR/root
 BUSYBOX=${BUSYBOX:-/bin/busybox}
 
 die() { echo "build-guest: error: $*" >&2; exit 1; }
 note() { echo "build-guest: $*" >&2; }
+# The QEMU version does not matter for the image.
+# shellcheck source=scripts/platform.sh
+QEMU_VERSION=7.2 . "$ROOT/scripts/platform.sh"
+KDIR=$PLATFORM_KDIR
+OUT_DIR=$PLATFORM_GUEST_DIR
+OUT=$OUT_DIR/initramfs.cpio.gz
+STAGE=$OUT_DIR/root
 
 if [ ! -f "$KDIR/.done" ] || [ ! -f "$KDIR/version" ]; then
   die "no guest kernel in $KDIR: run scripts/setup.sh first"
@@ -133,9 +140,12 @@ install -m 0755 "$MEMHOG" usr/bin/memhog
 # uio + uio_pci_generic for balloond; virtio_pci + virtio_balloon (pulling in virtio,
 # virtio_ring, virtio_pci_modern_dev, virtio_pci_legacy_dev) for comparison runs with the
 # in-kernel driver. In Debian's 6.1 kernel all of these are modules (none in
-# modules.builtin); a module that is built in is reported and skipped.
+# modules.builtin); 6.12 builds virtio, virtio_ring and virtio_pci in. A module that is
+# built in is reported and skipped.
 # shellcheck disable=SC2206 # GUEST_MODULES is a space-separated list on purpose
-WANT=(uio uio_pci_generic virtio_pci virtio_balloon ${GUEST_MODULES:-})
+# zram: a compressed swap device, so a stats test can drive the guest into reclaim, swap
+# and an OOM kill (the 6.12 stats tags: scans, reclaims, stalls, OOM kills).
+WANT=(uio uio_pci_generic virtio_pci virtio_balloon zram ${GUEST_MODULES:-})
 declare -A path_of=() done_mod=() builtin=()
 # Module names treat '-' and '_' as the same character; keys are normalised to '_'.
 # (Parameter expansion, not a $(function): this loop sees ~4000 modules.)
@@ -208,6 +218,7 @@ fi
 
 {
   echo "kernel=$KVER"
+  echo "guest_kernel=$GUEST_KERNEL"
   echo "memhog_sha256=$(sha256sum usr/bin/memhog | cut -d' ' -f1)"
   echo "modules=$(cd "lib/modules/$KVER" && find kernel -name '*.ko' -printf '%f\n' | sed 's/\.ko$//' | sort | tr '\n' ' ')"
   if [ -n "$BIN" ]; then

@@ -20,7 +20,10 @@ Modes:
                        (tells a wrong hint from the churn of the rounds themselves)
 
 Usage: scripts/migrate.py [--modes none,balloond] [--runs N] [--dirty-mib 600] [--json FILE]
-                         [--plot FILE.png]
+                         [--plot FILE.png] [--qemu-version 7.2|10.0] [--guest-kernel 6.1|6.12]
+--qemu-version / --guest-kernel (default: the QEMU_VERSION / GUEST_KERNEL environment, else
+7.2 and 6.1) pick the platform of both guests, source and destination (scripts/run-guest.sh;
+10.0 is the QEMU scripts/setup.sh unpacks from bookworm-backports).
 Runs are interleaved (every mode once per run index). The table shows medians; "vs none" is
 the total-time reduction against the none mode, "x floor" the bytes sent relative to the
 floor mode, "1st hint ms" / "STOP ms" balloond's lastRoundFirstHintMicros /
@@ -491,9 +494,18 @@ def main():
     ap.add_argument("--postcopy", action="store_true", help="enable the postcopy-ram capability (QEMU then never hints)")
     ap.add_argument("--cancel", action="store_true",
                     help="migrate_cancel during balloond's first hint round and check it gives back everything (prints the per-run results only)")
+    ap.add_argument("--qemu-version", choices=["7.2", "10.0"], default=os.environ.get("QEMU_VERSION") or "7.2",
+                    help="QEMU of both source and destination (default: $QEMU_VERSION, else 7.2)")
+    ap.add_argument("--guest-kernel", choices=["6.1", "6.12"], default=os.environ.get("GUEST_KERNEL") or "6.1",
+                    help="guest kernel and image (default: $GUEST_KERNEL, else 6.1)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()
+    # run-guest.sh reads these for both guests; QEMU (an explicit binary) would override them.
+    os.environ["QEMU_VERSION"] = args.qemu_version
+    os.environ["GUEST_KERNEL"] = args.guest_kernel
+    os.environ.pop("QEMU", None)
+    print(f"migrate: platform QEMU {args.qemu_version} / Linux {args.guest_kernel}", file=sys.stderr, flush=True)
     modes = [m for m in args.modes.split(",") if m]
     if args.plot and plot_tool() is None:
         print("migrate: note: --plot needs matplotlib (pip install matplotlib) or gnuplot; neither is available, "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boots the balloond test guest under QEMU (TCG; KVM does not work on our machines):
-# q35, the Debian kernel from .cache/kernel, the initramfs from scripts/build-guest.sh, and
-# a virtio-balloon-pci device with id balloon0 (QOM path /machine/peripheral/balloon0).
+# q35, the Debian kernel GUEST_KERNEL (.cache/kernel or .cache/kernel-6.12), the matching
+# initramfs from scripts/build-guest.sh, and a virtio-balloon-pci device with id balloon0
+# (QOM path /machine/peripheral/balloon0), under QEMU QEMU_VERSION.
 #
 # Everything the run produces lives in RUN_DIR:
 #   console.log   ttyS0: kernel log, init messages, the ready marker "BALLOOND-GUEST-READY"
@@ -12,6 +13,9 @@
 #
 # Usage: scripts/run-guest.sh [extra QEMU arguments...]
 # Environment (all optional):
+#   QEMU_VERSION   7.2 (default, the system QEMU) or 10.0 (.cache/qemu-10.0, from setup.sh)
+#   GUEST_KERNEL   6.1 (default, image .cache/guest) or 6.12 (image .cache/guest-6.12);
+#                  scripts/platform.sh has the details
 #   RUN_DIR        run directory (default .cache/runs/manual-<time>-<pid>)
 #   MEM, SMP       guest memory (default 1G) and vCPUs (default 1)
 #   CPU            QEMU -cpu model (default max)
@@ -27,19 +31,20 @@
 #   PARENT_PID     kill QEMU when this process dies (the Swift harness sets it, so a crashed
 #                  test run leaves no QEMU behind); MAX_RUNTIME seconds (default 3600) caps
 #                  the run in that mode.
-#   QEMU           QEMU binary (default qemu-system-x86_64)
+#   QEMU           QEMU binary (default: the one QEMU_VERSION names)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=${BALLOOND_CACHE:-$ROOT/.cache}
-KERNEL=$CACHE/kernel/vmlinuz
-INITRD=$CACHE/guest/initramfs.cpio.gz
-QEMU=${QEMU:-qemu-system-x86_64}
-
 die() { echo "run-guest: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/platform.sh
+. "$ROOT/scripts/platform.sh"
+KERNEL=$PLATFORM_KDIR/vmlinuz
+INITRD=$PLATFORM_GUEST_DIR/initramfs.cpio.gz
+QEMU=${QEMU:-$PLATFORM_QEMU}
 
-[ -e "$KERNEL" ] || die "no guest kernel at $KERNEL: run scripts/setup.sh"
-[ -f "$INITRD" ] || die "no guest image at $INITRD: run scripts/build-guest.sh"
+[ -e "$KERNEL" ] || die "no guest kernel $GUEST_KERNEL at $KERNEL: run scripts/setup.sh"
+[ -f "$INITRD" ] || die "no guest image for kernel $GUEST_KERNEL at $INITRD: run GUEST_KERNEL=$GUEST_KERNEL scripts/build-guest.sh"
 command -v "$QEMU" >/dev/null || die "$QEMU not found: run scripts/setup.sh"
 
 RUN_DIR=${RUN_DIR:-$CACHE/runs/manual-$(date +%Y%m%d-%H%M%S)-$$}
@@ -101,6 +106,8 @@ args+=("$@")
 
 printf '%s\n' "$QEMU" "${args[@]}" >"$RUN_DIR/cmdline"
 cat >"$RUN_DIR/paths" <<EOF
+QEMU_VERSION=$QEMU_VERSION
+GUEST_KERNEL=$GUEST_KERNEL
 RUN_DIR=$RUN_DIR
 CONSOLE_LOG=$CONSOLE_LOG
 AGENT_SOCK=$AGENT_SOCK

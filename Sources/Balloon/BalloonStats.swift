@@ -1,24 +1,6 @@
-/// Statistics tags (virtio 1.2 §5.5.6.3; Linux 6.1 uapi `VIRTIO_BALLOON_S_*`).
-public enum BalloonStatTag: UInt16, CaseIterable, Sendable {
-    case swapIn = 0, swapOut = 1, majorFaults = 2, minorFaults = 3, memFree = 4, memTotal = 5
-    case available = 6, caches = 7, hugetlbAllocations = 8, hugetlbFailures = 9
+import VirtioCore
 
-    /// QEMU's QOM key (`qom-get guest-stats`).
-    public var qemuName: String {
-        switch self {
-        case .swapIn: return "stat-swap-in"
-        case .swapOut: return "stat-swap-out"
-        case .majorFaults: return "stat-major-faults"
-        case .minorFaults: return "stat-minor-faults"
-        case .memFree: return "stat-free-memory"
-        case .memTotal: return "stat-total-memory"
-        case .available: return "stat-available-memory"
-        case .caches: return "stat-disk-caches"
-        case .hugetlbAllocations: return "stat-htlb-pgalloc"
-        case .hugetlbFailures: return "stat-htlb-pgfail"
-        }
-    }
-}
+// BalloonStatTag (the tag numbers and QEMU names) lives in VirtioCore/BalloonStatTag.swift.
 
 /// One `struct virtio_balloon_stat { le16 tag; le64 val; }` (packed, 10 bytes).
 public struct BalloonStat: Hashable, Sendable {
@@ -44,27 +26,67 @@ public func encodeBalloonStats(_ stats: [BalloonStat]) -> [UInt8] {
     return out
 }
 
-/// Computes the ten stats the way Linux 6.1's `update_balloon_stats` does, from the text of
-/// `/proc/vmstat` and `/proc/meminfo`. Always returns all ten tags, in Linux's order
-/// (0,1,2,3,8,9,4,5,6,7), so the buffer has the same shape every time.
+/// Computes the sixteen stats the way Linux 6.12's `update_balloon_stats` does, from the text
+/// of `/proc/vmstat` and `/proc/meminfo`. Always returns all sixteen tags, in Linux 6.12's
+/// order (0,1,2,3,10,11,12,13,14,15,8,9,4,5,6,7), so the buffer has the same shape every
+/// time. A device that knows only the ten virtio 1.2 tags (QEMU < 9.2) ignores the rest.
 ///
-/// - Parameter pageSize: the guest page size (swap counters are in pages).
+/// Linux 6.12, drivers/virtio/virtio_balloon.c, `update_balloon_vm_stats` and
+/// `update_balloon_stats` (v6.12):
+///
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_SWAP_IN,  pages_to_bytes(events[PSWPIN]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_SWAP_OUT, pages_to_bytes(events[PSWPOUT]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_MAJFLT, events[PGMAJFAULT]);
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_MINFLT, events[PGFAULT]);
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_OOM_KILL, events[OOM_KILL]);
+///     for (zid = 0; zid < MAX_NR_ZONES; zid++)
+///             stall += events[ALLOCSTALL_NORMAL - ZONE_NORMAL + zid];
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_ALLOC_STALL, stall);
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_ASYNC_SCAN,  pages_to_bytes(events[PGSCAN_KSWAPD]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_DIRECT_SCAN, pages_to_bytes(events[PGSCAN_DIRECT]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_ASYNC_RECLAIM,  pages_to_bytes(events[PGSTEAL_KSWAPD]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_DIRECT_RECLAIM, pages_to_bytes(events[PGSTEAL_DIRECT]));
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_HTLB_PGALLOC, events[HTLB_BUDDY_PGALLOC]);
+///     update_stat(vb, idx++, VIRTIO_BALLOON_S_HTLB_PGFAIL,  events[HTLB_BUDDY_PGALLOC_FAIL]);
+///     ... then MEMFREE, MEMTOT, AVAIL, CACHES from si_meminfo / si_mem_available / NR_FILE_PAGES.
+///
+/// In /proc/vmstat (mm/vmstat.c `vmstat_text`) those events are `pswpin`, `pswpout`,
+/// `pgmajfault`, `pgfault`, `oom_kill`, `allocstall_<zone>` for each configured zone (dma,
+/// dma32, normal, movable, ... : the sum over all of them is the loop above),
+/// `pgscan_kswapd`, `pgscan_direct`, `pgsteal_kswapd`, `pgsteal_direct`,
+/// `htlb_buddy_alloc_success` and `htlb_buddy_alloc_fail`. Scans and reclaims are pages:
+/// sent as bytes; OOM kills and stalls are counts. A counter missing from the file (an
+/// older kernel) reads 0, as a zero-initialised event would.
+///
+/// - Parameter pageSize: the guest page size (swap, scan and reclaim counters are in pages).
 public func computeBalloonStats(vmstat: String, meminfo: String, pageSize: UInt64 = 4096) -> [BalloonStat] {
     let vm = parseKeyValues(vmstat, separator: " ")
     let mem = parseKeyValues(meminfo, separator: ":")
-    func kib(_ key: String) -> UInt64 { (mem[key] ?? 0) * 1024 }
+    func kib(_ key: String) -> UInt64 { (mem[key] ?? 0) &* 1024 }
+    func pages(_ key: String) -> UInt64 { (vm[key] ?? 0) &* pageSize }
+    // Every zone's allocstall_<zone> (kernels before 4.10 had one "allocstall" line). Counters
+    // wrap like the kernel's unsigned long sum.
+    let stalls = vm.reduce(UInt64(0)) { sum, entry in
+        entry.key == "allocstall" || entry.key.hasPrefix("allocstall_") ? sum &+ entry.value : sum
+    }
     return [
-        BalloonStat(.swapIn, (vm["pswpin"] ?? 0) * pageSize),
-        BalloonStat(.swapOut, (vm["pswpout"] ?? 0) * pageSize),
+        BalloonStat(.swapIn, pages("pswpin")),
+        BalloonStat(.swapOut, pages("pswpout")),
         BalloonStat(.majorFaults, vm["pgmajfault"] ?? 0),
         BalloonStat(.minorFaults, vm["pgfault"] ?? 0),
+        BalloonStat(.oomKills, vm["oom_kill"] ?? 0),
+        BalloonStat(.allocationStalls, stalls),
+        BalloonStat(.asyncScans, pages("pgscan_kswapd")),
+        BalloonStat(.directScans, pages("pgscan_direct")),
+        BalloonStat(.asyncReclaims, pages("pgsteal_kswapd")),
+        BalloonStat(.directReclaims, pages("pgsteal_direct")),
         BalloonStat(.hugetlbAllocations, vm["htlb_buddy_alloc_success"] ?? 0),
         BalloonStat(.hugetlbFailures, vm["htlb_buddy_alloc_fail"] ?? 0),
         BalloonStat(.memFree, kib("MemFree")),
         BalloonStat(.memTotal, kib("MemTotal")),
         BalloonStat(.available, kib("MemAvailable")),
         // NR_FILE_PAGES: vmstat nr_file_pages when present, else Buffers+Cached+SwapCached.
-        BalloonStat(.caches, vm["nr_file_pages"].map { $0 * pageSize } ?? (kib("Buffers") + kib("Cached") + kib("SwapCached"))),
+        BalloonStat(.caches, vm["nr_file_pages"].map { $0 &* pageSize } ?? (kib("Buffers") &+ kib("Cached") &+ kib("SwapCached"))),
     ]
 }
 

@@ -475,7 +475,7 @@ public final class SimulatedBalloonDevice {
                 let tag = UInt16(bytes[i]) | UInt16(bytes[i + 1]) << 8
                 var val: UInt64 = 0
                 for k in 0..<8 { val |= UInt64(bytes[i + 2 + k]) << (8 * UInt64(k)) }
-                if tag < 10 { parsed[tag] = val }
+                if tag < properties.qemuVersion.statTagCount { parsed[tag] = val }
                 i += 10
             }
             stats = parsed

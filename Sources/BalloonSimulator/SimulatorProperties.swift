@@ -15,6 +15,8 @@ public struct BalloonDeviceProperties: Hashable, Sendable {
     public var modernOnly = false
     /// `-m`: RAM size in bytes (`vm_ram_size` for targets).
     public var ramSize: UInt64 = 1 << 30
+    /// The QEMU release modelled where releases differ (SimulatedQEMUVersion.swift).
+    public var qemuVersion: SimulatedQEMUVersion = .v7_2
 
     public init(freePageHint: Bool = false, freePageReporting: Bool = false, deflateOnOOM: Bool = false,
                 pagePoison: Bool = true, modernOnly: Bool = false, ramSize: UInt64 = 1 << 30) {

@@ -1,5 +1,5 @@
-// balloond against the real virtio-balloon of Debian's QEMU 7.2, inside a real Debian 6.1
-// guest: bind, bring-up, status, config interrupts, stats, SIGTERM, SIGKILL and restart, for
+// balloond against the real virtio-balloon of Debian's QEMU 7.2 inside a Debian 6.1 guest,
+// or (BALLOOND_QEMU_VERSION=10.0 BALLOOND_GUEST_KERNEL=6.12) QEMU 10.0 with a 6.12 guest: bind, bring-up, status, config interrupts, stats, SIGTERM, SIGKILL and restart, for
 // transitional and modern-only devices, and the error paths a user can hit.
 
 import Foundation
@@ -57,6 +57,24 @@ struct BalloondGuestTests {
             let list = try vm.check("balloond list")
             #expect(list.contains("1af4:1002") && list.contains("transitional") && list.contains("virtio-pci") && list.contains("yes"), "\(list)")
 
+            if vm.platform.qemuVersion != "7.2" {
+                // QEMU 10's virtio-balloon-pci has an MSI-X table in BAR1 (7.2's has none);
+                // balloond must still parse the capabilities and come up on INTx + ISR.
+                let balloon = try #require(try vm.pciDevices().first { $0.vendor == 0x1af4 && $0.device == 0x1002 })
+                let resources = try vm.check("cat /sys/bus/pci/devices/\(balloon.address)/resource").split(separator: "\n")
+                try #require(resources.count > 1)
+                #expect(!resources[1].hasPrefix("0x0000000000000000 0x0000000000000000"), "QEMU \(vm.platform.qemuVersion): no BAR1 (MSI-X table): \(resources[1])")
+                // The capability list (config space from 0x34) holds MSI-X (id 0x11).
+                let hex = try vm.check("od -An -v -tx1 -N256 /sys/bus/pci/devices/\(balloon.address)/config")
+                let config = hex.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { UInt8($0, radix: 16) }
+                var capabilityIDs: [UInt8] = []
+                var next = config.count > 0x34 ? Int(config[0x34]) : 0
+                while next >= 0x40, next + 1 < config.count, capabilityIDs.count < 48 {
+                    capabilityIDs.append(config[next])
+                    next = Int(config[next + 1])
+                }
+                #expect(capabilityIDs.contains(0x11), "QEMU \(vm.platform.qemuVersion): no MSI-X capability; capability ids \(capabilityIDs)")
+            }
             let first = try startBalloond(vm, name: "b1")
             let v = try VirtioStatus(vm)
             #expect(v.driverOK && !v.needsReset && !v.broken)

@@ -35,17 +35,22 @@ func migrate(modes: [String], extra: [String] = [], name: String) throws -> [Mig
 }
 
 /// Runs scripts/migrate.py and returns its JSON output.
+/// Both guests run on `GuestPlatform.current` (migrate.py's --qemu-version/--guest-kernel).
 func runMigrateScript(modes: [String], extra: [String], name: String) throws -> Data {
-    try HarnessState.shared.prepare()
+    let platform = GuestPlatform.current
+    try platform.validate()
+    try HarnessState.shared.prepare(guestKernel: platform.guestKernel)
     // migrate.py runs two guests; hold the harness's VM slot so no other VM test runs beside it.
     HarnessState.shared.slots.wait()
     defer { HarnessState.shared.slots.signal() }
-    let out = HarnessPaths.runs.appendingPathComponent("migrate-\(name).json")
-    let log = HarnessPaths.runs.appendingPathComponent("migrate-\(name).log")
+    let tag = platform == .bookworm ? name : "\(name)-qemu\(platform.qemuVersion)-linux\(platform.guestKernel)"
+    let out = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).json")
+    let log = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).log")
     try? FileManager.default.createDirectory(at: HarnessPaths.runs, withIntermediateDirectories: true)
     let p = try ChildProcess(executable: "/usr/bin/env",
                              arguments: ["python3", HarnessPaths.packageRoot.appendingPathComponent("scripts/migrate.py").path,
-                                         "--modes", modes.joined(separator: ","), "--json", out.path] + extra,
+                                         "--modes", modes.joined(separator: ","), "--json", out.path,
+                                         "--qemu-version", platform.qemuVersion, "--guest-kernel", platform.guestKernel] + extra,
                              environment: ProcessInfo.processInfo.environment, outputPath: log.path)
     if !p.wait(timeout: 900) {
         p.signal(SIGKILL)

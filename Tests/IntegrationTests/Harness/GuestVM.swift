@@ -16,7 +16,9 @@
 //
 // Environment knobs: BALLOOND_BOOT_TIMEOUT (s, default 90), BALLOOND_MAX_VMS (concurrent
 // VMs, default half the cores, at least 1), BALLOOND_SKIP_GUEST_BUILD=1 (do not run
-// scripts/build-guest.sh before the first boot), BALLOOND_KEEP_RUNS (default 20).
+// scripts/build-guest.sh before the first boot), BALLOOND_KEEP_RUNS (default 20),
+// BALLOOND_QEMU_VERSION (7.2 or 10.0) and BALLOOND_GUEST_KERNEL (6.1 or 6.12): the platform
+// of every VM whose Options name none (GuestPlatform.swift).
 
 import Foundation
 #if canImport(Glibc)
@@ -47,8 +49,19 @@ enum HarnessPaths {
         return packageRoot.appendingPathComponent(".cache")
     }
 
-    static var kernel: URL { cache.appendingPathComponent("kernel/vmlinuz") }
-    static var initramfs: URL { cache.appendingPathComponent("guest/initramfs.cpio.gz") }
+    /// The default platform's kernel and image (GuestPlatform.current).
+    static var kernel: URL { kernel(GuestPlatform.current.guestKernel) }
+    static var initramfs: URL { initramfs(GuestPlatform.current.guestKernel) }
+    /// Where scripts/setup.sh unpacks the guest kernel `version` (6.1: .cache/kernel, 6.12:
+    /// .cache/kernel-6.12) and where build-guest.sh puts its image (.cache/guest, .cache/guest-6.12).
+    static func kernel(_ version: String) -> URL {
+        cache.appendingPathComponent(version == "6.1" ? "kernel/vmlinuz" : "kernel-\(version)/vmlinuz")
+    }
+    static func initramfs(_ version: String) -> URL {
+        cache.appendingPathComponent(version == "6.1" ? "guest/initramfs.cpio.gz" : "guest-\(version)/initramfs.cpio.gz")
+    }
+    /// QEMU 10.0's wrapper from scripts/setup.sh (7.2 is the system's qemu-system-x86_64).
+    static var qemu10: URL { cache.appendingPathComponent("qemu-10.0/qemu-system-x86_64") }
     static var runs: URL { cache.appendingPathComponent("runs") }
     static var runGuest: URL { packageRoot.appendingPathComponent("scripts/run-guest.sh") }
     static var buildGuest: URL { packageRoot.appendingPathComponent("scripts/build-guest.sh") }
@@ -75,8 +88,9 @@ final class HarnessState: @unchecked Sendable {
     static let shared = HarnessState()
 
     private let lock = NSLock()
-    private var prepared = false
-    private var prepareError: HarnessError?
+    private var pruned = false
+    /// Per guest kernel: the image build's outcome (nil: built).
+    private var built: [String: HarnessError?] = [:]
     private var counter = 0
     let slots: DispatchSemaphore
     let maxVMs: Int
@@ -94,33 +108,48 @@ final class HarnessState: @unchecked Sendable {
         return counter
     }
 
-    /// Builds the guest image (a no-op when nothing changed) and prunes old run directories,
-    /// once per process; later calls return the first result.
+    /// Builds the guest image of the default platform's kernel (GuestPlatform.current).
     func prepare() throws {
+        try prepare(guestKernel: GuestPlatform.current.guestKernel)
+    }
+
+    /// Builds the guest image for `guestKernel` (a no-op when nothing changed), once per
+    /// process and kernel, and prunes old run directories once; later calls return the
+    /// first result.
+    func prepare(guestKernel: String) throws {
         lock.lock()
         defer { lock.unlock() }
-        if prepared {
-            if let prepareError { throw prepareError }
+        if !pruned {
+            pruned = true
+            pruneRuns()
+        }
+        if let outcome = built[guestKernel] {
+            if let error = outcome { throw error }
             return
         }
-        prepared = true
-        pruneRuns()
-        if ProcessInfo.processInfo.environment["BALLOOND_SKIP_GUEST_BUILD"] == "1" { return }
+        if ProcessInfo.processInfo.environment["BALLOOND_SKIP_GUEST_BUILD"] == "1" {
+            built[guestKernel] = .some(nil)
+            return
+        }
         do {
-            try buildImage()
+            try buildImage(guestKernel: guestKernel)
+            built[guestKernel] = .some(nil)
         } catch let error as HarnessError {
-            prepareError = error
+            built[guestKernel] = error
             throw error
         }
     }
 
-    private func buildImage() throws {
+    private func buildImage(guestKernel: String) throws {
         let fm = FileManager.default
-        try? fm.createDirectory(at: HarnessPaths.cache.appendingPathComponent("guest"), withIntermediateDirectories: true)
-        let logURL = HarnessPaths.cache.appendingPathComponent("guest/build.log")
+        let imageDirectory = HarnessPaths.initramfs(guestKernel).deletingLastPathComponent()
+        try? fm.createDirectory(at: imageDirectory, withIntermediateDirectories: true)
+        let logURL = imageDirectory.appendingPathComponent("build.log")
         _ = fm.createFile(atPath: logURL.path, contents: nil)
+        var env = ProcessInfo.processInfo.environment
+        env["GUEST_KERNEL"] = guestKernel
         let p = try ChildProcess(executable: HarnessPaths.buildGuest.path, arguments: [],
-                                 environment: ProcessInfo.processInfo.environment, outputPath: logURL.path)
+                                 environment: env, outputPath: logURL.path)
         if !p.wait(timeout: 300) {
             p.signal(SIGKILL)
             throw HarnessError(.setup, "scripts/build-guest.sh did not finish within 300 s (log: \(logURL.path))")
@@ -180,11 +209,22 @@ final class GuestVM {
         var extraQEMUArgs: [String]
         /// How long to wait for the ready marker.
         var bootTimeout: TimeInterval
+        /// "7.2" or "10.0"; nil: BALLOOND_QEMU_VERSION, else 7.2 (GuestPlatform.current).
+        var qemuVersion: String?
+        /// "6.1" or "6.12"; nil: BALLOOND_GUEST_KERNEL, else 6.1 (GuestPlatform.current).
+        var guestKernel: String?
+
+        /// The platform this VM boots: the fields above, else GuestPlatform.current.
+        var platform: GuestPlatform {
+            let current = GuestPlatform.current
+            return GuestPlatform(qemuVersion: qemuVersion ?? current.qemuVersion, guestKernel: guestKernel ?? current.guestKernel)
+        }
 
         init(name: String = #function, memory: String = "1G", cpus: Int = 1, cpuModel: String? = nil,
              kernelArgs: [String] = [], balloonProperties: [String] = [], modernOnly: Bool = false,
              balloon: Bool = true, extraQEMUArgs: [String] = [],
-             bootTimeout: TimeInterval = environmentNumber("BALLOOND_BOOT_TIMEOUT") ?? 90) {
+             bootTimeout: TimeInterval = environmentNumber("BALLOOND_BOOT_TIMEOUT") ?? 90,
+             qemuVersion: String? = nil, guestKernel: String? = nil) {
             self.name = name
             self.memory = memory
             self.cpus = cpus
@@ -195,6 +235,8 @@ final class GuestVM {
             self.balloon = balloon
             self.extraQEMUArgs = extraQEMUArgs
             self.bootTimeout = bootTimeout
+            self.qemuVersion = qemuVersion
+            self.guestKernel = guestKernel
         }
     }
 
@@ -202,6 +244,8 @@ final class GuestVM {
     static let readyMarker = "BALLOOND-GUEST-READY"
 
     let options: Options
+    /// The QEMU version and guest kernel this VM runs.
+    var platform: GuestPlatform { options.platform }
     let runDirectory: URL
     /// Guest kernel release (uname -r), from the ready marker.
     let kernelVersion: String
@@ -234,12 +278,19 @@ final class GuestVM {
     /// instructions if the kernel or image is missing, or if the guest does not come up.
     static func boot(_ options: Options = Options()) throws -> GuestVM {
         let fm = FileManager.default
-        guard fm.fileExists(atPath: HarnessPaths.kernel.path) else {
-            throw HarnessError(.setup, "no guest kernel at \(HarnessPaths.kernel.path): run scripts/setup.sh (it installs QEMU and downloads the Debian guest kernel)")
+        let platform = options.platform
+        try platform.validate()
+        let kernel = HarnessPaths.kernel(platform.guestKernel)
+        guard fm.fileExists(atPath: kernel.path) else {
+            throw HarnessError(.setup, "no guest kernel \(platform.guestKernel) at \(kernel.path): run scripts/setup.sh (it installs QEMU and downloads the Debian guest kernels)")
         }
-        try HarnessState.shared.prepare()
-        guard fm.fileExists(atPath: HarnessPaths.initramfs.path) else {
-            throw HarnessError(.setup, "no guest image at \(HarnessPaths.initramfs.path): run scripts/build-guest.sh")
+        if platform.qemuVersion == "10.0", !fm.isExecutableFile(atPath: HarnessPaths.qemu10.path) {
+            throw HarnessError(.setup, "no QEMU 10.0 at \(HarnessPaths.qemu10.path): run scripts/setup.sh (it unpacks QEMU 10.0 from bookworm-backports)")
+        }
+        try HarnessState.shared.prepare(guestKernel: platform.guestKernel)
+        let initramfs = HarnessPaths.initramfs(platform.guestKernel)
+        guard fm.fileExists(atPath: initramfs.path) else {
+            throw HarnessError(.setup, "no guest image at \(initramfs.path): run GUEST_KERNEL=\(platform.guestKernel) scripts/build-guest.sh")
         }
 
         let state = HarnessState.shared
@@ -285,6 +336,8 @@ final class GuestVM {
         env["CONSOLE"] = "file"
         env["QEMU_EXTRA"] = ""
         env["PARENT_PID"] = String(getpid())
+        env.removeValue(forKey: "QEMU")  // QEMU_VERSION picks the binary
+        for (key, value) in platform.scriptEnvironment { env[key] = value }
         let p: ChildProcess
         do {
             p = try ChildProcess(executable: HarnessPaths.runGuest.path, arguments: options.extraQEMUArgs,
