@@ -11,11 +11,15 @@ public struct LinuxHintSourceEnvironment {
     /// balloond's own hugetlb pages (the ring/DMA hugepage), never hinted.
     public var ownHugePages: [GuestPhysicalRange]
     public var limits: OwnedMemoryLimits
+    /// balloond's one `CompactionHold` (the anonymous source holds it while it holds memory).
+    public var compactionHold: CompactionHold?
     public var logger: Logger
 
     public init(root: SysRoot = .host, pagemap: PagemapResolver?, ownHugePages: [GuestPhysicalRange] = [],
-                limits: OwnedMemoryLimits = OwnedMemoryLimits(), logger: Logger = Logger(label: "balloond.hint")) {
+                limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold? = nil,
+                logger: Logger = Logger(label: "balloond.hint")) {
         self.root = root
+        self.compactionHold = compactionHold
         self.pagemap = pagemap
         self.ownHugePages = ownHugePages
         self.limits = limits
@@ -41,7 +45,7 @@ public func makeLinuxFreePageSource(named name: String, environment env: LinuxHi
             throw FreePageSourceError("the anonymous source needs /proc/self/pagemap opened while privileged")
         }
         return AnonymousSource(root: env.root, pagemap: pagemap, options: AnonymousSource.Options(limits: env.limits),
-                               logger: env.logger.withLabel("anonymous"))
+                               compactionHold: env.compactionHold, logger: env.logger.withLabel("anonymous"))
     }
     switch name {
     case "hugetlb":

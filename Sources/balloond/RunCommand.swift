@@ -133,12 +133,13 @@ struct RunCommand: ParsableCommand {
         // our own ring page is taken from the pool.
         let recovery = try HugeTLBPoolSource.recoverAfterCrash(logger: logger)
         logger.debug("hugetlb pool recovery: \(recovery)")
-        let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
+        let compaction = CompactionHold(logger: logger)
+        let (allocator, dmaDescription) = try makeDMAAllocator(migrationHold: compaction, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
                                                          kernelConfig: readTextFile("/boot/config-\(kernelRelease())"))
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, logger: logger)
+        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, compaction: compaction, logger: logger)
         var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
         if !freePageReporting { options.wantedFeatures.remove(.reporting) }
@@ -152,7 +153,7 @@ struct RunCommand: ParsableCommand {
         options.reporting.keepFreeBytes = reportKeepFreeMib << 20
         options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
         options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
-        let memory = balloon ? try makeBalloonMemory(logger: logger) : nil
+        let memory = balloon ? try makeBalloonMemory(compaction: compaction, logger: logger) : nil
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
                                    balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
@@ -187,6 +188,7 @@ struct RunCommand: ParsableCommand {
         while signals.received == 0 {
             if needsBringUp {
                 do {
+                    try allocator.verifyPlacement()
                     try driver.bringUp()
                     needsBringUp = false
                     backoffSeconds = 1
@@ -268,7 +270,7 @@ final class SignalPipe {
 
 extension RunCommand {
     /// Chooses and builds the free page source (`--hint-source`), logging the choice and why.
-    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, logger: Logger) throws -> (name: String, source: FreePageSource)? {
+    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, compaction: CompactionHold, logger: Logger) throws -> (name: String, source: FreePageSource)? {
         guard freePageHint else { return nil }
         let choice: (name: String, reason: String)
         switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
@@ -291,7 +293,7 @@ extension RunCommand {
         }
         logger.notice("free page hint source: \(choice.name): \(choice.reason)")
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
-        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), logger: logger)
+        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
         return (choice.name, try makeLinuxFreePageSource(named: choice.name, environment: env))
     }
 }
@@ -305,8 +307,8 @@ func kernelRelease() -> String {
 extension RunCommand {
     /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
     /// anonymous memory.
-    func makeBalloonMemory(logger: Logger) throws -> BalloonMemory? {
-        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), limits: OwnedMemoryLimits(), logger: logger)
+    func makeBalloonMemory(compaction: CompactionHold, logger: Logger) throws -> BalloonMemory? {
+        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
         logger.info("balloon memory: \(memory.name)")
         return memory
     }
