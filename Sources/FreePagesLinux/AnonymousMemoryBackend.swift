@@ -41,14 +41,19 @@ public final class AnonymousChunk {
 /// `CompactionHold`.
 public final class LinuxAnonymousMemory: AnonymousMemoryBackend {
     public let pagemapResolver: PagemapResolver
+    /// Where the chunks come from (shared shmem memfd memory the guardian also holds).
+    public let arena: DeviceMemoryArena
 
-    public init(pagemap: PagemapResolver) { pagemapResolver = pagemap }
+    public init(pagemap: PagemapResolver, arena: DeviceMemoryArena) {
+        pagemapResolver = pagemap
+        self.arena = arena
+    }
 
     public func mapPopulated(bytes: Int) throws(FreePagesLinuxError) -> AnonymousChunk {
         precondition(bytes > 0 && bytes % 4096 == 0)
         let what = "\(bytes >> 20) MiB of anonymous memory"
         let mapping: OwnedAnonymousMapping
-        do { mapping = try OwnedAnonymousMapping(length: bytes, kind: .small) } catch {
+        do { mapping = try OwnedAnonymousMapping(length: bytes, kind: .small, arena: arena) } catch {
             throw .system("mmap of \(what) failed: \(error)")
         }
         // EINVAL: no THP (or no KSM) in this kernel, so nothing to turn off.
@@ -70,7 +75,7 @@ public final class LinuxAnonymousMemory: AnonymousMemoryBackend {
             throw .system("mlock of \(what) failed: \(error); run balloond as root (CAP_IPC_LOCK) or raise RLIMIT_MEMLOCK")
         }
         return AnonymousChunk(base: mapping.address, bytes: bytes, usedPopulateWrite: usedPopulate) {
-            for i in 0..<mapping.slotCount { mapping.unmapSlot(i) }
+            mapping.unmapAll()
         }
     }
 

@@ -121,9 +121,9 @@ public final class AnonymousSource: FreePageSource {
     }
 
     /// The real source. `pagemap` must have been opened while privileged.
-    public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, options: Options = Options(),
+    public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena, options: Options = Options(),
                             compactionHold: CompactionHold? = nil, logger: Logger = Logger(label: "balloond.hint.anonymous")) {
-        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap), options: options, compactionHold: compactionHold, logger: logger)
+        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap, arena: arena), options: options, compactionHold: compactionHold, logger: logger)
     }
 
     public func beginRound(id: UInt32) throws(FreePageSourceError) {

@@ -31,10 +31,11 @@ public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID:
 ///   - limits: the margin, cap and PSI limits (shared by both backends).
 ///   - compactionHold: balloond's one `CompactionHold` (shared with the DMA pages and the
 ///     anonymous hint source).
-public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, limits: OwnedMemoryLimits = OwnedMemoryLimits(),
-                                   compactionHold: CompactionHold, effectiveUID: UInt32 = geteuid(),
+///   - arena: the memfds every page comes from (the guardian holds them too).
+public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
+                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, effectiveUID: UInt32 = geteuid(),
                                    logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
-    let pages = LinuxBalloonPages(pagemap: pagemap)
+    let pages = LinuxBalloonPages(pagemap: pagemap, arena: arena)
     return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, compactionHold: compactionHold,
                                   effectiveUID: effectiveUID, logger: logger)
 }

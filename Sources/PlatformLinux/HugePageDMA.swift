@@ -5,10 +5,6 @@ import Logging
 import VirtioCore
 import VirtioQueue
 
-/// MAP_HUGE_2MB: log2(2 MiB) << MAP_HUGE_SHIFT (26), from uapi `linux/mman.h`; Swift does
-/// not import the computed macro.
-private let mapHuge2MB: Int32 = 21 << 26
-
 /// DMA memory from one 2 MiB hugetlb page: physically contiguous (so a 1024-entry queue's
 /// 16 KiB descriptor table fits), and not moved by compaction or THP in practice
 /// (field-notes §5.6–5.8). Allocations are carved from it by a `DMAArena`.
@@ -19,64 +15,70 @@ private let mapHuge2MB: Int32 = 21 << 26
 public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     /// The whole hugepage.
     public let region: DMARegion
-    private let arena: DMAArena
+    private let bumpArena: DMAArena
     /// Whether `nr_hugepages` was raised for this page (and will be lowered on release).
     public let grewPool: Bool
     private let pagemapResolver: PagemapResolver
     private let virtualBase: UInt
 
-    /// - Parameter pagemap: opened while privileged (see `PagemapResolver`).
-    public init(root: SysRoot = .host, pagemap: PagemapResolver, logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
+    /// - Parameters:
+    ///   - pagemap: opened while privileged (see `PagemapResolver`).
+    ///   - arena: where the page comes from (its hugetlbfs memfd).
+    public init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
+                logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
         let pool = HugePagePool(root: root)
         guard pool.isSupported() else {
             throw DMAError("this kernel has no 2 MiB hugetlb pages (\(root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")) is missing); it needs CONFIG_HUGETLBFS")
         }
         let grew: Bool
         do { grew = try pool.reserveOne() } catch { throw DMAError("no free 2 MiB hugepage: \(error)") }
-        if grew { logger.info("raised \(pool.countPath) by one for balloond's ring memory; it is lowered again at exit") }
+        if grew {
+            logger.info("raised \(pool.countPath) by one for balloond's ring memory; it is lowered again at exit (by the guardian if balloond is killed)")
+            arena.poolChangeObserver?(true)
+        }
         func undo() {
-            if grew { try? pool.giveBackOne() }
+            guard grew else { return }
+            arena.poolChangeObserver?(false)
+            try? pool.giveBackOne()
         }
 
         let size = HugePagePool.pageSize
-        let base: UnsafeMutableRawPointer
-        do {
-            unsafe base = try MappedMemory.map(length: size, protection: PROT_READ | PROT_WRITE,
-                                        flags: MAP_SHARED | MAP_ANONYMOUS | Int32(MAP_HUGETLB) | Int32(MAP_POPULATE) | mapHuge2MB)
-        } catch {
+        let mapping: OwnedAnonymousMapping
+        do { mapping = try OwnedAnonymousMapping(length: size, kind: .hugeTLB2MiB, arena: arena) } catch {
             undo()
             throw DMAError("mmap of a 2 MiB hugepage failed: \(error); check HugePages_Free in /proc/meminfo")
         }
-        let unmap = unsafe MappedMemory.unmapper(base, length: size)
+        let base = unsafe mapping.unsafeBase
         let physical: PhysicalAddress
         do {
-            try unsafe MappedMemory.lock(base, length: size)
+            try mapping.lock()
             // Never share the page with a child: copy-on-write would give the parent a new
             // physical page behind the device's back.
-            _ = unsafe madvise(base, size, MADV_DONTFORK)
+            try mapping.advise(OwnedAnonymousMapping.adviceDontFork)
             unsafe MappedMemory.touch(base, length: size, stride: 4096)
             physical = try unsafe Self.resolve(base, size: size, pagemap: pagemap)
         } catch {
-            unmap()
+            mapping.unmapAll()
             undo()
             throw DMAError("hugepage DMA setup failed: \(error)")
         }
         grewPool = grew
         pagemapResolver = pagemap
-        virtualBase = unsafe MappedMemory.address(of: base)
+        virtualBase = mapping.address
         let giveBack: () -> Void = {
-            unmap()
+            mapping.unmapAll()
             if grew {
+                arena.poolChangeObserver?(false)
                 do { try pool.giveBackOne() } catch { logger.warning("could not lower \(pool.countPath) again: \(error)") }
             }
         }
         region = unsafe DMARegion(unsafeBase: base, physicalAddress: physical, size: size, release: giveBack)
-        arena = DMAArena(region: region)
+        bumpArena = DMAArena(region: region)
         logger.debug("hugepage DMA region at \(physical) (\(size) bytes)")
     }
 
     /// Bytes still free in the page.
-    public var bytesFree: Int { arena.bytesFree }
+    public var bytesFree: Int { bumpArena.bytesFree }
 
     /// The whole page: it is physically contiguous.
     public var largestAllocation: Int { region.size }
@@ -92,7 +94,7 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     }
 
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
-        try arena.allocate(byteCount: byteCount, alignment: alignment)
+        try bumpArena.allocate(byteCount: byteCount, alignment: alignment)
     }
 
     /// The physical address of the page, checked to be one contiguous 2 MiB frame: the
@@ -157,16 +159,20 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     /// - Parameters:
     ///   - pagemap: opened while privileged.
     ///   - migrationHold: keeps compaction off locked pages while any page is held.
-    public init(pagemap: PagemapReading, migrationHold: MigrationHold) {
+    private let arena: DeviceMemoryArena
+
+    /// - Parameters:
+    ///   - arena: where the pages come from (its shmem memfd).
+    public init(pagemap: PagemapReading, migrationHold: MigrationHold, arena: DeviceMemoryArena) {
         self.pagemap = pagemap
         self.pageSize = pagemap.pageSize
         self.hold = migrationHold
+        self.arena = arena
     }
 
     private func mapPage() throws(SystemCallError) -> (base: UnsafeMutableRawPointer, unmap: () -> Void) {
-        let base = try unsafe MappedMemory.map(length: pageSize, protection: PROT_READ | PROT_WRITE,
-                                               flags: MAP_PRIVATE | MAP_ANONYMOUS | Int32(MAP_POPULATE))
-        return unsafe (base, MappedMemory.unmapper(base, length: pageSize))
+        let mapping = try OwnedAnonymousMapping(length: pageSize, kind: .small, arena: arena)
+        return unsafe (mapping.unsafeBase, { mapping.unmapAll() })
     }
 
     /// One page: nothing larger is physically contiguous here.
@@ -247,15 +253,15 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
 /// - Returns: the allocator and a one-line description for logs and `balloond status`. Call
 ///   `verifyPlacement()` before every bring-up: a reused ring page must still be where the
 ///   device will be told it is.
-public func makeDMAAllocator(root: SysRoot = .host, migrationHold: MigrationHold, logger: Logger) throws(DMAError)
+public func makeDMAAllocator(root: SysRoot = .host, arena: DeviceMemoryArena, migrationHold: MigrationHold, logger: Logger) throws(DMAError)
     -> (allocator: DMAAllocator & DMAPlacementCheck, description: String) {
     let pagemap: PagemapResolver
     do { pagemap = try PagemapResolver(root: root) } catch { throw DMAError(error.description) }
     do {
-        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, logger: logger)
+        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, arena: arena, logger: logger)
         return (huge, "one 2 MiB hugepage at \(huge.region.physicalAddress)\(huge.grewPool ? " (nr_hugepages raised by one)" : "")")
     } catch {
         logger.warning("no hugepage for DMA memory (\(error)); falling back to locked 4 KiB pages: queues are limited to 256 entries, PFN buffers to 1024 PFNs, and vm.compact_unevictable_allowed is held at 0 while they are in use")
-        return (PageDMAAllocator(pagemap: pagemap, migrationHold: migrationHold), "locked 4 KiB pages (no hugepage: \(error))")
+        return (PageDMAAllocator(pagemap: pagemap, migrationHold: migrationHold, arena: arena), "locked 4 KiB pages (no hugepage: \(error))")
     }
 }

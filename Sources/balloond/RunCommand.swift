@@ -124,22 +124,27 @@ struct RunCommand: ParsableCommand {
     /// Everything that holds the device open lives in here, so it is all closed (uio fd, BAR
     /// mapping, DMA memory after the device reset) before the driver is restored.
     private func serve(function: PCIFunction, binding: UIOBinding, logger: Logger) throws {
+        // Issue 9 H2: all memory the device may touch comes from these memfds, which the
+        // guardian also holds until the device is stopped, even if this process is killed.
+        let arena = try DeviceMemoryArena()
+        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel)
         let signals = try SignalPipe()
         let config = try SysfsConfigSpace(address: function.address)
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
         let mapper = BARMapper(address: function.address)
         let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
+        defer { guardian.markQuiescedIfStopped(deviceStatus: transport.status().rawValue, config: config) }  // after driver.shutdown()
         // A balloond killed mid-round may have left the hugetlb pool grown: put it back before
         // our own ring page is taken from the pool.
         let recovery = try HugeTLBPoolSource.recoverAfterCrash(logger: logger)
         logger.debug("hugetlb pool recovery: \(recovery)")
         let compaction = CompactionHold(logger: logger)
-        let (allocator, dmaDescription) = try makeDMAAllocator(migrationHold: compaction, logger: logger)
+        let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: readTextFile("/proc/cmdline") ?? "",
                                                          kernelConfig: readTextFile("/boot/config-\(kernelRelease())"))
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, compaction: compaction, logger: logger)
+        let hints = try makeHintSource(memoryConfig: memoryConfig, allocator: allocator, arena: arena, compaction: compaction, logger: logger)
         var options = BalloonDriverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if !freePageHint { options.wantedFeatures.remove(.freePageHint) }
         if !freePageReporting { options.wantedFeatures.remove(.reporting) }
@@ -153,7 +158,7 @@ struct RunCommand: ParsableCommand {
         options.reporting.keepFreeBytes = reportKeepFreeMib << 20
         options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
         options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
-        let memory = balloon ? try makeBalloonMemory(compaction: compaction, logger: logger) : nil
+        let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: freePageHint ? hints?.source : nil,
                                    balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
@@ -270,7 +275,7 @@ final class SignalPipe {
 
 extension RunCommand {
     /// Chooses and builds the free page source (`--hint-source`), logging the choice and why.
-    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, compaction: CompactionHold, logger: Logger) throws -> (name: String, source: FreePageSource)? {
+    func makeHintSource(memoryConfig: GuestMemoryDebugConfig, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> (name: String, source: FreePageSource)? {
         guard freePageHint else { return nil }
         let choice: (name: String, reason: String)
         switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
@@ -293,7 +298,7 @@ extension RunCommand {
         }
         logger.notice("free page hint source: \(choice.name): \(choice.reason)")
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
-        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
+        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction, logger: logger)
         return (choice.name, try makeLinuxFreePageSource(named: choice.name, environment: env))
     }
 }
@@ -307,8 +312,8 @@ func kernelRelease() -> String {
 extension RunCommand {
     /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
     /// anonymous memory.
-    func makeBalloonMemory(compaction: CompactionHold, logger: Logger) throws -> BalloonMemory? {
-        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
+    func makeBalloonMemory(arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> BalloonMemory? {
+        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), arena: arena, limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
         logger.info("balloon memory: \(memory.name)")
         return memory
     }

@@ -88,7 +88,7 @@ struct AnonymousSourceFaultInjectionTests {
     @Test("real chunks are 4 KiB pages without THP, locked, unmergeable",
           .enabled(if: geteuid() == 0, "mlock of 32 MiB needs CAP_IPC_LOCK"))
     func realChunksAreSmallLockedPages() throws {
-        let memory = LinuxAnonymousMemory(pagemap: try PagemapResolver())
+        let memory = LinuxAnonymousMemory(pagemap: try PagemapResolver(), arena: try DeviceMemoryArena())
         let chunk = try memory.mapPopulated(bytes: 32 << 20)
         defer { chunk.release() }
         let smaps = try Sys.readTextFile("/proc/self/smaps")

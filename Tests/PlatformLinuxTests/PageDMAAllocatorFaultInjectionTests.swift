@@ -40,14 +40,14 @@ final class MovablePagemap: PagemapReading {
 struct PageDMAAllocatorFaultInjectionTests {
     @Test("the largest allocation is one page, so PFN buffers are sized to 1024 PFNs")
     func largestAllocationIsOnePage() throws {
-        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: FakeMigrationHold())
+        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: FakeMigrationHold(), arena: try DeviceMemoryArena())
         #expect(a.largestAllocation == 4096)
     }
 
     @Test("every 4 KiB DMA page is taken under the migration hold, and the last one released ends it")
     func holdWhilePagesLive() throws {
         let hold = FakeMigrationHold()
-        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold)
+        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold, arena: try DeviceMemoryArena())
         var r1: DMARegion? = try a.allocate(byteCount: 4096, alignment: 4096)
         var r2: DMARegion? = try a.allocate(byteCount: 64, alignment: 16)
         #expect(hold.held == 2 && a.livePages == 2)
@@ -63,7 +63,7 @@ struct PageDMAAllocatorFaultInjectionTests {
     func refusesWithoutHold() throws {
         let hold = FakeMigrationHold()
         hold.fail = "cannot set /proc/sys/vm/compact_unevictable_allowed to 0"
-        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold)
+        let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold, arena: try DeviceMemoryArena())
         #expect { _ = try a.allocate(byteCount: 64, alignment: 16) } throws: {
             "\($0)".contains("compact_unevictable_allowed") && "\($0)".contains("hugepage")
         }
@@ -73,7 +73,7 @@ struct PageDMAAllocatorFaultInjectionTests {
     @Test("verifyPlacement passes for pages in place and throws for a ring page that moved")
     func placementRecheck() throws {
         let pagemap = try MovablePagemap()
-        let a = PageDMAAllocator(pagemap: pagemap, migrationHold: FakeMigrationHold())
+        let a = PageDMAAllocator(pagemap: pagemap, migrationHold: FakeMigrationHold(), arena: try DeviceMemoryArena())
         let ring = try a.allocate(byteCount: 4096, alignment: 4096)
         try a.verifyPlacement()
         let pfn = ring.physicalAddress.value / 4096
