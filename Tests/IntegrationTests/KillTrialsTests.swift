@@ -18,6 +18,18 @@ private let mib: Int64 = 1 << 20
 struct KillTrialsTests {
     enum Kind: String, CaseIterable { case inflate, report, hint }
 
+    /// balloon held + reported + hint-held MiB from `balloond status`.
+    static func heldMiB(_ status: String) -> Int {
+        var total = 0
+        for pattern in ["held ([0-9]+) MiB from", "holding ([0-9]+) MiB reported", "holding ([0-9]+) MiB$"] {
+            guard let re = try? NSRegularExpression(pattern: pattern, options: [.anchorsMatchLines]) else { continue }
+            for m in re.matches(in: status, range: NSRange(status.startIndex..., in: status)) {
+                if let r = Range(m.range(at: 1), in: status), let n = Int(status[r]) { total += n }
+            }
+        }
+        return total
+    }
+
     @Test("kill -9 at random moments during inflate, free page reporting and hint rounds: zero memhog checksum failures, clean guest kernel log")
     func killTrials() throws {
         let trials = Int(environmentNumber("BALLOOND_KILL_TRIALS") ?? 30)
@@ -25,6 +37,8 @@ struct KillTrialsTests {
         var failures: [String] = []
         var counts: [Kind: Int] = [:]
         var guardianStops = 0
+        var heldAtKill: [Kind: Int] = [:]
+        var heldMiB: [String] = []
         let started = Date()
         try BalloonUnderTest.with(.balloond, name: "kill-trials", balloonProperties: ["free-page-reporting=on"]) { b in
             let vm = b.vm
@@ -57,7 +71,13 @@ struct KillTrialsTests {
                     _ = try vm.qmp.execute("migrate", arguments: ["uri": "exec:cat > /dev/null"])
                     Thread.sleep(forTimeInterval: Double.random(in: 0.5...4.0, using: &rng))
                 }
+                // What balloond holds (state published at most a few seconds ago): balloon,
+                // reported and hint memory.
+                let status = (try? vm.run("balloond status", timeout: 10).output) ?? ""
                 try vm.check("kill -9 \(p.pid)", timeout: 10)
+                let held = Self.heldMiB(status)
+                if held > 0 { heldAtKill[kind, default: 0] += 1 }
+                heldMiB.append("\(kind.rawValue.prefix(1))\(held)")
                 let rc = try vm.waitForExit(p, timeout: 30)
                 #expect(rc == 137, "trial \(trial): balloond after SIGKILL: exit status \(rc)")
                 if kind == .hint {
@@ -93,7 +113,8 @@ struct KillTrialsTests {
             let hugepagesAfter = try vm.check("cat /proc/sys/vm/nr_hugepages").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(hugepagesAfter == hugepagesBefore, "nr_hugepages \(hugepagesBefore) before the trials, \(hugepagesAfter) after")
         }
-        print("kill-trials: \(trials) trials (\(counts.map { "\($0.key.rawValue) \($0.value)" }.sorted().joined(separator: ", "))), guardian stopped the device after \(guardianStops) kills, \(failures.count) checksum failures, \(Int(Date().timeIntervalSince(started))) s")
+        print("kill-trials: \(trials) trials (\(counts.map { "\($0.key.rawValue) \($0.value)" }.sorted().joined(separator: ", "))), memory held at the kill in \(heldAtKill.map { "\($0.key.rawValue) \($0.value)" }.sorted().joined(separator: ", ")) (MiB per trial: \(heldMiB.joined(separator: " "))), guardian stopped the device after \(guardianStops) kills, \(failures.count) checksum failures, \(Int(Date().timeIntervalSince(started))) s")
+        #expect(heldAtKill.values.reduce(0, +) > 0, "no trial killed balloond while it held memory: the trials proved nothing")
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
     }
 }
