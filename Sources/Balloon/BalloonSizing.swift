@@ -41,6 +41,14 @@ struct SizingState {
 }
 
 extension BalloonDriver {
+    /// PFNs per inflate/deflate buffer: `pagesPerBuffer`, fewer when the DMA allocator cannot
+    /// hand out that much in one piece (single 4 KiB pages without hugepages: 1024), always
+    /// whole 2 MiB blocks (512 PFNs, 2 KiB). 0 when not even one block's PFNs fit.
+    var pfnsPerBuffer: Int {
+        let fit = min(options.sizing.pagesPerBuffer, allocator.largestAllocation / 4)
+        return fit / balloonPagesPerHugeBlock * balloonPagesPerHugeBlock
+    }
+
     /// Pages committed to the balloon once the buffers in flight are acknowledged.
     var committedPages: Int { sizing.inflatedPages + sizing.inflatingPages - sizing.deflatingPages }
 
@@ -63,8 +71,12 @@ extension BalloonDriver {
             if sizing.deflatingPages > 0 { return }  // let the deflate finish first
             if let at = sizing.retryAtNanos, clock() < at { return }
             sizing.retryAtNanos = nil
+            guard pfnsPerBuffer > 0 else {
+                noteShortfall("the DMA allocator hands out at most \(allocator.largestAllocation) bytes at once, less than the \(balloonPagesPerHugeBlock * 4) bytes one 2 MiB block's PFNs need in one buffer", target: target)
+                return
+            }
             while committedPages < target, let slot = freePFNBuffer() {
-                var want = min(target - committedPages, options.sizing.pagesPerBuffer)
+                var want = min(target - committedPages, pfnsPerBuffer)
                 var blocks: [BalloonBlock] = []
                 var got = 0
                 var shortBy: String?
@@ -120,7 +132,7 @@ extension BalloonDriver {
                 // Newest first; skip blocks larger than what is left unless nothing fits, so
                 // a small excess does not give back a whole 2 MiB block when 4 KiB pages exist.
                 var i = sizing.inflated.count - 1
-                while i >= 0, excess > 0, chosenPages + sizing.inflated[i].pageCount <= options.sizing.pagesPerBuffer {
+                while i >= 0, excess > 0, chosenPages + sizing.inflated[i].pageCount <= pfnsPerBuffer {
                     let b = sizing.inflated[i]
                     if b.pageCount <= excess {
                         chosen.append(b)
@@ -193,9 +205,9 @@ extension BalloonDriver {
 
     private func freePFNBuffer() -> Int? {
         if let i = sizing.bufferBlocks.firstIndex(where: { $0 == nil }) { return i }
-        guard sizing.buffers.count < options.sizing.buffersInFlight else { return nil }
+        guard sizing.buffers.count < options.sizing.buffersInFlight, pfnsPerBuffer > 0 else { return nil }
         do {
-            sizing.buffers.append(try allocator.allocate(byteCount: options.sizing.pagesPerBuffer * 4, alignment: 64))
+            sizing.buffers.append(try allocator.allocate(byteCount: pfnsPerBuffer * 4, alignment: 64))
         } catch {
             logger.warning("no DMA memory for another PFN buffer: \(error)")
             return nil

@@ -46,6 +46,9 @@ public final class Daemon<Transport: VirtioTransport> {
     /// the state must be published now (bring-up, failure); the caller decides how often to
     /// write it.
     public var onIteration: ((BalloonDriverStatus, _ restarts: Int, _ force: Bool) -> Void)?
+    /// Runs before every bring-up; an error fails that bring-up (retried with backoff), e.g.
+    /// a check that the ring pages have not moved.
+    public var beforeBringUp: (() throws -> Void)?
 
     /// Loop iterations that returned from `wait` (tests count these).
     public private(set) var wakeups = 0
@@ -153,6 +156,7 @@ public final class Daemon<Transport: VirtioTransport> {
 
     private func bringUp(now: UInt64) {
         do {
+            try beforeBringUp?()
             try driver.bringUp()
             // The policies run once before the first wait, so every deadline they set is
             // already in the future when the loop computes its timeout.

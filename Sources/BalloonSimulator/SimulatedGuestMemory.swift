@@ -53,6 +53,9 @@ public final class HeapDMAAllocator: DMAAllocator {
 
     public init(memory: SimulatedGuestMemory) { self.memory = memory }
 
+    /// Heap blocks of any size.
+    public var largestAllocation: Int { Int.max }
+
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
         var raw: UnsafeMutableRawPointer? = nil
         guard unsafe posix_memalign(&raw, max(alignment, 16), byteCount) == 0, let base = unsafe raw else {

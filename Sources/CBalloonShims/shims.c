@@ -1,4 +1,8 @@
+#define _GNU_SOURCE
 #include "balloon_shims.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
 
 #include <errno.h>
 #include <signal.h>
@@ -53,3 +57,9 @@ void bs_uninstall_signal_pipe(int fd) {
 }
 
 int bs_signal_received(void) { return last_signal; }
+
+int bs_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+
+int bs_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}

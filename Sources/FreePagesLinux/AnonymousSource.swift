@@ -4,8 +4,9 @@ import PlatformLinux
 import VirtioCore
 
 /// Owned free pages from anonymous memory (`--hint-source anonymous`, and the fallback of
-/// the hugetlb source): chunks of private memory populated for write (THP where possible)
-/// and locked, their PFNs read from /proc/self/pagemap right after, coalesced into ranges.
+/// the hugetlb source): chunks of private 4 KiB pages (`MADV_NOHUGEPAGE`) populated for
+/// write and locked, their PFNs read from /proc/self/pagemap right after and again right
+/// before they are handed to the driver, coalesced into ranges.
 ///
 /// Safety argument (virtio-balloon.md §9).
 /// - *Nobody else writes these pages while balloond holds them.* They are balloond's private,
@@ -20,19 +21,19 @@ import VirtioCore
 ///   and every descriptor for it has come back (`hintsApplied`), or at `releaseAll` (DONE,
 ///   reset). Its pages are then freed (and re-zeroed or re-poisoned under init_on_free or
 ///   page_poison) after their hints: those writes are logged and re-sent.
-/// - *The residual window: page migration.* mlock does not pin. The kernel can still migrate a
-///   locked page (compaction with `vm.compact_unevictable_allowed=1`, the default; NUMA
-///   balancing; memory offlining). The move's own write goes to the new frame (dirty-logged,
-///   not hinted) and the old frame is freed. If the old frame is reused and written *after*
-///   QEMU applied its hint, that write is logged and re-sent: safe everywhere. If it is
-///   written *between* the PFN read and QEMU applying the hint, it is safe under TCG (QEMU's
-///   dirty log keeps every write after the round's sync, so the next sync re-sends it) but can
-///   be lost on KVM with manual dirty-log protect, whose log clear drops it. The window is the
-///   milliseconds between populating a chunk and its descriptors coming back. balloond
-///   cannot close it from userspace; it detects it: each chunk's pagemap is re-read when its
-///   last descriptor comes back and again before munmap, and any moved page is logged as an
-///   error naming the old frames. The hugetlb source, whose pages are not migrated, has no
-///   such window; that is why it is the default on KVM.
+/// - *Page migration.* mlock does not pin. What could move a locked 4 KiB page, and what
+///   stops it: compaction migrates unevictable (mlocked) pages only while
+///   `vm.compact_unevictable_allowed` is 1, so the shared `CompactionHold` keeps it at 0
+///   from before the first chunk is mapped until the last one is released (a chunk is not
+///   taken if it cannot be set); THP (a huge page can be split or migrated as a unit, and
+///   khugepaged collapses small pages into new frames): `MADV_NOHUGEPAGE` before the pages
+///   are faulted; KSM: `MADV_UNMERGEABLE`; fork: `MADV_DONTFORK`. Not prevented: NUMA
+///   balancing, memory offlining, CMA, `move_pages`. Those are detected: each chunk's pagemap
+///   is re-read right before its ranges are handed to the driver (a chunk with a moved page
+///   is not hinted at all), when its last descriptor comes back, and before munmap; any
+///   move is logged as an error naming the old frames. On KVM with manual dirty-log protect a
+///   frame that moved and was rewritten between the re-check and QEMU applying the hint can
+///   still be lost; the hugetlb source has no such window, which is why it is the default.
 /// - *Memory pressure.* Each chunk is sized by `ownedMemoryAllowance` (margin, MemFree,
 ///   MemAvailable, PSI), and `oom_score_adj` is raised to 1000 while memory is held, so the
 ///   OOM killer takes balloond (freeing all of it at once) rather than a workload.
@@ -62,6 +63,8 @@ public final class AnonymousSource: FreePageSource {
         public var populateNanos: UInt64 = 0
         public var pagemapNanos: UInt64 = 0
         public var stoppedBecause: String?
+        /// Chunks not hinted because a page moved before their ranges were handed out.
+        public var chunksDroppedMoved = 0
     }
 
     private final class Held {
@@ -85,6 +88,8 @@ public final class AnonymousSource: FreePageSource {
     public let options: Options
     private let backend: AnonymousMemoryBackend
     private let oom: OOMScoreAdjustment?
+    private let compaction: CompactionHold
+    private var holdingCompaction = false
     private let logger: Logger
 
     private var held: [Int: Held] = [:]
@@ -104,19 +109,21 @@ public final class AnonymousSource: FreePageSource {
 
     /// - Parameters:
     ///   - backend: the memory (tests pass a fake).
+    ///   - compactionHold: balloond's one `CompactionHold` (nil: a private one).
     public init(root: SysRoot = .host, backend: AnonymousMemoryBackend, options: Options = Options(),
-                logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+                compactionHold: CompactionHold? = nil, logger: Logger = Logger(label: "balloond.hint.anonymous")) {
         self.root = root
         self.options = options
         self.backend = backend
+        self.compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
         self.oom = options.oomScoreAdj.map { OOMScoreAdjustment(root: root, raisedValue: $0) }
         self.logger = logger
     }
 
     /// The real source. `pagemap` must have been opened while privileged.
-    public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, options: Options = Options(),
-                            logger: Logger = Logger(label: "balloond.hint.anonymous")) {
-        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap), options: options, logger: logger)
+    public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena, options: Options = Options(),
+                            compactionHold: CompactionHold? = nil, logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap, arena: arena), options: options, compactionHold: compactionHold, logger: logger)
     }
 
     public func beginRound(id: UInt32) throws(FreePageSourceError) {
@@ -130,17 +137,37 @@ public final class AnonymousSource: FreePageSource {
 
     public func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
         guard roundOpen, maxRanges > 0 else { return [] }
-        if pending.isEmpty && !growthStopped {
-            do { try takeChunk(maxRangeBytes: max(balloonPageSize, maxRangeBytes)) } catch {
-                growthStopped = true
-                lastRound.stoppedBecause = error.description
-                logger.warning("anonymous source stops taking memory this round: \(error)")
-                throw error.sourceError
+        var out: [(range: GuestPhysicalRange, chunk: Int)] = []
+        var checked: Set<Int> = []
+        // A chunk dropped because a page moved is replaced by a new one, a few times at most.
+        var replacements = 0
+        while out.isEmpty {
+            if pending.isEmpty {
+                guard !growthStopped, replacements <= 3 else { break }
+                do { try takeChunk(maxRangeBytes: max(balloonPageSize, maxRangeBytes)) } catch {
+                    growthStopped = true
+                    lastRound.stoppedBecause = error.description
+                    logger.warning("anonymous source stops taking memory this round: \(error)")
+                    throw error.sourceError
+                }
+                if pending.isEmpty { break }
+            }
+            while out.count < maxRanges, !pending.isEmpty {
+                let p = pending.removeFirst()
+                if !checked.contains(p.chunk) {
+                    checked.insert(p.chunk)
+                    // The last look before QEMU may act on these frames: with any page moved,
+                    // none of the chunk's remaining ranges is hinted.
+                    if let h = held[p.chunk], !stillInPlace(h) {
+                        pending.removeAll { $0.chunk == p.chunk }
+                        lastRound.chunksDroppedMoved += 1
+                        replacements += 1
+                        continue
+                    }
+                }
+                out.append(p)
             }
         }
-        let take = min(maxRanges, pending.count)
-        let out = pending.prefix(take)
-        pending.removeFirst(take)
         for p in out { outstanding.handedOut(p.range, tag: p.chunk) }
         return out.map(\.range)
     }
@@ -194,13 +221,29 @@ public final class AnonymousSource: FreePageSource {
             logger.debug("anonymous source stops taking memory: allowance \(allowance)", metadata: ["held_mib": "\(heldBytes >> 20)"])
             return
         }
+        do {
+            if holdingCompaction {
+                try compaction.reassert()
+            } else {
+                try compaction.hold()
+                holdingCompaction = true
+            }
+        } catch {
+            releaseCompactionIfIdle()
+            throw .system("not taking anonymous memory: \(error); without vm.compact_unevictable_allowed=0 compaction could move a hinted page")
+        }
         if let oom, let problem = oom.raise() { logger.warning("\(problem)") }
         let t0 = monotonicNanos()
-        let chunk = try backend.mapPopulated(bytes: Int(bytes))
+        let chunk: AnonymousChunk
+        do { chunk = try backend.mapPopulated(bytes: Int(bytes)) } catch {
+            releaseCompactionIfIdle()
+            throw error
+        }
         let t1 = monotonicNanos()
         let entries: [PagemapEntry]
         do { entries = try backend.pagemap(of: chunk) } catch {
             chunk.release()
+            releaseCompactionIfIdle()
             throw error
         }
         lastRound.populateNanos += t1 - t0
@@ -210,6 +253,7 @@ public final class AnonymousSource: FreePageSource {
         for (i, e) in entries.enumerated() {
             guard e.present, !e.swapped, e.pfn != 0 else {
                 chunk.release()
+                releaseCompactionIfIdle()
                 throw .system("page \(i) of a populated, locked chunk has no PFN in /proc/self/pagemap (\(e)); balloond needs CAP_SYS_ADMIN for PFNs")
             }
             pfns.append(e.pfn)
@@ -221,6 +265,38 @@ public final class AnonymousSource: FreePageSource {
         lastRound.bytesTaken += bytes
         let ranges = pfns.sorted().map { GuestPhysicalRange(start: $0 * balloonPageSize, length: balloonPageSize) }
         for r in coalesce(ranges, maxLength: maxRangeBytes) { pending.append((r, id)) }
+    }
+
+    /// Whether every page of `h` is still present at the PFN read after populating; a moved
+    /// page is logged (once) and counted.
+    private func stillInPlace(_ h: Held) -> Bool {
+        let before = movedPages
+        guard let entries = try? backend.pagemap(of: h.chunk), entries.count == h.pfns.count else {
+            logger.error("cannot re-read the pagemap of an anonymous chunk before hinting it; not hinting it")
+            return false
+        }
+        var moved: [(old: UInt64, new: UInt64)] = []
+        var inPlace = true
+        for (i, e) in entries.enumerated() where !e.present || e.swapped || e.pfn != h.pfns[i] {
+            inPlace = false
+            if !h.reportedMoves.contains(i) {
+                h.reportedMoves.insert(i)
+                moved.append((h.pfns[i], e.pfn))
+            }
+        }
+        movedPages += moved.count
+        if movedPages > before {
+            logger.error("the kernel moved \(moved.count) page(s) of an anonymous chunk after it was populated; the chunk is not hinted", metadata: [
+                "old_frames": "\(moved.prefix(16).map { "0x" + String($0.old * balloonPageSize, radix: 16) })",
+            ])
+        }
+        return inPlace
+    }
+
+    private func releaseCompactionIfIdle() {
+        guard held.isEmpty, holdingCompaction else { return }
+        holdingCompaction = false
+        compaction.release()
     }
 
     /// Re-reads a chunk's pagemap and logs every page whose PFN changed since it was read.
@@ -254,5 +330,6 @@ public final class AnonymousSource: FreePageSource {
         verify(h, when: "just before release")
         h.chunk.release()
         if held.isEmpty, let oom, let problem = oom.restore() { logger.warning("\(problem)") }
+        releaseCompactionIfIdle()
     }
 }

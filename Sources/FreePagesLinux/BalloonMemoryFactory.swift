@@ -29,16 +29,23 @@ public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID:
 /// - Parameters:
 ///   - pagemap: /proc/self/pagemap, opened while privileged.
 ///   - limits: the margin, cap and PSI limits (shared by both backends).
-public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, limits: OwnedMemoryLimits = OwnedMemoryLimits(),
-                                   effectiveUID: UInt32 = geteuid(), logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
-    let pages = LinuxBalloonPages(pagemap: pagemap)
-    return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, effectiveUID: effectiveUID, logger: logger)
+///   - compactionHold: balloond's one `CompactionHold` (shared with the DMA pages and the
+///     anonymous hint source).
+///   - arena: the memfds every page comes from (the guardian holds them too).
+public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
+                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, effectiveUID: UInt32 = geteuid(),
+                                   logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
+    let pages = LinuxBalloonPages(pagemap: pagemap, arena: arena)
+    return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, compactionHold: compactionHold,
+                                  effectiveUID: effectiveUID, logger: logger)
 }
 
 /// The same with the kernel side injected (tests).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBalloonPages, smallPages: LockedAnonymousPages,
                                    limits: OwnedMemoryLimits = OwnedMemoryLimits(), oomScoreAdj: Int? = 1000,
+                                   compactionHold: CompactionHold? = nil,
                                    effectiveUID: UInt32 = geteuid(), logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
+    let compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
     func recover(_ what: String, _ body: () throws(BalloonMemoryError) -> SysctlRecovery) {
         do {
             let outcome = try body()
@@ -46,7 +53,7 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBall
         } catch { logger.error("\(what): \(error)") }
     }
     recover("compact_unevictable_allowed") { () throws(BalloonMemoryError) in
-        try LockedAnonymousBalloonMemory.recoverAfterCrash(root: root, logger: logger)
+        do { return try compaction.recoverAfterCrash() } catch { throw BalloonMemoryError("\(error)") }
     }
     recover("nr_overcommit_hugepages") { () throws(BalloonMemoryError) in
         try HugeTLBBalloonMemory.recoverAfterCrash(root: root, logger: logger)
@@ -56,7 +63,7 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBall
     }
 
     let budget = BalloonMemoryBudget(root: root, limits: limits, oomScoreAdj: oomScoreAdj, logger: logger)
-    let small = LockedAnonymousBalloonMemory(root: root, pages: smallPages, budget: budget, logger: logger)
+    let small = LockedAnonymousBalloonMemory(root: root, pages: smallPages, budget: budget, compactionHold: compaction, logger: logger)
     if let why = hugeTLBBalloonUnavailableReason(root: root, effectiveUID: effectiveUID) {
         logger.notice("balloon memory: locked anonymous 4 KiB pages only (no 2 MiB blocks for hugepage-backed hosts or free page reporting): \(why)")
         return small

@@ -75,12 +75,18 @@ public protocol LockedAnonymousPages: BalloonPagemap {
     func mapLocked(pages: Int) throws(BalloonMapFailure) -> BalloonMapping
 }
 
-/// The real page provider for both balloon backends: `OwnedAnonymousMapping` for the memory,
+/// The real page provider for both balloon backends: `OwnedAnonymousMapping` (shared memfd
+/// memory from the `DeviceMemoryArena`) for the memory,
 /// and `/proc/self/pagemap` through a `PagemapResolver` opened while privileged.
 public final class LinuxBalloonPages: HugeTLBBalloonPages, LockedAnonymousPages {
     public let pagemapResolver: PagemapResolver
+    /// Where the pages come from: the memfds the guardian also holds.
+    public let arena: DeviceMemoryArena
 
-    public init(pagemap: PagemapResolver) { pagemapResolver = pagemap }
+    public init(pagemap: PagemapResolver, arena: DeviceMemoryArena) {
+        pagemapResolver = pagemap
+        self.arena = arena
+    }
 
     public func pagemap(at address: UInt, pages: Int) throws(FreePagesLinuxError) -> [PagemapEntry] {
         do { return try pagemapResolver.entries(forVirtual: address, count: pages) } catch { throw .system("\(error)") }
@@ -89,7 +95,7 @@ public final class LinuxBalloonPages: HugeTLBBalloonPages, LockedAnonymousPages 
     public func mapHugePages(count: Int) throws(BalloonMapFailure) -> BalloonMapping {
         let what = "\(count) private 2 MiB hugetlb page(s)"
         let mapping: OwnedAnonymousMapping
-        do { mapping = try OwnedAnonymousMapping(length: count * OwnedAnonymousMapping.slotBytes, kind: .hugeTLB2MiB) } catch {
+        do { mapping = try OwnedAnonymousMapping(length: count * OwnedAnonymousMapping.slotBytes, kind: .hugeTLB2MiB, arena: arena) } catch {
             switch error.errno {
             case .noMemory:
                 throw BalloonMapFailure(.noMemory, "mmap of \(what) failed with ENOMEM: the kernel could not reserve them (no free 2 MiB block for a surplus page, nr_overcommit_hugepages reached, or a hugetlb cgroup limit)")
@@ -110,11 +116,11 @@ public final class LinuxBalloonPages: HugeTLBBalloonPages, LockedAnonymousPages 
     public func mapLocked(pages: Int) throws(BalloonMapFailure) -> BalloonMapping {
         let what = "\(pages) locked anonymous 4 KiB page(s)"
         let mapping: OwnedAnonymousMapping
-        do { mapping = try OwnedAnonymousMapping(length: pages * 4096, kind: .small) } catch {
+        do { mapping = try OwnedAnonymousMapping(length: pages * 4096, kind: .small, arena: arena) } catch {
             if error.errno == .noMemory { throw BalloonMapFailure(.noMemory, "mmap of \(what) failed with ENOMEM (vm.overcommit_memory refuses it)") }
             throw BalloonMapFailure(.unusable, "mmap of \(what) failed: \(error)")
         }
-        // No THP: khugepaged would collapse the pages into a new huge page (new frames). EINVAL
+        // No THP (shmem huge pages with shmem_enabled): a collapse would the pages into a new huge page (new frames). EINVAL
         // means a kernel without THP, where nothing collapses.
         do { try mapping.advise(OwnedAnonymousMapping.adviceNoHugePage) } catch where error.errno == .invalidArgument {} catch {
             throw BalloonMapFailure(.unusable, "MADV_NOHUGEPAGE on \(what) failed: \(error)")

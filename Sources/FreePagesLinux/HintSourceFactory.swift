@@ -11,11 +11,18 @@ public struct LinuxHintSourceEnvironment {
     /// balloond's own hugetlb pages (the ring/DMA hugepage), never hinted.
     public var ownHugePages: [GuestPhysicalRange]
     public var limits: OwnedMemoryLimits
+    /// The memfds owned hint memory comes from (the guardian holds them too).
+    public var arena: DeviceMemoryArena?
+    /// balloond's one `CompactionHold` (the anonymous source holds it while it holds memory).
+    public var compactionHold: CompactionHold?
     public var logger: Logger
 
     public init(root: SysRoot = .host, pagemap: PagemapResolver?, ownHugePages: [GuestPhysicalRange] = [],
-                limits: OwnedMemoryLimits = OwnedMemoryLimits(), logger: Logger = Logger(label: "balloond.hint")) {
+                limits: OwnedMemoryLimits = OwnedMemoryLimits(), arena: DeviceMemoryArena? = nil, compactionHold: CompactionHold? = nil,
+                logger: Logger = Logger(label: "balloond.hint")) {
         self.root = root
+        self.arena = arena
+        self.compactionHold = compactionHold
         self.pagemap = pagemap
         self.ownHugePages = ownHugePages
         self.limits = limits
@@ -40,12 +47,14 @@ public func makeLinuxFreePageSource(named name: String, environment env: LinuxHi
         guard let pagemap = env.pagemap else {
             throw FreePageSourceError("the anonymous source needs /proc/self/pagemap opened while privileged")
         }
-        return AnonymousSource(root: env.root, pagemap: pagemap, options: AnonymousSource.Options(limits: env.limits),
-                               logger: env.logger.withLabel("anonymous"))
+        guard let arena = env.arena else { throw FreePageSourceError("the anonymous source needs the device memory arena") }
+        return AnonymousSource(root: env.root, pagemap: pagemap, arena: arena, options: AnonymousSource.Options(limits: env.limits),
+                               compactionHold: env.compactionHold, logger: env.logger.withLabel("anonymous"))
     }
     switch name {
     case "hugetlb":
-        let huge = try HugeTLBPoolSource(root: env.root, ownHugePages: env.ownHugePages,
+        guard env.arena != nil else { throw FreePageSourceError("the hugetlb source needs the device memory arena") }
+        let huge = try HugeTLBPoolSource(root: env.root, arena: env.arena, ownHugePages: env.ownHugePages,
                                          options: HugeTLBPoolSource.Options(limits: env.limits), logger: env.logger.withLabel("hugetlb"))
         return RoundFallbackSource(primary: huge, fallback: try anonymous(), logger: env.logger)
     case "anonymous":

@@ -162,7 +162,15 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
                 break
             }
             // Allow exactly the surplus pages balloond holds and is about to take.
-            do { try overcommit.set(try overcommit.baseline() + UInt64(held.count + n)) } catch {
+            do {
+                // Checked: the file may hold anything up to ULONG_MAX.
+                let base = try overcommit.baseline()
+                let (wantedValue, overflow) = base.addingReportingOverflow(UInt64(held.count + n))
+                guard !overflow else {
+                    return try stop("\(root.path(overcommit.sysctl)) is \(base): raising it by \(held.count + n) would overflow; set it to a sane value (e.g. 0) and restart balloond")
+                }
+                try overcommit.set(wantedValue)
+            } catch {
                 return try stop("cannot raise \(root.path(overcommit.sysctl)): \(error)")
             }
             let mapping: BalloonMapping

@@ -33,21 +33,26 @@ public final class HugeTLBReservation {
     deinit { release() }
 }
 
-/// MAP_HUGE_2MB: log2(2 MiB) << MAP_HUGE_SHIFT (26), from uapi `linux/mman.h`.
-private let mapHuge2MB: Int32 = 21 << 26
-
-/// The real pool: `HugePagePool` for the counters and `nr_hugepages`, and
-/// `mmap(MAP_SHARED|MAP_ANONYMOUS|MAP_HUGETLB|MAP_HUGE_2MB)` for reservations.
+/// The real pool: `HugePagePool` for the counters and `nr_hugepages`, and an unfaulted
+/// `MAP_SHARED` mapping of the arena's hugetlbfs memfd (`OwnedAnonymousMapping`) for
+/// reservations.
 ///
 /// A shared hugetlb mapping reserves its whole length at mmap time (`hugetlb_reserve_pages`,
-/// no MAP_NORESERVE) and allocates a page only when one is faulted. The mapping is
-/// PROT_NONE, so nothing in balloond can fault it by mistake: a fault would dequeue *some*
-/// free pool page, possibly one already hinted, and zero it (a write before the hint is
-/// applied). A stray access crashes instead.
+/// no MAP_NORESERVE) and allocates a page only when one is faulted. The reservation belongs
+/// to the file, so while the guardian holds the memfd it outlives a killed balloond (the
+/// pages stay reserved until the device is stopped); release is munmap plus a punch hole of
+/// the range, which drops the reservation. The mapping is PROT_NONE, so nothing in balloond
+/// can fault it by mistake: a fault would dequeue *some* free pool page, possibly one already
+/// hinted, and zero it (a write before the hint is applied). A stray access crashes instead.
 public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
     public let pool: HugePagePool
+    /// nil: counters and pool size only (crash recovery); `reserve` refuses.
+    public let arena: DeviceMemoryArena?
 
-    public init(root: SysRoot = .host) { pool = HugePagePool(root: root) }
+    public init(root: SysRoot = .host, arena: DeviceMemoryArena? = nil) {
+        pool = HugePagePool(root: root)
+        self.arena = arena
+    }
 
     public func counters() throws(FreePagesLinuxError) -> HugePageCounters {
         do { return try pool.counters() } catch { throw .system("\(error)") }
@@ -58,14 +63,14 @@ public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
     }
 
     public func reserve(pages: Int) throws(FreePagesLinuxError) -> HugeTLBReservation {
-        let length = pages * HugePagePool.pageSize
-        let p = unsafe mmap(nil, length, PROT_NONE, MAP_SHARED | MAP_ANONYMOUS | Int32(MAP_HUGETLB) | mapHuge2MB, -1, 0)
-        guard let p = unsafe p, unsafe p != MAP_FAILED else {
-            throw .system("reserving \(pages) hugetlb pages with an unfaulted MAP_HUGETLB mapping failed: \(errnoDescription(Glibc.errno)) (ENOMEM: fewer free unreserved pool pages than that)")
+        guard let arena else { throw .system("no device memory arena to reserve hugetlb pages from") }
+        let mapping: OwnedAnonymousMapping
+        do {
+            mapping = try OwnedAnonymousMapping(length: pages * HugePagePool.pageSize, kind: .hugeTLB2MiB, arena: arena,
+                                                protection: PROT_NONE, populate: false)
+        } catch {
+            throw .system("reserving \(pages) hugetlb pages with an unfaulted shared hugetlbfs mapping failed: \(error) (ENOMEM: fewer free unreserved pool pages than that)")
         }
-        let address = UInt(bitPattern: p)
-        return HugeTLBReservation(pages: pages) {
-            _ = unsafe munmap(UnsafeMutableRawPointer(bitPattern: address), length)
-        }
+        return HugeTLBReservation(pages: pages) { mapping.unmapAll() }
     }
 }

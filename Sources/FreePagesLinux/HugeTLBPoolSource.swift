@@ -123,12 +123,13 @@ public final class HugeTLBPoolSource: FreePageSource {
     ///     allowed and are never hinted.
     ///   - stateFile: where the original pool size is kept while the pool is grown.
     ///   - memoryMap: RAM to scan (nil: /proc/iomem, or up to the end of /proc/kpageflags).
-    public init(root: SysRoot = .host, control: HugeTLBPoolControl? = nil, ownHugePages: [GuestPhysicalRange] = [],
+    ///   - arena: where the default control's reservations come from.
+    public init(root: SysRoot = .host, control: HugeTLBPoolControl? = nil, arena: DeviceMemoryArena? = nil, ownHugePages: [GuestPhysicalRange] = [],
                 options: Options = Options(), stateFile: HugeTLBPoolStateFile? = nil, memoryMap: PhysicalMemoryMap? = nil,
                 logger: Logger = Logger(label: "balloond.hint.hugetlb")) throws(FreePageSourceError) {
         self.root = root
         self.options = options
-        self.control = control ?? LinuxHugeTLBPoolControl(root: root)
+        self.control = control ?? LinuxHugeTLBPoolControl(root: root, arena: arena)
         self.stateFile = stateFile ?? HugeTLBPoolStateFile(root: root)
         self.logger = logger
         if control == nil, !HugePagePool(root: root).isSupported() {

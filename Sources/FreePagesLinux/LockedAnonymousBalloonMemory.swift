@@ -54,7 +54,9 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
     public let options: Options
     public let budget: BalloonMemoryBudget
     private let pages: LockedAnonymousPages
-    private let compaction: SysctlOverride
+    private let compaction: CompactionHold
+    /// Whether this backend holds `compaction` (from the first page taken to the last released).
+    private var holdingCompaction = false
     private let logger: Logger
     private var held: [UInt64: Held] = [:]
     private var nextHandle: UInt64 = 1
@@ -65,16 +67,18 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
     /// - Parameters:
     ///   - pages: the kernel side (`LinuxBalloonPages`; tests pass a fake).
     ///   - budget: shared with the other backends of this balloond (limits, OOM score).
+    ///   - compactionHold: balloond's one `CompactionHold` (shared with the DMA pages and the
+    ///     anonymous hint source); nil: a private one over `stateFile`.
     ///   - stateFile: where the original `compact_unevictable_allowed` is kept while it is 0.
     public init(root: SysRoot = .host, pages: LockedAnonymousPages, budget: BalloonMemoryBudget, options: Options = Options(),
-                stateFile: SysctlStateFile? = nil, logger: Logger = Logger(label: "balloond.balloon.anonymous")) {
+                compactionHold: CompactionHold? = nil, stateFile: SysctlStateFile? = nil,
+                logger: Logger = Logger(label: "balloond.balloon.anonymous")) {
         self.root = root
         self.pages = pages
         self.budget = budget
         self.options = options
         self.logger = logger
-        compaction = SysctlOverride(root: root, sysctl: Self.compactUnevictableSetting,
-                                    stateFile: stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath), logger: logger)
+        compaction = compactionHold ?? CompactionHold(root: root, stateFile: stateFile, logger: logger)
     }
 
     deinit { releaseAll() }
@@ -196,19 +200,18 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
     /// `compact_unevictable_allowed` = 0 while anything is held (checked again on every
     /// take, in case someone set it back).
     private func preventCompaction() throws(FreePagesLinuxError) {
-        guard compaction.exists else { return }  // CONFIG_COMPACTION=n: nothing migrates them
-        // Puts back what a killed balloond left first, so its 0 is not taken for the original.
-        _ = try compaction.baseline()
-        let now = try compaction.read()
-        if now == 0 { return }
-        if compaction.isActive {
-            logger.warning("\(root.path(Self.compactUnevictableSetting)) was set back to \(now) by someone else while balloon pages are held; setting it to 0 again")
+        if holdingCompaction {
+            try compaction.reassert()
+        } else {
+            try compaction.hold()
+            holdingCompaction = true
         }
-        try compaction.set(0)
     }
 
     private func restoreCompaction() {
-        if let problem = compaction.restore() { logger.warning("\(problem)") }
+        guard holdingCompaction else { return }
+        holdingCompaction = false
+        compaction.release()
     }
 
     /// Every page's PFN: present, not swapped, a real PFN (CAP_SYS_ADMIN), all distinct.

@@ -5,10 +5,6 @@ import Logging
 import VirtioCore
 import VirtioQueue
 
-/// MAP_HUGE_2MB: log2(2 MiB) << MAP_HUGE_SHIFT (26), from uapi `linux/mman.h`; Swift does
-/// not import the computed macro.
-private let mapHuge2MB: Int32 = 21 << 26
-
 /// DMA memory from one 2 MiB hugetlb page: physically contiguous (so a 1024-entry queue's
 /// 16 KiB descriptor table fits), and not moved by compaction or THP in practice
 /// (field-notes §5.6–5.8). Allocations are carved from it by a `DMAArena`.
@@ -16,66 +12,89 @@ private let mapHuge2MB: Int32 = 21 << 26
 /// If the pool has no free page it grows `nr_hugepages` by one and shrinks it again when
 /// the page is unmapped, i.e. when this allocator and every region it handed out are gone.
 /// Process exit through `exit()` skips that: let the objects go (return from main).
-public final class HugePageDMAAllocator: DMAAllocator {
+public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     /// The whole hugepage.
     public let region: DMARegion
-    private let arena: DMAArena
+    private let bumpArena: DMAArena
     /// Whether `nr_hugepages` was raised for this page (and will be lowered on release).
     public let grewPool: Bool
+    private let pagemapResolver: PagemapResolver
+    private let virtualBase: UInt
 
-    /// - Parameter pagemap: opened while privileged (see `PagemapResolver`).
-    public init(root: SysRoot = .host, pagemap: PagemapResolver, logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
+    /// - Parameters:
+    ///   - pagemap: opened while privileged (see `PagemapResolver`).
+    ///   - arena: where the page comes from (its hugetlbfs memfd).
+    public init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
+                logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
         let pool = HugePagePool(root: root)
         guard pool.isSupported() else {
             throw DMAError("this kernel has no 2 MiB hugetlb pages (\(root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")) is missing); it needs CONFIG_HUGETLBFS")
         }
         let grew: Bool
         do { grew = try pool.reserveOne() } catch { throw DMAError("no free 2 MiB hugepage: \(error)") }
-        if grew { logger.info("raised \(pool.countPath) by one for balloond's ring memory; it is lowered again at exit") }
+        if grew {
+            logger.info("raised \(pool.countPath) by one for balloond's ring memory; it is lowered again at exit (by the guardian if balloond is killed)")
+            arena.poolChangeObserver?(true)
+        }
         func undo() {
-            if grew { try? pool.giveBackOne() }
+            guard grew else { return }
+            arena.poolChangeObserver?(false)
+            try? pool.giveBackOne()
         }
 
         let size = HugePagePool.pageSize
-        let base: UnsafeMutableRawPointer
-        do {
-            unsafe base = try MappedMemory.map(length: size, protection: PROT_READ | PROT_WRITE,
-                                        flags: MAP_SHARED | MAP_ANONYMOUS | Int32(MAP_HUGETLB) | Int32(MAP_POPULATE) | mapHuge2MB)
-        } catch {
+        let mapping: OwnedAnonymousMapping
+        do { mapping = try OwnedAnonymousMapping(length: size, kind: .hugeTLB2MiB, arena: arena) } catch {
             undo()
             throw DMAError("mmap of a 2 MiB hugepage failed: \(error); check HugePages_Free in /proc/meminfo")
         }
-        let unmap = unsafe MappedMemory.unmapper(base, length: size)
+        let base = unsafe mapping.unsafeBase
         let physical: PhysicalAddress
         do {
-            try unsafe MappedMemory.lock(base, length: size)
+            try mapping.lock()
             // Never share the page with a child: copy-on-write would give the parent a new
             // physical page behind the device's back.
-            _ = unsafe madvise(base, size, MADV_DONTFORK)
+            try mapping.advise(OwnedAnonymousMapping.adviceDontFork)
             unsafe MappedMemory.touch(base, length: size, stride: 4096)
             physical = try unsafe Self.resolve(base, size: size, pagemap: pagemap)
         } catch {
-            unmap()
+            mapping.unmapAll()
             undo()
             throw DMAError("hugepage DMA setup failed: \(error)")
         }
         grewPool = grew
+        pagemapResolver = pagemap
+        virtualBase = mapping.address
         let giveBack: () -> Void = {
-            unmap()
+            mapping.unmapAll()
             if grew {
+                arena.poolChangeObserver?(false)
                 do { try pool.giveBackOne() } catch { logger.warning("could not lower \(pool.countPath) again: \(error)") }
             }
         }
         region = unsafe DMARegion(unsafeBase: base, physicalAddress: physical, size: size, release: giveBack)
-        arena = DMAArena(region: region)
+        bumpArena = DMAArena(region: region)
         logger.debug("hugepage DMA region at \(physical) (\(size) bytes)")
     }
 
     /// Bytes still free in the page.
-    public var bytesFree: Int { arena.bytesFree }
+    public var bytesFree: Int { bumpArena.bytesFree }
+
+    /// The whole page: it is physically contiguous.
+    public var largestAllocation: Int { region.size }
+
+    public func verifyPlacement() throws(DMAError) {
+        let first: PhysicalAddress
+        do { first = try pagemapResolver.physicalAddress(ofVirtual: virtualBase) } catch {
+            throw DMAError("cannot re-read the ring hugepage's PFN: \(error)")
+        }
+        guard first == region.physicalAddress else {
+            throw DMAError("the ring hugepage moved from \(region.physicalAddress) to \(first) (memory offlining or CMA?): stop balloond and restart it")
+        }
+    }
 
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
-        try arena.allocate(byteCount: byteCount, alignment: alignment)
+        try bumpArena.allocate(byteCount: byteCount, alignment: alignment)
     }
 
     /// The physical address of the page, checked to be one contiguous 2 MiB frame: the
@@ -92,21 +111,78 @@ public final class HugePageDMAAllocator: DMAAllocator {
     }
 }
 
+/// Something that keeps the kernel from migrating balloond's locked 4 KiB pages while it
+/// is held: `vm.compact_unevictable_allowed=0` (FreePagesLinux's `CompactionHold`, shared by
+/// every user of locked 4 KiB pages, with a state file so a restart after SIGKILL puts the
+/// setting back). `acquire`/`release` nest.
+public protocol MigrationHold: AnyObject {
+    /// Makes sure compaction leaves locked pages alone from now on; throws when it cannot.
+    func acquire() throws(MigrationHoldError)
+    /// Undoes one `acquire`; the last one puts the setting back.
+    func release()
+}
+
+/// Why a `MigrationHold` could not be taken.
+public struct MigrationHoldError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let reason: String
+    public init(reason: String) { self.reason = reason }
+    public var description: String { reason }
+}
+
+/// DMA memory whose physical placement can be re-checked (ring pages before a bring-up).
+public protocol DMAPlacementCheck: AnyObject {
+    /// Re-reads pagemap for every live allocation and throws if any page is no longer at
+    /// the physical address the device was (or will be) given.
+    func verifyPlacement() throws(DMAError)
+}
+
 /// Fallback DMA memory without hugepages: every allocation gets its own locked 4 KiB page
 /// (so it is physically contiguous by itself). Each ring part of a queue with ≤ 256 entries
-/// fits in a page (virtio-balloon.md §1.7), so shrink the 1024-entry free-page queue.
+/// fits in a page (virtio-balloon.md §1.7), so shrink the 1024-entry free-page queue, and
+/// PFN buffers are sized to `largestAllocation` (1024 PFNs).
 ///
-/// Weaker than hugepages: mlock does not pin, and the kernel may migrate a 4 KiB page
-/// (compaction, NUMA balancing) behind the device's back (field-notes §5.6).
-public final class PageDMAAllocator: DMAAllocator {
-    public let pagemap: PagemapResolver
+/// mlock does not pin: compaction migrates locked pages unless
+/// `vm.compact_unevictable_allowed` is 0, so a `MigrationHold` is acquired before the first
+/// page is taken and released with the last one; without one (or if it fails) no page is
+/// handed out. Other movers (NUMA balancing, memory offlining, CMA) are detected, not
+/// prevented: `verifyPlacement` re-reads every live page's PFN.
+public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
+    public let pagemap: PagemapReading
     public let pageSize: Int
     /// Pages handed out so far.
     public private(set) var pagesAllocated = 0
+    private let hold: MigrationHold
+    /// Live pages: virtual address → PFN the device was given.
+    private final class Live { var pages: [UInt: UInt64] = [:] }
+    private let live = Live()
 
-    public init(pagemap: PagemapResolver) {
+    /// - Parameters:
+    ///   - pagemap: opened while privileged.
+    ///   - migrationHold: keeps compaction off locked pages while any page is held.
+    private let arena: DeviceMemoryArena
+
+    /// - Parameters:
+    ///   - arena: where the pages come from (its shmem memfd).
+    public init(pagemap: PagemapReading, migrationHold: MigrationHold, arena: DeviceMemoryArena) {
         self.pagemap = pagemap
         self.pageSize = pagemap.pageSize
+        self.hold = migrationHold
+        self.arena = arena
+    }
+
+    private func mapPage() throws(SystemCallError) -> (base: UnsafeMutableRawPointer, unmap: () -> Void) {
+        let mapping = try OwnedAnonymousMapping(length: pageSize, kind: .small, arena: arena)
+        return unsafe (mapping.unsafeBase, { mapping.unmapAll() })
+    }
+
+    /// One page: nothing larger is physically contiguous here.
+    public var largestAllocation: Int { pageSize }
+
+    /// Pages handed out and not yet released.
+    public var livePages: Int { live.pages.count }
+    /// The live pages' virtual addresses and the PFNs the device was given (sorted by address).
+    public var livePageAddresses: [(virtual: UInt, pfn: UInt64)] {
+        live.pages.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
     }
 
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
@@ -117,44 +193,75 @@ public final class PageDMAAllocator: DMAAllocator {
         guard alignment > 0, alignment <= pageSize, alignment & (alignment - 1) == 0 else {
             throw DMAError("alignment \(alignment) must be a power of two ≤ \(pageSize)")
         }
+        do { try hold.acquire() } catch {
+            throw DMAError("refusing 4 KiB DMA pages: \(error). Without vm.compact_unevictable_allowed=0 compaction may move a ring page behind the device's back; run balloond as root, or make a 2 MiB hugepage available (echo 1 > /proc/sys/vm/nr_hugepages)")
+        }
         let base: UnsafeMutableRawPointer
-        do {
-            unsafe base = try MappedMemory.map(length: pageSize, protection: PROT_READ | PROT_WRITE,
-                                        flags: MAP_PRIVATE | MAP_ANONYMOUS | Int32(MAP_POPULATE))
-        } catch { throw DMAError("mmap of a DMA page failed: \(error)") }
-        let unmap = unsafe MappedMemory.unmapper(base, length: pageSize)
+        let unmap: () -> Void
+        do { unsafe (base, unmap) = try mapPage() } catch {
+            hold.release()
+            throw DMAError("mmap of a DMA page failed: \(error)")
+        }
+        let address = unsafe MappedMemory.address(of: base)
         let physical: PhysicalAddress
         do {
             try unsafe MappedMemory.lock(base, length: pageSize)
             _ = unsafe madvise(base, pageSize, MADV_DONTFORK)
             unsafe MappedMemory.touch(base, length: pageSize, stride: pageSize)
-            physical = try unsafe pagemap.physicalAddress(ofVirtual: MappedMemory.address(of: base))
+            guard let entry = try pagemap.entries(forVirtual: address, count: 1).first else {
+                throw PlatformError.pagemap("no pagemap entry for a DMA page")
+            }
+            physical = try physicalAddress(from: entry, virtualAddress: address, pageSize: pageSize)
         } catch {
             unmap()
+            hold.release()
             if let e = error as? SystemCallError, e.errno == .resourceTemporarilyUnavailable || e.errno == .noMemory {
                 throw DMAError("mlock of a DMA page failed: \(e); raise RLIMIT_MEMLOCK (ulimit -l) or run as root")
             }
             throw DMAError("DMA page setup failed: \(error)")
         }
         pagesAllocated += 1
-        let region = unsafe DMARegion(unsafeBase: base, physicalAddress: physical, size: byteCount, release: unmap)
+        let live = self.live
+        let hold = self.hold
+        live.pages[address] = physical.value / UInt64(pageSize)
+        let region = unsafe DMARegion(unsafeBase: base, physicalAddress: physical, size: byteCount, release: {
+            unmap()
+            live.pages[address] = nil
+            hold.release()
+        })
         region.zero()
         return region
+    }
+
+    public func verifyPlacement() throws(DMAError) {
+        for (address, pfn) in live.pages.sorted(by: { $0.key < $1.key }) {
+            let entry: PagemapEntry?
+            do { entry = try pagemap.entries(forVirtual: address, count: 1).first } catch {
+                throw DMAError("cannot re-read the PFN of a 4 KiB DMA page: \(error)")
+            }
+            guard let entry, entry.present, !entry.swapped, entry.pfn == pfn else {
+                throw DMAError("a 4 KiB DMA page moved from frame 0x\(String(pfn, radix: 16)) to \(entry.map { "\($0)" } ?? "nowhere"): the kernel migrated balloond's ring memory, so the device may have written memory that is no longer balloond's. Stop balloond and give it a 2 MiB hugepage (echo 1 > /proc/sys/vm/nr_hugepages), and keep vm.compact_unevictable_allowed=0 and kernel.numa_balancing=0")
+            }
+        }
     }
 }
 
 /// Picks balloond's DMA memory: one 2 MiB hugepage if one can be had, else single locked
 /// pages (logged as a warning, with the reason). Opens /proc/self/pagemap once for it.
 ///
-/// - Returns: the allocator and a one-line description for logs and `balloond status`.
-public func makeDMAAllocator(root: SysRoot = .host, logger: Logger) throws(DMAError) -> (allocator: DMAAllocator, description: String) {
+/// - Parameter migrationHold: held while 4 KiB pages are (see `PageDMAAllocator`).
+/// - Returns: the allocator and a one-line description for logs and `balloond status`. Call
+///   `verifyPlacement()` before every bring-up: a reused ring page must still be where the
+///   device will be told it is.
+public func makeDMAAllocator(root: SysRoot = .host, arena: DeviceMemoryArena, migrationHold: MigrationHold, logger: Logger) throws(DMAError)
+    -> (allocator: DMAAllocator & DMAPlacementCheck, description: String) {
     let pagemap: PagemapResolver
     do { pagemap = try PagemapResolver(root: root) } catch { throw DMAError(error.description) }
     do {
-        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, logger: logger)
+        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, arena: arena, logger: logger)
         return (huge, "one 2 MiB hugepage at \(huge.region.physicalAddress)\(huge.grewPool ? " (nr_hugepages raised by one)" : "")")
     } catch {
-        logger.warning("no hugepage for DMA memory (\(error)); falling back to locked 4 KiB pages: queues are limited to 256 entries and pages are not pinned against migration")
-        return (PageDMAAllocator(pagemap: pagemap), "locked 4 KiB pages (no hugepage: \(error))")
+        logger.warning("no hugepage for DMA memory (\(error)); falling back to locked 4 KiB pages: queues are limited to 256 entries, PFN buffers to 1024 PFNs, and vm.compact_unevictable_allowed is held at 0 while they are in use")
+        return (PageDMAAllocator(pagemap: pagemap, migrationHold: migrationHold, arena: arena), "locked 4 KiB pages (no hugepage: \(error))")
     }
 }

@@ -3,24 +3,27 @@ import Glibc
 #endif
 import SystemPackage
 
-/// MAP_HUGE_2MB: log2(2 MiB) << MAP_HUGE_SHIFT (26), from uapi `linux/mman.h`.
-private let mapHuge2MB: Int32 = 21 << 26
 
-/// A private anonymous mapping that balloond holds as balloon memory: 4 KiB pages, or 2 MiB
-/// hugetlb pages. It is given back in 2 MiB slots (slot `i` is `[address + i × 2 MiB,
-/// +min(2 MiB, rest))`), so the balloon can release one block at a time; whatever is still
-/// mapped is unmapped in deinit.
+/// Memory balloond holds that the device may read or write (balloon blocks, reported
+/// blocks, hint chunks, hugetlb pool reservations, DMA pages): the one mapping funnel for it
+/// (issue 13 item 1). Every mapping is `MAP_SHARED` from a `DeviceMemoryArena` memfd (4 KiB
+/// shmem pages, or 2 MiB hugetlbfs pages) at a fresh file offset, so a guardian process
+/// holding the memfds keeps the pages from the kernel until the device is stopped, even if
+/// balloond is killed. It is given back in 2 MiB slots (slot `i` is `[address + i × 2 MiB,
+/// +min(2 MiB, rest))`): munmap, then `fallocate(PUNCH_HOLE)` of the slot's file range, so
+/// the balloon can release one block at a time; whatever is still mapped is released in deinit.
 ///
-/// Memory safety: balloond never reads or writes this memory from Swift. The only accesses
-/// are the kernel's (`madvise`, `mlock`, `MAP_POPULATE`) and `populateForWrite`'s fallback,
-/// which stores one byte per 4 KiB page inside `[address, address + length)` and is only
-/// allowed while every slot is still mapped (checked). Unmapping is per slot, each once.
+/// Memory safety: balloond never reads or writes this memory from Swift, except DMA pages
+/// through `DMARegion` (`unsafeBase`). The only other accesses are the kernel's (`madvise`,
+/// `mlock`, `MAP_POPULATE`) and `populateForWrite`'s fallback, which stores one byte per
+/// 4 KiB page inside `[address, address + length)` and is only allowed while every slot is
+/// still mapped (checked). Unmapping is per slot, each once.
 public final class OwnedAnonymousMapping {
     public enum PageKind: Hashable, Sendable {
-        /// Ordinary 4 KiB pages (`MAP_PRIVATE | MAP_ANONYMOUS`), populated by the caller.
+        /// 4 KiB shmem pages from the arena's small memfd, populated by the caller.
         case small
-        /// 2 MiB hugetlb pages (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB |
-        /// MAP_POPULATE`): reserved at mmap time and faulted in by the mmap itself.
+        /// 2 MiB hugetlb pages from the arena's hugetlbfs memfd: reserved at mmap time (the
+        /// reservation belongs to the file) and, with `populate`, faulted in by the mmap.
         case hugeTLB2MiB
     }
 
@@ -35,28 +38,53 @@ public final class OwnedAnonymousMapping {
     public let address: UInt
     public let length: Int
     public let kind: PageKind
+    public let arena: DeviceMemoryArena
+    /// Where the mapping starts in the arena's file.
+    public let fileOffset: Int
     private let base: UnsafeMutableRawPointer
     private var mapped: [Bool]
 
-    /// Maps `length` bytes (a multiple of 4 KiB, or of 2 MiB for hugetlb).
+    /// Maps `length` bytes (a multiple of 4 KiB, or of 2 MiB for hugetlb) `MAP_SHARED` from
+    /// `arena`.
     ///
     /// For `.hugeTLB2MiB` the kernel reserves every page at mmap time (no `MAP_NORESERVE`),
     /// allocating surplus pages within `nr_overcommit_hugepages` if the pool has too few
-    /// free ones, and fails with ENOMEM when it cannot. `MAP_POPULATE` then faults the pages
-    /// from that reservation, so a populated hugetlb mapping never raises SIGBUS later.
-    public init(length: Int, kind: PageKind) throws(SystemCallError) {
+    /// free ones, and fails with ENOMEM when it cannot. With `populate`, `MAP_POPULATE` then
+    /// faults the pages from that reservation, so a populated hugetlb mapping never raises
+    /// SIGBUS later. Without it (`protection` PROT_NONE) the mapping only holds the
+    /// reservation: the hugetlb pool hint source's way of keeping free pool pages.
+    public init(length: Int, kind: PageKind, arena: DeviceMemoryArena, protection: Int32 = PROT_READ | PROT_WRITE,
+                populate: Bool = true) throws(SystemCallError) {
         precondition(length > 0 && length % 4096 == 0, "length must be a positive multiple of 4 KiB")
-        var flags = MAP_PRIVATE | MAP_ANONYMOUS
-        if kind == .hugeTLB2MiB {
+        var flags = MAP_SHARED
+        let backing: DeviceMemoryArena.Backing
+        switch kind {
+        case .small:
+            backing = .small
+        case .hugeTLB2MiB:
             precondition(length % Self.slotBytes == 0, "hugetlb mappings are whole 2 MiB pages")
-            flags |= Int32(MAP_HUGETLB) | mapHuge2MB | Int32(MAP_POPULATE)
+            backing = .hugeTLB2MiB
+            if populate { flags |= Int32(MAP_POPULATE) }
         }
-        base = try unsafe MappedMemory.map(length: length, protection: PROT_READ | PROT_WRITE, flags: flags)
+        let file = try arena.file(backing)
+        let offset = try arena.allocateOffset(length: length, backing: backing)
+        do {
+            base = try unsafe MappedMemory.map(length: length, protection: protection, flags: flags, descriptor: file.descriptor,
+                                               offset: offset, path: file.path)
+        } catch {
+            arena.release(offset: offset, length: length, backing: backing)
+            throw error
+        }
         address = unsafe MappedMemory.address(of: base)
         self.length = length
         self.kind = kind
+        self.arena = arena
+        fileOffset = offset
         mapped = Array(repeating: true, count: (length + Self.slotBytes - 1) / Self.slotBytes)
     }
+
+    /// The mapping's first byte, for the one type that may access it (`DMARegion`).
+    var unsafeBase: UnsafeMutableRawPointer { unsafe base }
 
     deinit {
         for i in mapped.indices where mapped[i] { unmapSlot(i) }
@@ -73,12 +101,19 @@ public final class OwnedAnonymousMapping {
         return (address + UInt(offset), min(Self.slotBytes, length - offset))
     }
 
-    /// Unmaps slot `i` (once; later calls do nothing).
+    /// Unmaps slot `i` and frees its pages (punch hole) (once; later calls do nothing).
     public func unmapSlot(_ i: Int) {
         guard mapped.indices.contains(i), mapped[i] else { return }
         mapped[i] = false
         let offset = i * Self.slotBytes
-        _ = unsafe munmap(base + offset, min(Self.slotBytes, length - offset))
+        let n = min(Self.slotBytes, length - offset)
+        _ = unsafe munmap(base + offset, n)
+        arena.release(offset: fileOffset + offset, length: n, backing: kind == .small ? .small : .hugeTLB2MiB)
+    }
+
+    /// Unmaps and frees every slot still mapped.
+    public func unmapAll() {
+        for i in mapped.indices where mapped[i] { unmapSlot(i) }
     }
 
     /// `madvise(advice)` over the whole mapping (before any slot is unmapped).

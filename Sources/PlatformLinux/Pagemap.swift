@@ -44,13 +44,20 @@ public func physicalAddress(from entry: PagemapEntry, virtualAddress: UInt, page
     return PhysicalAddress(entry.pfn * UInt64(pageSize) + UInt64(virtualAddress % UInt(pageSize)))
 }
 
+/// Reads pagemap entries (`PagemapResolver`; tests pass a fake that can move a page).
+public protocol PagemapReading: AnyObject {
+    var pageSize: Int { get }
+    /// The raw entries for `count` consecutive pages starting at the page holding `virtualAddress`.
+    func entries(forVirtual virtualAddress: UInt, count: Int) throws(PlatformError) -> [PagemapEntry]
+}
+
 /// Virtual → physical translation through `/proc/self/pagemap`.
 ///
 /// The kernel checks CAP_SYS_ADMIN against the credentials of whoever *opened* the file
 /// (field-notes §5.5), so this opens it once, while privileged, and keeps the descriptor.
 /// Only meaningful for locked, present pages; and mlock does not pin (§5.6): hugetlb pages
 /// do not move in practice, 4 KiB pages can.
-public final class PagemapResolver {
+public final class PagemapResolver: PagemapReading {
     public let path: String
     public let pageSize: Int
     private let file: OpenFile

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CBalloonShims
 import SystemPackage
 
 /// A system call that failed: which call, on which path, and the kernel's errno.
@@ -40,6 +41,13 @@ public final class OpenFile {
         self.path = path
         let fl = flags | O_CLOEXEC
         descriptor = try Sys.call("open", path: path) { unsafe open(path, fl, mode) }
+    }
+
+    /// Takes ownership of an open descriptor (e.g. a memfd, or one inherited from a parent);
+    /// `path` names it in error messages.
+    public init(adopting descriptor: Int32, path: String) {
+        self.descriptor = descriptor
+        self.path = path
     }
 
     deinit { if descriptor >= 0 { _ = Glibc.close(descriptor) } }
@@ -130,6 +138,14 @@ public final class OpenFile {
     }
 }
 
+/// memfd flags (uapi `linux/memfd.h`; glibc hides them without _GNU_SOURCE).
+public enum MemfdFlags {
+    public static let closeOnExec: UInt32 = 0x0001
+    public static let hugeTLB: UInt32 = 0x0004
+    /// MFD_HUGE_2MB: log2(2 MiB) << MFD_HUGE_SHIFT (26).
+    public static let huge2MB: UInt32 = 21 << 26
+}
+
 /// The syscall funnel and small file helpers used throughout PlatformLinux.
 public enum Sys {
     /// Runs `body` (a libc call returning -1 and setting errno on failure), retrying while it
@@ -143,6 +159,26 @@ public enum Sys {
             if e == EINTR { continue }
             throw SystemCallError(call: name, path: path, errno: Errno(rawValue: e))
         }
+    }
+
+    /// `memfd_create`: an anonymous file (shmem, or hugetlbfs with `MemfdFlags.hugeTLB`).
+    public static func memfdCreate(name: String, flags: UInt32) throws(SystemCallError) -> OpenFile {
+        let fd = try Sys.call("memfd_create", path: name) { unsafe bs_memfd_create(name, flags) }
+        return OpenFile(adopting: fd, path: "memfd:\(name)")
+    }
+
+    /// `ftruncate`.
+    public static func truncate(_ file: OpenFile, length: Int) throws(SystemCallError) {
+        let fd = file.descriptor
+        _ = try Sys.call("ftruncate", path: file.path) { ftruncate(fd, off_t(length)) }
+    }
+
+    /// Frees `[offset, offset + length)` of a file's pages (`fallocate` PUNCH_HOLE | KEEP_SIZE):
+    /// for a memfd, the pages go back to the kernel for everyone, however many mappings or
+    /// descriptors still refer to the file.
+    public static func punchHole(_ file: OpenFile, offset: Int, length: Int) throws(SystemCallError) {
+        let fd = file.descriptor
+        _ = try Sys.call("fallocate(PUNCH_HOLE)", path: file.path) { bs_punch_hole(fd, Int64(offset), Int64(length)) }
     }
 
     /// Reads a whole (small) text file, e.g. a sysfs attribute or a /proc file.

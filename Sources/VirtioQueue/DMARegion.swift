@@ -124,6 +124,9 @@ public protocol DMAAllocator: AnyObject {
     /// Allocates `byteCount` bytes aligned to `alignment` (a power of two, ≤ 4096), physically
     /// contiguous and zeroed.
     func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion
+    /// The most bytes one `allocate` can ever return (e.g. 4096 for an allocator of single
+    /// pages): callers size their buffers to it instead of failing on every allocation.
+    var largestAllocation: Int { get }
 }
 
 /// A bump allocator over one big contiguous region (e.g. one 2 MiB hugepage): every ring and
@@ -138,6 +141,8 @@ public final class DMAArena: DMAAllocator {
     }
 
     public var bytesFree: Int { region.size - next }
+
+    public var largestAllocation: Int { region.size }
 
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
         precondition(byteCount > 0 && alignment > 0 && alignment & (alignment - 1) == 0)

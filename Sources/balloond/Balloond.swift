@@ -20,7 +20,7 @@ struct Balloond: ParsableCommand {
           balloond scan            measure the kpageflags free page scan (free memory found, ms per GiB)
         """,
         version: "0.1.0",
-        subcommands: [RunCommand.self, ListCommand.self, StatusCommand.self, UnbindCommand.self, SimulateCommand.self, ScanCommand.self]
+        subcommands: [RunCommand.self, ListCommand.self, StatusCommand.self, UnbindCommand.self, SimulateCommand.self, ScanCommand.self, GuardianCommand.self]
     )
 }
 

@@ -191,18 +191,24 @@ struct RunCommand: ParsableCommand {
     /// mapping, DMA memory after the device reset) before the driver is restored.
     private func serve(function: PCIFunction, binding: UIOBinding, memoryConfig: GuestMemoryDebugConfig,
                        hintChoice: (name: String, reason: String)?, logger: Logger) throws {
+        // Issue 9 H2: all memory the device may touch comes from these memfds, which the
+        // guardian also holds until the device is stopped, even if this process is killed.
+        let arena = try DeviceMemoryArena()
+        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel)
         let signals = try SignalPipe()
         let config = try SysfsConfigSpace(address: function.address)
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
         let mapper = BARMapper(address: function.address)
         let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
-        let (allocator, dmaDescription) = try makeDMAAllocator(logger: logger)
+        defer { guardian.markQuiescedIfStopped(deviceStatus: transport.status().rawValue, config: config) }  // after driver.shutdown()
+        let compaction = CompactionHold(logger: logger)
+        let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try hintChoice.map { (name: $0.name, source: try makeHintSource(named: $0.name, allocator: allocator, logger: logger)) }
+        let hints = try hintChoice.map { (name: $0.name, source: try makeHintSource(named: $0.name, allocator: allocator, arena: arena, compaction: compaction, logger: logger)) }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
-        let memory = balloon ? try makeBalloonMemory(logger: logger) : nil
+        let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: hints?.source,
                                    balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
@@ -218,6 +224,8 @@ struct RunCommand: ParsableCommand {
 
         let poller = LinuxEventPoller(signals: signals, interruptDescriptor: line.pollDescriptor, pressureDescriptor: psi?.pollDescriptor)
         let daemon = Daemon(driver: driver, line: line, poller: poller, clock: monotonicNanos, logger: logger)
+        // Ring pages must still be where the device was told they are (4 KiB pages could move).
+        daemon.beforeBringUp = { try allocator.verifyPlacement() }
         let started = wallClockSeconds()
         var lastPublished: BalloonDriverStatus?
         var lastPublishTime = 0.0
@@ -277,9 +285,9 @@ extension RunCommand {
     }
 
     /// Builds the chosen free page source.
-    func makeHintSource(named name: String, allocator: DMAAllocator, logger: Logger) throws -> FreePageSource {
+    func makeHintSource(named name: String, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
-        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), logger: logger)
+        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction, logger: logger)
         return try makeLinuxFreePageSource(named: name, environment: env)
     }
 }
@@ -287,8 +295,8 @@ extension RunCommand {
 extension RunCommand {
     /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
     /// anonymous memory.
-    func makeBalloonMemory(logger: Logger) throws -> BalloonMemory? {
-        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), limits: OwnedMemoryLimits(), logger: logger)
+    func makeBalloonMemory(arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> BalloonMemory? {
+        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), arena: arena, limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
         logger.info("balloon memory: \(memory.name)")
         return memory
     }

@@ -19,6 +19,12 @@ final class FakeAnonymousMemory: AnonymousMemoryBackend {
     var failNextMap: FreePagesLinuxError?
     /// Page indices reported not present in the next chunk.
     var notPresent: Set<Int> = []
+    /// Pages "the kernel" moves right after a chunk's first pagemap read: page index → new PFN
+    /// (applies to the next chunk mapped).
+    var moveAfterFirstRead: [Int: UInt64] = [:]
+    private var pendingMoves: [UInt: [Int: UInt64]] = [:]
+    /// compact_unevictable_allowed at each mmap (nil: no such file).
+    private(set) var compactAtMap: [String?] = []
 
     init(tree: FakeTree, totalMiB: UInt64, freeMiB: UInt64, availableMiB: UInt64, blocks: [UInt64]) {
         self.tree = tree
@@ -32,6 +38,7 @@ final class FakeAnonymousMemory: AnonymousMemoryBackend {
     func writeMeminfo() { tree.meminfo(total: memTotal, free: memFree, available: memAvailable) }
 
     func mapPopulated(bytes: Int) throws(FreePagesLinuxError) -> AnonymousChunk {
+        compactAtMap.append(tree.read("/proc/sys/vm/compact_unevictable_allowed"))
         if let e = failNextMap { failNextMap = nil; throw e }
         let n = bytes / (2 << 20)
         precondition(blocks.count >= n, "fake ran out of blocks")
@@ -41,6 +48,7 @@ final class FakeAnonymousMemory: AnonymousMemoryBackend {
         let va = nextVA
         nextVA += UInt(bytes) + (2 << 20)
         mapped[va] = pfns
+        if !moveAfterFirstRead.isEmpty { pendingMoves[va] = moveAfterFirstRead; moveAfterFirstRead = [:] }
         memFree -= UInt64(bytes)
         memAvailable -= UInt64(bytes)
         writeMeminfo()
@@ -60,6 +68,7 @@ final class FakeAnonymousMemory: AnonymousMemoryBackend {
         let present: UInt64 = 1 << 63
         let missing = notPresent
         notPresent = []
+        defer { if let m = pendingMoves.removeValue(forKey: chunk.base) { moves[chunk.base, default: [:]].merge(m) { $1 } } }
         return pfns.enumerated().map { i, pfn in
             missing.contains(i) ? PagemapEntry(rawValue: 0) : PagemapEntry(rawValue: present | (moved[i] ?? pfn))
         }

@@ -7,7 +7,7 @@ import PlatformLinux
 @Suite struct OwnedAnonymousMappingTests {
     @Test func populatesAndUnmapsBySlot() throws {
         let length = 2 * OwnedAnonymousMapping.slotBytes + 4096
-        let m = try OwnedAnonymousMapping(length: length, kind: .small)
+        let m = try OwnedAnonymousMapping(length: length, kind: .small, arena: try DeviceMemoryArena())
         #expect(m.slotCount == 3 && m.slot(2).length == 4096 && m.slot(1).address == m.address + UInt(OwnedAnonymousMapping.slotBytes))
         try m.advise(OwnedAnonymousMapping.adviceNoHugePage)
         try m.populateForWrite()

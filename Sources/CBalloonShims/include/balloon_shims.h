@@ -53,4 +53,11 @@ void bs_uninstall_signal_pipe(int fd);
 /// The last signal delivered through the pipe handler, or 0.
 int bs_signal_received(void);
 
+// MARK: memfd (glibc declares memfd_create and fallocate only under _GNU_SOURCE)
+
+/// memfd_create(2); -1 and errno on failure.
+int bs_memfd_create(const char *name, unsigned int flags);
+/// fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); -1 and errno.
+int bs_punch_hole(int fd, int64_t offset, int64_t length);
+
 #endif

@@ -1,0 +1,120 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Testing
+import PlatformLinux
+
+@Suite("Device memory arena: offsets in two memfds, released by punching holes (issue 9 H2)")
+struct DeviceMemoryArenaFaultInjectionTests {
+    @Test("the offset allocator hands out first-fit granule-rounded extents and merges released neighbours")
+    func offsetAllocator() {
+        var a = OffsetAllocator(capacity: 10 * 4096, granule: 4096)
+        #expect(a.allocate(1) == 0)
+        #expect(a.allocate(4097) == 4096)  // two granules
+        #expect(a.allocate(4096) == 3 * 4096)
+        #expect(a.bytesFree == 6 * 4096)
+        #expect(a.allocate(7 * 4096) == nil, "no extent that big")
+        a.release(offset: 4096, length: 8192)
+        #expect(a.free == [4096..<(3 * 4096), (4 * 4096)..<(10 * 4096)])
+        #expect(a.allocate(8192) == 4096, "first fit reuses the hole")
+        a.release(offset: 0, length: 4096)
+        a.release(offset: 4096, length: 8192)
+        a.release(offset: 3 * 4096, length: 4096)
+        #expect(a.free == [0..<(10 * 4096)], "merged with both neighbours into one extent")
+        var empty = OffsetAllocator(capacity: 0, granule: 2 << 20)
+        #expect(empty.allocate(1) == nil)
+    }
+
+    @Test("releasing a slot punches its pages out of the memfd (freed for everyone) and its offsets are reused")
+    func punchHoleRelease() throws {
+        let arena = try DeviceMemoryArena()
+        let before = arena.offsetsFree(.small)
+        let m = try OwnedAnonymousMapping(length: 3 * OwnedAnonymousMapping.slotBytes, kind: .small, arena: arena)
+        try m.populateForWrite()
+        #expect(arena.allocatedBytes(.small) == 3 * OwnedAnonymousMapping.slotBytes, "pages belong to the file")
+        #expect(arena.offsetsFree(.small) == before - 3 * OwnedAnonymousMapping.slotBytes)
+        m.unmapSlot(1)
+        #expect(arena.allocatedBytes(.small) == 2 * OwnedAnonymousMapping.slotBytes, "the slot's pages left the file although it is still open")
+        let again = try OwnedAnonymousMapping(length: OwnedAnonymousMapping.slotBytes, kind: .small, arena: arena)
+        #expect(again.fileOffset == m.fileOffset + OwnedAnonymousMapping.slotBytes, "the hole is reused")
+        m.unmapAll()
+        again.unmapAll()
+        #expect(arena.allocatedBytes(.small) == 0)
+        #expect(arena.offsetsFree(.small) == before)
+    }
+
+    @Test("a duplicate of the memfd keeps the pages after this process unmapped them without punching (what a killed worker leaves)")
+    func duplicateKeepsPages() throws {
+        let arena = try DeviceMemoryArena()
+        let guardianCopy = dup(arena.small.descriptor)
+        defer { close(guardianCopy) }
+        let p = try #require(mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, arena.small.descriptor, 0))
+        #expect(p != MAP_FAILED)
+        memset(p, 0x5a, 1 << 20)
+        munmap(p, 1 << 20)  // exit_mm: the mapping is gone
+        var st = stat()
+        fstat(guardianCopy, &st)
+        #expect(Int(st.st_blocks) * 512 == 1 << 20, "the pages still belong to the file the guardian holds")
+    }
+}
+
+/// A device for the guardian's decisions.
+final class FakeGuardedDevice: GuardedDevice {
+    var resetFails: String?
+    var busMasterFails: String?
+    private(set) var calls: [String] = []
+    func reset() throws(GuardianDeviceError) {
+        calls.append("reset")
+        if let resetFails { throw GuardianDeviceError(resetFails) }
+    }
+    func clearBusMaster() throws(GuardianDeviceError) {
+        calls.append("busMaster")
+        if let busMasterFails { throw GuardianDeviceError(busMasterFails) }
+    }
+}
+
+@Suite("Guardian decisions (issue 9 H2)")
+struct GuardianStateFaultInjectionTests {
+    @Test("a worker that quiesced the device exits cleanly: memory released, device untouched")
+    func cleanExit() {
+        var s = GuardianState()
+        s.receive([GuardianMessage.quiesced.rawValue])
+        let d = FakeGuardedDevice()
+        #expect(s.workerGone(device: d) == .releaseClean)
+        #expect(d.calls.isEmpty)
+    }
+
+    @Test("EOF without the quiesced byte: the device is reset and Bus Master cleared before memory is released")
+    func killedWorker() {
+        let d = FakeGuardedDevice()
+        let v = GuardianState().workerGone(device: d)
+        #expect(v == .releaseAfterStop(reset: true, busMasterCleared: true) && v.releasesMemory)
+        #expect(d.calls == ["reset", "busMaster"])
+    }
+
+    @Test("a failed reset still releases memory once Bus Master is cleared")
+    func resetFailsBusMasterWorks() {
+        let d = FakeGuardedDevice()
+        d.resetFails = "device_status did not read 0"
+        #expect(GuardianState().workerGone(device: d) == .releaseAfterStop(reset: false, busMasterCleared: true))
+    }
+
+    @Test("when both reset and clearing Bus Master fail, the memory is kept")
+    func bothFailKeepsMemory() {
+        let d = FakeGuardedDevice()
+        d.resetFails = "no BAR"
+        d.busMasterFails = "no config"
+        let v = GuardianState().workerGone(device: d)
+        #expect(!v.releasesMemory)
+        #expect(v == .keepMemory(reset: "no BAR", busMaster: "no config"))
+    }
+
+    @Test("pool growth messages are counted; unknown bytes are ignored")
+    func poolMessages() {
+        var s = GuardianState()
+        s.receive([0x50, 0x50, 0x00, 0x70, 0xff])
+        #expect(s.poolPagesGrown == 1 && !s.quiesced)
+        s.receive([0x70, 0x70])
+        #expect(s.poolPagesGrown == 0)
+    }
+}
