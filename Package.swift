@@ -25,12 +25,12 @@ let package = Package(
         // Driver-side split virtqueue over DMA regions.
         .target(name: "VirtioQueue", dependencies: ["VirtioCore", "CBalloonShims"]),
         // Modern virtio-pci: capability parsing, common config, notify, ISR, device config.
-        .target(name: "VirtioPCI", dependencies: ["VirtioCore", "VirtioQueue"]),
+        .target(name: "VirtioPCI", dependencies: ["VirtioCore", "CBalloonShims"]),
         // Free-page sources behind one protocol.
         .target(name: "FreePages", dependencies: ["VirtioCore"]),
         // The balloon driver, generic over transport, DMA and free-page source.
         .target(name: "Balloon", dependencies: [
-            "VirtioCore", "VirtioQueue", "VirtioPCI", "FreePages",
+            "VirtioCore", "VirtioQueue", "FreePages",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A software virtio-balloon PCI function with QEMU 7.2's behaviour.
@@ -43,16 +43,18 @@ let package = Package(
         ]),
         .target(name: "FreePagesLinux", dependencies: ["FreePages", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "balloond", dependencies: [
-            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI",
+            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI", "VirtioQueue",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Fakes shared by the test targets (never linked into balloond).
+        .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI"], path: "Tests/TestSupport"),
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
-        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "BalloonSimulator"]),
+        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "BalloonSimulator", "TestSupport"]),
         .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
         .testTarget(name: "IntegrationTests", dependencies: []),
-        .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore"]),
+        .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore", "TestSupport"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),
         .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore"]),
     ]

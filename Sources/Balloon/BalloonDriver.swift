@@ -1,8 +1,10 @@
 import FreePages
 import Logging
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
+
+/// Everything the balloon driver implements today.
+public let balloonImplementedFeatures: FeatureBits = [.statsVQ, .freePageHint, .pagePoison, .deflateOnOOM, .reporting, .version1]
 
 /// Configuration of the driver: what it may negotiate and how.
 public struct BalloonDriverOptions: Sendable {
@@ -19,7 +21,7 @@ public struct BalloonDriverOptions: Sendable {
     public var pressure = PressurePolicy()
     public var reporting = ReportingPolicy()
 
-    public init(wantedFeatures: FeatureBits = BalloonDriver<ModernPCITransport>.implementedFeatures,
+    public init(wantedFeatures: FeatureBits = balloonImplementedFeatures,
                 poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeoutMilliseconds: Int = 1000) {
         self.wantedFeatures = wantedFeatures
         self.poisonPolicy = poisonPolicy
@@ -123,7 +125,7 @@ enum BufferToken {
 /// code runs against a real BAR4 and the simulator. It contains no unsafe code.
 public final class BalloonDriver<Transport: VirtioTransport> {
     /// Everything this driver implements today.
-    public static var implementedFeatures: FeatureBits { [.statsVQ, .freePageHint, .pagePoison, .deflateOnOOM, .reporting, .version1] }
+    public static var implementedFeatures: FeatureBits { balloonImplementedFeatures }
 
     public let transport: Transport
     public let allocator: DMAAllocator

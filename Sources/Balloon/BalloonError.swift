@@ -1,5 +1,4 @@
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
 
 /// Why the balloon driver stopped or refused to start.

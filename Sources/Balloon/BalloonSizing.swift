@@ -1,6 +1,5 @@
 import FreePages
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
 
 /// Tunables for inflating and deflating (virtio-balloon.md §4).

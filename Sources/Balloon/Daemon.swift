@@ -1,6 +1,5 @@
 import Logging
 import VirtioCore
-import VirtioPCI
 
 /// Timing of the daemon's own decisions (the driver's are in `BalloonDriverOptions`).
 public struct DaemonOptions: Sendable, Equatable {

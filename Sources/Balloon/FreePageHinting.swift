@@ -1,6 +1,5 @@
 import FreePages
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
 
 #if canImport(Glibc)

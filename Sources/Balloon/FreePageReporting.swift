@@ -1,6 +1,5 @@
 import FreePages
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
 
 /// Free page reporting by report-then-hold (virtio-balloon.md §8): balloond takes free 2 MiB

@@ -1,6 +1,5 @@
 import FreePages
 import VirtioCore
-import VirtioPCI
 import VirtioQueue
 
 /// The guest's free memory now (from /proc/meminfo), as the pressure and reporting policies

@@ -139,7 +139,7 @@ public final class SimulatedBalloonDevice {
         try ModernPCITransport(config: configSpace, barSizes: configSpace.barSizes, mapBAR: { (bar) throws(PCIError) -> MMIORegion in
             guard bar == 4 else { throw PCIError.bar(index: bar, reason: "simulator maps only BAR4") }
             return self.bar4
-        })
+        }, pause: { _ in })  // the simulated device acts at once: no time passes between polls
     }
 
     /// A DMA allocator whose memory this device can reach.

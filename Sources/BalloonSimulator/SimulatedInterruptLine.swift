@@ -1,3 +1,4 @@
+import VirtioCore
 import VirtioPCI
 
 /// The simulated device's INTx line as uio_pci_generic presents it: `wait` reports an

@@ -1,3 +1,4 @@
+import VirtioCore
 import SystemPackage
 import VirtioPCI
 

@@ -181,6 +181,9 @@ public enum Sys {
         _ = try Sys.call("fallocate(PUNCH_HOLE)", path: file.path) { bs_punch_hole(fd, Int64(offset), Int64(length)) }
     }
 
+    /// Sleeps for about `microseconds` (register polling; a signal ends it early).
+    public static func sleep(microseconds: Int) { _ = usleep(useconds_t(max(0, microseconds))) }
+
     /// Reads a whole (small) text file, e.g. a sysfs attribute or a /proc file.
     public static func readTextFile(_ path: String) throws(SystemCallError) -> String {
         let f = try OpenFile(path: path, flags: O_RDONLY)

@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import VirtioCore
 import Glibc
 #endif
 import SystemPackage

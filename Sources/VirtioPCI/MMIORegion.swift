@@ -1,3 +1,4 @@
+import VirtioCore
 import CBalloonShims
 
 /// Exact-width register access to a window of device memory (a BAR or part of one).

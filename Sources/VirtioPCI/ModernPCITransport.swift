@@ -40,6 +40,7 @@ public final class ModernPCITransport: VirtioTransport {
     let device: MMIORegion?
     /// `queue_notify_off × multiplier` per queue, cached at enable (SPDK/DPDK do the same).
     private var notifyOffsets: [UInt16: Int] = [:]
+    private let pauseMicroseconds: (Int) -> Void
 
     /// Parses the capabilities and builds register windows.
     ///
@@ -47,18 +48,25 @@ public final class ModernPCITransport: VirtioTransport {
     ///   - config: the function's config space.
     ///   - barSizes: sizes of BARs 0–5 (nil where absent).
     ///   - mapBAR: maps a BAR on demand (only BARs the capabilities name are asked for).
-    public init(config: PCIConfigSpace, barSizes: [UInt64?], mapBAR: (Int) throws(PCIError) -> MMIORegion) throws(TransportError) {
+    ///   - pause: waits between register polls (microseconds); the platform's sleep.
+    public init(config: PCIConfigSpace, barSizes: [UInt64?], mapBAR: (Int) throws(PCIError) -> MMIORegion,
+                pause: @escaping (Int) -> Void) throws(TransportError) {
         self.config = config
-        let vendor: UInt16, dev: UInt16
+        self.pauseMicroseconds = pause
+        let vendor: UInt16, dev: UInt16, subsystem: UInt16
         do {
             vendor = try config.read16(at: PCIConfig.vendorID)
             dev = try config.read16(at: PCIConfig.deviceID)
+            subsystem = try config.read16(at: PCIConfig.subsystemID)
         } catch { throw .pci(error) }
-        guard vendor == PCIConfig.virtioVendor, dev == PCIConfig.balloonTransitionalID || dev == PCIConfig.balloonModernID else {
-            throw .notAVirtioBalloon(vendor: vendor, device: dev)
+        // Any virtio-pci function (virtio 1.2 §4.1.2): modern IDs are 0x1040 + the device
+        // type; transitional ones (0x1000-0x103f) carry the type in the subsystem ID. Which
+        // device type a driver accepts is the driver's business, not the transport's.
+        guard vendor == PCIConfig.virtioVendor, (0x1000...0x107f).contains(dev) else {
+            throw .notAVirtioDevice(vendor: vendor, device: dev)
         }
         pciDeviceID = dev
-        virtioDeviceType = dev >= 0x1040 ? dev - 0x1040 : PCIConfig.virtioBalloonDeviceType
+        virtioDeviceType = dev >= 0x1040 ? dev - 0x1040 : subsystem
         do { capabilities = try parseVirtioCapabilities(config, barSizes: barSizes) } catch { throw .capabilities(error) }
         var bars: [Int: MMIORegion] = [:]
         func window(_ loc: VirtioStructureLocation) throws(TransportError) -> MMIORegion {
@@ -189,6 +197,8 @@ public final class ModernPCITransport: VirtioTransport {
 
     /// Clears Bus Master and keeps memory decoding on, then reads Command back: QEMU stops
     /// the device (no DMA, no queue processing, DRIVER_OK cleared) while Bus Master is clear.
+    public func pause(microseconds: Int) { pauseMicroseconds(microseconds) }
+
     public func disableDMA() throws(TransportError) {
         let after: UInt16
         do {

@@ -1,8 +1,4 @@
-/// `cfg_type` of a virtio vendor capability (virtio 1.2 §4.1.4).
-public enum VirtioCapabilityType: UInt8, Sendable {
-    case common = 1, notify = 2, isr = 3, device = 4, pciConfig = 5, sharedMemory = 8, vendor = 9
-}
-
+import VirtioCore
 /// Where one virtio structure lives: a window of `length` bytes at `offset` in BAR `bar`.
 public struct VirtioStructureLocation: Hashable, Sendable, CustomStringConvertible {
     public let bar: Int
@@ -24,53 +20,6 @@ public struct VirtioCapabilities: Hashable, Sendable {
     public let device: VirtioStructureLocation?
 }
 
-/// A capability list that balloond refuses, naming the problem.
-public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
-    case noCapabilityList
-    case pointerBelowHeader(at: Int, pointer: Int)
-    case pointerMisaligned(at: Int, pointer: Int)
-    case loop(at: Int)
-    case lengthTooSmall(at: Int, type: UInt8, length: Int, minimum: Int)
-    case capabilityOutsideConfigSpace(at: Int, length: Int)
-    case barOutOfRange(at: Int, bar: Int)
-    case offsetOverflow(at: Int, offset: UInt32, length: UInt32)
-    case outsideBAR(at: Int, bar: Int, end: UInt64, barSize: UInt64)
-    case barMissing(at: Int, bar: Int)
-    case notifyMultiplierInvalid(at: Int, multiplier: UInt32)
-    case missing(VirtioCapabilityType)
-    case configSpace(PCIError)
-    /// The structure's window is shorter than its registers (e.g. an ISR of length 0).
-    case windowTooSmall(at: Int, type: VirtioCapabilityType, length: UInt32, minimum: UInt32)
-    /// The structure's offset in its BAR breaks the alignment its registers need.
-    case offsetMisaligned(at: Int, type: VirtioCapabilityType, offset: UInt32, alignment: UInt32)
-    /// Two structures share bytes of the same BAR (a write to one would change the other).
-    case overlapping(at: Int, other: Int, bar: Int)
-
-    public var description: String {
-        func h(_ v: Int) -> String { "0x" + String(v, radix: 16) }
-        switch self {
-        case .noCapabilityList: return "the function has no PCI capability list (status bit 4 clear or pointer 0): not a modern virtio device"
-        case .pointerBelowHeader(let at, let p): return "capability pointer \(h(p)) at \(h(at)) points into the standard header (below 0x40)"
-        case .pointerMisaligned(let at, let p): return "capability pointer \(h(p)) at \(h(at)) is not 4-byte aligned"
-        case .loop(let at): return "capability list loops back to \(h(at))"
-        case .lengthTooSmall(let at, let t, let l, let m): return "virtio capability at \(h(at)) (cfg_type \(t)) has cap_len \(l), less than \(m)"
-        case .capabilityOutsideConfigSpace(let at, let l): return "capability at \(h(at)) with length \(l) runs past the 256-byte config space"
-        case .barOutOfRange(let at, let b): return "virtio capability at \(h(at)) names BAR \(b); only 0-5 exist"
-        case .offsetOverflow(let at, let o, let l): return "virtio capability at \(h(at)): offset 0x\(String(o, radix: 16)) + length 0x\(String(l, radix: 16)) overflows 32 bits"
-        case .outsideBAR(let at, let b, let e, let s): return "virtio capability at \(h(at)) ends at 0x\(String(e, radix: 16)), past BAR\(b)'s 0x\(String(s, radix: 16)) bytes"
-        case .barMissing(let at, let b): return "virtio capability at \(h(at)) names BAR\(b), which is not implemented"
-        case .notifyMultiplierInvalid(let at, let m): return "notify capability at \(h(at)) has notify_off_multiplier \(m), not a multiple of 2"
-        case .missing(let t): return "required virtio capability \(t) is missing"
-        case .configSpace(let e): return e.description
-        case .windowTooSmall(let at, let t, let l, let m):
-            return "virtio capability at \(h(at)) (\(t)) describes a window of \(l) bytes, less than the \(m) its registers need: the device is broken or hostile; do not use it"
-        case .offsetMisaligned(let at, let t, let o, let a):
-            return "virtio capability at \(h(at)) (\(t)) puts its structure at BAR offset 0x\(String(o, radix: 16)), not \(a)-byte aligned: the device is broken or hostile; do not use it"
-        case .overlapping(let at, let other, let bar):
-            return "virtio capabilities at \(h(at)) and \(h(other)) describe overlapping windows in BAR\(bar): the device is broken or hostile; do not use it"
-        }
-    }
-}
 
 /// Walks the PCI capability list from `config[0x34]` and parses the virtio vendor
 /// capabilities (virtio 1.2 §4.1.4). The first capability of each type wins, as the spec

@@ -1,3 +1,4 @@
+import VirtioCore
 import ArgumentParser
 import PlatformLinux
 import VirtioPCI

@@ -199,7 +199,8 @@ struct RunCommand: ParsableCommand {
         let config = try SysfsConfigSpace(address: function.address)
         let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
         let mapper = BARMapper(address: function.address)
-        let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) })
+        let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) },
+                                                pause: Sys.sleep(microseconds:))
         defer { guardian.markQuiescedIfStopped(deviceStatus: transport.status().rawValue, config: config) }  // after driver.shutdown()
         let compaction = CompactionHold(logger: logger)
         let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)

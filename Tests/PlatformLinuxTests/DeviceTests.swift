@@ -1,7 +1,9 @@
 #if canImport(Glibc)
+import VirtioCore
 import Glibc
 #endif
 import Testing
+import TestSupport
 import VirtioPCI
 @testable import PlatformLinux
 

@@ -1,4 +1,6 @@
-import VirtioCore
+// The seam between a virtio driver and its transport (virtio 1.2 §4): what any virtio device
+// needs from PCI, MMIO or a simulator, and the errors they report. The driver (Balloon) sees
+// only this; VirtioPCI implements it for virtio-pci.
 
 /// ISR status bits (virtio 1.2 §4.1.4.5). Reading the ISR clears it and deasserts INTx.
 public struct ISRStatus: OptionSet, Hashable, Sendable {
@@ -14,7 +16,7 @@ public struct ISRStatus: OptionSet, Hashable, Sendable {
 public enum TransportError: Error, Hashable, CustomStringConvertible {
     case pci(PCIError)
     case capabilities(VirtioCapabilityError)
-    case notAVirtioBalloon(vendor: UInt16, device: UInt16)
+    case notAVirtioDevice(vendor: UInt16, device: UInt16)
     case resetTimedOut(status: DeviceStatus, milliseconds: Int)
     case featuresNotAccepted(DeviceStatus)
     case featureNegotiation(FeatureNegotiationError)
@@ -36,8 +38,8 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
         switch self {
         case .pci(let e): return e.description
         case .capabilities(let e): return "malformed virtio capabilities: \(e)"
-        case .notAVirtioBalloon(let v, let d):
-            return "PCI function \(hex4(v)):\(hex4(d)) is not a virtio-balloon (expected 1af4:1002 or 1af4:1045)"
+        case .notAVirtioDevice(let v, let d):
+            return "PCI function \(hex4(v)):\(hex4(d)) is not a virtio device (expected vendor 1af4, device 1000-107f)"
         case .resetTimedOut(let s, let ms): return "device did not complete reset within \(ms) ms (status still \(s))"
         case .featuresNotAccepted(let s): return "device did not accept the negotiated features (FEATURES_OK not set after write; status \(s))"
         case .featureNegotiation(let e): return e.description
@@ -90,12 +92,19 @@ public protocol VirtioTransport: AnyObject {
     /// on so the registers stay reachable), and checks that it took. Used before a reset at
     /// bring-up, and at shutdown when a reset fails.
     func disableDMA() throws(TransportError)
+    /// Waits a little between polls of a register (e.g. while a reset completes).
+    func pause(microseconds: Int)
 }
 
 extension VirtioTransport {
     /// Resets the device: writes 0, then polls until status reads 0 (virtio 1.2 §2.4.1: "the
     /// driver MUST NOT assume reset is complete before it reads 0").
-    public func reset(timeoutMilliseconds: Int = 1000, sleep: (Int) -> Void = defaultSleepMicroseconds) throws(TransportError) {
+    public func reset(timeoutMilliseconds: Int = 1000) throws(TransportError) {
+        try reset(timeoutMilliseconds: timeoutMilliseconds, sleep: { pause(microseconds: $0) })
+    }
+
+    /// `reset` with the wait between status reads injected (tests count it).
+    public func reset(timeoutMilliseconds: Int, sleep: (Int) -> Void) throws(TransportError) {
         setStatus([])
         var waited = 0
         while status().rawValue != 0 {
@@ -139,11 +148,92 @@ extension VirtioTransport {
 /// generation once per config change, so a real device needs two at most in practice.
 public let configReadMaxAttempts = 64
 
-/// `usleep`, the default for polling loops.
-public func defaultSleepMicroseconds(_ us: Int) { platformSleepMicroseconds(us) }
-
 /// `1af4`-style four-digit lowercase hex.
 public func hex4(_ v: UInt16) -> String {
     let s = String(v, radix: 16)
     return String(repeating: "0", count: max(0, 4 - s.count)) + s
+}
+
+/// A device's interrupt, as the driver's event loop sees it.
+///
+/// Real conformance: `/dev/uioN` with uio_pci_generic (PlatformLinux): `wait` polls the fd
+/// and reads the event count; `unmask` clears INTx-Disable in the PCI Command register.
+/// Fake: the simulator's interrupt line.
+public protocol InterruptLine: AnyObject {
+    /// Blocks until an interrupt arrives or `timeoutMilliseconds` pass (0: just check;
+    /// negative: wait forever). Returns whether an interrupt arrived.
+    func wait(timeoutMilliseconds: Int) throws(TransportError) -> Bool
+    /// Re-enables the interrupt after the driver has read the ISR and handled the cause.
+    func unmask() throws(TransportError)
+    /// A file descriptor that becomes readable when an interrupt arrives, if there is one
+    /// (lets the event loop poll it together with the signal pipe).
+    var pollDescriptor: Int32? { get }
+}
+
+/// Errors from PCI config space and BAR access.
+public enum PCIError: Error, Hashable, CustomStringConvertible {
+    /// Reading or writing config space failed (I/O error, device gone).
+    case configAccess(offset: Int, reason: String)
+    /// A BAR could not be mapped or is not what a virtio device should have.
+    case bar(index: Int, reason: String)
+
+    public var description: String {
+        switch self {
+        case .configAccess(let o, let r): return "PCI config space access at 0x\(String(o, radix: 16)) failed: \(r)"
+        case .bar(let i, let r): return "BAR\(i): \(r)"
+        }
+    }
+}
+
+/// `cfg_type` of a virtio vendor capability (virtio 1.2 §4.1.4).
+public enum VirtioCapabilityType: UInt8, Sendable {
+    case common = 1, notify = 2, isr = 3, device = 4, pciConfig = 5, sharedMemory = 8, vendor = 9
+}
+
+/// A capability list that balloond refuses, naming the problem.
+public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
+    case noCapabilityList
+    case pointerBelowHeader(at: Int, pointer: Int)
+    case pointerMisaligned(at: Int, pointer: Int)
+    case loop(at: Int)
+    case lengthTooSmall(at: Int, type: UInt8, length: Int, minimum: Int)
+    case capabilityOutsideConfigSpace(at: Int, length: Int)
+    case barOutOfRange(at: Int, bar: Int)
+    case offsetOverflow(at: Int, offset: UInt32, length: UInt32)
+    case outsideBAR(at: Int, bar: Int, end: UInt64, barSize: UInt64)
+    case barMissing(at: Int, bar: Int)
+    case notifyMultiplierInvalid(at: Int, multiplier: UInt32)
+    case missing(VirtioCapabilityType)
+    case configSpace(PCIError)
+    /// The structure's window is shorter than its registers (e.g. an ISR of length 0).
+    case windowTooSmall(at: Int, type: VirtioCapabilityType, length: UInt32, minimum: UInt32)
+    /// The structure's offset in its BAR breaks the alignment its registers need.
+    case offsetMisaligned(at: Int, type: VirtioCapabilityType, offset: UInt32, alignment: UInt32)
+    /// Two structures share bytes of the same BAR (a write to one would change the other).
+    case overlapping(at: Int, other: Int, bar: Int)
+
+    public var description: String {
+        func h(_ v: Int) -> String { "0x" + String(v, radix: 16) }
+        switch self {
+        case .noCapabilityList: return "the function has no PCI capability list (status bit 4 clear or pointer 0): not a modern virtio device"
+        case .pointerBelowHeader(let at, let p): return "capability pointer \(h(p)) at \(h(at)) points into the standard header (below 0x40)"
+        case .pointerMisaligned(let at, let p): return "capability pointer \(h(p)) at \(h(at)) is not 4-byte aligned"
+        case .loop(let at): return "capability list loops back to \(h(at))"
+        case .lengthTooSmall(let at, let t, let l, let m): return "virtio capability at \(h(at)) (cfg_type \(t)) has cap_len \(l), less than \(m)"
+        case .capabilityOutsideConfigSpace(let at, let l): return "capability at \(h(at)) with length \(l) runs past the 256-byte config space"
+        case .barOutOfRange(let at, let b): return "virtio capability at \(h(at)) names BAR \(b); only 0-5 exist"
+        case .offsetOverflow(let at, let o, let l): return "virtio capability at \(h(at)): offset 0x\(String(o, radix: 16)) + length 0x\(String(l, radix: 16)) overflows 32 bits"
+        case .outsideBAR(let at, let b, let e, let s): return "virtio capability at \(h(at)) ends at 0x\(String(e, radix: 16)), past BAR\(b)'s 0x\(String(s, radix: 16)) bytes"
+        case .barMissing(let at, let b): return "virtio capability at \(h(at)) names BAR\(b), which is not implemented"
+        case .notifyMultiplierInvalid(let at, let m): return "notify capability at \(h(at)) has notify_off_multiplier \(m), not a multiple of 2"
+        case .missing(let t): return "required virtio capability \(t) is missing"
+        case .configSpace(let e): return e.description
+        case .windowTooSmall(let at, let t, let l, let m):
+            return "virtio capability at \(h(at)) (\(t)) describes a window of \(l) bytes, less than the \(m) its registers need: the device is broken or hostile; do not use it"
+        case .offsetMisaligned(let at, let t, let o, let a):
+            return "virtio capability at \(h(at)) (\(t)) puts its structure at BAR offset 0x\(String(o, radix: 16)), not \(a)-byte aligned: the device is broken or hostile; do not use it"
+        case .overlapping(let at, let other, let bar):
+            return "virtio capabilities at \(h(at)) and \(h(other)) describe overlapping windows in BAR\(bar): the device is broken or hostile; do not use it"
+        }
+    }
 }
