@@ -2,10 +2,6 @@ import FreePages
 import VirtioCore
 import VirtioQueue
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Driver-side state of free page hinting (virtio-balloon.md §6).
 struct HintRoundState {
     /// The id of the round we sent START for (Linux `cmd_id_active`), nil before any.
@@ -44,12 +40,15 @@ public struct HintOptions: Sendable {
     public init() {}
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (the driver's default clock; the run loop uses it too).
+/// Monotonic nanoseconds since the first call (the driver's default clock; `balloond run`
+/// injects the platform's CLOCK_MONOTONIC through the daemon, tests a virtual clock).
 public func monotonicNanos() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    let epoch = processClockEpoch  // initialised (lazily) before `now` is read
+    let d = ContinuousClock.now - epoch
+    return UInt64(max(0, d.components.seconds)) * 1_000_000_000 + UInt64(max(0, d.components.attoseconds / 1_000_000_000))
 }
+
+private let processClockEpoch = ContinuousClock.now
 
 extension BalloonDriver {
     /// Reacts to the cached cmd id (Linux `report_free_page_func`): DONE releases

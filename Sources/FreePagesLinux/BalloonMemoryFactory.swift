@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import FreePages
 import Logging
 import PlatformLinux
@@ -8,7 +5,7 @@ import PlatformLinux
 /// Why the hugetlb balloon backend cannot be used here, nil when it can: it needs root (to
 /// raise `nr_overcommit_hugepages`), 2 MiB hugetlb pages (CONFIG_HUGETLBFS) and the 2 MiB
 /// size's `nr_overcommit_hugepages` (see `HugeTLBBalloonMemory.overcommitSetting`).
-public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID: UInt32 = geteuid()) -> String? {
+public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID: UInt32 = Sys.effectiveUserID) -> String? {
     if effectiveUID != 0 {
         return "balloond is not root (effective uid \(effectiveUID)): raising nr_overcommit_hugepages needs root"
     }
@@ -33,7 +30,7 @@ public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID:
 ///     anonymous hint source).
 ///   - arena: the memfds every page comes from (the guardian holds them too).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
-                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, effectiveUID: UInt32 = geteuid(),
+                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, effectiveUID: UInt32 = Sys.effectiveUserID,
                                    logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let pages = LinuxBalloonPages(pagemap: pagemap, arena: arena)
     return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, compactionHold: compactionHold,
@@ -44,7 +41,7 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolv
 public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBalloonPages, smallPages: LockedAnonymousPages,
                                    limits: OwnedMemoryLimits = OwnedMemoryLimits(), oomScoreAdj: Int? = 1000,
                                    compactionHold: CompactionHold? = nil,
-                                   effectiveUID: UInt32 = geteuid(), logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
+                                   effectiveUID: UInt32 = Sys.effectiveUserID, logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
     func recover(_ what: String, _ body: () throws(BalloonMemoryError) -> SysctlRecovery) {
         do {

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import FreePages
 import Logging
 import PlatformLinux
@@ -130,7 +127,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
             ? "the hugetlb backend takes whole 2 MiB pages (512 4 KiB pages each); the last \(remainder) page(s) asked are less than one"
             : nil
         guard wanted > 0 else { return BalloonTake(blocks: [], limitedBy: wholeOnly) }
-        if let hint = try? poolStateFile.read(), hint.pid == getpid() || poolStateFile.writerIsAlive(hint) {
+        if let hint = try? poolStateFile.read(), hint.pid == Sys.processID || poolStateFile.writerIsAlive(hint) {
             return BalloonTake(blocks: [], limitedBy: "the hugetlb hint source holds the hugetlb pool (\(poolStateFile.path)); balloon pages could be faulted from its hinted pages, so none are taken until it is released")
         }
 

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import PlatformLinux
 
 /// The kernel operations the hugetlb source needs, behind a protocol so its logic can be
@@ -67,7 +64,7 @@ public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
         let mapping: OwnedAnonymousMapping
         do {
             mapping = try OwnedAnonymousMapping(length: pages * HugePagePool.pageSize, kind: .hugeTLB2MiB, arena: arena,
-                                                protection: PROT_NONE, populate: false)
+                                                protection: Sys.protectionNone, populate: false)
         } catch {
             throw .system("reserving \(pages) hugetlb pages with an unfaulted shared hugetlbfs mapping failed: \(error) (ENOMEM: fewer free unreserved pool pages than that)")
         }

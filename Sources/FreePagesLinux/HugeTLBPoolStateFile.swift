@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import PlatformLinux
 
 /// `/run/balloond/hugetlb-pool`: the pool size from before balloond grew it, and the value
@@ -35,7 +32,7 @@ public struct HugeTLBPoolStateFile: Hashable, Sendable {
         public var previous: UInt64
         public var pid: Int32
         public var comm: String?
-        public init(originalPoolSize: UInt64, set: UInt64, previous: UInt64, pid: Int32 = getpid(), comm: String? = nil) {
+        public init(originalPoolSize: UInt64, set: UInt64, previous: UInt64, pid: Int32 = Sys.processID, comm: String? = nil) {
             self.originalPoolSize = originalPoolSize
             self.set = set
             self.previous = previous
@@ -102,7 +99,7 @@ func processComm(root: SysRoot) -> String {
 /// Whether the balloond that wrote a state file (pid, comm) is still running and is not this
 /// process.
 func stateWriterIsAlive(root: SysRoot, pid: Int32, comm: String?) -> Bool {
-    guard pid != getpid() else { return false }
+    guard pid != Sys.processID else { return false }
     let procDir = root.path("/proc/\(pid)")
     guard Sys.exists(procDir) else { return false }
     if let want = comm, let have = try? Sys.readAttribute(procDir + "/comm") { return want == have }

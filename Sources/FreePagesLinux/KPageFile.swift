@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import PlatformLinux
 
 /// `/proc/kpageflags` or `/proc/kpagecount` (root only): one little-endian u64 per PFN, at
@@ -14,7 +11,7 @@ final class KPageFile {
     /// - Parameter chunkEntries: the most entries one `read(startPFN:count:)` returns.
     init(path: String, chunkEntries: Int) throws(FreePagesLinuxError) {
         self.path = path
-        do { file = try OpenFile(path: path, flags: O_RDONLY) } catch {
+        do { file = try OpenFile(path: path, flags: Sys.openReadOnly) } catch {
             throw .system("cannot open \(path): \(error). It needs root (CAP_SYS_ADMIN) and a kernel with CONFIG_PROC_PAGE_MONITOR")
         }
         buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, chunkEntries) * 8, alignment: 8)

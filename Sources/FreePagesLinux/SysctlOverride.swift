@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import FreePages
 import Logging
 import PlatformLinux
@@ -52,7 +49,7 @@ public struct SysctlStateFile: Hashable, Sendable {
         public var previous: UInt64
         public var pid: Int32
         public var comm: String?
-        public init(sysctl: String, original: UInt64, set: UInt64, previous: UInt64, pid: Int32 = getpid(), comm: String? = nil) {
+        public init(sysctl: String, original: UInt64, set: UInt64, previous: UInt64, pid: Int32 = Sys.processID, comm: String? = nil) {
             self.sysctl = sysctl
             self.original = original
             self.set = set

@@ -181,6 +181,53 @@ public enum Sys {
         _ = try Sys.call("fallocate(PUNCH_HOLE)", path: file.path) { bs_punch_hole(fd, Int64(offset), Int64(length)) }
     }
 
+    /// CLOCK_MONOTONIC in nanoseconds.
+    public static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Seconds since the epoch (CLOCK_REALTIME).
+    public static func wallClockSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// This process's pid.
+    public static var processID: Int32 { getpid() }
+
+    /// This process's effective uid.
+    public static var effectiveUserID: UInt32 { geteuid() }
+
+    /// mmap protections and open flags for callers above the funnel.
+    public static let protectionNone = PROT_NONE
+    public static let openReadOnly = O_RDONLY
+
+    /// Whether a process with this pid exists (only positive pids: 0 and negative ones name
+    /// process groups, which `kill` would signal).
+    public static func processExists(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+
+    /// "ENOMEM: Cannot allocate memory"-style text for an errno value.
+    public static func errnoDescription(_ e: Int32) -> String {
+        let name: String
+        switch e {
+        case ENOMEM: name = "ENOMEM"
+        case EINVAL: name = "EINVAL"
+        case EPERM: name = "EPERM"
+        case EAGAIN: name = "EAGAIN"
+        case EFAULT: name = "EFAULT"
+        case EBUSY: name = "EBUSY"
+        default: name = "errno \(e)"
+        }
+        return "\(name): " + String(cString: strerror(e))
+    }
+
+    /// A whole text file, or nil when it cannot be read (proc and sysfs report size 0, so
+    /// this reads until EOF).
+    public static func readTextFileIfPresent(_ path: String) -> String? { try? readTextFile(path) }
+
     /// Sleeps for about `microseconds` (register polling; a signal ends it early).
     public static func sleep(microseconds: Int) { _ = usleep(useconds_t(max(0, microseconds))) }
 

@@ -1,10 +1,6 @@
 import Balloon
 import FoundationEssentials
 import PlatformLinux
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// What a running `balloond run` publishes for `balloond status`: a JSON state file in the
 /// root-only state directory, written through `StateFile` (a temporary file, fsync, rename)
 /// whenever the driver's state changes and at least every few seconds while it runs. Read
@@ -96,12 +92,7 @@ private struct TopLevelKeys: Decodable {
 }
 
 /// Seconds since the epoch.
-func wallClockSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
+func wallClockSeconds() -> Double { Sys.wallClockSeconds() }
 
-/// Whether a process with this pid exists (only positive pids: 0 and negative ones name
-/// process groups).
-func processExists(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+/// Whether a process with this pid exists (only positive pids).
+func processExists(_ pid: Int32) -> Bool { Sys.processExists(pid) }

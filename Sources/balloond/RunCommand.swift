@@ -7,10 +7,6 @@ import PlatformLinux
 import VirtioCore
 import VirtioPCI
 import VirtioQueue
-#if canImport(Glibc)
-import Glibc
-#endif
-
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
@@ -233,7 +229,7 @@ struct RunCommand: ParsableCommand {
         daemon.onIteration = { snapshot, restarts, force in
             let now = wallClockSeconds()
             guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
-            let state = DaemonState(pid: getpid(), device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
+            let state = DaemonState(pid: Sys.processID, device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
                                     previousDriver: binding.previousDriver, uioDevice: binding.devicePath, dmaMemory: dmaDescription,
                                     hintSource: hints?.name, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
             do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
