@@ -82,8 +82,7 @@ if [ -f "$CACHE/guest/root/etc/balloond-guest-release" ] && ! grep -q '^memhog_s
 fi
 command -v python3 >/dev/null || die "python3 not found: $SETUP_HINT"
 # QEMU's QMP library and matplotlib (for the plot): pip-installed when missing.
-python3 scripts/guestlib.py ||
-  note "matplotlib is missing and pip could not install it; migrate.py will use gnuplot for one size if installed, else print only the tables"
+python3 scripts/guestlib.py || die "QEMU's QMP library (qemu.qmp) is missing and pip could not install it: $SETUP_HINT"
 
 smallest=$(tr ',' '\n' <<<"$MEMS" | sort -n | head -1)
 all_modes=$MODES${POISON_MODES:+,$POISON_MODES}
@@ -96,5 +95,5 @@ python3 scripts/migrate.py --qemu-version "$QEMU_VER" --mem "$MEMS" --runs "$RUN
   --json "$OUT/migrate.json" --plot "$OUT/migrate.png" "${rest[@]}" || rc=$?
 note "per-run results: $OUT/migrate.json"
 [ -f "$OUT/migrate.png" ] && note "plot:            $OUT/migrate.png"
-note "guest logs:      $CACHE/runs/migrate/q$QEMU_VER-<size>M-<mode>-<run>-{src,dst}/"
+note "guest logs:      $CACHE/runs/migrate/q<qemu>-<size>M-<mode>-<run>-{src,dst}/ (one version and 1024 MiB: <mode>-<run>-{src,dst}/)"
 exit "$rc"

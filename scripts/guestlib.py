@@ -265,7 +265,7 @@ def qemu_available(version):
 def ensure_matplotlib():
     """Imports matplotlib, installing it with pip when missing; False if that fails."""
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
         return True
     except ImportError:
         pass
@@ -279,7 +279,9 @@ def ensure_matplotlib():
 
 
 if __name__ == "__main__":
-    # `python3 scripts/guestlib.py` installs what the scripts need (setup.sh calls it).
+    # `python3 scripts/guestlib.py` installs what the scripts need (setup.sh and
+    # bench-migrate.sh call it): qemu.qmp (importing this module did; without it the import
+    # exits non-zero) and matplotlib for the plots (only a warning when it cannot).
     ok = ensure_matplotlib()
-    print(f"guestlib: qemu.qmp {getattr(qmp_lib, '__version__', 'ok')}, matplotlib {'ok' if ok else 'MISSING'}", file=sys.stderr)
-    sys.exit(0 if ok else 1)
+    print(f"guestlib: qemu.qmp ok, matplotlib {'ok' if ok else 'MISSING (plots fall back to gnuplot or are skipped)'}",
+          file=sys.stderr)

@@ -173,7 +173,8 @@ def migrate_once(mode, run_index, cfg, args):
             m = re.search(r'"hintRounds"\s*:\s*(\d+)', st_out)
             result["hint_rounds"] = int(m.group(1)) if m else None
             m = re.search(r'"hintSource"\s*:\s*"([a-z]+)"', st_out)
-            result["hint_source"] = m.group(1) if m else None
+            # No source: balloond runs without hinting (e.g. auto on a TCG poisoning guest).
+            result["hint_source"] = m.group(1) if m else ("off" if '"hintSource"' in st_out else None)
         time.sleep(1)
         bad = [l for l in dst.console().splitlines() if re.search(r"BUG|Oops|pagealloc|corruption", l)]
         result["dest_console_errors"] = bad[:5]
@@ -333,12 +334,15 @@ def plot_matplotlib(modes, results, path, args):
                         offs = [(j - (n - 1) / 2) * (0.5 * width / max(n - 1, 1)) for j in range(n)]
                         ax.scatter([xc + o for o in offs], vals, color=color, edgecolor="black", linewidth=0.5, s=20, zorder=3)
                     failed = len(all_rs) - len(rs)
-                    if failed:
-                        ax.text(xc, 0, f"{failed}\nfailed", ha="center", va="bottom", color="red", fontsize=8)
+                    unverified = sum(1 for x in rs if not x["kept_region_ok"] or x["dest_console_errors"])
+                    marks = ([f"{failed} failed"] if failed else []) + ([f"{unverified} dest\nerror"] if unverified else [])
+                    if marks:
+                        ax.text(xc, 0, "\n".join(marks), ha="center", va="bottom", color="red", fontsize=8, fontweight="bold")
             ax.set_xticks(range(len(row_modes)))
             ax.set_xticklabels(row_modes, rotation=20, ha="right", fontsize=9)
             ax.set_ylabel(label)
-            ax.set_title(f"{mem} MiB guest: {label}, median (bar), each run (point)", fontsize=10)
+            ax.set_title(f"{mem} MiB guest: {label}, median (bar), each run (point); red: runs failed or destination errors",
+                         fontsize=10)
             ax.set_xlim(-0.6, len(row_modes) - 0.4)
             ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
             ax.grid(axis="y", alpha=0.3)
