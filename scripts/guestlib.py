@@ -59,7 +59,9 @@ class QMP:
     """A QMP connection (qemu.qmp's synchronous QEMUMonitorProtocol). `cmd` returns the
     command's return value; any error, a closed connection or a timeout raises Fail."""
 
-    def __init__(self, path, timeout=60, cmd_timeout=120):
+    def __init__(self, path, timeout=60, cmd_timeout=120, alive=None):
+        """Connects to the QMP socket `path`, retrying for `timeout` s while `alive()` (the
+        QEMU process is still there) holds."""
         deadline = time.time() + timeout
         while True:
             m = qmp_legacy.QEMUMonitorProtocol(path)
@@ -67,6 +69,8 @@ class QMP:
                 m.connect(negotiate=True)
                 break
             except (qmp_lib.QMPError, OSError) as e:
+                if alive is not None and not alive():
+                    raise Fail(f"QEMU exited before its QMP socket {path} came up")
                 if time.time() > deadline:
                     raise Fail(f"QMP socket {path} did not come up in {timeout} s: {e}")
                 time.sleep(0.2)
@@ -167,11 +171,19 @@ class Guest:
         self.agent = None
         self.qemu_pid = None
         try:
-            self.qmp = QMP(os.path.join(run_dir, "qmp.sock"))
-        except Fail:
+            self.qmp = QMP(os.path.join(run_dir, "qmp.sock"), alive=lambda: self.p.poll() is None)
+        except Fail as e:
             self.qmp = None
             self.stop()
-            raise
+            raise Fail(f"{e}; see {os.path.join(run_dir, 'qemu.log')}: {self.log_tail()}")
+
+    def log_tail(self):
+        """The last line of run-guest.sh's and QEMU's own output (why QEMU did not start)."""
+        try:
+            lines = [l for l in open(os.path.join(self.run_dir, "qemu.log"), errors="replace").read().splitlines() if l.strip()]
+            return lines[-1][-300:] if lines else "(empty)"
+        except OSError:
+            return "(no log)"
 
     def wait_ready(self, timeout=180, probe=False):
         """Waits for the guest's ready marker and connects the agent (probe: and runs `echo ok`)."""
