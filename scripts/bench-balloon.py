@@ -16,184 +16,33 @@ Drivers:
   balloond   bg-run /run/bg/balloond balloond run --log-level info [--balloond-args ...]
 
 Usage: scripts/bench-balloon.py [--drivers kernel,balloond] [--runs 3] [--json FILE]
+QMP (QEMU's qemu.qmp library) and the guest agent go through scripts/guestlib.py.
 Needs scripts/setup.sh and scripts/build-guest.sh (with a release balloond for the
 balloond driver); scripts/bench-balloon.sh checks that and runs this.
 """
-import argparse, base64, json, os, re, shlex, shutil, signal, socket, statistics, subprocess, sys, time
+import argparse, json, os, shlex, statistics, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("BALLOOND_CACHE", os.path.join(ROOT, ".cache"))
-MIB = 1 << 20
-
-
-class Fail(Exception):
-    pass
+import guestlib
+from guestlib import CACHE, MIB, Fail
 
 
 def log(msg):
     print(f"bench-balloon: {msg}", file=sys.stderr, flush=True)
 
 
-class QMP:
-    def __init__(self, path, timeout=60):
-        deadline = time.time() + timeout
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if time.time() > deadline:
-                    raise Fail(f"QMP socket {path} did not come up")
-                time.sleep(0.2)
-        self.s.settimeout(60)
-        self.f = self.s.makefile("rw")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
+class Guest(guestlib.Guest):
+    """A guest with a balloon, booted by scripts/run-guest.sh (see guestlib.Guest)."""
 
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise Fail(f"QMP closed during {name}")
-            r = json.loads(line)
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise Fail(f"QMP {name}: {r['error'].get('desc')}")
-            return r.get("return")
-
-    def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
-
-
-class Agent:
-    """Client of the guest command agent (protocol: scripts/guest/balloond-agent)."""
-
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.n = 0
-        self.buf = b""
-
-    def run(self, command, timeout=120):
-        self.n += 1
-        cid = f"b{self.n}"
-        self.s.settimeout(timeout + 20)
-        self.s.sendall(f"{cid} {timeout} {base64.b64encode(command.encode()).decode()}\n".encode())
-        begin = re.compile(rb"<<<BEGIN " + cid.encode() + rb" len=(\d+)>>>\n")
-        while True:
-            m = begin.search(self.buf)
-            if m:
-                n = int(m.group(1))
-                end = re.compile(rb"\n<<<END " + cid.encode() + rb" rc=(-?\d+)>>>\n")
-                m2 = end.match(self.buf, m.end() + n)
-                if m2:
-                    out = self.buf[m.end():m.end() + n].decode(errors="replace")
-                    self.buf = self.buf[m2.end():]
-                    return out, int(m2.group(1))
-            try:
-                d = self.s.recv(65536)
-            except socket.timeout:
-                raise Fail(f"guest agent did not answer within {timeout + 20} s: {command}")
-            if not d:
-                raise Fail("guest agent closed the channel")
-            self.buf += d
-
-    def check(self, command, timeout=120):
-        out, rc = self.run(command, timeout)
-        if rc != 0:
-            raise Fail(f"guest command failed (rc={rc}): {command}\n{out[-2000:]}")
-        return out
-
-    def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
-
-
-class Guest:
     def __init__(self, run_dir, kernel_args="", mem_mib=1024, balloon_props=""):
-        self.run_dir = run_dir
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        env = dict(os.environ, RUN_DIR=run_dir, MEM=f"{mem_mib}M", SMP="1", KERNEL_ARGS=kernel_args,
-                   BALLOON_PROPS=balloon_props, MODERN_ONLY="0", BALLOON="1", CONSOLE="file", QEMU_EXTRA="",
-                   PARENT_PID=str(os.getpid()), MAX_RUNTIME="1800")
-        self.log = open(os.path.join(run_dir, "qemu.log"), "w")
-        self.p = subprocess.Popen([os.path.join(ROOT, "scripts/run-guest.sh")], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=self.log, stderr=subprocess.STDOUT)
-        self.qmp = QMP(os.path.join(run_dir, "qmp.sock"))
-        self.agent = None
-        self.qemu_pid = None
+        super().__init__(run_dir, f"{mem_mib}M", kernel_args, max_runtime=1800, agent_prefix="b",
+                         env={"SMP": "1", "BALLOON_PROPS": balloon_props, "MODERN_ONLY": "0", "BALLOON": "1",
+                              "CONSOLE": "file", "QEMU_EXTRA": ""})
 
     def wait_ready(self, timeout=180):
-        deadline = time.time() + timeout
-        console = os.path.join(self.run_dir, "console.log")
-        while time.time() < deadline:
-            if self.p.poll() is not None:
-                raise Fail(f"QEMU exited early; see {self.run_dir}")
-            try:
-                if "BALLOOND-GUEST-READY" in open(console, errors="replace").read():
-                    self.agent = Agent(os.path.join(self.run_dir, "agent.sock"))
-                    self.agent.check("echo ok", timeout=30)
-                    self.qemu_pid = int(open(os.path.join(self.run_dir, "qemu.pid")).read().strip())
-                    return
-            except FileNotFoundError:
-                pass
-            time.sleep(0.2)
-        raise Fail(f"guest not ready after {timeout} s; see {console}")
-
-    def console(self):
-        return open(os.path.join(self.run_dir, "console.log"), errors="replace").read()
-
-    def rss_mib(self):
-        with open(f"/proc/{self.qemu_pid}/status") as f:
-            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-
-    def stable_rss_mib(self, timeout=60, band=2.0):
-        """RSS once four 1 s samples in a row are within `band` MiB (else the last one)."""
-        samples = [self.rss_mib()]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            time.sleep(1)
-            samples.append(self.rss_mib())
-            w = samples[-4:]
-            if len(w) == 4 and max(w) - min(w) <= band:
-                break
-        return samples[-1]
+        super().wait_ready(timeout, probe=True)
 
     def actual(self):
         return self.qmp.cmd("query-balloon")["actual"]
-
-    def stop(self):
-        if self.agent:
-            self.agent.close()
-        try:
-            self.qmp.cmd("quit")
-        except Exception:
-            pass
-        self.qmp.close()
-        try:
-            self.p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.p.send_signal(signal.SIGTERM)  # run-guest.sh stops QEMU
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(timeout=10)
-        self.log.close()
 
 
 def start_driver(g, driver, args):

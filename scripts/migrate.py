@@ -2,11 +2,12 @@
 """Live-migrates a balloond test guest between two QEMUs on 127.0.0.1 and reports what
 free page hinting saved.
 
-For each mode it boots a source guest (1 GiB, TCG) and an incoming destination, makes the
-guest dirty most of its RAM and free it again (keeping a region with a known checksum),
-starts the mode's balloon driver, migrates, and reads QEMU's own numbers (`query-migrate`).
-On the destination it checks the kept region and the console (no BUG/Oops/pagealloc
-/corruption lines).
+For each mode it boots a source guest (TCG; 1 GiB unless --mem) and an incoming destination,
+makes the guest dirty most of its RAM and free it again (keeping a region with a known
+checksum), starts the mode's balloon driver, migrates, and reads QEMU's own numbers
+(`query-migrate`). On the destination it checks the kept region and the console (no
+BUG/Oops/pagealloc/corruption lines). QMP goes through QEMU's qemu.qmp library and the
+guest agent through scripts/guestlib.py (shared with bench-balloon.py).
 
 Modes:
   floor                no balloon driver, and the guest does NOT dirty-and-free memory (only
@@ -14,168 +15,102 @@ Modes:
                        hinter can do
   none                 no balloon driver in the guest (the baseline)
   kernel               the in-kernel virtio_balloon driver (the anchor)
-  balloond[:SOURCE]    balloond run --hint-source SOURCE (default auto)
+  balloond[:SOURCE]    balloond run --hint-source SOURCE (default auto; the table's "source"
+                       column shows what auto picked)
   balloond:SOURCE-control
                        the same rounds, taking and releasing memory, but no hint sent
                        (tells a wrong hint from the churn of the rounds themselves)
+  MODE@poison          MODE on a guest booted with page_poison=1 (@initfree: init_on_free=1),
+                       on the --poison-mem sizes only
 
-Usage: scripts/migrate.py [--modes none,balloond] [--runs N] [--dirty-mib 600] [--json FILE]
-                         [--plot FILE.png] [--qemu-version 7.2|10.0] [--guest-kernel 6.1|6.12]
+Usage: scripts/migrate.py [--modes none,balloond] [--runs N[,M]] [--mem 1024[,4096]]
+                         [--dirty-mib 600 | --dirty-percent 75] [--json FILE] [--plot FILE.png]
+                         [--bandwidth-mib MIB | --bandwidth-gbit GBIT] [--downtime-ms 300]
+                         [--qemu-version 7.2|10.0[,...]] [--guest-kernel 6.1|6.12]
 --qemu-version / --guest-kernel (default: the QEMU_VERSION / GUEST_KERNEL environment, else
 7.2 and 6.1) pick the platform of both guests, source and destination (scripts/run-guest.sh;
-10.0 is the QEMU scripts/setup.sh unpacks from bookworm-backports).
-Runs are interleaved (every mode once per run index). The table shows medians; "vs none" is
-the total-time reduction against the none mode, "x floor" the bytes sent relative to the
-floor mode, "1st hint ms" / "STOP ms" balloond's lastRoundFirstHintMicros /
-lastRoundStopMicros (from reading the cmd id). --plot draws total time and MB sent per mode
-(matplotlib, else gnuplot). scripts/bench-migrate.sh is the benchmark command.
+10.0 is the QEMU scripts/setup.sh unpacks from bookworm-backports). A list of versions
+compares them: --runs N,M runs N times per mode on the first and M on the others.
+Bandwidth and downtime default to QEMU's (128 MiB/s) and 300 ms; the seed's configuration
+is --bandwidth-gbit 100 --downtime-ms 2000 (scripts/bench-migrate.sh and demo.sh use it).
+Runs are interleaved (every mode once per run index, version and size). One table per QEMU
+version and guest size shows medians; "vs none" is the total-time reduction against the
+none mode, "x floor" the bytes sent relative to the floor mode, "1st hint ms" / "STOP ms"
+balloond's lastRoundFirstHintMicros / lastRoundStopMicros (from reading the cmd id).
+--plot draws total time and MB sent per mode, a row per guest size and a bar per QEMU
+version (matplotlib, pip-installed when missing; gnuplot for one version and size).
+scripts/bench-migrate.sh is the benchmark command.
 Needs scripts/setup.sh, a release balloond and scripts/build-guest.sh (scripts/demo.sh does
 all of that).
 """
-import argparse, base64, json, os, re, shutil, signal, socket, statistics, subprocess, sys, time
+import argparse, json, os, re, shutil, statistics, subprocess, sys, textwrap, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("BALLOOND_CACHE", os.path.join(ROOT, ".cache"))
+from guestlib import CACHE, Fail, Guest, ensure_matplotlib, free_port, qemu_available
 
-
-class Fail(Exception):
-    pass
-
-
-class QMP:
-    def __init__(self, path, timeout=30):
-        deadline = time.time() + timeout
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise Fail(f"QMP socket {path} did not come up")
-                time.sleep(0.2)
-        self.f = self.s.makefile("rw")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise Fail(f"QMP closed during {name}")
-            r = json.loads(line)
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise Fail(f"QMP {name}: {r['error'].get('desc')}")
-            return r.get("return")
+QEMU_VERSIONS = ("7.2", "10.0")
+GUEST_KERNELS = ("6.1", "6.12")
+# MODE@VARIANT runs MODE on a guest with these extra kernel arguments.
+GUEST_VARIANTS = {"poison": "page_poison=1", "initfree": "init_on_free=1"}
 
 
-class Agent:
-    """Client of the guest command agent (protocol: scripts/guest/balloond-agent)."""
-
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.n = 0
-        self.buf = b""
-
-    def run(self, command, timeout=120):
-        self.n += 1
-        cid = f"m{self.n}"
-        self.s.settimeout(timeout + 15)
-        self.s.sendall(f"{cid} {timeout} {base64.b64encode(command.encode()).decode()}\n".encode())
-        begin = re.compile(rb"<<<BEGIN " + cid.encode() + rb" len=(\d+)>>>\n")
-        while True:
-            m = begin.search(self.buf)
-            if m:
-                n = int(m.group(1))
-                end = re.compile(rb"\n<<<END " + cid.encode() + rb" rc=(-?\d+)>>>\n")
-                m2 = end.match(self.buf, m.end() + n)
-                if m2:
-                    out = self.buf[m.end():m.end() + n].decode(errors="replace")
-                    self.buf = self.buf[m2.end():]
-                    return out, int(m2.group(1))
-            d = self.s.recv(65536)
-            if not d:
-                raise Fail("guest agent closed the channel")
-            self.buf += d
-
-    def check(self, command, timeout=120):
-        out, rc = self.run(command, timeout)
-        if rc != 0:
-            raise Fail(f"guest command failed (rc={rc}): {command}\n{out[-2000:]}")
-        return out
+def split_mode(mode):
+    """'balloond:hugetlb@poison' -> ('balloond:hugetlb', 'poison'); no variant -> (mode, None)."""
+    base, _, variant = mode.partition("@")
+    return base, (variant or None)
 
 
-class Guest:
-    def __init__(self, name, run_dir, kernel_args="", incoming=None, mem="1G"):
-        self.run_dir = run_dir
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        env = dict(os.environ, RUN_DIR=run_dir, MEM=mem, KERNEL_ARGS=kernel_args, PARENT_PID=str(os.getpid()), MAX_RUNTIME="900")
-        extra = ["-incoming", incoming] if incoming else []
-        self.log = open(os.path.join(run_dir, "qemu.log"), "w")
-        self.p = subprocess.Popen([os.path.join(ROOT, "scripts/run-guest.sh")] + extra, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.qmp = QMP(os.path.join(run_dir, "qmp.sock"))
-        self.agent = None
-
-    def wait_ready(self, timeout=120):
-        deadline = time.time() + timeout
-        console = os.path.join(self.run_dir, "console.log")
-        while time.time() < deadline:
-            if self.p.poll() is not None:
-                raise Fail(f"QEMU exited early; see {self.run_dir}")
-            try:
-                if "BALLOOND-GUEST-READY" in open(console, errors="replace").read():
-                    self.agent = Agent(os.path.join(self.run_dir, "agent.sock"))
-                    return
-            except FileNotFoundError:
-                pass
-            time.sleep(0.2)
-        raise Fail(f"guest not ready after {timeout} s; see {console}")
-
-    def console(self):
-        return open(os.path.join(self.run_dir, "console.log"), errors="replace").read()
-
-    def stop(self):
-        try:
-            self.qmp.cmd("quit")
-        except Exception:
-            pass
-        try:
-            self.p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.p.send_signal(signal.SIGTERM)
-            self.p.wait(timeout=15)
+def run_tag(mode, run_index, cfg, args):
+    """The run directory's name: <mode>-<run> for the single default platform and size (as
+    before), else prefixed with the QEMU version and guest size."""
+    tag = f"{mode.replace(':', '-').replace('@', '-')}-{run_index}"
+    if len(args.qemu_versions) > 1 or len(args.mems) > 1 or cfg["mem"] != 1024:
+        tag = f"q{cfg['qemu']}-{cfg['mem']}M-{tag}"
+    return tag
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def dirty_command(mode, cfg, args, agent):
+    """The guest command that dirties memory and frees it again, and the MiB it dirties.
+    --dirty-percent: memhog (anonymous memory, every page non-zero) with that share of RAM,
+    capped at MemAvailable - 64 MiB; else --dirty-mib MiB of text in /dev/shm."""
+    if mode == "floor":
+        return "sync", 0
+    if args.dirty_percent:
+        avail_kib = int(re.search(r"MemAvailable:\s+(\d+)", agent.check("cat /proc/meminfo")).group(1))
+        mib = min(cfg["mem"] * args.dirty_percent // 100, avail_kib // 1024 - 64)
+        if mib <= 0:
+            raise Fail(f"the guest has only {avail_kib // 1024} MiB available, nothing to dirty")
+        return f"memhog -q {mib} | tail -1 | grep -q 'memhog: ok' && sync", mib
+    return (f"yes balloond-dirty-page-pattern | dd of=/dev/shm/dirty bs=1M count={args.dirty_mib} iflag=fullblock 2>/dev/null; "
+            f"rm /dev/shm/dirty; sync"), args.dirty_mib
 
 
-def migrate_once(mode, run_index, args):
-    tag = f"{mode.replace(':', '-')}-{run_index}"
+def migrate_once(mode, run_index, cfg, args):
+    """One migration of `mode` on platform/size `cfg` ({"qemu": "10.0", "mem": 1024})."""
+    tag = run_tag(mode, run_index, cfg, args)
     base = os.path.join(CACHE, "runs", "migrate", tag)
-    kernel_args = "balloond.modprobe=virtio_pci,virtio_balloon" if mode == "kernel" else ""
+    driver, variant = split_mode(mode)
+    kernel_args = "balloond.modprobe=virtio_pci,virtio_balloon" if driver == "kernel" else ""
+    if variant:
+        kernel_args += " " + GUEST_VARIANTS[variant]
     kernel_args += " " + args.kernel_args
     port = free_port()
-    src = Guest("src", base + "-src", kernel_args)
-    dst = Guest("dst", base + "-dst", kernel_args, incoming=f"tcp:127.0.0.1:{port}")
+    # run-guest.sh reads QEMU_VERSION/GUEST_KERNEL for both guests; QEMU (an explicit binary)
+    # would override them, so main() drops it.
+    env = {"QEMU_VERSION": cfg["qemu"], "GUEST_KERNEL": args.guest_kernel}
+    runtime = 900 + 2 * cfg["mem"] // 4  # seconds: 4 GiB guests dirty and send more under TCG
+    mem = f"{cfg['mem']}M"
+    src = Guest(base + "-src", mem, kernel_args, env=env, max_runtime=runtime, agent_prefix="m")
+    try:
+        dst = Guest(base + "-dst", mem, kernel_args, incoming=f"tcp:127.0.0.1:{port}", env=env, max_runtime=runtime,
+                    agent_prefix="m")
+    except Fail:
+        src.stop()
+        raise
     try:
         src.wait_ready()
         a = src.agent
-        if mode.startswith("balloond"):
-            source = mode.split(":", 1)[1] if ":" in mode else "auto"
+        if driver.startswith("balloond"):
+            source = driver.split(":", 1)[1] if ":" in driver else "auto"
             control = source.endswith("-control")
             source = source.removesuffix("-control")
             extra = ""
@@ -191,15 +126,12 @@ def migrate_once(mode, run_index, args):
         # and keep a region whose checksum the destination must reproduce. The floor mode
         # skips the dirtying: its free memory was never written, so only used memory is sent.
         a.check(f"dd if=/dev/urandom of=/dev/shm/keep bs=1M count={args.keep_mib} 2>/dev/null && md5sum /dev/shm/keep > /run/keep.md5", timeout=300)
-        dirty_mib = 0 if mode == "floor" else args.dirty_mib
-        if dirty_mib:
-            a.check(f"yes balloond-dirty-page-pattern | dd of=/dev/shm/dirty bs=1M count={dirty_mib} iflag=fullblock 2>/dev/null; rm /dev/shm/dirty; sync", timeout=300)
-        else:
-            a.check("sync")
+        command, dirty_mib = dirty_command(mode, cfg, args, a)
+        a.check(command, timeout=300 + cfg["mem"] // 4)
         free_kib = int(re.search(r"MemFree:\s+(\d+)", a.check("cat /proc/meminfo")).group(1))
-        params = {"downtime-limit": 300}
-        if args.bandwidth_mib:
-            params["max-bandwidth"] = args.bandwidth_mib << 20
+        params = {"downtime-limit": args.downtime_ms}
+        if args.bandwidth_bytes:
+            params["max-bandwidth"] = args.bandwidth_bytes
         src.qmp.cmd("migrate-set-parameters", **params)
         if args.postcopy:
             src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
@@ -220,17 +152,18 @@ def migrate_once(mode, run_index, args):
             raise Fail(f"migration {st}: {info.get('error-desc', '')}")
         ram = info["ram"]
         result = {
-            "mode": mode, "run": run_index, "total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
+            "mode": mode, "run": run_index, "qemu_version": cfg["qemu"], "guest_kernel": args.guest_kernel,
+            "mem_mib": cfg["mem"], "total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
             "transferred_bytes": ram["transferred"], "normal_pages": ram["normal"], "duplicate_pages": ram["duplicate"],
             "guest_free_mib": free_kib // 1024, "dirtied_mib": dirty_mib, "run_dir": base,
         }
         # Destination: it runs now; the agent's serial line continues there.
-        dst.agent = Agent(os.path.join(dst.run_dir, "agent.sock"))
-        ok = dst.agent.check("md5sum -c /run/keep.md5", timeout=120)
+        d = dst.connect_agent()
+        ok = d.check("md5sum -c /run/keep.md5", timeout=120)
         result["kept_region_ok"] = "OK" in ok
-        if mode.startswith("balloond"):
-            st_out = dst.agent.run("balloond status --json")[0]
-            result["balloond_log_tail"] = dst.agent.run("tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
+        if driver.startswith("balloond"):
+            st_out = d.run("balloond status --json")[0]
+            result["balloond_log_tail"] = d.run("tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
             m = re.search(r'"bytesHinted"\s*:\s*(\d+)', st_out)
             result["hinted_mib"] = int(m.group(1)) >> 20 if m else None
             m = re.search(r'"lastRoundFirstHintMicros"\s*:\s*(\d+)', st_out)
@@ -240,7 +173,9 @@ def migrate_once(mode, run_index, args):
             m = re.search(r'"hintRounds"\s*:\s*(\d+)', st_out)
             result["hint_rounds"] = int(m.group(1)) if m else None
             m = re.search(r'"hintSource"\s*:\s*"([a-z]+)"', st_out)
-            result["hint_source"] = m.group(1) if m else None
+            # No source: balloond runs without hinting (e.g. auto on a TCG poisoning guest).
+            # (balloond's status JSON leaves hintSource out then).
+            result["hint_source"] = m.group(1) if m else ("off" if st_out.lstrip().startswith("{") else None)
         time.sleep(1)
         bad = [l for l in dst.console().splitlines() if re.search(r"BUG|Oops|pagealloc|corruption", l)]
         result["dest_console_errors"] = bad[:5]
@@ -255,16 +190,23 @@ def median_of(rs, key):
     return statistics.median(vals) if vals else None
 
 
+def group_key(x):
+    return (x.get("qemu_version"), x.get("mem_mib"))
+
+
 def summarize(modes, results):
     """Per mode: medians over the runs that completed, min/max total time, and whether every
-    run's destination verified."""
+    run's destination verified. `results` are one group's (one QEMU version and size)."""
     summary = []
     for mode in modes:
         all_rs = [x for x in results if x["mode"] == mode]
+        if not all_rs:
+            continue
         rs = [x for x in all_rs if "error" not in x]
+        sources = sorted({x["hint_source"] for x in rs if x.get("hint_source")})
         s = {"mode": mode, "runs": len(all_rs), "completed": len(rs),
              "dest_ok": all(x["kept_region_ok"] and not x["dest_console_errors"] for x in all_rs),
-             "first_error": next((x for x in all_rs if "error" in x), None)}
+             "first_error": next((x for x in all_rs if "error" in x), None), "source": "/".join(sources) or None}
         if rs:
             s.update(total_ms=median_of(rs, "total_ms"), min_ms=min(x["total_ms"] for x in rs),
                      max_ms=max(x["total_ms"] for x in rs), mb=median_of(rs, "transferred_bytes") / 1e6,
@@ -278,11 +220,27 @@ def reference(summary, mode):
     return next((s for s in summary if s["mode"] == mode and s.get("total_ms") is not None), None)
 
 
-def print_table(summary):
+def describe_config(args):
+    bw = "QEMU's default max-bandwidth (128 MiB/s)" if not args.bandwidth_bytes else (
+        f"max-bandwidth {args.bandwidth_bytes * 8 / 1e9:g} Gbit/s" if args.bandwidth_bytes >= 1e9
+        else f"max-bandwidth {args.bandwidth_bytes / (1 << 20):g} MiB/s")
+    return f"{bw}, downtime limit {args.downtime_ms} ms"
+
+
+def describe_group(qemu, mem, results, args):
+    dirtied = sorted({x["dirtied_mib"] for x in results if x.get("dirtied_mib")})
+    d = (f"{dirtied[0]}-{dirtied[-1]}" if len(dirtied) > 1 else f"{dirtied[0]}") if dirtied else "0"
+    return (f"QEMU {qemu} / Linux {args.guest_kernel}, {mem} MiB guest, {describe_config(args)}, "
+            f"{d} MiB dirtied and freed (floor: none)")
+
+
+def print_table(summary, title=None):
+    if title:
+        print(f"\n{title}", end="")
     none, floor = reference(summary, "none"), reference(summary, "floor")
     fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"\n{'mode':<22} {'runs':>4} {'total ms':>9} {'MB sent':>8} {'vs none':>8} {'x floor':>8} {'hinted MiB':>10} "
-          f"{'1st hint ms':>11} {'STOP ms':>8} {'min ms':>7} {'max ms':>7} {'dest ok':>7}")
+          f"{'1st hint ms':>11} {'STOP ms':>8} {'min ms':>7} {'max ms':>7} {'dest ok':>7} {'source':>10}")
     for s in summary:
         if s.get("total_ms") is None:
             e = s["first_error"]
@@ -293,7 +251,7 @@ def print_table(summary):
         runs = f"{s['runs']}" if s["completed"] == s["runs"] else f"{s['completed']}/{s['runs']}"
         print(f"{s['mode']:<22} {runs:>4} {s['total_ms']:>9.0f} {s['mb']:>8.0f} {rel:>8} {xfl:>8} {fmt(s['hinted_mib'], '.0f'):>10} "
               f"{fmt(s['first_hint_ms'], '.1f'):>11} {fmt(s['stop_ms'], '.1f'):>8} {s['min_ms']:>7.0f} {s['max_ms']:>7.0f} "
-              f"{'yes' if s['dest_ok'] else 'NO':>7}")
+              f"{'yes' if s['dest_ok'] else 'NO':>7} {s['source'] or '-':>10}")
     # The issue's targets for the TCG default source (reported only; they do not decide the
     # exit status).
     k = reference(summary, "balloond:kpageflags")
@@ -309,75 +267,109 @@ def print_table(summary):
             checks.append(f"first hint {k['first_hint_ms']:.1f} ms (<= 100 ms: {'met' if k['first_hint_ms'] <= 100 else 'MISSED'})")
         if checks:
             print("targets, balloond:kpageflags: " + "; ".join(checks))
+    # Owned sources against the in-kernel driver (issue 11: <= 1.0x at 1 GiB, <= 0.6x at 4 GiB).
+    kern = reference(summary, "kernel")
+    owned = [s for s in summary if s.get("total_ms") is not None and s["mode"].startswith("balloond")
+             and "@" not in s["mode"] and s["source"] in ("hugetlb", "anonymous") and not s["mode"].endswith("-control")]
+    if kern and owned:
+        print("owned vs kernel: " + "; ".join(f"{s['mode']} ({s['source']}) time x{s['total_ms'] / kern['total_ms']:.2f}, "
+                                              f"bytes x{s['mb'] / kern['mb']:.2f}" for s in owned))
     if any(0 < s["completed"] < s["runs"] for s in summary):
         print("(runs shown as completed/total: failed runs count in 'dest ok' but not in the medians)")
 
 
 def plot_tool():
-    """matplotlib if importable, else gnuplot if installed, else None."""
-    try:
-        import matplotlib  # noqa: F401
+    """matplotlib if importable (pip-installed when missing), else gnuplot if installed, else None."""
+    if ensure_matplotlib():
         return "matplotlib"
-    except ImportError:
-        pass
     return "gnuplot" if shutil.which("gnuplot") else None
 
 
 MODE_COLORS = {"floor": "#8c8c8c", "none": "#b2182b", "kernel": "#ef8a62"}
+VERSION_COLORS = ["#2166ac", "#1b9e77", "#7570b3", "#d95f02"]
 
 
-def plot_title(args):
-    return (f"live migration of a 1 GiB TCG guest over loopback: {args.dirty_mib} MiB dirtied and freed before "
-            f"(floor: nothing dirtied), {args.runs} run(s) per mode, interleaved")
+def plot_title(args, results):
+    d = f"{args.dirty_percent}% of RAM" if args.dirty_percent else f"{args.dirty_mib} MiB"
+    runs = ", ".join(f"QEMU {v}: {n}" for v, n in zip(args.qemu_versions, args.runs_per_version))
+    variants = sorted({split_mode(x["mode"])[1] for x in results} - {None})
+    notes = "".join(f"; @{v}: {GUEST_VARIANTS[v]} guest" for v in variants)
+    return (f"live migration of a TCG guest over loopback ({describe_config(args)}; Linux {args.guest_kernel} guest): "
+            f"{d} dirtied and freed before (floor: nothing dirtied)\nruns per mode, interleaved: {runs}{notes}")
 
 
-def plot_matplotlib(summary, results, path, args):
+def plot_matplotlib(modes, results, path, args):
+    """Per guest size a total time and an MB sent panel; per mode one bar (median) per QEMU
+    version, with each run as a point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    modes = [s["mode"] for s in summary]
-    xs = range(len(modes))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.6 * len(modes)), 5.2))
-    panels = [("total_ms", "total time (ms)", lambda v: v, "{:.0f}"),
-              ("transferred_bytes", "sent (MB = 10^6 bytes)", lambda v: v / 1e6, "{:.0f}")]
-    none, floor = reference(summary, "none"), reference(summary, "floor")
-    for ax, (key, label, conv, lf) in zip(axes, panels):
-        for i, s in enumerate(summary):
-            color = MODE_COLORS.get(s["mode"], "#2166ac")
-            rs = [x for x in results if x["mode"] == s["mode"] and "error" not in x]
-            vals = [conv(x[key]) for x in rs]
-            if vals:
-                med = statistics.median(vals)
-                ax.bar(i, med, width=0.6, color=color, alpha=0.45, edgecolor=color)
-                ax.annotate(lf.format(med), (i, max(vals)), xytext=(0, 4), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=9, fontweight="bold")
-                n = len(vals)
-                offs = [(j - (n - 1) / 2) * (0.3 / max(n - 1, 1)) for j in range(n)]
-                ax.scatter([i + o for o in offs], vals, color=color, edgecolor="black", linewidth=0.5, s=28, zorder=3)
-            failed = s["runs"] - s["completed"]
-            if failed:
-                ax.text(i, 0, f"{failed} failed", ha="center", va="bottom", color="red", fontsize=9)
-        if key == "total_ms" and none:
-            y = none["total_ms"] * (1 - 0.84)
-            ax.axhline(y, color="#2166ac", linestyle=":", linewidth=1, label="target: 84% less than none")
-            ax.legend(loc="upper right", fontsize=8)
-        if key == "transferred_bytes" and floor:
-            ax.axhline(floor["mb"] * 1.10, color="#2166ac", linestyle=":", linewidth=1, label="target: 1.10 x floor")
-            ax.legend(loc="upper right", fontsize=8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(modes, rotation=15, ha="right")
-        ax.set_ylabel(label)
-        ax.set_title(label + ": median (bar), each run (point)", fontsize=10)
-        ax.set_xlim(-0.6, len(modes) - 0.4)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(plot_title(args), fontsize=10)
+    from matplotlib.patches import Patch
+    mems = [m for m in args.mems if any(x.get("mem_mib") == m for x in results)]
+    versions = [v for v in args.qemu_versions if any(x.get("qemu_version") == v for x in results)]
+    nv = len(versions)
+    width = 0.75 / nv
+    # Panels stacked: per guest size, total time above MB sent.
+    fig, axes = plt.subplots(2 * len(mems), 1, figsize=(max(10, (0.6 + 0.5 * nv) * len(modes) + 1.5), 3.7 * 2 * len(mems) + 1.0),
+                             squeeze=False)
+    axes = [axes[2 * i:2 * i + 2, 0] for i in range(len(mems))]
+    panels = [("total_ms", "total time (ms)", lambda v: v),
+              ("transferred_bytes", "sent (MB = 10^6 bytes)", lambda v: v / 1e6)]
+    for row, mem in zip(axes, mems):
+        row_modes = [m for m in modes if any(x["mode"] == m and x.get("mem_mib") == mem for x in results)]
+        for ax, (key, label, conv) in zip(row, panels):
+            for vi, ver in enumerate(versions):
+                for i, mode in enumerate(row_modes):
+                    all_rs = [x for x in results if x["mode"] == mode and group_key(x) == (ver, mem)]
+                    rs = [x for x in all_rs if "error" not in x]
+                    color = VERSION_COLORS[vi % len(VERSION_COLORS)] if nv > 1 else MODE_COLORS.get(split_mode(mode)[0], "#2166ac")
+                    xc = i + (vi - (nv - 1) / 2) * width
+                    vals = [conv(x[key]) for x in rs]
+                    if vals:
+                        med = statistics.median(vals)
+                        ax.bar(xc, med, width=width * 0.9, color=color, alpha=0.45, edgecolor=color,
+                               hatch="//" if "@" in mode else None)
+                        ax.annotate(f"{med:.0f}", (xc, max(vals)), xytext=(0, 3), textcoords="offset points",
+                                    ha="center", va="bottom", fontsize=8, fontweight="bold")
+                        n = len(vals)
+                        offs = [(j - (n - 1) / 2) * (0.5 * width / max(n - 1, 1)) for j in range(n)]
+                        ax.scatter([xc + o for o in offs], vals, color=color, edgecolor="black", linewidth=0.5, s=20, zorder=3)
+                    failed = len(all_rs) - len(rs)
+                    unverified = sum(1 for x in rs if not x["kept_region_ok"] or x["dest_console_errors"])
+                    marks = ([f"{failed} failed"] if failed else []) + ([f"{unverified} dest\nerror"] if unverified else [])
+                    if marks:
+                        ax.text(xc, 0, "\n".join(marks), ha="center", va="bottom", color="red", fontsize=8, fontweight="bold")
+            ax.set_xticks(range(len(row_modes)))
+            ax.set_xticklabels(row_modes, rotation=20, ha="right", fontsize=9)
+            ax.set_ylabel(label)
+            ax.set_title(f"{mem} MiB guest: {label}, median (bar), each run (point); red: runs failed or destination errors",
+                         fontsize=10)
+            ax.set_xlim(-0.6, len(row_modes) - 0.4)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+            ax.grid(axis="y", alpha=0.3)
+            if nv > 1:
+                ax.legend(handles=[Patch(facecolor=VERSION_COLORS[vi % len(VERSION_COLORS)], alpha=0.45, label=f"QEMU {v}")
+                                   for vi, v in enumerate(versions)], loc="best", fontsize=8)
+            elif len(mems) == 1:
+                # The issue's targets for kpageflags, against this run's none and floor.
+                grp = summarize(modes, results)
+                none, floor = reference(grp, "none"), reference(grp, "floor")
+                if key == "total_ms" and none:
+                    ax.axhline(none["total_ms"] * (1 - 0.84), color="#2166ac", linestyle=":", linewidth=1,
+                               label="target: 84% less than none")
+                    ax.legend(loc="best", fontsize=8)
+                if key == "transferred_bytes" and floor:
+                    ax.axhline(floor["mb"] * 1.10, color="#2166ac", linestyle=":", linewidth=1, label="target: 1.10 x floor")
+                    ax.legend(loc="best", fontsize=8)
+    chars = int(fig.get_figwidth() * 14)
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in plot_title(args, results).splitlines()), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_gnuplot(summary, results, path, args):
+    """Fallback without matplotlib: one QEMU version and one guest size only."""
     work = path + ".gnuplot"
     os.makedirs(work, exist_ok=True)
     q = lambda t: '"' + t.replace('"', "'") + '"'
@@ -397,7 +389,7 @@ def plot_gnuplot(summary, results, path, args):
     script = f"""set terminal {term} size {max(1100, 290 * len(summary))},560
 set output {q(path)}
 set datafile missing "NaN"
-set multiplot layout 1,2 title {q(plot_title(args))}
+set multiplot layout 1,2 title {q(plot_title(args, results).splitlines()[0])}
 set style fill solid 0.45 border
 set boxwidth 0.6
 set xrange [-0.6:{len(summary) - 0.4}]
@@ -418,23 +410,31 @@ unset multiplot
         raise Fail(f"gnuplot failed: {r.stderr.strip()[-500:]} (script {work}/plot.gp)")
 
 
-def write_plot(summary, results, path, args):
+def write_plot(modes, results, path, args):
     tool = plot_tool()
+    groups = {group_key(x) for x in results}
+    if tool == "gnuplot" and len(groups) > 1:
+        tool = None
     if tool is None:
-        print(f"migrate: --plot {path}: neither matplotlib nor gnuplot is available, so no plot was written. "
-              f"Install one: pip install matplotlib (or apt-get install gnuplot-nox), then rerun; "
+        print(f"migrate: --plot {path}: matplotlib is not available{' (gnuplot draws one QEMU version and size only)' if len(groups) > 1 else ' and neither is gnuplot'}, "
+              f"so no plot was written. Install it: {sys.executable} -m pip install matplotlib, then rerun; "
               f"the results are in the table above" + (f" and in {args.json}" if args.json else ""), file=sys.stderr)
-        return
+        return None
     if not any("error" not in x for x in results):
         print(f"migrate: --plot {path}: every run failed, nothing to plot", file=sys.stderr)
-        return
+        return None
     try:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
-        (plot_matplotlib if tool == "matplotlib" else plot_gnuplot)(summary, results, path, args)
+        if tool == "matplotlib":
+            plot_matplotlib(modes, results, path, args)
+        else:
+            plot_gnuplot(summarize(modes, results), results, path, args)
         print(f"migrate: plot ({tool}) written to {path}", file=sys.stderr)
+        return path
     except Exception as e:  # a plot problem must not hide the results or change the exit status
         print(f"migrate: --plot {path}: {tool} failed: {e}", file=sys.stderr)
+        return None
 
 
 def status_json(agent):
@@ -482,67 +482,123 @@ def cancel_during_round(mode, run_index, base, src, agent, t0):
             "balloond": alive, "kept_region_ok": True, "dest_console_errors": [], "run_dir": base}
 
 
+def comma_list(kind, allowed=None):
+    """argparse type: a comma-separated list of `kind` values (each in `allowed`, if given)."""
+    def parse(text):
+        try:
+            vals = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want a comma-separated list of {kind.__name__} values, not {text!r}")
+        if not vals:
+            raise argparse.ArgumentTypeError("empty list")
+        bad = [v for v in vals if allowed is not None and v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, bad))}: want one of {', '.join(allowed)}")
+        return vals
+    return parse
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="none,balloond")
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--dirty-mib", type=int, default=600)
+    ap.add_argument("--runs", type=comma_list(int), default=[1], metavar="N[,M]",
+                    help="runs per mode, interleaved (default 1); N,M: N on the first --qemu-version, M on the others")
+    ap.add_argument("--mem", dest="mems", type=comma_list(int), default=[1024], metavar="MIB[,MIB...]",
+                    help="guest RAM sizes in MiB, each a group of its own (default 1024)")
+    ap.add_argument("--dirty-mib", type=int, default=600,
+                    help="MiB of text written to /dev/shm and removed before migrating (default 600)")
+    ap.add_argument("--dirty-percent", type=int, default=0, metavar="P",
+                    help="instead: memhog dirties P%% of the guest's RAM (at most MemAvailable - 64 MiB) and frees it")
     ap.add_argument("--keep-mib", type=int, default=16)
     ap.add_argument("--kernel-args", default="")
-    ap.add_argument("--bandwidth-mib", type=int, default=0,
+    ap.add_argument("--poison-mem", type=comma_list(int), metavar="MIB[,MIB...]",
+                    help="guest sizes on which MODE@VARIANT modes run (default: every --mem size)")
+    # Both set the same cap; the last one given wins (so a wrapper's default can be overridden).
+    ap.add_argument("--bandwidth-mib", dest="bandwidth_bytes", type=lambda v: int(v) << 20, default=0, metavar="MIB",
                     help="migration bandwidth cap in MiB/s (default: QEMU's own default, 128 MiB/s, about a 1 Gbit/s link)")
+    ap.add_argument("--bandwidth-gbit", dest="bandwidth_bytes", type=lambda v: int(float(v) * 1e9 / 8), default=0, metavar="GBIT",
+                    help="migration bandwidth cap in Gbit/s, e.g. 100 (the seed's configuration)")
+    ap.add_argument("--downtime-ms", type=int, default=300, help="downtime-limit (default 300; the seed's configuration: 2000)")
     ap.add_argument("--postcopy", action="store_true", help="enable the postcopy-ram capability (QEMU then never hints)")
     ap.add_argument("--cancel", action="store_true",
                     help="migrate_cancel during balloond's first hint round and check it gives back everything (prints the per-run results only)")
-    ap.add_argument("--qemu-version", choices=["7.2", "10.0"], default=os.environ.get("QEMU_VERSION") or "7.2",
-                    help="QEMU of both source and destination (default: $QEMU_VERSION, else 7.2)")
-    ap.add_argument("--guest-kernel", choices=["6.1", "6.12"], default=os.environ.get("GUEST_KERNEL") or "6.1",
+    ap.add_argument("--qemu-version", dest="qemu_versions", type=comma_list(str, QEMU_VERSIONS),
+                    default=[os.environ.get("QEMU_VERSION") or "7.2"], metavar="7.2|10.0[,...]",
+                    help="QEMU of both source and destination (default: $QEMU_VERSION, else 7.2); a list compares them")
+    ap.add_argument("--guest-kernel", choices=GUEST_KERNELS, default=os.environ.get("GUEST_KERNEL") or "6.1",
                     help="guest kernel and image (default: $GUEST_KERNEL, else 6.1)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()
-    # run-guest.sh reads these for both guests; QEMU (an explicit binary) would override them.
-    os.environ["QEMU_VERSION"] = args.qemu_version
-    os.environ["GUEST_KERNEL"] = args.guest_kernel
-    os.environ.pop("QEMU", None)
-    print(f"migrate: platform QEMU {args.qemu_version} / Linux {args.guest_kernel}", file=sys.stderr, flush=True)
     modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        v = split_mode(m)[1]
+        if v is not None and v not in GUEST_VARIANTS:
+            ap.error(f"mode {m}: unknown guest variant @{v} (want @{', @'.join(GUEST_VARIANTS)})")
+    if len(args.runs) > 2 or min(args.runs) < 1:
+        ap.error("--runs: want N or N,M with N, M >= 1")
+    args.runs_per_version = [args.runs[0]] + [args.runs[-1]] * (len(args.qemu_versions) - 1)
+    if args.poison_mem is None:
+        args.poison_mem = args.mems
+    if not 0 <= args.dirty_percent < 100:
+        ap.error("--dirty-percent must be between 1 and 99")
+    # run-guest.sh gets QEMU_VERSION/GUEST_KERNEL per guest; QEMU (an explicit binary) would override them.
+    os.environ.pop("QEMU", None)
+    for v in args.qemu_versions:
+        if not qemu_available(v):
+            ap.error(f"QEMU {v} is not set up: run scripts/setup.sh")
+    print(f"migrate: platform QEMU {'/'.join(args.qemu_versions)} / Linux {args.guest_kernel}; {describe_config(args)}",
+          file=sys.stderr, flush=True)
     if args.plot and plot_tool() is None:
         print("migrate: note: --plot needs matplotlib (pip install matplotlib) or gnuplot; neither is available, "
               "so only the table will be printed", file=sys.stderr)
     for path in (args.json, args.plot):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plan = []  # interleaved: every mode once per run index, on every version and size
+    for r in range(max(args.runs_per_version)):
+        for ver, n in zip(args.qemu_versions, args.runs_per_version):
+            if r >= n:
+                continue
+            for mem in args.mems:
+                for mode in modes:
+                    if split_mode(mode)[1] and mem not in args.poison_mem:
+                        continue
+                    plan.append((r, {"qemu": ver, "mem": mem}, mode))
     results = []
-    for r in range(args.runs):  # interleaved: every mode once per run
-        for mode in modes:
-            print(f"migrate: run {r + 1}/{args.runs} mode {mode} ...", file=sys.stderr, flush=True)
-            try:
-                res = migrate_once(mode, r, args)
-            except (Fail, OSError) as e:
-                # A destination that crashes (seen under TCG even with the in-kernel driver,
-                # virtio-balloon.md §9) is a result, not a reason to stop the comparison.
-                tag = f"{mode.replace(':', '-')}-{r}"
-                res = {"mode": mode, "run": r, "error": str(e)[:300], "kept_region_ok": False,
-                       "dest_console_errors": [f"run failed: {e}"[:200]], "run_dir": os.path.join(CACHE, "runs", "migrate", tag)}
-            print("migrate:   " + json.dumps({k: v for k, v in res.items() if k != "run_dir"}), file=sys.stderr, flush=True)
-            results.append(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    for i, (r, cfg, mode) in enumerate(plan):
+        where = f" QEMU {cfg['qemu']} {cfg['mem']} MiB" if len(args.qemu_versions) > 1 or len(args.mems) > 1 else ""
+        print(f"migrate: [{i + 1}/{len(plan)}] run {r + 1}{where} mode {mode} ...", file=sys.stderr, flush=True)
+        try:
+            res = migrate_once(mode, r, cfg, args)
+        except (Fail, OSError) as e:
+            # A destination that crashes (seen under TCG even with the in-kernel driver,
+            # virtio-balloon.md §9) is a result, not a reason to stop the comparison.
+            res = {"mode": mode, "run": r, "qemu_version": cfg["qemu"], "guest_kernel": args.guest_kernel,
+                   "mem_mib": cfg["mem"], "error": str(e)[:300], "kept_region_ok": False,
+                   "dest_console_errors": [f"run failed: {e}"[:200]],
+                   "run_dir": os.path.join(CACHE, "runs", "migrate", run_tag(mode, r, cfg, args))}
+        print("migrate:   " + json.dumps({k: v for k, v in res.items() if k != "run_dir"}), file=sys.stderr, flush=True)
+        results.append(res)
+        if args.json:  # after every run, so an interrupted benchmark keeps what it has
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
     if args.cancel:
         for x in results:
             print(json.dumps({k: v for k, v in x.items() if k != "run_dir"}))
         return 1 if any("error" in x or not x.get("cancelled") for x in results if x["mode"].startswith("balloond")) else 0
-    summary = summarize(modes, results)
-    print_table(summary)
+    for ver in args.qemu_versions:
+        for mem in args.mems:
+            rs = [x for x in results if group_key(x) == (ver, mem)]
+            if rs:
+                print_table(summarize(modes, rs), describe_group(ver, mem, rs, args))
     sys.stdout.flush()
     if args.plot:
-        write_plot(summary, results, args.plot, args)
+        write_plot(modes, results, args.plot, args)
     bad = [x for x in results if not (x["kept_region_ok"] and not x["dest_console_errors"])]
     for x in bad:
-        print(f"migrate: {x['mode']} run {x['run'] + 1}: destination failed verification: {x['dest_console_errors'][:2]} (see {x['run_dir']}-dst)",
-              file=sys.stderr)
+        print(f"migrate: {x['mode']} run {x['run'] + 1} (QEMU {x['qemu_version']}, {x['mem_mib']} MiB): destination failed "
+              f"verification: {x['dest_console_errors'][:2]} (see {x['run_dir']}-dst)", file=sys.stderr)
     # Only balloond's own runs decide the exit status: the no-driver and in-kernel runs are
     # comparisons (the in-kernel driver's destination crashes now and then under TCG, §9).
     return 1 if any(x["mode"].startswith("balloond") for x in bad) else 0

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything balloond's build, tests and demo need on a fresh Debian machine, for
 # both test platforms:
-#   - Debian packages (qemu-system-x86, busybox-static, libpci-dev, zlib1g-dev, cpio, xz-utils);
+#   - Debian packages (qemu-system-x86, busybox-static, libpci-dev, zlib1g-dev, cpio, xz-utils,
+#     python3-pip when pip is missing);
+#   - Python packages with pip: qemu.qmp (QEMU's QMP library, for scripts/guestlib.py) and
+#     matplotlib (plots);
 #   - platform 7.2/6.1: the system QEMU 7.2 and bookworm's guest kernel (the package
 #     linux-image-amd64 depends on), unpacked into .cache/kernel/;
 #   - platform 10.0/6.12: QEMU 10.0 (qemu-system-x86, qemu-system-common, qemu-system-data
@@ -27,6 +30,8 @@ dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
 command -v cpio >/dev/null || need+=(cpio)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v xz >/dev/null || need+=(xz-utils)  # the 6.12 kernel's modules are .ko.xz
+command -v python3 >/dev/null || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # installs qemu.qmp, matplotlib
 # apt's chatter goes to a log; on failure its tail is shown.
 APT_LOG=$CACHE/setup-apt.log
 apt_quiet() {
@@ -50,6 +55,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt_update_once
   apt_quiet apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+
+# The scripts' Python libraries (PyPI): qemu.qmp, QEMU's QMP library (scripts/guestlib.py,
+# used by migrate.py and bench-balloon.py), and matplotlib for the plots.
+python3 scripts/guestlib.py || { echo "setup: cannot install the Python package qemu.qmp with pip" >&2; exit 1; }
 
 # The guest kernel: linux-image-amd64 is a metapackage; download what it depends on.
 KDIR="$CACHE/kernel"
