@@ -65,7 +65,9 @@ enum BalloondMetrics {
         counter("balloond_inflate_shortfalls_total", "Inflate steps that fell short of the target because the guest could not spare the memory.", c.inflateShortfalls)
         counter("balloond_pressure_deflates_total", "Deflates caused by guest memory pressure (MemAvailable or PSI, with DEFLATE_ON_OOM).", c.pressureDeflates)
         counter("balloond_balloon_blocks_moved_total", "Balloon blocks given back before sending because their frames had moved.", c.balloonBlocksMoved)
-        gauge("balloond_take_memory_seconds", "Total time spent taking balloon memory from the guest, in seconds.", Double(c.takeMicroseconds) / 1e6)
+        let take: any FloatingPointCounterHandler = registry.makeCounter(descriptor: descriptor(
+            "balloond_take_memory_seconds_total", "Time spent taking balloon memory from the guest (zeroing pages), in seconds."))
+        take.increment(by: Double(c.takeMicroseconds) / 1e6)
         if let ms = c.lastTargetMilliseconds {
             gauge("balloond_last_target_seconds", "Time from the last num_pages change to the balloon reaching it, in seconds.", Double(ms) / 1e3)
         }

@@ -73,10 +73,11 @@ struct MetricsTextfile {
         return String(path[...slash]) + "." + String(path[path.index(after: slash)...]) + ".tmp"
     }
 
-    /// Whether `update` writes now.
+    /// Whether `update` writes now. A wall clock stepped back counts as due, so the writes
+    /// do not stop until it catches up.
     func isDue(_ counters: BalloonCounters, now: Double, force: Bool) -> Bool {
         guard let lastWrite else { return true }
-        return force || RoundMark(counters) != lastRound || !(now - lastWrite < interval)
+        return force || RoundMark(counters) != lastRound || !(now - lastWrite < interval) || now < lastWrite
     }
 
     /// Writes the metrics for `state` when due (see the type). Returns whether it wrote.
