@@ -11,6 +11,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        // Prometheus exposition (`balloond status --format prometheus`, `run --metrics-textfile`):
+        // swift-prometheus's registry, a swift-metrics 2.x backend.
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C: exact-width volatile MMIO, ring fences, cpuid, signal pipe. The only place raw
@@ -46,6 +50,8 @@ let package = Package(
             "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI", "VirtioQueue",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Fakes shared by the test targets (never linked into balloond).
         .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI"], path: "Tests/TestSupport"),

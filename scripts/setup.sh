@@ -2,9 +2,11 @@
 # Installs everything balloond's build, tests and demo need on a fresh Debian machine, for
 # both test platforms:
 #   - Debian packages (qemu-system-x86, busybox-static, libpci-dev, zlib1g-dev, cpio, xz-utils,
-#     python3-pip when pip is missing);
+#     python3-pip when pip is missing, lintian);
 #   - Python packages with pip: qemu.qmp (QEMU's QMP library, for scripts/guestlib.py) and
 #     matplotlib (plots);
+#   - promtool from Debian's prometheus package, unpacked into .cache/prometheus/ (unless a
+#     promtool is on PATH);
 #   - platform 7.2/6.1: the system QEMU 7.2 and bookworm's guest kernel (the package
 #     linux-image-amd64 depends on), unpacked into .cache/kernel/;
 #   - platform 10.0/6.12: QEMU 10.0 (qemu-system-x86, qemu-system-common, qemu-system-data
@@ -32,6 +34,8 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v xz >/dev/null || need+=(xz-utils)  # the 6.12 kernel's modules are .ko.xz
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # installs qemu.qmp, matplotlib
+# scripts/package.sh: the .deb is checked with lintian (dpkg-deb comes with dpkg).
+command -v lintian >/dev/null || need+=(lintian)
 # apt's chatter goes to a log; on failure its tail is shown.
 APT_LOG=$CACHE/setup-apt.log
 apt_quiet() {
@@ -78,6 +82,24 @@ if [ ! -f "$KDIR/.done" ]; then
   ln -sf "$vmlinuz" "$KDIR/vmlinuz"
   echo "$kver" > "$KDIR/version"
   touch "$KDIR/.done"
+fi
+
+# promtool (the metrics test runs `promtool check metrics`), from Debian's prometheus package.
+# That package is large (19 MB download, 96 MB installed, a dozen JavaScript packages) and
+# installing it starts a Prometheus server, so only promtool is used: a promtool already on
+# PATH, else the package downloaded and unpacked into .cache/prometheus/ (never installed).
+PDIR=$CACHE/prometheus
+if ! command -v promtool >/dev/null && [ ! -f "$PDIR/.done" ]; then
+  if ! apt-cache show prometheus >/dev/null 2>&1; then apt_update_once; fi
+  echo "setup: downloading Debian's prometheus package for promtool ($(apt-cache policy prometheus 2>/dev/null | awk '/Candidate:/ {print $2}')) into $PDIR" >&2
+  rm -rf "$PDIR"; mkdir -p "$PDIR/pkg"
+  (cd "$PDIR/pkg" && apt_quiet apt-get download prometheus)
+  dpkg-deb --fsys-tarfile "$PDIR"/pkg/prometheus_*.deb | tar -x -C "$PDIR" ./usr/bin/promtool ||
+    { echo "setup: cannot unpack usr/bin/promtool from $PDIR/pkg" >&2; exit 1; }
+  rm -rf "$PDIR/pkg"
+  ln -sf usr/bin/promtool "$PDIR/promtool"
+  "$PDIR/promtool" --version >/dev/null 2>&1 || { echo "setup: $PDIR/promtool does not run" >&2; exit 1; }
+  touch "$PDIR/.done"
 fi
 
 if [ "${BALLOOND_SKIP_PLATFORM_10:-0}" = 1 ]; then

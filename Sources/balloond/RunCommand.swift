@@ -85,6 +85,11 @@ struct RunCommand: ParsableCommand {
     var psiWindowMs: Int = 1000
     @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
     var stateFile: String = DaemonState.defaultPath
+    @Option(help: ArgumentHelp("Also write Prometheus metrics to this file (node_exporter's textfile collector, e.g. /var/lib/prometheus/node-exporter/balloond.prom).", discussion: """
+        Replaced atomically (mode 0644) every few seconds while balloond is woken and at every \
+        hint round; removed at exit.
+        """, valueName: "path"))
+    var metricsTextfile: String?
     @OptionGroup var logging: LoggingOptions
 
     /// Largest memory size an option may name (1 TiB), so MiB-to-byte shifts cannot overflow.
@@ -94,6 +99,7 @@ struct RunCommand: ParsableCommand {
     /// memory.
     func validate() throws {
         _ = try logging.makeLogger()
+        if let metricsTextfile { try MetricsTextfile.validate(path: metricsTextfile) }
         for (name, value) in [("--report-keep-free-mib", reportKeepFreeMib), ("--report-release-below-mib", reportReleaseBelowMib),
                               ("--report-max-mib", reportMaxMib ?? 0), ("--deflate-below-mib", deflateBelowMib),
                               ("--deflate-step-mib", deflateStepMib), ("--reinflate-above-mib", reinflateAboveMib)] where value > Self.maxMib {
@@ -226,12 +232,18 @@ struct RunCommand: ParsableCommand {
         let started = wallClockSeconds()
         var lastPublished: BalloonDriverStatus?
         var lastPublishTime = 0.0
+        var textfile = metricsTextfile.map { MetricsTextfile(path: $0) }
+        defer { textfile?.remove() }
         daemon.onIteration = { snapshot, restarts, force in
             let now = wallClockSeconds()
-            guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
             let state = DaemonState(pid: Sys.processID, device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
                                     previousDriver: binding.previousDriver, uioDevice: binding.devicePath, dmaMemory: dmaDescription,
                                     hintSource: hints?.name, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
+            let wasFailing = textfile?.failing ?? false
+            do { try textfile?.update(state, now: now, force: force, version: Balloond.configuration.version) } catch {
+                if !wasFailing { logger.warning("\(error)") }
+            }
+            guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
             do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
             lastPublished = snapshot
             lastPublishTime = now

@@ -10,17 +10,32 @@ struct StatusCommand: ParsableCommand {
     )
 
     @Option(help: "State file written by `balloond run`.") var stateFile: String = DaemonState.defaultPath
-    @Flag(help: "Print the raw JSON state.") var json = false
+    @Option(help: "Output: text (for people), json (the state file as written) or prometheus (the text exposition format).")
+    var format: StatusFormat?
+    @Flag(help: "Same as --format json.") var json = false
+
+    func validate() throws {
+        if json, let format, format != .json {
+            throw ValidationError("--json and --format \(format.rawValue) ask for different outputs; use one of them")
+        }
+    }
 
     func run() throws {
         let s = try DaemonState.read(from: stateFile)
         guard processExists(s.pid) else {
             throw Failure("balloond (pid \(s.pid)) is not running any more; its last state is in \(stateFile)")
         }
-        if json {
+        switch format ?? (json ? .json : .text) {
+        case .json:
             print((try? StateFile(path: stateFile).read()) ?? "")
-            return
+        case .prometheus:
+            print(BalloondMetrics.render(s, version: Balloond.configuration.version), terminator: "")
+        case .text:
+            printText(s)
         }
+    }
+
+    private func printText(_ s: DaemonState) {
         let d = s.driver
         let now = wallClockSeconds()
         print("balloond pid \(s.pid), up \(DaemonState.elapsedSeconds(from: s.startedAt, to: now)) s, state updated \(DaemonState.elapsedSeconds(from: s.updatedAt, to: now)) s ago")
@@ -42,6 +57,11 @@ struct StatusCommand: ParsableCommand {
         print("sizing       inflated \(c.pagesInflated >> 8) MiB in \(c.inflateBuffers) buffers, deflated \(c.pagesDeflated >> 8) MiB in \(c.deflateBuffers), taking memory \(c.takeMicroseconds / 1000) ms, last target reached in \(c.lastTargetMilliseconds.map { "\($0) ms" } ?? "-"), shortfalls \(c.inflateShortfalls), pressure deflates \(c.pressureDeflates), moved blocks \(c.balloonBlocksMoved)")
         print("hinting      rounds \(c.hintRounds), hinted \(c.bytesHinted >> 20) MiB in \(c.hintsSent) hints; reports \(c.reportsSent), reported \(c.bytesReported >> 20) MiB")
     }
+}
+
+/// `balloond status --format`.
+enum StatusFormat: String, ExpressibleByArgument, CaseIterable {
+    case text, json, prometheus
 }
 
 extension String {
