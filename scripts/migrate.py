@@ -43,7 +43,7 @@ scripts/bench-migrate.sh is the benchmark command.
 Needs scripts/setup.sh, a release balloond and scripts/build-guest.sh (scripts/demo.sh does
 all of that).
 """
-import argparse, json, os, re, shutil, statistics, subprocess, sys, textwrap, time
+import argparse, json, os, random, re, shutil, statistics, subprocess, sys, textwrap, time
 
 from guestlib import CACHE, Fail, Guest, ensure_matplotlib, free_port, qemu_available
 
@@ -140,6 +140,7 @@ def migrate_once(mode, run_index, cfg, args):
         src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         if args.cancel:
             return cancel_during_round(mode, run_index, base, src, a, t0)
+        killed = kill_during_round(src, a, args) if args.kill_during_round and driver.startswith("balloond") else None
         while True:
             info = src.qmp.cmd("query-migrate")
             st = info.get("status")
@@ -161,6 +162,11 @@ def migrate_once(mode, run_index, cfg, args):
         d = dst.connect_agent()
         ok = d.check("md5sum -c /run/keep.md5", timeout=120)
         result["kept_region_ok"] = "OK" in ok
+        if killed is not None:
+            result.update(killed)
+            result["hog_ok"] = wait_hog(d) if killed.get("killed") else None
+            if result["hog_ok"] is False:
+                result["kept_region_ok"] = False
         if driver.startswith("balloond"):
             st_out = d.run("balloond status --json")[0]
             result["balloond_log_tail"] = d.run("tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
@@ -437,8 +443,41 @@ def write_plot(modes, results, path, args):
         return None
 
 
-def status_json(agent):
-    out = agent.run("balloond status --json")[0]
+def kill_during_round(src, agent, args):
+    """--kill-during-round: SIGKILL balloond at a random moment early in the migration, when
+    its hint round runs (balloond's guardian must stop the device before the worker's memory is reused), then
+    start a memhog that takes freed memory, writes a pattern into it and verifies it after a
+    hold, so the check runs on the destination (wait_hog): a page the device dropped from
+    the migration after the kernel reused it would fail there."""
+    def ended():
+        return src.qmp.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled")
+
+    # QEMU sends the round's cmd id as the migration starts; balloond publishes its status
+    # only between rounds, so the kill goes by time and balloond's log tells where it landed.
+    time.sleep(random.uniform(args.kill_min_delay_ms, args.kill_max_delay_ms) / 1000)
+    if ended():
+        return {"killed": False, "kill_note": "the migration ended before the kill"}
+    agent.check("kill -9 $(cat /run/bg/balloond/pid)", timeout=5)
+    agent.check(f"bg-run /run/bg/hog memhog -q -H {args.kill_hog_hold_s} {args.kill_hog_mib}", timeout=5)
+    log = agent.run("cat /run/bg/balloond/log", timeout=5)[0]
+    started = len(re.findall(r"^.*cmd_id=round 0x[0-9a-f]+.*free page hint command", log, re.M))
+    ended_rounds = len(re.findall(r"free page hint round ended", log))
+    return {"killed": True, "killed_in_round": started > ended_rounds, "rounds_started": started}
+
+
+def wait_hog(agent, timeout=300):
+    """The memhog started after the kill, on the destination: True when it verified its pages."""
+    deadline = time.time() + timeout
+    while agent.run("test -e /run/bg/hog/rc && echo done")[0].strip() != "done":
+        if time.time() > deadline:
+            raise Fail("the memhog started after the kill did not finish in time")
+        time.sleep(0.5)
+    out = agent.run("cat /run/bg/hog/rc; tail -3 /run/bg/hog/log")[0]
+    return out.split()[0] == "0" and "memhog: ok" in out
+
+
+def status_json(agent, timeout=120):
+    out = agent.run("balloond status --json", timeout=timeout)[0]
     def num(key):
         m = re.search(r'"' + key + r'"\s*:\s*(\d+)', out)
         return int(m.group(1)) if m else 0
@@ -522,6 +561,13 @@ def main():
     ap.add_argument("--postcopy", action="store_true", help="enable the postcopy-ram capability (QEMU then never hints)")
     ap.add_argument("--cancel", action="store_true",
                     help="migrate_cancel during balloond's first hint round and check it gives back everything (prints the per-run results only)")
+    ap.add_argument("--kill-during-round", action="store_true",
+                    help="SIGKILL balloond at a random moment of its first hint round, start a checksumming memhog in the "
+                         "freed memory, and verify it (and the kept region) on the destination")
+    ap.add_argument("--kill-min-delay-ms", type=int, default=100, help="with --kill-during-round: earliest kill after the migration starts")
+    ap.add_argument("--kill-max-delay-ms", type=int, default=2500, help="with --kill-during-round: latest kill after the migration starts")
+    ap.add_argument("--kill-hog-mib", type=int, default=256, help="with --kill-during-round: the memhog's size")
+    ap.add_argument("--kill-hog-hold-s", type=int, default=20, help="with --kill-during-round: how long the memhog holds before verifying")
     ap.add_argument("--qemu-version", dest="qemu_versions", type=comma_list(str, QEMU_VERSIONS),
                     default=[os.environ.get("QEMU_VERSION") or "7.2"], metavar="7.2|10.0[,...]",
                     help="QEMU of both source and destination (default: $QEMU_VERSION, else 7.2); a list compares them")
