@@ -169,7 +169,10 @@ def migrate_once(mode, run_index, cfg, args):
                 result["kept_region_ok"] = False
         if driver.startswith("balloond"):
             st_out = d.run("balloond status --json")[0]
-            result["balloond_log_tail"] = d.run("tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
+            # The start-up decisions (hint source, hinting off, warnings) come first in the log;
+            # keep them with its tail.
+            result["balloond_log_tail"] = d.run("grep -E 'hint source|hinting disabled|warning|error|critical' /run/bg/balloond/log | head -n 8; "
+                                                "echo ...; tail -c 1500 /run/bg/balloond/log; cat /run/bg/balloond/rc 2>/dev/null")[0]
             m = re.search(r'"bytesHinted"\s*:\s*(\d+)', st_out)
             result["hinted_mib"] = int(m.group(1)) >> 20 if m else None
             m = re.search(r'"lastRoundFirstHintMicros"\s*:\s*(\d+)', st_out)
