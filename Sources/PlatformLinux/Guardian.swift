@@ -163,7 +163,12 @@ public enum GuardianProcess {
     /// ignored), closes every other inherited descriptor, says it is ready, waits for the
     /// worker's channel to close, then acts on the verdict. Returns the exit status; does not
     /// return while the memory must be kept.
-    public static func run(device: GuardedDevice, hasHugeMemfd: Bool, pool: HugePagePool, root: SysRoot = .host, logger: Logger) -> Int32 {
+    ///
+    /// - Parameter afterRelease: runs once the memory is released, with whether the worker had
+    ///   quiesced the device itself (false: it was killed, so what it left behind, such as a
+    ///   grown hugetlb pool, is for the caller to recover now rather than at the next start).
+    public static func run(device: GuardedDevice, hasHugeMemfd: Bool, pool: HugePagePool, root: SysRoot = .host, logger: Logger,
+                           afterRelease: ((_ workerQuiesced: Bool) -> Void)? = nil) -> Int32 {
         for s in [SIGTERM, SIGINT, SIGHUP, SIGPIPE] { _ = signal(s, SIG_IGN) }
         do { try Sys.writeAttribute(root.path("/proc/self/oom_score_adj"), "-1000\n") } catch {
             logger.warning("guardian: cannot set oom_score_adj to -1000: \(error)")
@@ -204,6 +209,7 @@ public enum GuardianProcess {
         for _ in 0..<state.poolPagesGrown {
             do { try pool.giveBackOne() } catch { logger.warning("guardian: cannot lower \(pool.countPath) after the ring page: \(error)") }
         }
+        afterRelease?(state.quiesced)
         return 0
     }
 }

@@ -195,8 +195,9 @@ public enum Sys {
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 
-    /// This process's pid.
+    /// This process's pid, and its parent's.
     public static var processID: Int32 { getpid() }
+    public static var parentProcessID: Int32 { getppid() }
 
     /// This process's effective uid.
     public static var effectiveUserID: UInt32 { geteuid() }

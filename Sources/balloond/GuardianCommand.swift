@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import FreePagesLinux
 import PlatformLinux
 
 /// `balloond guardian` (hidden): the process `balloond run` spawns to hold its device memory
@@ -23,8 +24,26 @@ struct GuardianCommand: ParsableCommand {
         let logger = try logging.makeLogger(label: "balloond.guardian")
         guard let address = PCIAddress(device) else { throw ValidationError("'\(device)' is not a PCI address") }
         let root = SysRoot(sysRoot)
+        let worker = Sys.parentProcessID
         let status = GuardianProcess.run(device: SysfsGuardedDevice(address: address, root: root), hasHugeMemfd: hugeMemfd,
-                                         pool: HugePagePool(root: root), root: root, logger: logger)
+                                         pool: HugePagePool(root: root), root: root, logger: logger) { quiesced in
+            guard !quiesced else { return }
+            // A killed worker may have grown the hugetlb pool for a hint round or changed
+            // sysctls: put them back now, not at the next start (which may never come, and the
+            // guest needs that memory now). Recovery treats the worker as gone once it is a
+            // zombie; wait for that briefly.
+            for _ in 0..<50 where workerRunning(worker, root: root) { Sys.sleep(microseconds: 100_000) }
+            do { _ = try recoverAfterCrash(root: root, logger: logger) } catch {
+                logger.error("guardian: recovery after the worker's death failed: \(error); the next balloond start retries it")
+            }
+        }
         if status != 0 { throw ExitCode(status) }
     }
+}
+
+/// Whether `pid` is still running (not gone, not a zombie).
+private func workerRunning(_ pid: Int32, root: SysRoot) -> Bool {
+    guard pid > 1, let stat = try? Sys.readAttribute(root.path("/proc/\(pid)/stat")), let close = stat.lastIndex(of: ")") else { return false }
+    let state = stat[stat.index(after: close)...].drop(while: { $0 == " " }).first
+    return !(state == "Z" || state == "X" || state == "x")
 }
