@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import TestSupport
 import PlatformLinux
 
 /// A stand-in kernel for binding tests: records every sysfs write, command and mknod, writes
