@@ -6,65 +6,6 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-final class FixedStats: BalloonStatsSource {
-    var value: UInt64 = 1
-    func collect() -> [BalloonStat] { BalloonStatTag.allCases.map { BalloonStat($0, value) } }
-}
-
-/// MemAvailable/MemFree as a test sets them, less what the balloon memory holds (as in a
-/// real guest, where memory balloond takes leaves MemFree and MemAvailable).
-final class FakeMemoryStatus: GuestMemoryStatus {
-    var available: UInt64 = 800 << 20
-    var free: UInt64 = 700 << 20
-    var held: () -> UInt64 = { 0 }
-    func read() -> (available: UInt64, free: UInt64)? {
-        let h = held()
-        return (available > h ? available - h : 0, free > h ? free - h : 0)
-    }
-}
-
-/// A clock tests move by hand.
-final class FakeClock {
-    var nanos: UInt64 = 1_000_000_000
-    func advance(milliseconds: Int) { nanos += UInt64(milliseconds) * 1_000_000 }
-}
-
-struct Rig {
-    let device: SimulatedBalloonDevice
-    let driver: BalloonDriver<ModernPCITransport>
-    let line: SimulatedInterruptLine
-    let stats = FixedStats()
-    let memory: SimulatedBalloonMemory
-    let memoryStatus = FakeMemoryStatus()
-    let clock = FakeClock()
-
-    init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions(),
-         balloonBytes: UInt64 = 64 << 20) throws {
-        device = SimulatedBalloonDevice(properties: props)
-        line = device.makeInterruptLine()
-        // Balloon memory in the upper part of the simulated RAM (the device checks PFNs against it).
-        memory = SimulatedBalloonMemory(base: props.ramSize - balloonBytes, bytes: balloonBytes)
-        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats,
-                               hintSource: SimulatedBuddyAllocator(bytes: props.ramSize, usedFraction: 0.9),
-                               balloonMemory: memory, memoryStatus: memoryStatus)
-        let clock = self.clock
-        driver.clock = { clock.nanos }
-        memoryStatus.held = { [memory] in memory.heldBytes }
-    }
-
-    /// Services every pending interrupt, as the event loop would.
-    func serviceAll() throws { try serviceAll(driver) }
-
-    func serviceAll(_ driver: BalloonDriver<ModernPCITransport>) throws {
-        var n = 0
-        while try line.wait(timeoutMilliseconds: 0) {
-            try driver.serviceInterrupt(line: line)
-            n += 1
-            precondition(n < 100, "interrupt storm")
-        }
-    }
-}
-
 @Suite("Device bring-up (virtio 1.2 §3.1.1, virtio-balloon.md §1.6)")
 struct BringUpTests {
     @Test("bring-up order: reset with Bus Master off and memory decoding on, then bus master, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")

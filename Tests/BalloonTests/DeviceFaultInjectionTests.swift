@@ -38,7 +38,7 @@ struct DeviceFaultInjectionTests {
     @Test("a host posting a new cmd id on every config interrupt: each serviceInterrupt acts on a bounded number of ids, then returns")
     func newIDOnEveryConfigInterrupt() throws {
         // Rounds that poll mid-round (several batches each), and a source that lasts ~170 rounds.
-        let rig = try HintRig(ramMiB: 1024)
+        let rig = try Rig.hinting(ramMiB: 1024)
         rig.source.inner.limitPerRound = 4 << 20
         rig.driver.hintOptions.maxRangeBytes = 64 << 10
         rig.driver.hintOptions.batchRanges = 16
@@ -73,7 +73,7 @@ struct DeviceFaultInjectionTests {
 
     @Test("a pending stop ends a hint round waiting on a full ring, before the full-ring timeout, with STOP sent")
     func stopEndsFullRingWait() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.driver.hintOptions.maxRangeBytes = 4096
         rig.driver.hintOptions.fullRingTimeoutMilliseconds = 300
         rig.device.processHintsOnNotify = false
@@ -94,7 +94,7 @@ struct DeviceFaultInjectionTests {
 
     @Test("with a stop pending, a new cmd id starts no round and stays pending")
     func stopBeforeRound() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.driver.shouldStop = { true }
         rig.device.startHintRound()
         try rig.serviceAll()
@@ -171,7 +171,7 @@ struct DeviceFaultInjectionTests {
         try rig.driver.bringUp()
         rig.device.setTarget(bytes: props.ramSize - (16 << 20))
         try rig.serviceAll()
-        let hints = try #require(rig.driver.hintSource as? SimulatedBuddyAllocator)
+        let hints = rig.source.inner
         hints.limitPerRound = 8 << 20
         rig.device.processHintsOnNotify = false
         rig.device.startHintRound()
