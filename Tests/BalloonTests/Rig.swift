@@ -113,3 +113,22 @@ struct Rig {
         }
     }
 }
+
+extension Rig {
+    /// Brings the device up and sets a target of `pages` 4 KiB pages in the balloon.
+    func running(target pages: UInt32) throws -> Rig {
+        try driver.bringUp()
+        setTarget(pages: pages)
+        try serviceAll()
+        return self
+    }
+
+    func setTarget(pages: UInt32) {
+        device.setTarget(bytes: device.properties.ramSize - UInt64(pages) * 4096)
+    }
+
+    /// Every config write of `actual`, in order.
+    var actualWrites: [[UInt8]] {
+        device.events.compactMap { if case .configWrite(BalloonConfigLayout.actual, let b) = $0 { return b }; return nil }
+    }
+}
