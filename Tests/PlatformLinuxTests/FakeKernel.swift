@@ -121,3 +121,18 @@ extension String {
         return s
     }
 }
+
+/// A modern virtio balloon at `bdf` bound to `driver` (nil: unbound) in a fake tree, with
+/// virtio-pci's driver directory, and a binder over a fake kernel that does not wait for
+/// device nodes.
+func fakeBalloonBinder(_ bdf: PCIAddress, driver: String?) -> (FakeTree, FakeKernel, DriverBinder) {
+        let t = FakeTree()
+        t.pciDevice(bdf.bdf, vendor: 0x1af4, device: 0x1045, driver: driver, resources: balloonResources)
+        t.pciDriver("virtio-pci")
+        t.file("/sys/bus/pci/drivers_probe", "")
+        t.directory("/dev")
+        let k = FakeKernel(tree: t)
+        let b = DriverBinder(root: t.root, kernel: k, kernelRelease: "6.1.0-test")
+        b.deviceNodeWait = (0, 0)
+        return (t, k, b)
+}
