@@ -6,7 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-@Suite("Inflate and deflate (virtio-balloon.md §4)")
+@Suite("Inflate and deflate (docs/virtio-balloon.md §4)")
 struct BalloonSizingTests {
     @Test("inflating to num_pages sends each 2 MiB block's 512 PFNs in one buffer, and the host discards whole 2 MiB pages")
     func inflateHugeBlocks() throws {

@@ -6,7 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-@Suite("Device bring-up (virtio 1.2 §3.1.1, virtio-balloon.md §1.6)")
+@Suite("Device bring-up (virtio 1.2 §3.1.1, docs/virtio-balloon.md §1.6)")
 struct BringUpTests {
     @Test("bring-up order: reset with Bus Master off and memory decoding on, then bus master, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
     func order() throws {

@@ -5,7 +5,7 @@ import VirtioCore
 import VirtioPCI
 @testable import Balloon
 
-@Suite("Free page hinting protocol (virtio-balloon.md §6)")
+@Suite("Free page hinting protocol (docs/virtio-balloon.md §6)")
 struct FreePageHintTests {
     @Test("a round: START with the id, hints covering the source's free blocks, then STOP; all hints land in START")
     func fullRound() throws {

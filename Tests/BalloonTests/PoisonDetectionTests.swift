@@ -6,7 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-@Suite("Guest page poisoning detection (virtio-balloon.md §7)")
+@Suite("Guest page poisoning detection (docs/virtio-balloon.md §7)")
 struct PoisonDetectionTests {
     static let debianConfig = "CONFIG_PAGE_POISONING=y\n# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\nCONFIG_INIT_ON_ALLOC_DEFAULT_ON=y\n"
 

@@ -6,7 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-@Suite("Free page reporting, report-then-hold (virtio-balloon.md §8)")
+@Suite("Free page reporting, report-then-hold (docs/virtio-balloon.md §8)")
 struct ReportingTests {
     func reportingRig(pagePoison: PagePoisonPolicy = .none, balloonBytes: UInt64 = 64 << 20) throws -> Rig {
         var props = BalloonDeviceProperties()

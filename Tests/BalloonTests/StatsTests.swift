@@ -6,7 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-@Suite("Stats values (virtio-balloon.md §5)")
+@Suite("Stats values (docs/virtio-balloon.md §5)")
 struct StatsTests {
     @Test("stats come from /proc/vmstat and /proc/meminfo as Linux computes them, all sixteen tags in Linux 6.12's order")
     func compute() {

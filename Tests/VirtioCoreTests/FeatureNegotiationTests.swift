@@ -1,7 +1,7 @@
 import Testing
 @testable import VirtioCore
 
-@Suite("Feature negotiation (virtio-balloon.md §1.5)")
+@Suite("Feature negotiation (docs/virtio-balloon.md §1.5)")
 struct FeatureNegotiationTests {
     struct Case: Sendable, CustomStringConvertible {
         let name: String

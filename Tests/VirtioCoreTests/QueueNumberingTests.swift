@@ -1,7 +1,7 @@
 import Testing
 @testable import VirtioCore
 
-@Suite("QEMU's balloon queue numbering (virtio-balloon.md §3.2)")
+@Suite("QEMU's balloon queue numbering (docs/virtio-balloon.md §3.2)")
 struct QueueNumberingTests {
     struct Case: Sendable, CustomStringConvertible {
         let hint: Bool

@@ -330,10 +330,10 @@ final class BalloonUnderTest {
     }
 }
 
-/// The ten stats of a 6.1 guest (virtio-balloon.md §5), by QOM key.
+/// The ten stats of a 6.1 guest (docs/virtio-balloon.md §5), by QOM key.
 let allGuestStatKeys = ["stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults", "stat-free-memory",
                         "stat-total-memory", "stat-available-memory", "stat-disk-caches", "stat-htlb-pgalloc", "stat-htlb-pgfail"]
-/// The six stats Linux 6.12 added (tags 10–15, virtio-balloon.md §11), by QOM key: QEMU ≥ 9.2
+/// The six stats Linux 6.12 added (tags 10–15, docs/virtio-balloon.md §11), by QOM key: QEMU ≥ 9.2
 /// shows them, QEMU 7.2 ignores the tags.
 let linux612GuestStatKeys = ["stat-oom-kills", "stat-alloc-stalls", "stat-async-scans", "stat-direct-scans",
                              "stat-async-reclaims", "stat-direct-reclaims"]
