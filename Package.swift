@@ -54,7 +54,7 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Fakes shared by the test targets (never linked into balloond).
-        .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI", "PlatformLinux"], path: "Tests/TestSupport"),
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "BalloonSimulator", "TestSupport"]),
@@ -62,6 +62,6 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore", "TestSupport"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),
-        .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore"]),
+        .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore", "TestSupport"]),
     ]
 )

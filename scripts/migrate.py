@@ -622,7 +622,7 @@ def main():
             res = migrate_once(mode, r, cfg, args)
         except (Fail, OSError) as e:
             # A destination that crashes (seen under TCG even with the in-kernel driver,
-            # virtio-balloon.md §9) is a result, not a reason to stop the comparison.
+            # docs/virtio-balloon.md §9) is a result, not a reason to stop the comparison.
             res = {"mode": mode, "run": r, "qemu_version": cfg["qemu"], "guest_kernel": args.guest_kernel,
                    "mem_mib": cfg["mem"], "error": str(e)[:300], "kept_region_ok": False,
                    "dest_console_errors": [f"run failed: {e}"[:200]],

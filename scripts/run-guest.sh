@@ -92,7 +92,7 @@ if [ "${BALLOON:-1}" != 0 ]; then
   if [ "${MODERN_ONLY:-0}" = 1 ]; then
     # On q35's pcie.0 (the root bus) disable-legacy=auto means "off", so the function is
     # transitional (1af4:1002). Behind a PCIe root port auto means "on": modern-only,
-    # 1af4:1045, revision 1, no I/O BAR (virtio-balloon.md §1.1).
+    # 1af4:1045, revision 1, no I/O BAR (docs/virtio-balloon.md §1.1).
     args+=(-device "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1")
     props+=",bus=rp0"
   fi

@@ -43,7 +43,7 @@ scripts/test-package.sh
 # The QEMU 10.0 / Linux 6.12 selection: bring-up (boot, balloond lifecycle, modern-only),
 # bad input, balloon sizing (inflate/deflate, pressure deflate), stats (all sixteen), and
 # one migration with hints verified (MigrationTests.kpageflagsSavesBytes; on 10.0 TCG
-# destinations stay clean, virtio-balloon.md §11).
+# destinations stay clean, docs/virtio-balloon.md §11).
 PLATFORM10_TESTS='GuestBootTests|BalloondGuestTests|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/kpageflagsSavesBytes'
 
 section "tests on QEMU 7.2 / Linux 6.1 (swift test $*)"

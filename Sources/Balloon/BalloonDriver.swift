@@ -252,7 +252,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
             throw error
         }
         if negotiated.contains(.pagePoison), let value = options.poisonPolicy.poisonValue {
-            // Before DRIVER_OK, as one 32-bit store (virtio-balloon.md §3.3, §7).
+            // Before DRIVER_OK, as one 32-bit store (docs/virtio-balloon.md §3.3, §7).
             do { try transport.writeDeviceConfig32(value, at: BalloonConfigLayout.poisonVal) } catch { throw .transport(error) }
             poisonValue = value
             logger.info("page poisoning negotiated", metadata: ["poison_val": "0x\(String(value, radix: 16))", "policy": "\(options.poisonPolicy)"])
@@ -364,7 +364,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
 
     /// Handles one interrupt: reads the ISR (which clears it), handles a config change and
     /// used buffers, unmasks the line, then re-checks the rings so no completion that raced
-    /// the unmask is lost (field-notes §5.1). A new hint cmd id then starts a hint round,
+    /// the unmask is lost (docs/userspace-pci.md §1). A new hint cmd id then starts a hint round,
     /// which streams hints until the source runs dry or the device moves on.
     public func serviceInterrupt(line: InterruptLine?) throws(BalloonError) {
         guard isRunning else { throw .notRunning }

@@ -2,7 +2,7 @@ import FreePages
 import VirtioCore
 import VirtioQueue
 
-/// Tunables for inflating and deflating (virtio-balloon.md §4).
+/// Tunables for inflating and deflating (docs/virtio-balloon.md §4).
 public struct BalloonSizingOptions: Sendable {
     /// Most PFNs per inflate/deflate buffer. A multiple of 512, so every 2 MiB block's 512
     /// PFNs travel in one buffer (QEMU discards a 2 MiB host page only when all its subpages
@@ -282,7 +282,7 @@ extension BalloonDriver {
         try writeActual()
     }
 
-    /// `actual` = acknowledged inflated pages, as one 32-bit store (virtio-balloon.md §3.3).
+    /// `actual` = acknowledged inflated pages, as one 32-bit store (docs/virtio-balloon.md §3.3).
     func writeActual() throws(BalloonError) {
         let value = UInt32(clamping: sizing.inflatedPages)
         do { try transport.writeDeviceConfig32(value, at: BalloonConfigLayout.actual) } catch { throw .transport(error) }

@@ -2,7 +2,7 @@ import FreePages
 import VirtioCore
 import VirtioQueue
 
-/// Driver-side state of free page hinting (virtio-balloon.md §6).
+/// Driver-side state of free page hinting (docs/virtio-balloon.md §6).
 struct HintRoundState {
     /// The id of the round we sent START for (Linux `cmd_id_active`), nil before any.
     var activeRound: UInt32?

@@ -2,7 +2,7 @@ import FreePages
 import VirtioCore
 import VirtioQueue
 
-/// Free page reporting by report-then-hold (virtio-balloon.md §8): balloond takes free 2 MiB
+/// Free page reporting by report-then-hold (docs/virtio-balloon.md §8): balloond takes free 2 MiB
 /// blocks while MemFree stays above `keepFreeBytes`, reports them (QEMU discards them on the
 /// host), and holds them, so they cannot be reused while reported. When MemFree falls below
 /// `releaseBelowFreeBytes` (or PSI fires) it gives back `releaseStepBytes` and waits

@@ -1,7 +1,7 @@
 import VirtioCore
 
 /// What the guest kernel does to freed and allocated pages, from its command line and build
-/// configuration (virtio-balloon.md §7: `page_poisoning_enabled_static()`,
+/// configuration (docs/virtio-balloon.md §7: `page_poisoning_enabled_static()`,
 /// `want_init_on_free()`, and poisoning overriding init_on_*).
 public struct GuestMemoryDebugConfig: Equatable, Sendable, CustomStringConvertible {
     /// `page_poison=1` with CONFIG_PAGE_POISONING.

@@ -21,7 +21,7 @@ public final class ProcMemoryStatus: GuestMemoryStatus {
     }
 }
 
-/// Deflate under memory pressure (DEFLATE_ON_OOM; virtio-balloon.md §4, field-notes F11).
+/// Deflate under memory pressure (DEFLATE_ON_OOM; docs/virtio-balloon.md §4).
 ///
 /// Linux deflates 1 MiB per OOM-killer invocation, which is after the guest has already
 /// failed. balloond acts earlier: a PSI trigger on /proc/pressure/memory (tasks stalled on

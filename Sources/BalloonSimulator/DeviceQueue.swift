@@ -8,7 +8,7 @@ public struct DeviceElement: Hashable, Sendable {
     public let writable: [GuestPhysicalRange]
 }
 
-/// A ring error QEMU reports with `virtio_error` (virtio-balloon.md §2.4); the device is
+/// A ring error QEMU reports with `virtio_error` (docs/virtio-balloon.md §2.4); the device is
 /// then broken until reset.
 public struct DeviceRingError: Error, Hashable, CustomStringConvertible {
     public let message: String

@@ -2,7 +2,7 @@ import VirtioCore
 import VirtioPCI
 import VirtioQueue
 
-/// A software virtio-balloon PCI function with QEMU 7.2's behaviour (virtio-balloon.md).
+/// A software virtio-balloon PCI function with QEMU 7.2's behaviour (docs/virtio-balloon.md).
 ///
 /// It runs in-process and synchronously: a notify write calls straight into the queue
 /// handler, so tests are deterministic and single-threaded. It models the capability layout

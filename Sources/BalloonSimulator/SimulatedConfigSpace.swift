@@ -2,7 +2,7 @@ import VirtioCore
 import VirtioPCI
 
 /// The simulated function's PCI config space: QEMU 7.2's identity and capability layout
-/// (virtio-balloon.md §1.1–1.2), and the Command register's bus-master coupling.
+/// (docs/virtio-balloon.md §1.1–1.2), and the Command register's bus-master coupling.
 public final class SimulatedConfigSpace: PCIConfigSpace {
     unowned let device: SimulatedBalloonDevice
     public private(set) var bytes: [UInt8]

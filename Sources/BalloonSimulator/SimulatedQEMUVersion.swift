@@ -1,7 +1,7 @@
 import VirtioCore
 
 /// The QEMU release whose virtio-balloon the simulator models, where releases differ
-/// (virtio-balloon.md §11). Set it with `BalloonDeviceProperties.qemuVersion`.
+/// (docs/virtio-balloon.md §11). Set it with `BalloonDeviceProperties.qemuVersion`.
 public enum SimulatedQEMUVersion: String, Hashable, Sendable, CaseIterable, CustomStringConvertible {
     /// Debian bookworm's QEMU 7.2: ten stats tags.
     case v7_2 = "7.2"

@@ -39,7 +39,7 @@ public struct BalloonDeviceProperties: Hashable, Sendable {
     }
 
     /// The features QEMU 7.2 offers on the modern interface for these properties
-    /// (virtio-balloon.md §1.5, §3.1).
+    /// (docs/virtio-balloon.md §1.5, §3.1).
     public var offeredFeatures: FeatureBits {
         var f: FeatureBits = [.statsVQ, .indirectDesc, .eventIdx, .version1, .ringReset]
         if deflateOnOOM { f.insert(.deflateOnOOM) }

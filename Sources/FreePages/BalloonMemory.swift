@@ -4,7 +4,7 @@ import VirtioCore
 ///
 /// A *huge* block is one 2 MiB-aligned, physically contiguous 2 MiB page: its 512 PFNs go
 /// to the device in one buffer, so a host whose guest RAM is backed by 2 MiB pages can really
-/// discard it (virtio-balloon.md §4), and it can be reported (§8). Other blocks are up to 512
+/// discard it (docs/virtio-balloon.md §4), and it can be reported (§8). Other blocks are up to 512
 /// 4 KiB frames in any physical order.
 public struct BalloonBlock: Hashable, Sendable {
     /// The backend's handle (for `release` and `stillInPlace`).
@@ -87,7 +87,7 @@ public struct BalloonTake: Sendable {
 /// Where the balloon's memory comes from: memory the guest gives up for the host while
 /// inflated (or while reported). Implementations must hold frames that cannot move while
 /// held — QEMU discards a frame as soon as it sees its PFN, so a frame the kernel migrated
-/// away and reused would lose its new owner's data (virtio-balloon.md §4).
+/// away and reused would lose its new owner's data (docs/virtio-balloon.md §4).
 public protocol BalloonMemory: AnyObject {
     /// Short name for logs and status ("hugetlb", "locked-anonymous", "simulated").
     var name: String { get }

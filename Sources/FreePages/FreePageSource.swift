@@ -1,7 +1,7 @@
 import VirtioCore
 
 /// How a source knows its pages are free, which decides where it is safe
-/// (virtio-balloon.md §9).
+/// (docs/virtio-balloon.md §9).
 public enum FreePageOwnership: String, Sendable, Codable {
     /// balloond holds the pages (hugetlb pool pages, or anonymous memory it populated): nobody
     /// else can write them until balloond releases them, so a hint is safe on any host.

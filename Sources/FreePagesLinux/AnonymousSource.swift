@@ -8,7 +8,7 @@ import VirtioCore
 /// write and locked, their PFNs read from /proc/self/pagemap right after and again right
 /// before they are handed to the driver, coalesced into ranges.
 ///
-/// Safety argument (virtio-balloon.md §9).
+/// Safety argument (docs/virtio-balloon.md §9).
 /// - *Nobody else writes these pages while balloond holds them.* They are balloond's private,
 ///   locked (not reclaimable), not mergeable (`MADV_UNMERGEABLE`), not shared with children
 ///   (`MADV_DONTFORK`) memory, and balloond never touches them after populating. The kernel's

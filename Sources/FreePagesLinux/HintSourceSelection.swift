@@ -15,12 +15,14 @@ public let hintSourceNames = ["auto", "hugetlb", "anonymous", "kpageflags", "sim
 /// - `kpageflags` hints pages it only observed free. Allowed under TCG, where every write
 ///   after the round's bitmap sync is dirty-logged, or with `unsafeHintsOnKVM` (a write that
 ///   races the hint is lost on KVM with manual dirty-log protect). Refused with page
-///   poisoning or init_on_free, whatever the hypervisor: scanned pages are never rewritten,
-///   so the destination has zeros where 0xaa is expected ("pagealloc: memory corruption") or
-///   stale data where zeros are assumed.
-/// - `auto`: kpageflags on TCG (poisoning and init_on_free off), else hugetlb when the pool is
-///   usable, else anonymous. It never picks kpageflags outside TCG, even with the opt-in:
-///   that takes an explicit `--hint-source kpageflags`.
+///   poisoning or init_on_free, or when init_on_free cannot be determined, whatever the
+///   hypervisor: scanned pages are never rewritten, so the destination has zeros where 0xaa
+///   is expected ("pagealloc: memory corruption") or stale data where zeros are assumed.
+/// - `auto`: kpageflags on TCG (poisoning and init_on_free known to be off), else hugetlb
+///   when the pool is usable, else anonymous. It never picks kpageflags outside TCG, even
+///   with the opt-in: that takes an explicit `--hint-source kpageflags`. (`balloond run`
+///   then turns hinting off when `auto` lands on an owned source under TCG, where the owned
+///   sources' churn corrupts the migration destination: `RunCommand.chooseHints`.)
 /// - `simulated` only against the simulated device: its addresses are not free guest memory.
 ///
 /// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond

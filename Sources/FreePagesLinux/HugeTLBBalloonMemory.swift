@@ -16,7 +16,7 @@ import VirtioCore
 /// its original value is kept in a `SysctlStateFile` (`/run/balloond/balloon-hugetlb.state`)
 /// and `recoverAfterCrash` puts it back on the next start.
 ///
-/// Why the frames stay where `take` found them (virtio-balloon.md §4: QEMU discards a frame
+/// Why the frames stay where `take` found them (docs/virtio-balloon.md §4: QEMU discards a frame
 /// as soon as it sees its PFN, so a frame that moved and was reused would lose its new
 /// owner's data). An in-use hugetlb page is not on the LRU: reclaim never touches it, it is
 /// never swapped, and khugepaged, KSM and NUMA balancing ignore hugetlb mappings. Compaction

@@ -8,7 +8,7 @@ import VirtioCore
 /// the pool pages' PFNs in /proc/kpageflags, hint them as 2 MiB ranges, then unmap and shrink
 /// the pool back to its original size.
 ///
-/// Safety argument (virtio-balloon.md §9: nobody may write a hinted page between balloond's
+/// Safety argument (docs/virtio-balloon.md §9: nobody may write a hinted page between balloond's
 /// decision and QEMU applying the hint).
 /// - *Nobody else can take a hinted page.* Before growing, the pool must have no reservations,
 ///   no surplus pages, overcommit 0 and no in-use pages but balloond's own ring page. After

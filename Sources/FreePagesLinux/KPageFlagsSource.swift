@@ -12,7 +12,7 @@ import VirtioCore
 /// *after* the hint clears the page from the round. Under TCG it is: QEMU's own dirty log
 /// records it and the next bitmap sync re-sends the page. On KVM with manual dirty-log protect
 /// the hint's `KVM_CLEAR_DIRTY_LOG` drops it and the destination keeps stale data
-/// (virtio-balloon.md §9). So this source is allowed only under TCG or with the explicit
+/// (docs/virtio-balloon.md §9). So this source is allowed only under TCG or with the explicit
 /// unsafe opt-in (`chooseHintSource` decides; this type does not re-check). It is also refused
 /// with `page_poison` or `init_on_free`: a scanned page is never rewritten by a free path, so
 /// the destination holds zeros (or stale data) where the kernel expects 0xaa or zero, and the

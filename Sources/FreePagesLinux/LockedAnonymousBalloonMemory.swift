@@ -9,7 +9,7 @@ import VirtioCore
 /// of address space each) in any physical order. It cannot provide 2 MiB-contiguous
 /// blocks, so `hugeOnly` takes nothing.
 ///
-/// Why the frames stay where `take` found them (virtio-balloon.md §4, the userspace hazard).
+/// Why the frames stay where `take` found them (docs/virtio-balloon.md §4, the userspace hazard).
 /// mlock does not pin. What could still move a locked anonymous page, and what stops it:
 /// - *Reclaim and swap*: `mlock` (the pages are unevictable).
 /// - *Compaction*: it migrates unevictable (mlocked) pages only while

@@ -1,7 +1,7 @@
 import VirtioCore
 
 /// Which handed-out hint ranges the device has not used yet, so an owned source never gives
-/// memory back while a hint for it could still be applied (virtio-balloon.md §9, F1).
+/// memory back while a hint for it could still be applied (docs/virtio-balloon.md §9).
 ///
 /// Why not just release at `endRound`: the driver also ends a round when *it* runs dry and
 /// posts its STOP buffer, and the hint descriptors queued before that STOP are applied by

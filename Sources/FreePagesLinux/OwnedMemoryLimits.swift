@@ -1,7 +1,7 @@
 import PlatformLinux
 
 /// How much free memory an owned source (hugetlb, anonymous) may take, and when it must stop
-/// (virtio-balloon.md §9 "Memory pressure"). Owning most free memory starves the guest for
+/// (docs/virtio-balloon.md §9 "Memory pressure"). Owning most free memory starves the guest for
 /// the length of a round, so every step re-reads the guest's state and takes at most what
 /// `allowance` says.
 public struct OwnedMemoryLimits: Hashable, Sendable {

@@ -10,7 +10,7 @@ import VirtioPCI
 ///
 /// uio_pci_generic does not export the modern virtio BAR as a uio map (it only exports
 /// resources whose flags are exactly MEM|SIZEALIGN, and BAR4 is 64-bit prefetchable;
-/// virtio-balloon.md §1.4), so this is how balloond reaches BAR4. It only works once no
+/// docs/virtio-balloon.md §1.4), so this is how balloond reaches BAR4. It only works once no
 /// kernel driver claims the BAR: with `CONFIG_IO_STRICT_DEVMEM=y` (Debian) the mmap fails
 /// with EINVAL while virtio-pci owns the device.
 public struct BARMapper: Sendable {

@@ -7,7 +7,7 @@ import VirtioQueue
 
 /// DMA memory from one 2 MiB hugetlb page: physically contiguous (so a 1024-entry queue's
 /// 16 KiB descriptor table fits), and not moved by compaction or THP in practice
-/// (field-notes §5.6–5.8). Allocations are carved from it by a `DMAArena`.
+/// (docs/userspace-pci.md §6–8). Allocations are carved from it by a `DMAArena`.
 ///
 /// If the pool has no free page it grows `nr_hugepages` by one and shrinks it again when
 /// the page is unmapped, i.e. when this allocator and every region it handed out are gone.
@@ -138,7 +138,7 @@ public protocol DMAPlacementCheck: AnyObject {
 
 /// Fallback DMA memory without hugepages: every allocation gets its own locked 4 KiB page
 /// (so it is physically contiguous by itself). Each ring part of a queue with ≤ 256 entries
-/// fits in a page (virtio-balloon.md §1.7), so shrink the 1024-entry free-page queue, and
+/// fits in a page (docs/virtio-balloon.md §1.7), so shrink the 1024-entry free-page queue, and
 /// PFN buffers are sized to `largestAllocation` (1024 PFNs).
 ///
 /// mlock does not pin: compaction migrates locked pages unless

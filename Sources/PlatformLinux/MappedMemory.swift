@@ -3,9 +3,11 @@ import Glibc
 #endif
 import SystemPackage
 
-/// `mmap`/`munmap`/`mlock` in one place. A mapping's base pointer goes straight into the one
-/// type that owns it (`MMIOWindow` for a BAR, `DMARegion` for DMA memory), whose deinit
-/// calls the `unmap` closure built here.
+/// `mmap`, `munmap` and `mlock` for PlatformLinux (only `OwnedAnonymousMapping.unmapSlot`
+/// unmaps part of a mapping itself). A mapping's base pointer goes straight into the one
+/// type that owns it: `MMIOWindow` for a BAR, `OwnedAnonymousMapping` for memfd-backed DMA and
+/// balloon memory, or the preflight probe that unmaps it at once; each unmaps it with the
+/// `unmapper` closure built here or its own `unmapAll`.
 enum MappedMemory {
     /// `mmap`, EINTR retried (it is not restartable on its own for some file types).
     static func map(length: Int, protection: Int32, flags: Int32, descriptor: Int32 = -1, offset: Int = 0,

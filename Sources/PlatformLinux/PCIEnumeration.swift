@@ -34,7 +34,7 @@ public struct PCIFunction: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Whether a vendor:device pair is a virtio balloon (virtio-balloon.md §1.1).
+/// Whether a vendor:device pair is a virtio balloon (docs/virtio-balloon.md §1.1).
 public func isVirtioBalloonID(vendor: UInt16, device: UInt16) -> Bool {
     vendor == PCIConfig.virtioVendor && (device == PCIConfig.balloonTransitionalID || device == PCIConfig.balloonModernID)
 }

@@ -54,7 +54,7 @@ public protocol PagemapReading: AnyObject {
 /// Virtual → physical translation through `/proc/self/pagemap`.
 ///
 /// The kernel checks CAP_SYS_ADMIN against the credentials of whoever *opened* the file
-/// (field-notes §5.5), so this opens it once, while privileged, and keeps the descriptor.
+/// (docs/userspace-pci.md §5), so this opens it once, while privileged, and keeps the descriptor.
 /// Only meaningful for locked, present pages; and mlock does not pin (§5.6): hugetlb pages
 /// do not move in practice, 4 KiB pages can.
 public final class PagemapResolver: PagemapReading {

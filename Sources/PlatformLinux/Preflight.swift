@@ -15,7 +15,7 @@ public func selectedLockdownMode(_ text: String) -> String? {
 }
 
 /// Checks that userspace virtio-pci can work here before touching the device, each failure
-/// an actionable `PlatformError` (field-notes §5.5, §5.9, §5.10):
+/// an actionable `PlatformError` (docs/userspace-pci.md §5, §9, §10):
 ///
 /// 1. root (driver binding, BAR mmap and pagemap PFNs need it);
 /// 2. no kernel lockdown (it forbids userspace BAR access);

@@ -6,8 +6,11 @@ import SystemPackage
 
 /// A system call that failed: which call, on which path, and the kernel's errno.
 ///
-/// Every syscall in PlatformLinux goes through `Sys.call` (or one of the helpers built on it),
-/// which retries `EINTR` and produces one of these for any other failure.
+/// Syscalls whose failure balloond acts on go through `Sys.call` (or one of the helpers built
+/// on it), which retries `EINTR` and produces one of these for any other failure. `mmap`
+/// (`MappedMemory.map`, whose failure value is `MAP_FAILED`, not -1) builds one itself; a few
+/// calls whose failure changes nothing (`munmap` on the way out, `madvise` hints, `poll` in
+/// the event loop, `waitpid` after `posix_spawn`) still call Glibc directly.
 public struct SystemCallError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The C function, e.g. "open", "pread", "mmap".
     public let call: String

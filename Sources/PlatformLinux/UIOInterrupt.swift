@@ -6,7 +6,7 @@ import SystemPackage
 import VirtioPCI
 
 /// The balloon's INTx line through uio_pci_generic (Linux 6.1 `drivers/uio/uio_pci_generic.c`,
-/// virtio-balloon.md §1.4, field-notes §5.1 and §5.3).
+/// docs/virtio-balloon.md §1.4, docs/userspace-pci.md §1 and §3).
 ///
 /// - The kernel's handler masks INTx (sets Command bit 10 via `pci_check_and_mask_intx`) and
 ///   bumps the uio event count; `read(/dev/uioN)` returns that 32-bit count.

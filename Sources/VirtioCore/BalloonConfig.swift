@@ -12,7 +12,7 @@ public enum BalloonConfigLayout {
 
 /// The value of `free_page_hint_cmd_id` (virtio 1.2 §5.5.6.4).
 public enum FreePageHintCommand: Hashable, Sendable, CustomStringConvertible {
-    /// 0: stop hinting (QEMU also reads 0 while in START; see virtio-balloon.md §6.2).
+    /// 0: stop hinting (QEMU also reads 0 while in START; see docs/virtio-balloon.md §6.2).
     case stop
     /// 1: the device no longer needs the hinted pages; release them.
     case done
@@ -47,7 +47,7 @@ public enum FreePageHintCommand: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// What freed pages contain, as the guest kernel is configured (virtio-balloon.md §7).
+/// What freed pages contain, as the guest kernel is configured (docs/virtio-balloon.md §7).
 public enum PagePoisonPolicy: Hashable, Sendable, CustomStringConvertible {
     /// No poisoning and no init_on_free: PAGE_POISON is not negotiated.
     case none

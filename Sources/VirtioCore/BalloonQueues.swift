@@ -13,7 +13,7 @@ public enum BalloonQueueRole: String, Sendable, CaseIterable, CustomStringConver
     }
 }
 
-/// Virtqueue indices for a balloon device, following QEMU's numbering (virtio-balloon.md §3.2).
+/// Virtqueue indices for a balloon device, following QEMU's numbering (docs/virtio-balloon.md §3.2).
 ///
 /// QEMU creates queues from its *properties* (the offered features), not from what the driver
 /// negotiates: inflate 0, deflate 1, stats 2 (always), free-page-hint 3 if offered, reporting

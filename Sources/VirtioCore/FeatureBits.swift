@@ -43,7 +43,7 @@ public struct FeatureBits: OptionSet, Hashable, Sendable, CustomStringConvertibl
     public static let ringReset = FeatureBits(bit: 40)
 
     /// Every balloon device bit defined by virtio 1.2 (bits 0–5). Bits ≥ 6 are unstandardised
-    /// and collide between proposals (field-notes F17).
+    /// and collide between proposals (docs/virtio-balloon.md §1.5).
     public static let allBalloonBits: FeatureBits = [.mustTellHost, .statsVQ, .deflateOnOOM, .freePageHint, .pagePoison, .reporting]
 
     static let names: [(FeatureBits, String)] = [

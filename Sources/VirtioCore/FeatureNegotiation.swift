@@ -18,7 +18,7 @@ public enum FeatureNegotiationError: Error, Hashable, CustomStringConvertible {
 
 /// The features balloond accepts: the intersection of what the device offers and what the
 /// driver wants, restricted to standard balloon bits plus VERSION_1 and never ACCESS_PLATFORM
-/// (virtio-balloon.md §1.5, field-notes F17).
+/// (docs/virtio-balloon.md §1.5).
 ///
 /// - Parameters:
 ///   - offered: `device_feature`, both halves.

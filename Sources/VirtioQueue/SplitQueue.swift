@@ -115,7 +115,8 @@ public final class SplitQueue<Token> {
 
     /// Posts one chain: device-readable ranges first, then device-writable ones (the order
     /// virtio requires; QEMU breaks the device on a readable after a writable). The chain is
-    /// published to the device at once; call `kickIfNeeded` after posting a batch.
+    /// published to the device at once; after posting a batch, notify the device when
+    /// `kickNeeded()` says so.
     ///
     /// - Returns: the head descriptor index.
     @discardableResult

@@ -49,7 +49,7 @@ struct RunCommand: ParsableCommand {
     var unsafeHintsOnKVM = false
     @Flag(help: ArgumentHelp("Control experiment: run hint rounds that take memory from the hint source as usual but send no hint.", discussion: """
         For telling a wrong hint from the guest-side churn of taking and releasing memory during \
-        a migration (virtio-balloon.md §9's bench caveat). Nothing is saved with it on.
+        a migration (docs/virtio-balloon.md §9's bench caveat). Nothing is saved with it on.
         """))
     var hintControl = false
     @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate and deflate to the host's target (QMP `balloon`).", discussion: """

@@ -5,7 +5,7 @@ import Logging
 import PlatformLinux
 
 /// `balloond scan`: what one kpageflags hint round would find, and what the scan costs,
-/// without a device (virtio-balloon.md §9 budgets ~50 ms per GiB scanned).
+/// without a device (docs/virtio-balloon.md §9 budgets ~50 ms per GiB scanned).
 struct ScanCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "scan",

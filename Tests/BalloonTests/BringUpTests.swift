@@ -6,66 +6,7 @@ import VirtioQueue
 import FreePages
 @testable import Balloon
 
-final class FixedStats: BalloonStatsSource {
-    var value: UInt64 = 1
-    func collect() -> [BalloonStat] { BalloonStatTag.allCases.map { BalloonStat($0, value) } }
-}
-
-/// MemAvailable/MemFree as a test sets them, less what the balloon memory holds (as in a
-/// real guest, where memory balloond takes leaves MemFree and MemAvailable).
-final class FakeMemoryStatus: GuestMemoryStatus {
-    var available: UInt64 = 800 << 20
-    var free: UInt64 = 700 << 20
-    var held: () -> UInt64 = { 0 }
-    func read() -> (available: UInt64, free: UInt64)? {
-        let h = held()
-        return (available > h ? available - h : 0, free > h ? free - h : 0)
-    }
-}
-
-/// A clock tests move by hand.
-final class FakeClock {
-    var nanos: UInt64 = 1_000_000_000
-    func advance(milliseconds: Int) { nanos += UInt64(milliseconds) * 1_000_000 }
-}
-
-struct Rig {
-    let device: SimulatedBalloonDevice
-    let driver: BalloonDriver<ModernPCITransport>
-    let line: SimulatedInterruptLine
-    let stats = FixedStats()
-    let memory: SimulatedBalloonMemory
-    let memoryStatus = FakeMemoryStatus()
-    let clock = FakeClock()
-
-    init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions(),
-         balloonBytes: UInt64 = 64 << 20) throws {
-        device = SimulatedBalloonDevice(properties: props)
-        line = device.makeInterruptLine()
-        // Balloon memory in the upper part of the simulated RAM (the device checks PFNs against it).
-        memory = SimulatedBalloonMemory(base: props.ramSize - balloonBytes, bytes: balloonBytes)
-        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats,
-                               hintSource: SimulatedBuddyAllocator(bytes: props.ramSize, usedFraction: 0.9),
-                               balloonMemory: memory, memoryStatus: memoryStatus)
-        let clock = self.clock
-        driver.clock = { clock.nanos }
-        memoryStatus.held = { [memory] in memory.heldBytes }
-    }
-
-    /// Services every pending interrupt, as the event loop would.
-    func serviceAll() throws { try serviceAll(driver) }
-
-    func serviceAll(_ driver: BalloonDriver<ModernPCITransport>) throws {
-        var n = 0
-        while try line.wait(timeoutMilliseconds: 0) {
-            try driver.serviceInterrupt(line: line)
-            n += 1
-            precondition(n < 100, "interrupt storm")
-        }
-    }
-}
-
-@Suite("Device bring-up (virtio 1.2 §3.1.1, virtio-balloon.md §1.6)")
+@Suite("Device bring-up (virtio 1.2 §3.1.1, docs/virtio-balloon.md §1.6)")
 struct BringUpTests {
     @Test("bring-up order: reset with Bus Master off and memory decoding on, then bus master, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
     func order() throws {
@@ -288,63 +229,5 @@ struct BringUpTests {
         rig.driver.shutdown()
         #expect(rig.device.status == [])
         #expect(!rig.device.holdsStatsBuffer)
-    }
-}
-
-@Suite("Stats values (virtio-balloon.md §5)")
-struct StatsTests {
-    @Test("stats come from /proc/vmstat and /proc/meminfo as Linux computes them, all sixteen tags in Linux 6.12's order")
-    func compute() {
-        let vmstat = "nr_free_pages 1000\nnr_file_pages 300\npswpin 2\npswpout 3\npgmajfault 7\npgfault 99\nhtlb_buddy_alloc_success 5\nhtlb_buddy_alloc_fail 1\n"
-        let meminfo = "MemTotal:        1000 kB\nMemFree:          500 kB\nMemAvailable:     700 kB\nBuffers:           10 kB\nCached:            20 kB\n"
-        let s = computeBalloonStats(vmstat: vmstat, meminfo: meminfo)
-        #expect(s.map(\.tag.rawValue) == [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 8, 9, 4, 5, 6, 7])
-        let d = Dictionary(uniqueKeysWithValues: s.map { ($0.tag, $0.value) })
-        #expect(d[.swapIn] == 2 * 4096 && d[.swapOut] == 3 * 4096)
-        #expect(d[.majorFaults] == 7 && d[.minorFaults] == 99)
-        #expect(d[.memFree] == 500 * 1024 && d[.memTotal] == 1000 * 1024 && d[.available] == 700 * 1024)
-        #expect(d[.caches] == 300 * 4096)
-        #expect(d[.hugetlbAllocations] == 5 && d[.hugetlbFailures] == 1)
-    }
-
-    @Test("entries are packed 10-byte little-endian {le16 tag, le64 val}")
-    func encoding() {
-        let bytes = encodeBalloonStats([BalloonStat(.memFree, 0x0102_0304_0506_0708), BalloonStat(.caches, 1)])
-        #expect(bytes.count == 20)
-        #expect(Array(bytes[0..<10]) == [4, 0, 8, 7, 6, 5, 4, 3, 2, 1])
-        #expect(Array(bytes[10..<12]) == [7, 0])
-    }
-}
-
-@Suite("Guest page poisoning detection (virtio-balloon.md §7)")
-struct PoisonDetectionTests {
-    static let debianConfig = "CONFIG_PAGE_POISONING=y\n# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\nCONFIG_INIT_ON_ALLOC_DEFAULT_ON=y\n"
-
-    @Test("Debian default: no poisoning, init_on_alloc from the config")
-    func debianDefault() {
-        let c = GuestMemoryDebugConfig.detect(cmdline: "console=ttyS0 quiet", kernelConfig: Self.debianConfig)
-        #expect(c == GuestMemoryDebugConfig(pagePoisoning: false, initOnFree: false, initOnAlloc: true))
-        #expect(c.poisonPolicy == .none)
-    }
-
-    @Test("page_poison=1 gives 0xAAAAAAAA and overrides init_on_free/init_on_alloc")
-    func poison() {
-        let c = GuestMemoryDebugConfig.detect(cmdline: "page_poison=1 init_on_free=1", kernelConfig: Self.debianConfig)
-        #expect(c == GuestMemoryDebugConfig(pagePoisoning: true, initOnFree: false, initOnAlloc: false))
-        #expect(c.poisonPolicy.poisonValue == 0xAAAA_AAAA)
-    }
-
-    @Test("init_on_free=1 gives poison_val 0")
-    func initOnFree() {
-        let c = GuestMemoryDebugConfig.detect(cmdline: "init_on_free=1 init_on_alloc=0", kernelConfig: Self.debianConfig)
-        #expect(c.poisonPolicy == .initOnFree)
-        #expect(c.poisonPolicy.poisonValue == 0)
-        #expect(!c.initOnAlloc)
-    }
-
-    @Test("page_poison=1 on a kernel built without CONFIG_PAGE_POISONING does nothing")
-    func poisonNotBuilt() {
-        let c = GuestMemoryDebugConfig.detect(cmdline: "page_poison=1", kernelConfig: "# CONFIG_PAGE_POISONING is not set\n")
-        #expect(!c.pagePoisoning)
     }
 }

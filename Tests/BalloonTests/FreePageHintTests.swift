@@ -5,66 +5,11 @@ import VirtioCore
 import VirtioPCI
 @testable import Balloon
 
-/// Wraps the simulated buddy allocator and records what the device could still do when the
-/// driver gave pages back.
-final class RecordingSource: FreePageSource {
-    let inner: SimulatedBuddyAllocator
-    weak var device: SimulatedBalloonDevice?
-    var releaseDeviceStatus: [DeviceStatus] = []
-    var releaseHintState: [SimulatedBalloonDevice.HintState] = []
-    var appliedRanges: [GuestPhysicalRange] = []
-    var endRounds = 0
-    init(_ inner: SimulatedBuddyAllocator) { self.inner = inner }
-    var name: String { inner.name }
-    var ownership: FreePageOwnership { inner.ownership }
-    var heldBytes: UInt64 { inner.heldBytes }
-    func beginRound(id: UInt32) throws(FreePageSourceError) { try inner.beginRound(id: id) }
-    func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
-        try inner.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
-    }
-    func hintsApplied(_ ranges: [GuestPhysicalRange]) { appliedRanges += ranges }
-    func endRound() { endRounds += 1; inner.endRound() }
-    func releaseAll() {
-        if let device {
-            releaseDeviceStatus.append(device.status)
-            releaseHintState.append(device.hintState)
-        }
-        inner.releaseAll()
-    }
-}
-
-struct HintRig {
-    let device: SimulatedBalloonDevice
-    let driver: BalloonDriver<ModernPCITransport>
-    let line: SimulatedInterruptLine
-    let source: RecordingSource
-
-    init(ramMiB: UInt64 = 256, usedFraction: Double = 0.3, seed: UInt64 = 7) throws {
-        device = SimulatedBalloonDevice(properties: BalloonDeviceProperties(freePageHint: true, ramSize: ramMiB << 20))
-        line = device.makeInterruptLine()
-        source = RecordingSource(SimulatedBuddyAllocator(bytes: ramMiB << 20, usedFraction: usedFraction, seed: seed))
-        source.device = device
-        driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), hintSource: source)
-        try driver.bringUp()
-    }
-
-    func serviceAll() throws {
-        var n = 0
-        while try line.wait(timeoutMilliseconds: 0) {
-            try driver.serviceInterrupt(line: line)
-            n += 1
-            precondition(n < 1000, "interrupt storm")
-        }
-    }
-
-    var hintQueue: UInt16 { 3 }
-}
-
-@Suite("Free page hinting protocol (virtio-balloon.md §6)")
+@Suite("Free page hinting protocol (docs/virtio-balloon.md §6)")
 struct FreePageHintTests {
     @Test("a round: START with the id, hints covering the source's free blocks, then STOP; all hints land in START")
     func fullRound() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         let freeBefore = rig.source.inner.freePages
         rig.device.startHintRound()
         try rig.serviceAll()
@@ -88,7 +33,7 @@ struct FreePageHintTests {
 
     @Test("the id reads 0 while QEMU is in START, with no interrupt: the driver keeps hinting (it never polls the field)")
     func idReadsZeroInStart() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         var sawZero = false
         rig.device.onHintElement = { dev in
             if dev.hintState == .start, (try? rig.driver.transport.readDeviceConfig32(at: 8)) == 0 { sawZero = true }
@@ -101,7 +46,7 @@ struct FreePageHintTests {
 
     @Test("a repeated id (config interrupt with the same id) does not start a second round")
     func repeatedID() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.startHintRound()
         try rig.serviceAll()
         let sent = rig.driver.counters.hintsSent
@@ -116,7 +61,7 @@ struct FreePageHintTests {
 
     @Test("a stale id is answered, but the device ignores its hints (only the current id starts START)")
     func staleID() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.startHintRound()  // device is REQUESTED with 0x80000001
         rig.device.faults.forcedCmdID = 0x7000_0000  // the driver reads an old id
         try rig.serviceAll()
@@ -128,7 +73,7 @@ struct FreePageHintTests {
 
     @Test("a new id ends the running round and starts the next one at once")
     func newIDMidRound() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         var triggered = false
         rig.device.onHintElement = { dev in
             if !triggered, (dev.hintedRanges[0x8000_0001]?.count ?? 0) >= 10 {
@@ -150,7 +95,7 @@ struct FreePageHintTests {
 
     @Test("DONE without START: nothing held, nothing sent, no hang")
     func doneWithoutStart() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.finishHinting()
         try rig.serviceAll()
         #expect(rig.device.receivedHintIDs.isEmpty)
@@ -160,7 +105,7 @@ struct FreePageHintTests {
 
     @Test("a cancelled migration (DONE right after START) releases every hinted page")
     func cancelled() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.onHintElement = { dev in
             if dev.hintState == .start, (dev.hintedRanges[0x8000_0001]?.count ?? 0) == 3 { dev.finishHinting() }
         }
@@ -172,7 +117,7 @@ struct FreePageHintTests {
 
     @Test("STOP while hints are queued: the round ends, late hints are acked and ignored, pages kept until DONE")
     func stopWhileQueued() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.processHintsOnNotify = false
         rig.line.onIdle = { dev in
             // The driver is waiting for a full ring: migration moves to the next bitmap sync.
@@ -193,7 +138,7 @@ struct FreePageHintTests {
 
     @Test("ring full with a device that does not consume: one slot stays for STOP, the round times out, no hang")
     func ringFull() throws {
-        let rig = try HintRig(ramMiB: 8192, usedFraction: 0.1)
+        let rig = try Rig.hinting(ramMiB: 8192, usedFraction: 0.1)
         rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
         rig.device.processHintsOnNotify = false
         rig.device.startHintRound()
@@ -207,7 +152,7 @@ struct FreePageHintTests {
 
     @Test("a device that never answers: bring-up completes, a hint round times out with STOP queued, nothing hangs")
     func neverAnswers() throws {
-        let rig = try HintRig(ramMiB: 8192, usedFraction: 0.1)
+        let rig = try Rig.hinting(ramMiB: 8192, usedFraction: 0.1)
         rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
         rig.device.faults.ignoreNotifications = true
         rig.device.startHintRound()
@@ -222,7 +167,7 @@ struct FreePageHintTests {
 
     @Test("owned pages are given back only after the device can no longer apply their hints (DONE or reset)")
     func releaseOrder() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.startHintRound()
         try rig.serviceAll()
         #expect(rig.source.heldBytes > 0)
@@ -233,7 +178,7 @@ struct FreePageHintTests {
 
     @Test("postcopy: no round ever starts, so nothing is taken and nothing hangs")
     func postcopy() throws {
-        let rig = try HintRig()
+        let rig = try Rig.hinting()
         rig.device.setTarget(bytes: 128 << 20)  // unrelated config interrupt; cmd id stays STOP
         try rig.serviceAll()
         #expect(rig.source.inner.rounds.isEmpty)

@@ -44,7 +44,7 @@ private final class FakeProc {
     func read(_ path: String) -> String? { files[path] }
 }
 
-@Suite("The sixteen stats of Linux 6.12 (virtio-balloon.md §11)")
+@Suite("The sixteen stats of Linux 6.12 (docs/virtio-balloon.md §11)")
 struct SixteenStatsTests {
     @Test("the six 6.12 stats come from /proc/vmstat as update_balloon_vm_stats computes them: oom_kill, the sum of every zone's allocstall, kswapd/direct scans and steals in bytes")
     func linux612Values() {
@@ -108,7 +108,7 @@ struct SixteenStatsTests {
     }
 }
 
-@Suite("Stats against the simulated QEMU 7.2 and QEMU 10.0 (virtio-balloon.md §11)")
+@Suite("Stats against the simulated QEMU 7.2 and QEMU 10.0 (docs/virtio-balloon.md §11)")
 struct QEMUVersionStatsTests {
     /// A driver whose stats come from `proc`, brought up against a device of `version`.
     private static func bringUp(_ version: SimulatedQEMUVersion, _ proc: FakeProc) throws -> (SimulatedBalloonDevice, BalloonDriver<ModernPCITransport>, SimulatedInterruptLine) {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import TestSupport
 import FreePages
 import Testing
 @testable import FreePagesLinux
@@ -26,7 +27,7 @@ struct AnonymousSourceFaultInjectionTests {
     func holdsCompactionForTheRound() throws {
         let (tree, memory, source) = Self.setup()
         try source.beginRound(id: 0x8000_0001)
-        let ranges = try AnonymousSourceTests.drain(source)
+        let ranges = try drainHints(source)
         #expect(!ranges.isEmpty)
         #expect(!memory.compactAtMap.isEmpty && memory.compactAtMap.allSatisfy { $0 == "0\n" })
         #expect(tree.read("/proc/sys/vm/compact_unevictable_allowed") == "0\n")
@@ -54,7 +55,7 @@ struct AnonymousSourceFaultInjectionTests {
         let (_, memory, source) = Self.setup()
         memory.moveAfterFirstRead = [7: 999_999]
         try source.beginRound(id: 0x8000_0001)
-        let ranges = try AnonymousSourceTests.drain(source)
+        let ranges = try drainHints(source)
         let hinted = Set(AnonymousSourceTests.pfns(ranges))
         #expect(source.lastRound.chunksDroppedMoved == 1)
         #expect(source.movedPages >= 1)
@@ -76,7 +77,7 @@ struct AnonymousSourceFaultInjectionTests {
         let shared = AnonymousSource(root: tree.root, backend: memory,
                                      options: .init(limits: OwnedMemoryLimits(marginBytes: 64 << 20, marginFractionOfTotal: 0)), compactionHold: hold)
         try shared.beginRound(id: 1)
-        let r = try AnonymousSourceTests.drain(shared)
+        let r = try drainHints(shared)
         shared.endRound()
         shared.hintsApplied(r)
         #expect(shared.heldBytes == 0)

@@ -1,3 +1,4 @@
+import TestSupport
 import FreePages
 import Testing
 @testable import FreePagesLinux
@@ -24,15 +25,6 @@ import VirtioCore
         return Setup(tree: tree, memory: memory, source: source)
     }
 
-    static func drain(_ s: FreePageSource, maxRanges: Int = 64, maxRangeBytes: UInt64 = 4 << 20) throws -> [GuestPhysicalRange] {
-        var all: [GuestPhysicalRange] = []
-        while true {
-            let b = try s.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
-            if b.isEmpty { return all }
-            all += b
-        }
-    }
-
     static func pfns(_ ranges: [GuestPhysicalRange]) -> [UInt64] {
         ranges.flatMap { r in stride(from: r.start.value / 4096, to: r.end / 4096, by: 1).map { $0 } }
     }
@@ -43,7 +35,7 @@ import VirtioCore
         try s.source.beginRound(id: 0x8000_0001)
         let first = try s.source.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20)
         #expect(first.reduce(0) { $0 + $1.length } == 32 << 20, "a small first chunk, hinted at once")
-        let ranges = first + (try Self.drain(s.source))
+        let ranges = first + (try drainHints(s.source))
         // 200 MiB free − 64 MiB margin, re-read before each chunk: 32 + 64 + 40.
         #expect(s.source.lastRound.chunks == 3)
         #expect(s.source.heldBytes == 136 << 20)
@@ -61,7 +53,7 @@ import VirtioCore
         let s = Self.setup()
         try s.source.beginRound(id: 1)
         #expect(s.tree.read("/proc/self/oom_score_adj") == "0\n", "nothing held yet")
-        let r = try Self.drain(s.source)
+        let r = try drainHints(s.source)
         #expect(s.tree.read("/proc/self/oom_score_adj") == "1000\n")
         s.source.endRound()
         s.source.hintsApplied(r)
@@ -85,7 +77,7 @@ import VirtioCore
         try s.source.beginRound(id: 1)
         #expect(!(try s.source.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20)).isEmpty)
         s.tree.file("/proc/pressure/memory", "some avg10=0.50 avg60=0.00 avg300=0.00 total=1200000\n")
-        _ = try Self.drain(s.source)
+        _ = try drainHints(s.source)
         #expect(s.source.lastRound.chunks == 1)
         #expect(s.source.lastRound.stoppedBecause?.contains("stalled 200 ms") == true)
     }
@@ -93,7 +85,7 @@ import VirtioCore
     @Test func keepsChunksUntilTheirDescriptorsAreBack() throws {
         let s = Self.setup()
         try s.source.beginRound(id: 1)
-        let r = try Self.drain(s.source)
+        let r = try drainHints(s.source)
         s.source.endRound()
         #expect(s.memory.mapped.count == 3, "STOP was posted but hints are still queued")
         s.source.hintsApplied(Array(r.prefix(r.count - 1)))
@@ -106,7 +98,7 @@ import VirtioCore
     @Test func doesNotReleaseDuringTheRound() throws {
         let s = Self.setup()
         try s.source.beginRound(id: 1)
-        let r = try Self.drain(s.source)
+        let r = try drainHints(s.source)
         s.source.hintsApplied(r)
         #expect(s.memory.mapped.count == 3, "kept until the round ends, so the round does not re-take freed memory")
         s.source.endRound()
@@ -116,7 +108,7 @@ import VirtioCore
     @Test func previousRoundsChunksGoOnceTheirDescriptorsReturn() throws {
         let s = Self.setup(capMiB: 32)
         try s.source.beginRound(id: 1)
-        let r1 = try Self.drain(s.source)
+        let r1 = try drainHints(s.source)
         s.source.endRound()
         try s.source.beginRound(id: 2)
         #expect(try s.source.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20).isEmpty, "the cap is still used by round 1")
@@ -128,7 +120,7 @@ import VirtioCore
     @Test func detectsMovedPages() throws {
         let s = Self.setup(capMiB: 32)
         try s.source.beginRound(id: 1)
-        let r = try Self.drain(s.source)
+        let r = try drainHints(s.source)
         let base = try #require(s.memory.mapped.keys.first)
         s.memory.moves[base] = [7: 999_999]
         s.source.endRound()
@@ -140,14 +132,14 @@ import VirtioCore
     @Test func releaseAllReturnsEverythingAtOnce() throws {
         let s = Self.setup()
         try s.source.beginRound(id: 1)
-        let old = try Self.drain(s.source)
+        let old = try drainHints(s.source)
         s.source.releaseAll()
         #expect(s.memory.mapped.isEmpty)
         #expect(s.tree.read("/proc/self/oom_score_adj") == "0\n")
         // Late descriptors of the released memory are ignored; a new round starts clean.
         s.source.hintsApplied(old)
         try s.source.beginRound(id: 2)
-        #expect(!(try Self.drain(s.source)).isEmpty)
+        #expect(!(try drainHints(s.source)).isEmpty)
         s.source.endRound()
         #expect(s.memory.mapped.count == 3, "the new round's descriptors are out")
     }

@@ -1,4 +1,6 @@
+import TestSupport
 import FreePages
+import VirtioCore
 @testable import FreePagesLinux
 import PlatformLinux
 
@@ -222,4 +224,14 @@ struct BalloonFixture {
 extension BalloonBlock {
     /// The 4 KiB frames, in range order.
     var frames: [UInt64] { pfns.map(UInt64.init) }
+}
+
+/// Every range a source hands out until it runs dry, in batches of `maxRanges`.
+func drainHints(_ s: FreePageSource, maxRanges: Int = 64, maxRangeBytes: UInt64 = 4 << 20) throws -> [GuestPhysicalRange] {
+    var all: [GuestPhysicalRange] = []
+    while true {
+        let b = try s.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+        if b.isEmpty { return all }
+        all += b
+    }
 }

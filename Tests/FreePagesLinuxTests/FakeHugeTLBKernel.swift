@@ -1,3 +1,4 @@
+import TestSupport
 import FreePages
 @testable import FreePagesLinux
 import PlatformLinux

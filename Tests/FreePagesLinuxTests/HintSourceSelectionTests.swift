@@ -71,52 +71,69 @@ import PlatformLinux
         for w in row.says { #expect(text.contains(w), "\(text.debugDescription) should mention \(w.debugDescription)") }
     }
 
-    /// Every combination of inputs: the safety rules hold and auto always finds a source.
+    /// The choice expected for every combination of inputs, written out case by case: per
+    /// requested source and hypervisor, 32 outcomes in four groups of eight. The groups are
+    /// (page_poison, init_on_free) = (off, off), (off, on), (on, off), (on, on). Inside a group
+    /// (unsafe-hints-on-kvm, hugetlb pool usable, simulated device) count up in binary, the
+    /// simulated device fastest: unsafe is on in the last four, hugetlb in the 3rd, 4th, 7th and
+    /// 8th, simulated in every second. K kpageflags, H hugetlb, A anonymous, S simulated,
+    /// - refused.
+    static let expectedChoices: [(requested: String, byHypervisor: [(Hypervisor, String)])] = [
+        ("auto", [(.tcg, "KSKSKSKS ASHSASHS ASHSASHS ASHSASHS"),
+                  (.kvm, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
+                  (.other("VMwareVMware"), "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
+                  (.none, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS")]),
+        ("hugetlb", [(.tcg, "--HH--HH --HH--HH --HH--HH --HH--HH"),
+                     (.kvm, "--HH--HH --HH--HH --HH--HH --HH--HH"),
+                     (.other("VMwareVMware"), "--HH--HH --HH--HH --HH--HH --HH--HH"),
+                     (.none, "--HH--HH --HH--HH --HH--HH --HH--HH")]),
+        ("anonymous", [(.tcg, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
+                       (.kvm, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
+                       (.other("VMwareVMware"), "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
+                       (.none, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA")]),
+        ("kpageflags", [(.tcg, "KKKKKKKK -------- -------- --------"),
+                        (.kvm, "----KKKK -------- -------- --------"),
+                        (.other("VMwareVMware"), "----KKKK -------- -------- --------"),
+                        (.none, "----KKKK -------- -------- --------")]),
+        ("simulated", [(.tcg, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
+                       (.kvm, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
+                       (.other("VMwareVMware"), "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
+                       (.none, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S")]),
+        ("bogus", [(.tcg, "-------- -------- -------- --------"),
+                   (.kvm, "-------- -------- -------- --------"),
+                   (.other("VMwareVMware"), "-------- -------- -------- --------"),
+                   (.none, "-------- -------- -------- --------")]),
+    ]
+
+    /// Every combination of inputs chooses what `expectedChoices` says, the safety rules hold,
+    /// and every refusal says what to do.
     @Test func everyCombination() {
-        let hvs: [Hypervisor] = [.tcg, .kvm, .other("VMwareVMware"), .none]
+        let letters: [String: Character] = ["kpageflags": "K", "hugetlb": "H", "anonymous": "A", "simulated": "S"]
+        #expect(Set(Self.expectedChoices.map(\.requested)) == Set(hintSourceNames + ["bogus"]))
         var count = 0
-        for requested in hintSourceNames + ["bogus"] {
-            for hv in hvs {
-                for poison in [false, true] {
-                    for iof in [false, true] {
-                        for unsafe in [false, true] {
-                            for huge in [false, true] {
-                                for sim in [false, true] {
-                                    count += 1
-                                    let row = Row(requested: requested, hv: hv, poison: poison, initOnFree: iof, unsafe: unsafe,
-                                                  hugetlb: huge, simulated: sim, says: [])
-                                    let result = Self.choose(row)
-                                    let chosen: String? = (try? result.get())?.name
-                                    let expected: String? = {
-                                        switch requested {
-                                        case "auto":
-                                            if sim { return "simulated" }
-                                            if hv == .tcg && !poison && !iof { return "kpageflags" }
-                                            return huge ? "hugetlb" : "anonymous"
-                                        case "kpageflags":
-                                            return !poison && !iof && (hv == .tcg || unsafe) ? "kpageflags" : nil
-                                        case "hugetlb": return huge ? "hugetlb" : nil
-                                        case "anonymous": return "anonymous"
-                                        case "simulated": return sim ? "simulated" : nil
-                                        default: return nil
-                                        }
-                                    }()
-                                    #expect(chosen == expected, "\(row.testDescription)")
-                                    // The rules, stated independently of the oracle above.
-                                    if chosen == "kpageflags" {
-                                        #expect(!poison && !iof)
-                                        #expect(hv == .tcg || (unsafe && requested == "kpageflags"))
-                                    }
-                                    if chosen == "simulated" { #expect(sim) }
-                                    if chosen == "hugetlb" { #expect(huge) }
-                                    if requested == "auto" { #expect(chosen != nil) }
-                                    switch result {
-                                    case .success(let c): #expect(!c.reason.isEmpty)
-                                    case .failure(let e): #expect(e.description.count > 40, "actionable: \(e)")
-                                    }
-                                }
-                            }
-                        }
+        for (requested, byHypervisor) in Self.expectedChoices {
+            for (hv, grid) in byHypervisor {
+                let expected = Array(grid.filter { $0 != " " })
+                #expect(expected.count == 32, "\(requested) on \(hv): 32 outcomes")
+                for (i, want) in expected.enumerated() {
+                    count += 1
+                    let poison = i & 16 != 0, iof = i & 8 != 0, unsafe = i & 4 != 0, huge = i & 2 != 0, sim = i & 1 != 0
+                    let row = Row(requested: requested, hv: hv, poison: poison, initOnFree: iof, unsafe: unsafe,
+                                  hugetlb: huge, simulated: sim, says: [])
+                    let result = Self.choose(row)
+                    let chosen: String? = (try? result.get())?.name
+                    #expect(chosen.map { letters[$0] ?? "?" } ?? "-" == want, "\(row.testDescription)")
+                    // The safety rules, stated on their own.
+                    if chosen == "kpageflags" {
+                        #expect(!poison && !iof)
+                        #expect(hv == .tcg || (unsafe && requested == "kpageflags"))
+                    }
+                    if chosen == "simulated" { #expect(sim) }
+                    if chosen == "hugetlb" { #expect(huge) }
+                    if requested == "auto" { #expect(chosen != nil) }
+                    switch result {
+                    case .success(let c): #expect(!c.reason.isEmpty)
+                    case .failure(let e): #expect(e.description.count > 40, "actionable: \(e)")
                     }
                 }
             }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import TestSupport
 import FreePages
 import Testing
 @testable import FreePagesLinux

@@ -1,3 +1,4 @@
+import TestSupport
 import FreePages
 import Testing
 @testable import FreePagesLinux
@@ -31,15 +32,6 @@ import VirtioCore
         return Setup(tree: tree, kernel: kernel, source: source)
     }
 
-    static func drain(_ s: FreePageSource, maxRanges: Int = 64, maxRangeBytes: UInt64 = 4 << 20) throws -> [GuestPhysicalRange] {
-        var all: [GuestPhysicalRange] = []
-        while true {
-            let b = try s.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
-            if b.isEmpty { return all }
-            all += b
-        }
-    }
-
     /// The 2 MiB frames a list of ranges covers.
     static func frames(_ ranges: [GuestPhysicalRange]) -> Set<Int> {
         var f: Set<Int> = []
@@ -58,7 +50,7 @@ import VirtioCore
                 "the original size is saved before the pool grows")
         let first = try s.source.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20)
         #expect(Self.frames(first).count == 2, "the first step is small, so the first hint leaves early")
-        let ranges = first + (try Self.drain(s.source))
+        let ranges = first + (try drainHints(s.source))
         let hinted = Self.frames(ranges)
         // 48 MiB free in ≥2 MiB blocks − 8 MiB margin, re-read before every step.
         #expect(hinted.count == 20)
@@ -75,7 +67,7 @@ import VirtioCore
     @Test func keepsEverythingUntilEveryDescriptorIsBack() throws {
         let s = try Self.setup()
         try s.source.beginRound(id: 5)
-        let ranges = try Self.drain(s.source)
+        let ranges = try drainHints(s.source)
         #expect(ranges.count > 2)
         // The driver posted STOP and ended the round, but QEMU has not used every hint yet.
         s.source.endRound()
@@ -93,7 +85,7 @@ import VirtioCore
     @Test func releasesAtEndRoundWhenAllHintsWereApplied() throws {
         let s = try Self.setup()
         try s.source.beginRound(id: 5)
-        let ranges = try Self.drain(s.source)
+        let ranges = try drainHints(s.source)
         s.source.hintsApplied(ranges)
         #expect(s.kernel.total == 21, "still the round: kept")
         s.source.endRound()
@@ -181,7 +173,7 @@ import VirtioCore
             k.sync()
         }
         try s.source.beginRound(id: 5)
-        let ranges = try Self.drain(s.source)
+        let ranges = try drainHints(s.source)
         let hinted = Self.frames(ranges)
         #expect(hinted.isSuperset(of: [4, 5, 6, 7]))
         #expect(hinted == Set(s.kernel.freePool))
@@ -194,7 +186,7 @@ import VirtioCore
     @Test func respectsTheCap() throws {
         let s = try Self.setup(limits: Self.limits(capMiB: 10))
         try s.source.beginRound(id: 5)
-        let hinted = Self.frames(try Self.drain(s.source))
+        let hinted = Self.frames(try drainHints(s.source))
         #expect(hinted.count == 5)
         #expect(s.source.heldBytes == 10 << 20)
     }
@@ -202,10 +194,10 @@ import VirtioCore
     @Test func aNewRoundWhileHeldRehintsAndContinues() throws {
         let s = try Self.setup(limits: Self.limits(capMiB: 8))
         try s.source.beginRound(id: 5)
-        let round1 = try Self.drain(s.source)
+        let round1 = try drainHints(s.source)
         s.source.endRound()   // descriptors still out
         try s.source.beginRound(id: 6)
-        let round2 = try Self.drain(s.source)
+        let round2 = try drainHints(s.source)
         #expect(Self.frames(round2) == Self.frames(round1), "the held pages are hinted again, nothing new within the cap")
         s.source.endRound()
         s.source.hintsApplied(round1)
@@ -219,12 +211,12 @@ import VirtioCore
     @Test func lateDescriptorsAfterReleaseAllDoNotReleaseTheNextSession() throws {
         let s = try Self.setup(limits: Self.limits(capMiB: 8))
         try s.source.beginRound(id: 5)
-        let old = try Self.drain(s.source)
+        let old = try drainHints(s.source)
         s.source.endRound()
         s.source.releaseAll()          // DONE
         #expect(s.kernel.total == 1)
         try s.source.beginRound(id: 7)
-        let new = try Self.drain(s.source)
+        let new = try drainHints(s.source)
         #expect(Self.frames(new) == Self.frames(old), "the fake kernel hands out the same frames again")
         s.source.endRound()
         s.source.hintsApplied(old)     // the late ones from before DONE
@@ -268,7 +260,7 @@ import VirtioCore
         try s.source.beginRound(id: 1)
         #expect(s.kernel.setPoolSizeCalls.dropFirst().first == 1, "restored first")
         #expect(s.tree.read("/run/balloond/hugetlb-pool")?.hasPrefix("nr_hugepages_before=1\n") == true)
-        let r = try Self.drain(s.source)
+        let r = try drainHints(s.source)
         s.source.endRound()
         s.source.hintsApplied(r)
         #expect(s.kernel.total == 1)

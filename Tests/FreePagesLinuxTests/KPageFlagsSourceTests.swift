@@ -1,3 +1,4 @@
+import TestSupport
 import FreePages
 import Testing
 @testable import FreePagesLinux

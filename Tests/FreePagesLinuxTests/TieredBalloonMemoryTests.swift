@@ -1,3 +1,4 @@
+import TestSupport
 import FreePages
 import Logging
 import Testing

@@ -1,3 +1,4 @@
+import TestSupport
 import Testing
 @testable import PlatformLinux
 
@@ -6,15 +7,7 @@ import Testing
     let bdf = PCIAddress("0000:00:03.0")!
 
     func setUp(driver: String? = "virtio-pci") -> (FakeTree, FakeKernel, DriverBinder) {
-        let t = FakeTree()
-        t.pciDevice(bdf.bdf, vendor: 0x1af4, device: 0x1045, driver: driver, resources: balloonResources)
-        t.pciDriver("virtio-pci")
-        t.file("/sys/bus/pci/drivers_probe", "")
-        t.directory("/dev")
-        let k = FakeKernel(tree: t)
-        let b = DriverBinder(root: t.root, kernel: k, kernelRelease: "6.1.0-test")
-        b.deviceNodeWait = (0, 0)
-        return (t, k, b)
+        fakeBalloonBinder(bdf, driver: driver)
     }
 
     @Test func bindWritesTheSysfsSequence() throws {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import TestSupport
 import PlatformLinux
 
 /// A stand-in kernel for binding tests: records every sysfs write, command and mknod, writes
@@ -119,4 +120,19 @@ extension String {
         while s.hasSuffix("\n") { s.removeLast() }
         return s
     }
+}
+
+/// A modern virtio balloon at `bdf` bound to `driver` (nil: unbound) in a fake tree, with
+/// virtio-pci's driver directory, and a binder over a fake kernel that does not wait for
+/// device nodes.
+func fakeBalloonBinder(_ bdf: PCIAddress, driver: String?) -> (FakeTree, FakeKernel, DriverBinder) {
+        let t = FakeTree()
+        t.pciDevice(bdf.bdf, vendor: 0x1af4, device: 0x1045, driver: driver, resources: balloonResources)
+        t.pciDriver("virtio-pci")
+        t.file("/sys/bus/pci/drivers_probe", "")
+        t.directory("/dev")
+        let k = FakeKernel(tree: t)
+        let b = DriverBinder(root: t.root, kernel: k, kernelRelease: "6.1.0-test")
+        b.deviceNodeWait = (0, 0)
+        return (t, k, b)
 }
