@@ -64,5 +64,13 @@ public final class DeviceLock {
 
     /// Releases the lock now (it is also released in deinit). The file stays: deleting a
     /// lock file races with a process that has just opened it.
-    public func unlock() { file.close() }
+    deinit { unlock() }
+
+    /// Releases the lock explicitly before closing: a copy of the descriptor that a child
+    /// holds between fork and exec (posix_spawn of the guardian) would otherwise keep the
+    /// open file description, and with it the lock, alive a moment longer.
+    public func unlock() {
+        if file.descriptor >= 0 { _ = flock(file.descriptor, LOCK_UN) }
+        file.close()
+    }
 }

@@ -206,10 +206,12 @@ public enum GuardianProcess {
         }
         if !state.quiesced { logger.warning("guardian: \(verdict)") }
         for f in memfds { f.close() }
+        // Recovery first: it puts nr_hugepages back only while it still holds the value the
+        // worker's hint source set, so the ring page's own +1 must not have been undone yet.
+        afterRelease?(state.quiesced)
         for _ in 0..<state.poolPagesGrown {
             do { try pool.giveBackOne() } catch { logger.warning("guardian: cannot lower \(pool.countPath) after the ring page: \(error)") }
         }
-        afterRelease?(state.quiesced)
         return 0
     }
 }

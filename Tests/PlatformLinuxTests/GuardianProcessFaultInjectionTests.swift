@@ -72,6 +72,23 @@ struct GuardianProcessFaultInjectionTests {
         #expect(tree.read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") == "2\n", "the ring page's pool growth undone")
     }
 
+    @Test("a killed worker's hint-round pool growth is recovered by the guardian before it gives back the ring page (both undone)")
+    func killedWorkerPoolGrowthRecovered() throws {
+        let tree = FakeTree()
+        fakeDevice(tree)
+        // The ring page raised the pool 0 -> 1; a hint round then grew it 1 -> 371 and was
+        // killed mid-round (its state file names a pid that is gone).
+        tree.file("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "371\n")
+        tree.stateFile("/run/balloond/hugetlb-pool",
+                       "nr_hugepages_before=1\nnr_hugepages_set=371\nnr_hugepages_previous=1\npid=999999\ncomm=balloond\n")
+        let arena = try DeviceMemoryArena()
+        let link = try GuardianLink.start(arena: arena, device: PCIAddress("0000:00:05.0")!, root: tree.root, executable: balloondExecutable!)
+        arena.poolChangeObserver?(true)  // the ring page grew nr_hugepages
+        link.closeChannel()
+        #expect(exited(link.waitForExit()) == 0)
+        #expect(tree.read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") == "0\n", "hint-round growth and ring page both undone")
+    }
+
     @Test("a worker that quiesced the device: the guardian leaves the device alone and exits 0")
     func cleanExit() throws {
         let tree = FakeTree()
