@@ -17,8 +17,10 @@ struct RunCommand: ParsableCommand {
         through nr_hugepages if none is free; falling back to locked 4 KiB pages with queues of at \
         most 256 entries), negotiates features and page poisoning from the guest's configuration, \
         and serves the device. Logs go to stderr. On SIGTERM/SIGINT it resets the device, frees its \
-        memory and rebinds the previous driver (unless --keep-bound). After a crash or SIGKILL, run \
-        it again: it resets and re-initialises the device.
+        memory and rebinds the previous driver (unless --keep-bound). All memory the device can \
+        reach is also held by a small guardian process (`balloond guardian`), which stops the \
+        device before that memory goes back to the kernel if balloond is killed. After a crash \
+        or SIGKILL, run it again: it resets and re-initialises the device.
         """
     )
 
@@ -262,6 +264,8 @@ struct RunCommand: ParsableCommand {
 /// `--hint-source`: parsed (and so checked) before anything changes.
 enum HintSourceOption: String, ExpressibleByArgument, CaseIterable {
     case auto, hugetlb, anonymous, kpageflags, simulated
+    /// What `--help` lists: `simulated` parses only to be refused with a reason.
+    static var allValueStrings: [String] { allCases.filter { $0 != .simulated }.map(\.rawValue) }
 }
 
 extension RunCommand {
