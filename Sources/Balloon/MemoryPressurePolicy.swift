@@ -42,9 +42,11 @@ public struct PressurePolicy: Sendable, Equatable {
     public var psiStallMicroseconds = 100_000
     public var psiWindowMicroseconds = 1_000_000
     /// How often MemAvailable is checked while balloond holds memory and it is moving (or
-    /// PSI fired). Each check that finds it moved less than `movementBytes` doubles the
-    /// interval, up to `restingCheckIntervalNanos`: a guest at rest costs a few wakeups a
-    /// minute, one whose memory is draining is watched closely (and PSI wakes at once).
+    /// PSI fired), or while balloond holds more than the guest has left above the deflate
+    /// watermark. Otherwise each check that finds it moved less than `movementBytes` doubles
+    /// the interval, up to `restingCheckIntervalNanos`: a guest at rest with headroom costs a
+    /// few wakeups a minute, one whose memory is draining or short is watched closely (and
+    /// PSI wakes at once).
     public var checkIntervalNanos: UInt64 = 250_000_000
     public var restingCheckIntervalNanos: UInt64 = 15_000_000_000
     public var movementBytes: UInt64 = 16 << 20
@@ -102,7 +104,15 @@ extension BalloonDriver {
             moved = true
         }
         pressure.lastReading = m
-        pressure.checkIntervalNanos = psiFired || moved || pressure.checkIntervalNanos == 0
+        // While balloond holds more than the guest has left above the deflate watermark, one
+        // allocation burst can exhaust the guest between two checks; no kernel event reliably
+        // precedes that (with nothing to reclaim, PSI records little stall before the OOM
+        // killer acts, and an OOM kill of balloond returns its memory only once the guardian
+        // has stopped the device, by when the OOM killer may have taken a second victim). So
+        // there the check stays at the fast interval; with headroom to spare it backs off.
+        let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
+        let exposed = headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false
+        pressure.checkIntervalNanos = psiFired || moved || exposed || pressure.checkIntervalNanos == 0
             ? p.checkIntervalNanos : min(pressure.checkIntervalNanos * 2, max(p.restingCheckIntervalNanos, p.checkIntervalNanos))
         pressure.nextCheckNanos = now + pressure.checkIntervalNanos
         let low = m.map { $0.available < p.deflateBelowAvailableBytes } ?? false

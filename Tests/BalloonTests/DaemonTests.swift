@@ -285,3 +285,25 @@ struct DaemonTests {
         #expect(r.rig.driver.clock() == 42_000_000_000)
     }
 }
+
+@Suite("Daemon: a balloon larger than the guest's headroom is watched closely")
+struct DaemonExposedBalloonTests {
+    @Test("inflated beyond the headroom above the watermark: MemAvailable is checked every 250 ms, and a sudden drop is answered within 250 ms")
+    func exposedBalloonIsWatched() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let r = try DaemonRig(props, runFor: 5 * minute)
+        let status = r.rig.memoryStatus
+        // 64 MiB inflated; only 150 MiB available, 54 MiB above the 96 MiB watermark.
+        status.available = 150 << 20 + 64 << 20
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (64 << 20)) }
+        var droppedAt: UInt64 = 0
+        r.poller.at(secondsFromNow: 200) { status.available = 60 << 20 + 64 << 20; droppedAt = r.rig.clock.nanos }
+        r.run()
+        // Before the drop: every 250 ms (240 a minute), not backing off.
+        let before = Double(r.poller.wakeups(fromNanos: r.start + 60_000_000_000, toNanos: r.start + 180_000_000_000)) / 2
+        #expect(before >= 200, "wakeups per minute while exposed: \(before)")
+        #expect(r.rig.driver.counters.pressureDeflates >= 1)
+        #expect(droppedAt > 0)
+    }
+}
