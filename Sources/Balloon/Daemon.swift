@@ -65,6 +65,31 @@ public final class Daemon<Transport: VirtioTransport> {
     private var runningSinceNanos: UInt64?
     private var loggedPastDeadline = false
     private var pendingIterations = 0
+    /// What the last published snapshot was built from (cheap to compare: no register reads).
+    private var lastPublishedKey: PublishKey?
+    private var lastPublishedNanos: UInt64 = 0
+    /// How often the state is published when nothing in it changed.
+    public var republishNanos: UInt64 = 5_000_000_000
+
+    private struct PublishKey: Equatable {
+        let counters: BalloonCounters
+        let target: UInt32
+        let actual: UInt32
+        let command: FreePageHintCommand
+    }
+
+    /// Publishes the driver's state when its counters, target, size or hint command changed,
+    /// or every `republishNanos`. A status snapshot reads device registers (each an exit to
+    /// the hypervisor), so a wakeup that changed nothing does not build one.
+    private func publishIfChanged() {
+        guard let onIteration else { return }
+        let key = PublishKey(counters: driver.counters, target: driver.targetPages, actual: driver.actualPages, command: driver.hintCommand)
+        let now = clock()
+        guard key != lastPublishedKey || now &- lastPublishedNanos >= republishNanos else { return }
+        lastPublishedKey = key
+        lastPublishedNanos = now
+        onIteration(driver.statusSnapshot(), restarts, false)
+    }
 
     /// Acts on a hint command the last interrupt left for later (bounded work per call).
     private func serviceHintCommandIfPending() throws {
@@ -118,7 +143,7 @@ public final class Daemon<Transport: VirtioTransport> {
                 }
                 try driver.tick(psiFired: ready.contains(.pressure))
                 try serviceHintCommandIfPending()
-                onIteration?(driver.statusSnapshot(), restarts, false)
+                publishIfChanged()
             } catch {
                 deviceFailed(error, now: clock())
             }

@@ -48,6 +48,10 @@ public struct PressurePolicy: Sendable, Equatable {
     /// few wakeups a minute, one whose memory is draining or short is watched closely (and
     /// PSI wakes at once).
     public var checkIntervalNanos: UInt64 = 250_000_000
+    /// The interval while memory is still but balloond holds more than the guest's headroom:
+    /// the first check after a sudden allocation comes at most this late; from then on the
+    /// memory moves and checks run every `checkIntervalNanos`.
+    public var exposedCheckIntervalNanos: UInt64 = 500_000_000
     public var restingCheckIntervalNanos: UInt64 = 15_000_000_000
     public var movementBytes: UInt64 = 16 << 20
     public init() {}
@@ -112,8 +116,13 @@ extension BalloonDriver {
         // there the check stays at the fast interval; with headroom to spare it backs off.
         let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
         let exposed = headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false
-        pressure.checkIntervalNanos = psiFired || moved || exposed || pressure.checkIntervalNanos == 0
-            ? p.checkIntervalNanos : min(pressure.checkIntervalNanos * 2, max(p.restingCheckIntervalNanos, p.checkIntervalNanos))
+        if psiFired || moved || pressure.checkIntervalNanos == 0 {
+            pressure.checkIntervalNanos = p.checkIntervalNanos
+        } else if exposed {
+            pressure.checkIntervalNanos = max(p.checkIntervalNanos, p.exposedCheckIntervalNanos)
+        } else {
+            pressure.checkIntervalNanos = min(pressure.checkIntervalNanos * 2, max(p.restingCheckIntervalNanos, p.checkIntervalNanos))
+        }
         pressure.nextCheckNanos = now + pressure.checkIntervalNanos
         let low = m.map { $0.available < p.deflateBelowAvailableBytes } ?? false
         if psiFired || low { try relievePressure(available: m?.available, why: psiFired ? "PSI memory trigger" : "MemAvailable below the watermark") }
