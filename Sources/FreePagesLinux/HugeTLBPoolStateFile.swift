@@ -101,13 +101,9 @@ func processComm(root: SysRoot) -> String {
 func stateWriterIsAlive(root: SysRoot, pid: Int32, comm: String?) -> Bool {
     guard pid != Sys.processID else { return false }
     let procDir = root.path("/proc/\(pid)")
-    guard Sys.exists(procDir) else { return false }
     // A balloond that is exiting or a zombie (killed, not yet reaped) holds nothing any more:
     // its state is what recovery is for (the guardian runs it right after a kill).
-    if let stat = try? Sys.readAttribute(procDir + "/stat"), let close = stat.lastIndex(of: ")") {
-        let state = stat[stat.index(after: close)...].drop(while: { $0 == " " }).first
-        if state == "Z" || state == "X" || state == "x" { return false }
-    }
+    guard Sys.processIsLive(pid, procRoot: root.path("/proc")) else { return false }
     if let want = comm, let have = try? Sys.readAttribute(procDir + "/comm") { return want == have }
     return true
 }

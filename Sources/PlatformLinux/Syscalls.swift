@@ -202,6 +202,15 @@ public enum Sys {
     public static var processID: Int32 { getpid() }
     public static var parentProcessID: Int32 { getppid() }
 
+    /// Whether `/proc/<pid>` under `root` names a process that has not exited: false when it
+    /// is gone, a zombie (killed, not yet reaped) or dead ("Z", "X", "x" in /proc/<pid>/stat).
+    public static func processIsLive(_ pid: Int32, procRoot: String) -> Bool {
+        guard pid > 0, exists(procRoot + "/\(pid)") else { return false }
+        guard let stat = try? readAttribute(procRoot + "/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].drop(while: { $0 == " " }).first
+        return !(state == "Z" || state == "X" || state == "x")
+    }
+
     /// This process's effective uid.
     public static var effectiveUserID: UInt32 { geteuid() }
 

@@ -32,7 +32,7 @@ struct GuardianCommand: ParsableCommand {
             // sysctls: put them back now, not at the next start (which may never come, and the
             // guest needs that memory now). Recovery treats the worker as gone once it is a
             // zombie; wait for that briefly.
-            for _ in 0..<50 where workerRunning(worker, root: root) { Sys.sleep(microseconds: 100_000) }
+            for _ in 0..<50 where worker > 1 && Sys.processIsLive(worker, procRoot: root.path("/proc")) { Sys.sleep(microseconds: 100_000) }
             do { _ = try recoverAfterCrash(root: root, logger: logger) } catch {
                 logger.error("guardian: recovery after the worker's death failed: \(error); the next balloond start retries it")
             }
@@ -41,9 +41,3 @@ struct GuardianCommand: ParsableCommand {
     }
 }
 
-/// Whether `pid` is still running (not gone, not a zombie).
-private func workerRunning(_ pid: Int32, root: SysRoot) -> Bool {
-    guard pid > 1, let stat = try? Sys.readAttribute(root.path("/proc/\(pid)/stat")), let close = stat.lastIndex(of: ")") else { return false }
-    let state = stat[stat.index(after: close)...].drop(while: { $0 == " " }).first
-    return !(state == "Z" || state == "X" || state == "x")
-}
