@@ -20,13 +20,22 @@ public struct BalloonSizingOptions: Sendable {
 }
 
 /// Driver-side state of the balloon's size.
+/// A PFN buffer in flight: an inflate holds its blocks until the device acknowledges them;
+/// a deflate has already given its blocks back and only counts its pages (so inflating
+/// waits until the host has seen the deflate).
+enum PFNBufferUse {
+    case inflate([BalloonBlock])
+    case deflate(pages: Int)
+}
+
 struct SizingState {
     /// Acknowledged inflated blocks (the balloon), oldest first.
     var inflated: [BalloonBlock] = []
     var inflatedPages = 0
     /// PFN buffers, each either free or carrying blocks to the device.
     var buffers: [DMARegion] = []
-    var bufferBlocks: [[BalloonBlock]?] = []
+    /// What each PFN buffer carries while the device has it (nil: free).
+    var bufferUse: [PFNBufferUse?] = []
     var inflatingPages = 0
     var deflatingPages = 0
     /// Not before this time (monotonic ns) try to inflate again after a shortfall.
@@ -48,8 +57,9 @@ extension BalloonDriver {
         return fit / balloonPagesPerHugeBlock * balloonPagesPerHugeBlock
     }
 
-    /// Pages committed to the balloon once the buffers in flight are acknowledged.
-    var committedPages: Int { sizing.inflatedPages + sizing.inflatingPages - sizing.deflatingPages }
+    /// Pages committed to the balloon once the buffers in flight are acknowledged (a deflate
+    /// takes its pages out of `inflatedPages` when it is posted).
+    var committedPages: Int { sizing.inflatedPages + sizing.inflatingPages }
 
     /// The size the balloon aims for now: the host's target, capped while memory pressure
     /// holds it smaller (deflate on OOM).
@@ -61,7 +71,7 @@ extension BalloonDriver {
 
     /// Moves the balloon towards its target (Linux `update_balloon_size_func`): inflates by
     /// taking memory and sending its PFNs, deflates by sending PFNs and releasing the memory
-    /// only after the device acknowledged them. Never blocks on the device: buffers in
+    /// at once (MUST_TELL_HOST is never negotiated). Never blocks on the device: buffers in
     /// flight are finished by `processUsed`, which calls this again.
     public func adjustBalloonSize() throws(BalloonError) {
         guard isRunning, let memory = balloonMemory, queues[.inflate] != nil, queues[.deflate] != nil else { return }
@@ -203,7 +213,7 @@ extension BalloonDriver {
     }
 
     private func freePFNBuffer() -> Int? {
-        if let i = sizing.bufferBlocks.firstIndex(where: { $0 == nil }) { return i }
+        if let i = sizing.bufferUse.firstIndex(where: { $0 == nil }) { return i }
         guard sizing.buffers.count < options.sizing.buffersInFlight, pfnsPerBuffer > 0 else { return nil }
         do {
             sizing.buffers.append(try allocator.allocate(byteCount: pfnsPerBuffer * 4, alignment: 64))
@@ -211,7 +221,7 @@ extension BalloonDriver {
             logger.warning("no DMA memory for another PFN buffer: \(error)")
             return nil
         }
-        sizing.bufferBlocks.append(nil)
+        sizing.bufferUse.append(nil)
         return sizing.buffers.count - 1
     }
 
@@ -237,13 +247,22 @@ extension BalloonDriver {
         do {
             try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(offset))], token: inflate ? .inflate(slot) : .deflate(slot))
         } catch { throw .queue(role: role, error) }
-        sizing.bufferBlocks[slot] = blocks
         let pages = offset / 4
         if inflate {
+            sizing.bufferUse[slot] = .inflate(blocks)
             sizing.inflatingPages += pages
             counters.inflateBuffers += 1
         } else {
+            // MUST_TELL_HOST is never negotiated, so the driver may reuse a page before the
+            // device has acknowledged its removal (virtio 1.2 §5.5.6.1; docs/virtio-balloon.md
+            // §4): the host's deflate only advises (QEMU: MADV_WILLNEED), it never writes or
+            // discards the page. Giving the memory back now, not one interrupt later, is what
+            // gets it to a guest under sudden pressure in time. The buffer stays the device's
+            // until used.
+            sizing.bufferUse[slot] = .deflate(pages: pages)
             sizing.deflatingPages += pages
+            balloonMemory?.release(blocks)
+            counters.pagesDeflated += UInt64(pages)
             counters.deflateBuffers += 1
         }
         try kick(role)
@@ -265,19 +284,17 @@ extension BalloonDriver {
 
     /// The device acknowledged a PFN buffer.
     func pfnBufferUsed(slot: Int, inflate: Bool) throws(BalloonError) {
-        guard let blocks = sizing.bufferBlocks[slot] else { return }
-        sizing.bufferBlocks[slot] = nil
-        let pages = blocks.reduce(0) { $0 + $1.pageCount }
-        if inflate {
+        guard let use = sizing.bufferUse[slot] else { return }
+        sizing.bufferUse[slot] = nil
+        switch use {
+        case .inflate(let blocks):
+            let pages = blocks.reduce(0) { $0 + $1.pageCount }
             sizing.inflatingPages -= pages
             sizing.inflated += blocks
             sizing.inflatedPages += pages
             counters.pagesInflated += UInt64(pages)
-        } else {
+        case .deflate(let pages):
             sizing.deflatingPages -= pages
-            // Only now, with the deflate acknowledged, does the memory go back to the guest.
-            balloonMemory?.release(blocks)
-            counters.pagesDeflated += UInt64(pages)
         }
         try writeActual()
     }
@@ -294,9 +311,9 @@ extension BalloonDriver {
     /// QEMU does not need to be told, MUST_TELL_HOST is never offered). Acknowledged blocks
     /// stay held: they are still the balloon, and `actual` is rewritten at bring-up.
     func abandonPFNBuffers() {
-        for i in sizing.bufferBlocks.indices {
-            if let blocks = sizing.bufferBlocks[i] { balloonMemory?.release(blocks) }
-            sizing.bufferBlocks[i] = nil
+        for i in sizing.bufferUse.indices {
+            if case .inflate(let blocks) = sizing.bufferUse[i] { balloonMemory?.release(blocks) }
+            sizing.bufferUse[i] = nil
         }
         sizing.inflatingPages = 0
         sizing.deflatingPages = 0

@@ -9,16 +9,49 @@ public protocol GuestMemoryStatus: AnyObject {
     func read() -> (available: UInt64, free: UInt64)?
 }
 
-/// /proc/meminfo through a file reader.
+/// /proc/meminfo read into one reused buffer and scanned as bytes for MemFree and
+/// MemAvailable: no String, no dictionary. This runs on every pressure check, so its cost is
+/// most of what a watched guest pays for balloond between events.
 public final class ProcMemoryStatus: GuestMemoryStatus {
-    let readFile: (String) -> String?
-    public init(readFile: @escaping (String) -> String?) { self.readFile = readFile }
+    /// Fills the buffer from the start of /proc/meminfo; returns the bytes read, nil on error.
+    let readInto: (inout [UInt8]) -> Int?
+    private var buffer = [UInt8](repeating: 0, count: 8192)
+    public init(readInto: @escaping (inout [UInt8]) -> Int?) { self.readInto = readInto }
     public func read() -> (available: UInt64, free: UInt64)? {
-        guard let text = readFile("/proc/meminfo") else { return nil }
-        let m = parseKeyValues(text, separator: ":")
-        guard let a = m["MemAvailable"], let f = m["MemFree"] else { return nil }
-        return (a * 1024, f * 1024)
+        guard let n = readInto(&buffer), n > 0 else { return nil }
+        return parseMeminfoAvailableFree(buffer[0..<min(n, buffer.count)])
     }
+}
+
+/// MemAvailable and MemFree (bytes) from /proc/meminfo's text ("MemFree:   356392 kB"
+/// lines), or nil when either is missing or malformed. Pure; stops once it has both.
+public func parseMeminfoAvailableFree(_ text: ArraySlice<UInt8>) -> (available: UInt64, free: UInt64)? {
+    let availableKey = Array("MemAvailable:".utf8), freeKey = Array("MemFree:".utf8)
+    var available: UInt64?
+    var free: UInt64?
+    var i = text.startIndex
+    while i < text.endIndex, available == nil || free == nil {
+        let lineEnd = text[i...].firstIndex(of: UInt8(ascii: "\n")) ?? text.endIndex
+        let line = text[i..<lineEnd]
+        for (key, isAvailable) in [(availableKey, true), (freeKey, false)] where line.starts(with: key) {
+            var j = line.startIndex + key.count
+            while j < lineEnd, line[j] == UInt8(ascii: " ") || line[j] == UInt8(ascii: "\t") { j += 1 }
+            var value: UInt64 = 0
+            var digits = 0
+            while j < lineEnd, line[j] >= UInt8(ascii: "0"), line[j] <= UInt8(ascii: "9"), digits < 19 {
+                value = value * 10 + UInt64(line[j] - UInt8(ascii: "0"))
+                digits += 1
+                j += 1
+            }
+            guard digits > 0 else { return nil }
+            // The kernel prints kB; a value too big for bytes is malformed.
+            guard value <= UInt64.max / 1024 else { return nil }
+            if isAvailable { available = value * 1024 } else { free = value * 1024 }
+        }
+        i = lineEnd < text.endIndex ? lineEnd + 1 : lineEnd
+    }
+    guard let available, let free else { return nil }
+    return (available, free)
 }
 
 /// Deflate under memory pressure (DEFLATE_ON_OOM; docs/virtio-balloon.md §4).
@@ -68,6 +101,7 @@ struct PressureState {
     var nextCheckNanos: UInt64 = 0
     var checkIntervalNanos: UInt64 = 0
     var lastReading: (available: UInt64, free: UInt64)?
+    var lastReadingNanos: UInt64 = 0
 }
 
 
@@ -89,9 +123,12 @@ extension BalloonDriver {
         try adjustBalloonSize()
         try reportIfDue()
         // Memory taken just now (inflate, report) is watched from now on, closely at first.
-        if holdsMemory, pressure.nextCheckNanos <= now {
+        // The work above can take longer than an interval (releasing memory under pressure):
+        // a check that fell due meanwhile runs one interval from now, not in the past.
+        let after = clock()
+        if holdsMemory, pressure.nextCheckNanos <= after {
             pressure.checkIntervalNanos = options.pressure.checkIntervalNanos
-            pressure.nextCheckNanos = now + pressure.checkIntervalNanos
+            pressure.nextCheckNanos = after + pressure.checkIntervalNanos
         }
     }
 
@@ -102,18 +139,25 @@ extension BalloonDriver {
         let p = options.pressure
         let m = memoryStatus?.read()
         let moved: Bool
+        // How fast MemAvailable fell since the last reading (bytes per second; 0 if it rose).
+        var drainPerSecond: UInt64 = 0
         if let m, let last = pressure.lastReading {
             moved = absDiff(m.available, last.available) >= p.movementBytes || absDiff(m.free, last.free) >= p.movementBytes
+            let elapsed = now > pressure.lastReadingNanos ? now - pressure.lastReadingNanos : 0
+            if last.available > m.available, elapsed > 0 {
+                let fell = Double(last.available - m.available)
+                drainPerSecond = UInt64(min(fell * 1e9 / Double(elapsed), Double(UInt64.max / 4)))
+            }
         } else {
             moved = true
         }
         pressure.lastReading = m
+        pressure.lastReadingNanos = now
         // While balloond holds more than the guest has left above the deflate watermark, one
         // allocation burst can exhaust the guest between two checks; no kernel event reliably
         // precedes that (with nothing to reclaim, PSI records little stall before the OOM
-        // killer acts, and an OOM kill of balloond returns its memory only once the guardian
-        // has stopped the device, by when the OOM killer may have taken a second victim). So
-        // there the check stays at the fast interval; with headroom to spare it backs off.
+        // killer acts). So there the check stays at the fast interval; with headroom to
+        // spare it backs off.
         let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
         let exposed = headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false
         if psiFired || moved || pressure.checkIntervalNanos == 0 {
@@ -124,8 +168,16 @@ extension BalloonDriver {
             pressure.checkIntervalNanos = min(pressure.checkIntervalNanos * 2, max(p.restingCheckIntervalNanos, p.checkIntervalNanos))
         }
         pressure.nextCheckNanos = now + pressure.checkIntervalNanos
+        // Memory draining at this rate until the check after next: if that would take the
+        // guest below the watermark, act now rather than one interval too late.
+        let horizon = UInt64(Double(drainPerSecond) * Double(2 * pressure.checkIntervalNanos) / 1e9)
         let low = m.map { $0.available < p.deflateBelowAvailableBytes } ?? false
-        if psiFired || low { try relievePressure(available: m?.available, why: psiFired ? "PSI memory trigger" : "MemAvailable below the watermark") }
+        let predictedLow = m.map { $0.available < p.deflateBelowAvailableBytes &+ horizon } ?? false
+        if psiFired || low || predictedLow {
+            let why = psiFired ? "PSI memory trigger" : low ? "MemAvailable below the watermark"
+                : "MemAvailable falling \(drainPerSecond >> 20) MiB/s, below the watermark within \(2 * pressure.checkIntervalNanos / 1_000_000) ms"
+            try relievePressure(available: m?.available, drainBytes: horizon, why: why)
+        }
         if let m, !reporting.held.isEmpty, m.free < options.reporting.releaseBelowFreeBytes {
             releaseReported(bytes: options.reporting.releaseStepBytes, why: "MemFree \(m.free >> 20) MiB below \(options.reporting.releaseBelowFreeBytes >> 20) MiB")
         }
@@ -144,9 +196,12 @@ extension BalloonDriver {
         return d.min()
     }
 
-    private func relievePressure(available: UInt64?, why: String) throws(BalloonError) {
+    /// Gives back at least `deflateStepBytes`, plus what MemAvailable is short of the
+    /// watermark, plus `drainBytes` (what the current drain would take before the check after
+    /// next).
+    private func relievePressure(available: UInt64?, drainBytes: UInt64 = 0, why: String) throws(BalloonError) {
         let p = options.pressure
-        var need = p.deflateStepBytes
+        var need = p.deflateStepBytes &+ drainBytes
         if let a = available, a < p.deflateBelowAvailableBytes { need += p.deflateBelowAvailableBytes - a }
         if !reporting.held.isEmpty {
             let before = reporting.heldPages

@@ -35,6 +35,10 @@ public struct GuardianDeviceError: Error, Hashable, Sendable, CustomStringConver
 
 /// The device as the guardian sees it (real: `SysfsGuardedDevice`; tests: fakes).
 public protocol GuardedDevice {
+    /// Resolves and opens what `reset` and `clearBusMaster` need, so that after the worker's
+    /// death they only touch the device: no file opens, no parsing, no mapping while the
+    /// guest may be out of memory and the OOM killer is choosing its next victim.
+    func prepare() throws(GuardianDeviceError)
     /// Writes device_status = 0 and reads until it is 0 (bounded).
     func reset() throws(GuardianDeviceError)
     /// Clears Bus Master (Command bit 2) in config space and checks it stayed clear.
@@ -100,21 +104,36 @@ public struct GuardianState: Hashable, Sendable {
     }
 }
 
+extension GuardedDevice {
+    public func prepare() throws(GuardianDeviceError) {}
+}
+
 /// The real device: BAR4's common config through `/sys/bus/pci/devices/<BDF>/resource<N>`
 /// (located from the virtio capabilities in config space) and the Command register through
-/// `/sys/bus/pci/devices/<BDF>/config`.
-public struct SysfsGuardedDevice: GuardedDevice {
+/// `/sys/bus/pci/devices/<BDF>/config`. `prepare` maps the one and opens the other once, at
+/// the guardian's start; without it (or if it failed) they are resolved when needed.
+public final class SysfsGuardedDevice: GuardedDevice {
     public let address: PCIAddress
     public let root: SysRoot
     /// device_status reads of at most this many milliseconds (QEMU resets synchronously).
     public var resetTimeoutMilliseconds = 100
+    private var statusWindow: (bar: MMIOWindow, offset: Int)?
+    private var config: SysfsConfigSpace?
 
     public init(address: PCIAddress, root: SysRoot = .host) {
         self.address = address
         self.root = root
     }
 
-    public func reset() throws(GuardianDeviceError) {
+    public func prepare() throws(GuardianDeviceError) {
+        var failures: [String] = []
+        do { statusWindow = try resolveStatus() } catch { failures.append("device_status: \(error)") }
+        do { config = try SysfsConfigSpace(address: address, root: root) } catch { failures.append("config space: \(error)") }
+        if !failures.isEmpty { throw GuardianDeviceError(failures.joined(separator: "; ")) }
+    }
+
+    /// BAR`n` mapped and the offset of device_status in it.
+    private func resolveStatus() throws(GuardianDeviceError) -> (bar: MMIOWindow, offset: Int) {
         let config: SysfsConfigSpace
         let resources: [PCIResource]
         do {
@@ -129,17 +148,24 @@ public struct SysfsGuardedDevice: GuardedDevice {
         do { bar = try BARMapper(address: address, root: root).map(caps.common.bar) } catch { throw GuardianDeviceError("\(error)") }
         let status = Int(caps.common.offset) + 20  // virtio_pci_common_cfg.device_status
         guard status < bar.length else { throw GuardianDeviceError("common config at \(caps.common) is outside BAR\(caps.common.bar)") }
+        return (bar, status)
+    }
+
+    public func reset() throws(GuardianDeviceError) {
+        let window: (bar: MMIOWindow, offset: Int)
+        if let prepared = statusWindow { window = prepared } else { window = try resolveStatus() }
+        let (bar, status) = window
         bar.write8(0, at: status)
         for _ in 0..<max(1, resetTimeoutMilliseconds) {
             if bar.read8(at: status) == 0 { return }
-            usleep(1000)
+            Sys.sleep(microseconds: 1000)
         }
         throw GuardianDeviceError("device_status of \(address) did not read 0 within \(resetTimeoutMilliseconds) ms after the reset")
     }
 
     public func clearBusMaster() throws(GuardianDeviceError) {
         do {
-            let config = try SysfsConfigSpace(address: address, root: root)
+            let config = try self.config ?? SysfsConfigSpace(address: address, root: root)
             let command = try config.read16(at: 4)
             try config.write16(command & ~0x4, at: 4)
             guard try config.read16(at: 4) & 0x4 == 0 else { throw GuardianDeviceError("Bus Master of \(address) is still set after clearing it") }
@@ -180,6 +206,15 @@ public enum GuardianProcess {
         if let fds = try? Sys.listDirectory("/proc/self/fd") {
             for name in fds { if let fd = Int32(name), !keep.contains(fd) { _ = close(fd) } }
         }
+        // Everything the death path needs is resolved now, and the guardian runs first when
+        // it wakes: after an OOM kill of the worker, the memory it holds is what the guest
+        // needs, and the OOM killer picks its next victim within milliseconds.
+        do { try device.prepare() } catch {
+            logger.warning("guardian: cannot prepare the device now (\(error)); it is resolved again if the worker dies")
+        }
+        do { try Sys.setRealtimePriority(true) } catch {
+            logger.warning("guardian: cannot raise its scheduling priority (\(error)); after an OOM kill of balloond the guest may lose a second process before the memory is back")
+        }
         var memfds: [OpenFile] = [OpenFile(adopting: smallMemfdFD, path: "memfd:small")]
         if hasHugeMemfd { memfds.append(OpenFile(adopting: hugeMemfdFD, path: "memfd:huge")) }
         let channel = OpenFile(adopting: channelFD, path: "guardian channel")
@@ -204,8 +239,10 @@ public enum GuardianProcess {
             logger.critical("guardian: \(verdict)")
             while true { pause() }
         }
-        if !state.quiesced { logger.warning("guardian: \(verdict)") }
         for f in memfds { f.close() }
+        // The urgent part is over; logging and recovery run at normal priority.
+        try? Sys.setRealtimePriority(false)
+        if !state.quiesced { logger.warning("guardian: \(verdict)") }
         // Recovery first: it puts nr_hugepages back only while it still holds the value the
         // worker's hint source set, so the ring page's own +1 must not have been undone yet.
         afterRelease?(state.quiesced)

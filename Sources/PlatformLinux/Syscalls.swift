@@ -82,6 +82,16 @@ public final class OpenFile {
         return try Sys.call("pread", path: path) { unsafe Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
 
+    /// Reads up to `buffer.count` bytes at `offset` into `buffer` (one `pread`, EINTR
+    /// retried, no allocation): for a file read again and again through one descriptor, such
+    /// as /proc/meminfo (a procfs file regenerates its text on a read at offset 0).
+    public func pread(into buffer: inout [UInt8], offset: Int) throws(SystemCallError) -> Int {
+        let fd = descriptor
+        return try Sys.call("pread", path: path) {
+            unsafe buffer.withUnsafeMutableBytes { raw in unsafe Glibc.pread(fd, raw.baseAddress, raw.count, off_t(offset)) }
+        }
+    }
+
     /// Writes `bytes` in one `write` at the current position (for files that cannot seek,
     /// such as a PSI trigger); returns how many were written.
     @discardableResult
@@ -242,6 +252,14 @@ public enum Sys {
     public static func readTextFileIfPresent(_ path: String) -> String? { try? readTextFile(path) }
 
     /// Sleeps for about `microseconds` (register polling; a signal ends it early).
+    /// SCHED_FIFO at the lowest real-time priority (`on`), or back to SCHED_OTHER: for the
+    /// guardian, which sleeps until the worker dies and must then run before anything else.
+    public static func setRealtimePriority(_ on: Bool) throws(SystemCallError) {
+        var param = sched_param()
+        param.sched_priority = on ? 1 : 0
+        _ = try Sys.call("sched_setscheduler") { unsafe sched_setscheduler(0, on ? SCHED_FIFO : SCHED_OTHER, &param) }
+    }
+
     public static func sleep(microseconds: Int) { _ = usleep(useconds_t(max(0, microseconds))) }
 
     /// Reads a whole (small) text file, e.g. a sysfs attribute or a /proc file.

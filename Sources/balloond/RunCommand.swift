@@ -214,9 +214,15 @@ struct RunCommand: ParsableCommand {
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
+        // /proc/meminfo stays open: each pressure check is one pread, scanned as bytes.
+        let meminfo: OpenFile
+        do { meminfo = try OpenFile(path: "/proc/meminfo", flags: Sys.openReadOnly) } catch {
+            throw Failure("cannot open /proc/meminfo (\(error)); balloond needs procfs mounted at /proc")
+        }
+        let memoryStatus = ProcMemoryStatus { buffer in try? meminfo.pread(into: &buffer, offset: 0) }
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: hints?.source,
-                                   balloonMemory: memory, memoryStatus: ProcMemoryStatus(readFile: readTextFile), logger: logger)
+                                   balloonMemory: memory, memoryStatus: memoryStatus, logger: logger)
         driver.hintOptions.controlNoHints = hintControl
         if hintControl { logger.warning("--hint-control: hint rounds take memory but send no hints (control experiment)") }
         defer { driver.shutdown() }

@@ -73,4 +73,109 @@ struct PressureTests {
         #expect(rig.device.actual == 8192)
         #expect(rig.driver.counters.pressureDeflates == 0)
     }
+
+    @Test("MemAvailable falling fast deflates before it reaches the watermark, by what the drain would take until the check after next")
+    func fallingFastDeflatesEarly() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let rig = try Rig(props, balloonBytes: 512 << 20).running(target: 131_072)
+        #expect(rig.device.actual == 131_072)
+        let held: UInt64 = 512 << 20
+        rig.memoryStatus.available = (400 << 20) + held  // reads 400 MiB with the balloon held
+        rig.memoryStatus.free = (400 << 20) + held
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        #expect(rig.driver.counters.pressureDeflates == 0)
+        // 150 MiB gone in 250 ms (600 MiB/s): still 154 MiB above the 96 MiB watermark, but
+        // the next two intervals would take 300 MiB.
+        rig.clock.advance(milliseconds: 250)
+        rig.memoryStatus.available -= 150 << 20
+        rig.memoryStatus.free -= 150 << 20
+        try rig.driver.tick()
+        try rig.serviceAll()
+        #expect(rig.driver.counters.pressureDeflates == 1, "no deflate while MemAvailable fell at 600 MiB/s towards the watermark")
+        // 64 MiB step + 300 MiB of drain: at least 364 MiB deflated.
+        let deflated = (131_072 - Int(rig.device.actual)) * 4096
+        #expect(deflated >= 364 << 20, "deflated \(deflated >> 20) MiB")
+        #expect(rig.memory.heldBytes <= (512 - 364) << 20)
+    }
+
+    @Test("a memory check that fell due while a slow deflate ran is next due one interval later, not in the past")
+    func slowDeflateDoesNotLeaveACheckInThePast() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let rig = try Rig(props, balloonBytes: 512 << 20).running(target: 131_072)
+        rig.memoryStatus.available = (80 << 20) + (512 << 20)  // reads 80 MiB with the balloon held
+        rig.clock.advance(milliseconds: 300)
+        // Every clock read during this tick costs 200 ms: the deflate outlasts the 250 ms interval.
+        let clock = rig.clock
+        rig.driver.clock = { clock.nanos += 200_000_000; return clock.nanos }
+        try rig.driver.tick()
+        rig.driver.clock = { clock.nanos }
+        #expect(rig.driver.counters.pressureDeflates == 1)
+        #expect(rig.memory.heldBytes > 0, "the balloon still holds memory, so MemAvailable stays watched")
+        let next = try #require(rig.driver.nextDeadlineNanos)
+        #expect(next > clock.nanos, "the next deadline is \((clock.nanos - next) / 1_000_000) ms in the past")
+        #expect(next <= clock.nanos + 250_000_000)
+    }
+}
+
+@Suite("MemAvailable and MemFree from /proc/meminfo, scanned as bytes")
+struct MeminfoScanTests {
+    let sample = """
+        MemTotal:        1004360 kB
+        MemFree:          356392 kB
+        MemAvailable:     289636 kB
+        Buffers:               0 kB
+
+        """
+
+    @Test("reads both values in bytes")
+    func readsBoth() throws {
+        let r = try #require(parseMeminfoAvailableFree(ArraySlice(Array(sample.utf8))))
+        #expect(r.available == 289_636 * 1024)
+        #expect(r.free == 356_392 * 1024)
+    }
+
+    @Test("a file without MemAvailable, with a value that is not a number, or cut short is refused", arguments: [
+        "MemTotal: 1 kB\nMemFree: 5 kB\n",
+        "MemFree: 5 kB\nMemAvailable: kB\n",
+        "MemFree: 5 kB\nMemAvailable:",
+        "",
+    ])
+    func refusesMalformed(_ text: String) {
+        #expect(parseMeminfoAvailableFree(ArraySlice(Array(text.utf8))) == nil)
+    }
+
+    @Test("a value too large to be bytes is refused, not wrapped")
+    func refusesOverflow() {
+        #expect(parseMeminfoAvailableFree(ArraySlice(Array("MemFree: 1 kB\nMemAvailable: 99999999999999999 kB\n".utf8))) == nil)
+    }
+
+    @Test("ProcMemoryStatus reads through one reused buffer and only the bytes read count")
+    func readsThroughBuffer() throws {
+        var calls = 0
+        let text = Array(sample.utf8)
+        let status = ProcMemoryStatus { buffer in
+            calls += 1
+            // Stale bytes past the end of this read must not be parsed.
+            for i in buffer.indices { buffer[i] = UInt8(ascii: "9") }
+            buffer.replaceSubrange(0..<text.count, with: text)
+            return text.count
+        }
+        let r = try #require(status.read())
+        #expect(r.available == 289_636 * 1024)
+        #expect(status.read() != nil)
+        #expect(calls == 2)
+        #expect(ProcMemoryStatus { _ in nil }.read() == nil)
+    }
+
+    #if os(Linux)
+    @Test("agrees with this machine's /proc/meminfo")
+    func thisMachine() throws {
+        let text = try String(contentsOfFile: "/proc/meminfo", encoding: .utf8)
+        let r = try #require(parseMeminfoAvailableFree(ArraySlice(Array(text.utf8))))
+        #expect(r.available > 0 && r.free > 0)
+    }
+    #endif
 }

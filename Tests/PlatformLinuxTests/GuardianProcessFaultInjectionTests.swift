@@ -62,7 +62,9 @@ struct GuardianProcessFaultInjectionTests {
         let link = try GuardianLink.start(arena: arena, device: PCIAddress("0000:00:05.0")!, root: tree.root, executable: balloondExecutable!)
         let fds = try Sys.listDirectory("/proc/\(link.pid)/fd").compactMap { try? Sys.readlink("/proc/\(link.pid)/fd/\($0)") }
         #expect(fds.contains { $0.contains("memfd:balloond-device-memory") }, "the guardian holds the small memfd: \(fds)")
-        #expect(!fds.contains { $0.contains("balloond-test") }, "no other inherited descriptors")
+        // No inherited descriptors; only the device's config file, which the guardian opens
+        // itself at start (for clearing Bus Master without opening anything later).
+        #expect(!fds.contains { $0.contains("balloond-test") && !$0.hasSuffix(dev + "/config") }, "no other descriptors: \(fds)")
         #expect(tree.read("/proc/self/oom_score_adj") == "-1000\n")
         arena.poolChangeObserver?(true)  // the ring page grew nr_hugepages
         link.closeChannel()  // SIGKILL: the channel closes without "quiesced"
@@ -70,6 +72,22 @@ struct GuardianProcessFaultInjectionTests {
         #expect(try bytes(tree, dev + "/resource4", 20, 1) == [0], "device_status written 0")
         #expect(try bytes(tree, dev + "/config", 4, 1)[0] & 0x4 == 0, "Bus Master cleared")
         #expect(tree.read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") == "2\n", "the ring page's pool growth undone")
+    }
+
+    @Test("the guardian resolves the device when it starts: after the worker's death it stops the device without opening a file (sysfs paths gone by then)")
+    func deathPathOpensNothing() throws {
+        let tree = FakeTree()
+        fakeDevice(tree)
+        let arena = try DeviceMemoryArena()
+        let link = try GuardianLink.start(arena: arena, device: PCIAddress("0000:00:05.0")!, root: tree.root, executable: balloondExecutable!)
+        // Ready means prepared. Move the files away: opening them by path now fails, the
+        // mapping and descriptor the guardian took at start still reach them.
+        #expect(rename(tree.at(dev + "/resource4"), tree.at(dev + "/resource4.moved")) == 0)
+        #expect(rename(tree.at(dev + "/config"), tree.at(dev + "/config.moved")) == 0)
+        link.closeChannel()
+        #expect(exited(link.waitForExit()) == 0, "the guardian stopped the device and released the memory")
+        #expect(try bytes(tree, dev + "/resource4.moved", 20, 1) == [0], "device_status written 0 through the mapping taken at start")
+        #expect(try bytes(tree, dev + "/config.moved", 4, 1)[0] & 0x4 == 0, "Bus Master cleared through the descriptor opened at start")
     }
 
     @Test("a killed worker's hint-round pool growth is recovered by the guardian before it gives back the ring page (both undone)")
