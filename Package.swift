@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "BalloonSimulator", "TestSupport"]),
-        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages"]),
+        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore", "TestSupport"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),

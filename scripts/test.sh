@@ -44,11 +44,7 @@ scripts/test-package.sh
 # bad input, balloon sizing (inflate/deflate, pressure deflate), stats (all sixteen), and
 # one migration with hints verified (MigrationTests.kpageflagsSavesBytes; on 10.0 TCG
 # destinations stay clean, docs/virtio-balloon.md §11).
-# balloondDeflateOnPressure is left out on 10.0 for now: there a sudden memhog can still reach
-# the OOM killer before balloond deflates, and an OOM kill of balloond frees its memory only
-# after the guardian has stopped the device, so the OOM killer takes the memhog too (open
-# defect, issue 9 follow-up; it passes on 7.2 and in most 10.0 runs).
-PLATFORM10_TESTS='GuestBootTests|BalloondGuestTests|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats)|MigrationTests/(kpageflagsSavesBytes|killDuringRound)'
+PLATFORM10_TESTS='GuestBootTests|BalloondGuestTests|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|killDuringRound)'
 
 section "tests on QEMU 7.2 / Linux 6.1 (swift test $*)"
 start=$SECONDS

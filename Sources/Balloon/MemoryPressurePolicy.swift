@@ -216,11 +216,14 @@ extension BalloonDriver {
         pressure.holdUntilNanos = clock() + p.holdNanos
         pressure.reinflateLimited = false
         counters.pressureDeflates += 1
-        logger.notice("memory pressure: deflating the balloon", metadata: [
+        // Memory first, words after: writing the log line can itself wait for memory (a log
+        // file on tmpfs grows), and the guest may have none left until the deflate.
+        let deflated = Result { () throws(BalloonError) in try adjustBalloonSize() }
+        logger.notice("memory pressure: deflated the balloon", metadata: [
             "why": "\(why)", "available_mib": "\(available.map { String($0 >> 20) } ?? "?")",
             "deflate_mib": "\(pages >> 8)", "hold_s": "\(p.holdNanos / 1_000_000_000)",
         ])
-        try adjustBalloonSize()
+        try deflated.get()
     }
 }
 

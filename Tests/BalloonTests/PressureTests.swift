@@ -4,6 +4,7 @@ import VirtioCore
 import VirtioPCI
 import VirtioQueue
 import FreePages
+import Logging
 @testable import Balloon
 
 @Suite("Deflate under memory pressure (DEFLATE_ON_OOM)")
@@ -178,4 +179,38 @@ struct MeminfoScanTests {
         #expect(r.available > 0 && r.free > 0)
     }
     #endif
+}
+
+/// Records, for each log message, what a probe read when it was logged.
+private struct ProbingLogHandler: LogHandler {
+    let probe: (String) -> Void
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+        probe(message.description)
+    }
+}
+
+@Suite("Deflate under pressure: the memory first")
+struct PressureOrderTests {
+    @Test("a pressure deflate gives the memory back before it writes its log line (writing a log to tmpfs can itself wait for memory)")
+    func memoryBeforeLogLine() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let rig = try Rig(props, balloonBytes: 512 << 20).running(target: 131_072)
+        var heldAtLogLine: UInt64?
+        let memory = rig.memory
+        rig.driver.logger = Logger(label: "test") { _ in
+            ProbingLogHandler { message in if message.contains("memory pressure") { heldAtLogLine = memory.heldBytes } }
+        }
+        rig.memoryStatus.available = (80 << 20) + (512 << 20)  // reads 80 MiB with the balloon held
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        let held = try #require(heldAtLogLine, "no pressure log line")
+        #expect(held < 512 << 20, "the log line was written while the balloon still held all its memory")
+    }
 }
