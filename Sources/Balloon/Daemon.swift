@@ -48,6 +48,13 @@ public final class Daemon<Transport: VirtioTransport> {
     /// Runs before every bring-up; an error fails that bring-up (retried with backoff), e.g.
     /// a check that the ring pages have not moved.
     public var beforeBringUp: (() throws -> Void)?
+    /// Raises (true) or lowers (false) the process's scheduling priority. The loop waits, and
+    /// handles memory pressure, raised (so a wakeup preempts the allocating task at once);
+    /// everything else (interrupts, inflating, reporting, hint rounds, bring-up) runs lowered,
+    /// so bulk work never starves the guest. Called only on a change. nil: never changed.
+    public var setUrgentPriority: ((Bool) -> Void)?
+    /// Whether the priority is raised now (as far as this loop set it).
+    public private(set) var urgent = false
 
     /// Loop iterations that returned from `wait` (tests count these).
     public private(set) var wakeups = 0
@@ -112,15 +119,26 @@ public final class Daemon<Transport: VirtioTransport> {
         driver.shouldStop = { p.stopSignal != 0 }
     }
 
+    private func setUrgent(_ on: Bool) {
+        guard let setUrgentPriority, on != urgent else { return }
+        setUrgentPriority(on)
+        urgent = on
+    }
+
     /// Runs until a stop signal or until the device cannot be driven any more.
     public func run() -> DaemonExit {
+        defer { setUrgent(false) }
         while true {
             let signal = poller.stopSignal
             if signal != 0 { return .stopSignal(signal) }
             let now = clock()
-            if needsBringUp, retryAtNanos.map({ now >= $0 }) ?? true { bringUp(now: now) }
+            if needsBringUp, retryAtNanos.map({ now >= $0 }) ?? true {
+                setUrgent(false)
+                bringUp(now: now)
+            }
 
             let timeout = waitTimeout(now: now)
+            setUrgent(true)
             let ready: Readiness
             do { ready = try poller.wait(timeoutNanos: timeout) } catch {
                 logger.critical("\(error)")
@@ -138,10 +156,13 @@ public final class Daemon<Transport: VirtioTransport> {
                 continue
             }
             do {
+                // Memory back to a guest under pressure first, still at the raised priority.
+                try driver.tickPressure(psiFired: ready.contains(.pressure), earlyWarning: ready.contains(.pressureEarly))
+                setUrgent(false)
                 if ready.contains(.interrupt), let line, try line.wait(timeoutMilliseconds: 0) {
                     try driver.serviceInterrupt(line: line)
                 }
-                try driver.tick(psiFired: ready.contains(.pressure))
+                try driver.tick()
                 try serviceHintCommandIfPending()
                 publishIfChanged()
             } catch {

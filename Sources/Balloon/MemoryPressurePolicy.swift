@@ -86,6 +86,10 @@ public struct PressurePolicy: Sendable, Equatable {
     /// memory moves and checks run every `checkIntervalNanos`.
     public var exposedCheckIntervalNanos: UInt64 = 500_000_000
     public var restingCheckIntervalNanos: UInt64 = 15_000_000_000
+    /// Whether an early-warning PSI trigger (any stall at all) wakes the daemon: then a
+    /// balloon larger than the guest's headroom is not polled every
+    /// `exposedCheckIntervalNanos` but left to that trigger, backing off as at rest.
+    public var earlyWarningArmed = false
     public var movementBytes: UInt64 = 16 << 20
     public init() {}
 }
@@ -109,17 +113,9 @@ extension BalloonDriver {
     /// Called by the event loop after every wakeup: on a PSI trigger (`psiFired`), when the
     /// MemAvailable check or a reporting pass is due, or when a pressure hold ends. Gives memory
     /// back under pressure, runs a reporting pass when one is due, and retries the target.
-    public func tick(psiFired: Bool = false) throws(BalloonError) {
+    public func tick(psiFired: Bool = false, earlyWarning: Bool = false) throws(BalloonError) {
         guard isRunning else { return }
-        let now = clock()
-        if let until = pressure.holdUntilNanos, now >= until {
-            // The hold is over: from now on the balloon may grow again, watermarked.
-            pressure.holdUntilNanos = nil
-            pressure.ceilingPages = nil
-            pressure.reinflateLimited = true
-            logger.info("memory pressure hold ended; re-inflating while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB")
-        }
-        if psiFired || (holdsMemory && now >= pressure.nextCheckNanos) { try checkPressure(psiFired: psiFired, now: now) }
+        try tickPressure(psiFired: psiFired, earlyWarning: earlyWarning)
         try adjustBalloonSize()
         try reportIfDue()
         // Memory taken just now (inflate, report) is watched from now on, closely at first.
@@ -132,10 +128,29 @@ extension BalloonDriver {
         }
     }
 
+    /// The urgent part of `tick`, which the event loop runs first (at real-time priority
+    /// when it has it): ends an expired hold and, on a PSI trigger (`psiFired`: the stall
+    /// trigger; `earlyWarning`: any stall) or when the MemAvailable check is due, checks and
+    /// gives memory back. Does no bulk work (no inflating, no reporting pass).
+    public func tickPressure(psiFired: Bool = false, earlyWarning: Bool = false) throws(BalloonError) {
+        guard isRunning else { return }
+        let now = clock()
+        if let until = pressure.holdUntilNanos, now >= until {
+            // The hold is over: from now on the balloon may grow again, watermarked.
+            pressure.holdUntilNanos = nil
+            pressure.ceilingPages = nil
+            pressure.reinflateLimited = true
+            logger.info("memory pressure hold ended; re-inflating while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB")
+        }
+        if psiFired || (holdsMemory && (earlyWarning || now >= pressure.nextCheckNanos)) {
+            try checkPressure(psiFired: psiFired, earlyWarning: earlyWarning, now: now)
+        }
+    }
+
     /// Whether balloond holds guest memory that pressure could make it give back.
     private var holdsMemory: Bool { (balloonMemory?.heldBytes ?? 0) > 0 }
 
-    private func checkPressure(psiFired: Bool, now: UInt64) throws(BalloonError) {
+    private func checkPressure(psiFired: Bool, earlyWarning: Bool = false, now: UInt64) throws(BalloonError) {
         let p = options.pressure
         let m = memoryStatus?.read()
         let moved: Bool
@@ -154,13 +169,14 @@ extension BalloonDriver {
         pressure.lastReading = m
         pressure.lastReadingNanos = now
         // While balloond holds more than the guest has left above the deflate watermark, one
-        // allocation burst can exhaust the guest between two checks; no kernel event reliably
-        // precedes that (with nothing to reclaim, PSI records little stall before the OOM
-        // killer acts). So there the check stays at the fast interval; with headroom to
-        // spare it backs off.
+        // allocation burst can exhaust the guest between two checks. With nothing to reclaim,
+        // PSI records only a few ms of stall before the OOM killer acts: only the early-warning
+        // trigger (any stall) comes in time, and only for a daemon that gets the CPU at once
+        // (real-time priority). Without that trigger the check stays at the fast interval
+        // there; with it, or with headroom to spare, it backs off.
         let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
-        let exposed = headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false
-        if psiFired || moved || pressure.checkIntervalNanos == 0 {
+        let exposed = !p.earlyWarningArmed && (headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false)
+        if psiFired || earlyWarning || moved || pressure.checkIntervalNanos == 0 {
             pressure.checkIntervalNanos = p.checkIntervalNanos
         } else if exposed {
             pressure.checkIntervalNanos = max(p.checkIntervalNanos, p.exposedCheckIntervalNanos)

@@ -53,7 +53,7 @@ public final class SignalPipe {
 }
 
 /// The daemon's wait on Linux: one poll(2) over the signal pipe, the uio descriptor (POLLIN)
-/// and the PSI trigger (POLLPRI).
+/// and the two PSI triggers (POLLPRI): the stall trigger and the early warning.
 ///
 /// An error or hang-up on the uio descriptor is final: uio's poll returns an error mask once
 /// the device is gone (uio_pci_generic unbound, the function removed), and every later read
@@ -62,11 +62,13 @@ public final class LinuxEventPoller: EventPoller {
     public let signals: SignalPipe
     public let interruptDescriptor: Int32?
     public let pressureDescriptor: Int32?
+    public let earlyPressureDescriptor: Int32?
 
-    public init(signals: SignalPipe, interruptDescriptor: Int32?, pressureDescriptor: Int32?) {
+    public init(signals: SignalPipe, interruptDescriptor: Int32?, pressureDescriptor: Int32?, earlyPressureDescriptor: Int32? = nil) {
         self.signals = signals
         self.interruptDescriptor = interruptDescriptor
         self.pressureDescriptor = pressureDescriptor
+        self.earlyPressureDescriptor = earlyPressureDescriptor
     }
 
     public var stopSignal: Int32 { signals.received }
@@ -76,6 +78,7 @@ public final class LinuxEventPoller: EventPoller {
             pollfd(fd: signals.readDescriptor, events: Int16(POLLIN), revents: 0),
             pollfd(fd: interruptDescriptor ?? -1, events: Int16(POLLIN), revents: 0),
             pollfd(fd: pressureDescriptor ?? -1, events: Int16(POLLPRI), revents: 0),
+            pollfd(fd: earlyPressureDescriptor ?? -1, events: Int16(POLLPRI), revents: 0),
         ]
         let timeout = pollTimeoutMilliseconds(timeoutNanos)
         let n = unsafe poll(&pfds, nfds_t(pfds.count), timeout)
@@ -95,6 +98,7 @@ public final class LinuxEventPoller: EventPoller {
         }
         if pfds[1].revents & Int16(POLLIN) != 0 { ready.insert(.interrupt) }
         if pressureDescriptor != nil, pfds[2].revents & Int16(POLLPRI) != 0 { ready.insert(.pressure) }
+        if earlyPressureDescriptor != nil, pfds[3].revents & Int16(POLLPRI) != 0 { ready.insert(.pressureEarly) }
         return ready
     }
 }

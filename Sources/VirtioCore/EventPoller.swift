@@ -10,11 +10,15 @@ public struct Readiness: OptionSet, Sendable, CustomStringConvertible {
     public static let pressure = Readiness(rawValue: 1 << 1)
     /// A stop signal arrived (SIGTERM, SIGINT, SIGHUP).
     public static let stop = Readiness(rawValue: 1 << 2)
+    /// The early-warning PSI trigger fired (any stall at all): memory is being fought over,
+    /// look now.
+    public static let pressureEarly = Readiness(rawValue: 1 << 3)
 
     public var description: String {
         var parts: [String] = []
         if contains(.interrupt) { parts.append("interrupt") }
         if contains(.pressure) { parts.append("pressure") }
+        if contains(.pressureEarly) { parts.append("pressure-early") }
         if contains(.stop) { parts.append("stop") }
         return parts.isEmpty ? "timeout" : parts.joined(separator: "+")
     }

@@ -85,6 +85,14 @@ struct RunCommand: ParsableCommand {
     var psiStallMs: Int = 100
     @Option(help: "PSI trigger window (ms, 500-10000, the kernel's range).")
     var psiWindowMs: Int = 1000
+    @Option(help: ArgumentHelp("Early-warning PSI trigger: any task stalled this long (ms) on memory within 500 ms makes balloond look at MemAvailable at once (0: off; 1-500).", discussion: """
+        With nothing left to reclaim, a guest goes from its first memory stall to the OOM killer         within a few ms of stall, long before --psi-stall-ms: this trigger, and balloond running         at real-time priority (--realtime) to act on it at once, are what deflate the balloon in         time. With both, a balloon larger than the guest's headroom is not polled every 500 ms.
+        """))
+    var psiEarlyStallMs: Int = 1
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Wait for events and handle memory pressure at real-time priority (SCHED_FIFO 1).", discussion: """
+        Only the wait and the pressure check run raised: interrupts, inflating, free page         reporting and hint rounds run at normal priority, so bulk work never starves the guest.         The kernel's real-time throttling (sched_rt_runtime_us) bounds it in any case.
+        """))
+    var realtime = true
     @Option(help: "Where to publish state for `balloond status` (root-only JSON).")
     var stateFile: String = DaemonState.defaultPath
     @Option(help: ArgumentHelp("Also write Prometheus metrics to this file (node_exporter's textfile collector, e.g. /var/lib/prometheus/node-exporter/balloond.prom).", discussion: """
@@ -119,6 +127,9 @@ struct RunCommand: ParsableCommand {
         }
         guard (500...10_000).contains(psiWindowMs) else {
             throw ValidationError("--psi-window-ms must be from 500 to 10000 (the kernel's PSI window range), not \(psiWindowMs)")
+        }
+        guard (0...500).contains(psiEarlyStallMs) else {
+            throw ValidationError("--psi-early-stall-ms must be from 0 (off) to 500 (the early trigger's window), not \(psiEarlyStallMs)")
         }
         guard (1...psiWindowMs).contains(psiStallMs) else {
             throw ValidationError("--psi-stall-ms must be from 1 to --psi-window-ms (\(psiWindowMs)), not \(psiStallMs)")
@@ -214,6 +225,19 @@ struct RunCommand: ParsableCommand {
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
+        var psi: PressureTrigger?
+        do {
+            psi = try PressureTrigger(stallMicroseconds: options.pressure.psiStallMicroseconds, windowMicroseconds: options.pressure.psiWindowMicroseconds)
+        } catch {
+            logger.warning("no PSI memory trigger (\(error)); memory pressure is watched through MemAvailable only")
+        }
+        let (early, raisePriority) = armEarlyWarning(logger: logger)
+        options.pressure.earlyWarningArmed = early != nil && raisePriority != nil
+        logger.info("memory pressure watch", metadata: [
+            "psi": "\(psi.map { _ in "\(psiStallMs) ms in \(psiWindowMs) ms" } ?? "off")",
+            "psi_early": "\(early.map { _ in "\(psiEarlyStallMs) ms in 500 ms" } ?? "off")",
+            "realtime": "\(raisePriority != nil)",
+        ])
         // /proc/meminfo stays open: each pressure check is one pread, scanned as bytes.
         let meminfo: OpenFile
         do { meminfo = try OpenFile(path: "/proc/meminfo", flags: Sys.openReadOnly) } catch {
@@ -226,15 +250,11 @@ struct RunCommand: ParsableCommand {
         driver.hintOptions.controlNoHints = hintControl
         if hintControl { logger.warning("--hint-control: hint rounds take memory but send no hints (control experiment)") }
         defer { driver.shutdown() }
-        var psi: PressureTrigger?
-        do {
-            psi = try PressureTrigger(stallMicroseconds: options.pressure.psiStallMicroseconds, windowMicroseconds: options.pressure.psiWindowMicroseconds)
-        } catch {
-            logger.warning("no PSI memory trigger (\(error)); memory pressure is watched through MemAvailable only")
-        }
 
-        let poller = LinuxEventPoller(signals: signals, interruptDescriptor: line.pollDescriptor, pressureDescriptor: psi?.pollDescriptor)
+        let poller = LinuxEventPoller(signals: signals, interruptDescriptor: line.pollDescriptor, pressureDescriptor: psi?.pollDescriptor,
+                                      earlyPressureDescriptor: early?.pollDescriptor)
         let daemon = Daemon(driver: driver, line: line, poller: poller, clock: monotonicNanos, logger: logger)
+        daemon.setUrgentPriority = raisePriority
         // Ring pages must still be where the device was told they are (4 KiB pages could move).
         daemon.beforeBringUp = { try allocator.verifyPlacement() }
         let started = wallClockSeconds()
@@ -304,6 +324,30 @@ extension RunCommand {
     }
 
     /// Builds the chosen free page source.
+    /// The early-warning PSI trigger and the priority switch, each nil when off or not
+    /// possible here (with a warning: then a balloon larger than the headroom is polled).
+    func armEarlyWarning(logger: Logger) -> (PressureTrigger?, ((Bool) -> Void)?) {
+        var early: PressureTrigger?
+        if psiEarlyStallMs > 0 {
+            do { early = try PressureTrigger(stallMicroseconds: psiEarlyStallMs * 1000, windowMicroseconds: 500_000) } catch {
+                logger.warning("no early-warning PSI trigger (\(error)); a balloon larger than the guest's headroom is checked every 500 ms instead")
+            }
+        }
+        var raise: ((Bool) -> Void)?
+        if realtime {
+            do {
+                try Sys.setRealtimePriority(true)
+                try Sys.setRealtimePriority(false)
+                raise = { on in
+                    do { try Sys.setRealtimePriority(on) } catch { logger.warning("cannot change the scheduling priority: \(error)") }
+                }
+            } catch {
+                logger.warning("cannot run at real-time priority (\(error)); a balloon larger than the guest's headroom is checked every 500 ms instead (--no-realtime silences this)")
+            }
+        }
+        return (early, raise)
+    }
+
     func makeHintSource(named name: String, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
         let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction, logger: logger)

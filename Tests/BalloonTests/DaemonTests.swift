@@ -36,7 +36,11 @@ final class VirtualPoller: EventPoller {
         events.sort { $0.at < $1.at }
     }
 
+    /// Runs at the start of every wait (tests look at the daemon's state there).
+    var onWait: (() -> Void)?
+
     func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness {
+        onWait?()
         defer { wakeTimes.append(clock.nanos) }
         if wakeTimes.count >= maxWaits {
             stopSignal = 15
@@ -305,5 +309,71 @@ struct DaemonExposedBalloonTests {
         #expect(before >= 100 && before <= 130, "wakeups per minute while exposed: \(before)")
         #expect(r.rig.driver.counters.pressureDeflates >= 1)
         #expect(droppedAt > 0)
+    }
+}
+
+@Suite("Daemon: the early-warning PSI trigger and real-time priority")
+struct DaemonEarlyWarningTests {
+    @Test("with the early-warning trigger armed, a balloon beyond the headroom is left to it (a few wakeups a minute), and its event with MemAvailable below the watermark deflates at once")
+    func earlyWarningReplacesPolling() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        var options = BalloonDriverOptions()
+        options.pressure.earlyWarningArmed = true
+        let r = try DaemonRig(props, options: options, runFor: 5 * minute)
+        let status = r.rig.memoryStatus
+        // 64 MiB inflated; only 150 MiB available, 54 MiB above the 96 MiB watermark.
+        status.available = 150 << 20 + 64 << 20
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (64 << 20)) }
+        r.poller.at(secondsFromNow: 200, ready: .pressureEarly) { status.available = 60 << 20 + 64 << 20 }
+        var deflatesJustAfter = -1
+        r.poller.at(secondsFromNow: 200.01) { deflatesJustAfter = Int(r.rig.driver.counters.pressureDeflates) }
+        r.run()
+        let before = Double(r.poller.wakeups(fromNanos: r.start + 60_000_000_000, toNanos: r.start + 180_000_000_000)) / 2
+        #expect(before <= idleWakeupsPerMinute, "wakeups per minute while exposed, with the early trigger armed: \(before)")
+        #expect(deflatesJustAfter == 1, "the early-warning event did not deflate at once (deflates 10 ms later: \(deflatesJustAfter))")
+    }
+
+    @Test("an early-warning event with MemAvailable well above the watermark only looks: no deflate")
+    func earlyWarningOnlyLooks() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        var options = BalloonDriverOptions()
+        options.pressure.earlyWarningArmed = true
+        let r = try DaemonRig(props, options: options, runFor: 2 * minute)
+        r.rig.memoryStatus.available = 600 << 20
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (32 << 20)) }
+        r.poller.at(secondsFromNow: 30, ready: .pressureEarly)
+        r.run()
+        #expect(r.rig.driver.counters.pressureDeflates == 0)
+        #expect(r.rig.driver.actualPages == 32 << 8)
+    }
+
+    @Test("the loop waits and handles pressure at raised priority; interrupts, inflating and hint rounds run lowered")
+    func priorityAroundWork() throws {
+        var props = BalloonDeviceProperties()
+        props.freePageHint = true
+        props.deflateOnOOM = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        var changes: [Bool] = []
+        r.daemon.setUrgentPriority = { changes.append($0) }
+        var raisedAtWait = 0, loweredAtWait = 0
+        r.poller.onWait = { if r.daemon.urgent { raisedAtWait += 1 } else { loweredAtWait += 1 } }
+        var raisedInRound = 0, roundsSeen = 0
+        let daemon = r.daemon
+        r.rig.source.onBeginRound = { roundsSeen += 1; if daemon.urgent { raisedInRound += 1 } }
+        var raisedAtPressureRead = 0
+        r.rig.memoryStatus.onRead = { if daemon.urgent { raisedAtPressureRead += 1 } }
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (32 << 20)) }
+        r.poller.at(secondsFromNow: 5) { r.rig.device.startHintRound() }
+        r.poller.at(secondsFromNow: 60) { r.rig.device.finishHinting() }
+        r.poller.at(secondsFromNow: 90, ready: .pressure) { r.rig.memoryStatus.available = 50 << 20 }
+        r.run()
+        #expect(roundsSeen >= 1 && raisedInRound == 0, "hint rounds: \(roundsSeen), raised during \(raisedInRound)")
+        #expect(loweredAtWait == 0 && raisedAtWait > 0, "waits raised \(raisedAtWait), lowered \(loweredAtWait)")
+        #expect(raisedAtPressureRead > 0, "the PSI-triggered pressure check ran lowered")
+        #expect(r.rig.driver.counters.pressureDeflates >= 1)
+        #expect(changes.last == false, "the loop ends lowered")
+        #expect(changes.count <= 2 * r.daemon.wakeups + 2, "\(changes.count) priority changes for \(r.daemon.wakeups) wakeups")
     }
 }

@@ -15,7 +15,10 @@ final class FakeMemoryStatus: GuestMemoryStatus {
     var available: UInt64 = 800 << 20
     var free: UInt64 = 700 << 20
     var held: () -> UInt64 = { 0 }
+    /// Runs at every read.
+    var onRead: (() -> Void)?
     func read() -> (available: UInt64, free: UInt64)? {
+        onRead?()
         let h = held()
         return (available > h ? available - h : 0, free > h ? free - h : 0)
     }
@@ -40,7 +43,12 @@ final class RecordingSource: FreePageSource {
     var name: String { inner.name }
     var ownership: FreePageOwnership { inner.ownership }
     var heldBytes: UInt64 { inner.heldBytes }
-    func beginRound(id: UInt32) throws(FreePageSourceError) { try inner.beginRound(id: id) }
+    /// Runs at the start of every round.
+    var onBeginRound: (() -> Void)?
+    func beginRound(id: UInt32) throws(FreePageSourceError) {
+        onBeginRound?()
+        try inner.beginRound(id: id)
+    }
     func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
         try inner.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
     }

@@ -192,6 +192,10 @@ enum BalloonSizingChecks {
             #expect(console.isEmpty, "\(driver): OOM on the guest console:\n\(console.prefix(5).joined(separator: "\n"))")
             print("sizing-oom (\(driver)): MemAvailable \(available) MiB at 512M; actual \(whileHeld / mib) MiB while memhog 600 held, \(try b.actual() / mib) MiB after")
             if driver == .balloond {
+                // What woke balloond and what it gave back (the early-warning PSI trigger, a
+                // MemAvailable check, ...), for the log.
+                let (why, _) = try b.vm.run("grep -E 'memory pressure watch|memory pressure: deflated' \(BalloonUnderTest.balloondDirectory)/log | head -6", timeout: 30)
+                for line in why.split(separator: "\n") { print("sizing-oom (balloond): \(line.drop { $0 != " " }.dropFirst())") }
                 // After the hold (60 s) the balloon goes back to 512M; from then on balloond
                 // must be idle: at most 1 % of a CPU (it once spun at 100 % forever here).
                 try b.waitForActual(240, "≤ 514 MiB again after the pressure hold") { $0 <= 514 * mib }

@@ -17,6 +17,8 @@ struct RunOptionValidationTests {
         (["--psi-window-ms", "100"], "--psi-window-ms"),
         (["--psi-window-ms", "99999999999"], "psi-window-ms"),
         (["--psi-stall-ms", "0"], "--psi-stall-ms"),
+        (["--psi-early-stall-ms", "501"], "--psi-early-stall-ms"),
+        (["--psi-early-stall-ms", "-1"], "--psi-early-stall-ms"),
         (["--psi-stall-ms", "2000", "--psi-window-ms", "1000"], "--psi-stall-ms"),
         (["--deflate-step-mib", "0"], "--deflate-step-mib"),
         (["--deflate-below-mib", "99999999999999"], "--deflate-below-mib"),
