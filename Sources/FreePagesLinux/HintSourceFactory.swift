@@ -42,7 +42,7 @@ public func hugetlbHintSourceUsable(root: SysRoot = .host) -> Bool {
 /// Builds the source `chooseHintSource` picked (`hugetlb`, `anonymous`, `kpageflags`;
 /// `simulated` is the FreePages `SimulatedBuddyAllocator`, built by the caller). `hugetlb` is a
 /// `RoundFallbackSource` over hugetlb and anonymous.
-public func makeLinuxFreePageSource(named name: String, environment env: LinuxHintSourceEnvironment) throws(FreePageSourceError) -> FreePageSource {
+public func makeLinuxFreePageSource(_ source: HintSource, environment env: LinuxHintSourceEnvironment) throws(FreePageSourceError) -> FreePageSource {
     func anonymous() throws(FreePageSourceError) -> AnonymousSource {
         guard let pagemap = env.pagemap else {
             throw FreePageSourceError("the anonymous source needs /proc/self/pagemap opened while privileged")
@@ -51,18 +51,18 @@ public func makeLinuxFreePageSource(named name: String, environment env: LinuxHi
         return AnonymousSource(root: env.root, pagemap: pagemap, arena: arena, options: AnonymousSource.Options(limits: env.limits),
                                compactionHold: env.compactionHold, logger: env.logger.withLabel("anonymous"))
     }
-    switch name {
-    case "hugetlb":
+    switch source {
+    case .hugetlb:
         guard env.arena != nil else { throw FreePageSourceError("the hugetlb source needs the device memory arena") }
         let huge = try HugeTLBPoolSource(root: env.root, arena: env.arena, ownHugePages: env.ownHugePages,
                                          options: HugeTLBPoolSource.Options(limits: env.limits), logger: env.logger.withLabel("hugetlb"))
         return RoundFallbackSource(primary: huge, fallback: try anonymous(), logger: env.logger)
-    case "anonymous":
+    case .anonymous:
         return try anonymous()
-    case "kpageflags":
+    case .kpageflags:
         return try KPageFlagsSource(root: env.root, logger: env.logger.withLabel("kpageflags"))
-    default:
-        throw FreePageSourceError("no Linux free page source named '\(name)' (simulated is built with SimulatedBuddyAllocator)")
+    case .auto, .simulated:
+        throw FreePageSourceError("no Linux free page source '\(source.rawValue)' (auto is resolved by chooseHintSource; simulated is built with SimulatedBuddyAllocator)")
     }
 }
 

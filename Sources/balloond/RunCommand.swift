@@ -42,7 +42,7 @@ struct RunCommand: ParsableCommand {
         churn during a migration corrupts TCG destinations even with no hint sent), so on a TCG guest \
         with page poisoning or init_on_free it turns hinting off.
         """))
-    var hintSource: HintSourceOption = .auto
+    var hintSource: HintSource = .auto
     @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """
         DANGEROUS: on KVM with manual dirty-log protect, a page the guest writes between balloond's \
         scan and QEMU applying the hint is dropped from the migration: the destination silently gets \
@@ -205,7 +205,7 @@ struct RunCommand: ParsableCommand {
     /// Everything that holds the device open lives in here, so it is all closed (uio fd, BAR
     /// mapping, DMA memory after the device reset) before the driver is restored.
     private func serve(function: PCIFunction, binding: UIOBinding, memoryConfig: GuestMemoryDebugConfig,
-                       hintChoice: (name: String, reason: String)?, logger: Logger) throws {
+                       hintChoice: (source: HintSource, reason: String)?, logger: Logger) throws {
         // Issue 9 H2: all memory the device may touch comes from these memfds, which the
         // guardian also holds until the device is stopped, even if this process is killed.
         let arena = try DeviceMemoryArena()
@@ -221,7 +221,7 @@ struct RunCommand: ParsableCommand {
         let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try hintChoice.map { (name: $0.name, source: try makeHintSource(named: $0.name, allocator: allocator, arena: arena, compaction: compaction, logger: logger)) }
+        let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, logger: logger)) }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
@@ -288,42 +288,33 @@ struct RunCommand: ParsableCommand {
 }
 
 /// `--hint-source`: parsed (and so checked) before anything changes.
-enum HintSourceOption: String, ExpressibleByArgument, CaseIterable {
-    case auto, hugetlb, anonymous, kpageflags, simulated
+extension HintSource: ExpressibleByArgument {
     /// What `--help` lists: `simulated` parses only to be refused with a reason.
-    static var allValueStrings: [String] { allCases.filter { $0 != .simulated }.map(\.rawValue) }
+    public static var allValueStrings: [String] { allCases.filter { $0 != .simulated }.map(\.rawValue) }
 }
 
 extension RunCommand {
     /// Chooses the free page source (`--hint-source`) and logs the choice and why; nil when
     /// hinting is off. Reads only, so a refusal stops `run` before anything changed.
-    func chooseHints(memoryConfig: GuestMemoryDebugConfig, logger: Logger) throws -> (name: String, reason: String)? {
+    func chooseHints(memoryConfig: GuestMemoryDebugConfig, logger: Logger) throws -> (source: HintSource, reason: String)? {
         guard freePageHint else { return nil }
-        let choice: (name: String, reason: String)
-        switch chooseHintSource(requested: hintSource.rawValue, hypervisor: detectHypervisor(),
+        let choice: HintSourceChoice
+        switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
                                 memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
                                 initOnFreeKnown: memoryConfig.initOnFreeKnown,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable()) {
         case .failure(let e): throw Failure(e.description)
         case .success(let c): choice = c
         }
-        if choice.name == "hugetlb" || choice.name == "anonymous", isRunningUnderTCG() {
-            // Measured (scripts/migrate.py, balloond:anonymous-control): taking and releasing
-            // most free memory during a migration corrupted the TCG destination kernel with no
-            // hint sent at all, the same list corruption the hinted runs and the in-kernel
-            // driver showed. On KVM that churn is ordinary dirty logging.
-            let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent"
-            if hintSource == .auto {
-                logger.warning("free page hinting disabled: auto chose \(choice.name) (\(choice.reason)), but \(why); pass --hint-source \(choice.name) to use it anyway")
-                return nil
-            }
-            logger.warning("--hint-source \(choice.name) under TCG: \(why)")
+        if let warning = choice.warning { logger.warning("\(warning)") }
+        guard let source = choice.source else {
+            logger.warning("\(choice.reason)")
+            return nil
         }
-        logger.notice("free page hint source: \(choice.name): \(choice.reason)")
-        return choice
+        logger.notice("free page hint source: \(source.rawValue): \(choice.reason)")
+        return (source, choice.reason)
     }
 
-    /// Builds the chosen free page source.
     /// The early-warning PSI trigger and the priority switch, each nil when off or not
     /// possible here (with a warning: then a balloon larger than the headroom is polled).
     func armEarlyWarning(logger: Logger) -> (PressureTrigger?, ((Bool) -> Void)?) {
@@ -348,10 +339,11 @@ extension RunCommand {
         return (early, raise)
     }
 
-    func makeHintSource(named name: String, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> FreePageSource {
+    /// Builds the chosen free page source.
+    func makeHintSource(_ source: HintSource, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
         let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction, logger: logger)
-        return try makeLinuxFreePageSource(named: name, environment: env)
+        return try makeLinuxFreePageSource(source, environment: env)
     }
 }
 

@@ -4,14 +4,14 @@ import PlatformLinux
 
 @Suite struct HintSourceSelectionTests {
     struct Row: CustomTestStringConvertible, Sendable {
-        var requested: String
+        var requested: HintSource
         var hv: Hypervisor
         var poison = false
         var initOnFree = false
         var unsafe = false
         var hugetlb = true
         var simulated = false
-        /// The source chosen, or nil for a refusal.
+        /// The source chosen ("off": hinting turned off), or nil for a refusal.
         var expect: String?
         /// Words the reason (or error) must contain.
         var says: [String]
@@ -22,37 +22,36 @@ import PlatformLinux
 
     static let table: [Row] = [
         // auto
-        Row(requested: "auto", hv: .tcg, expect: "kpageflags", says: ["TCG", "fastest"]),
-        Row(requested: "auto", hv: .tcg, poison: true, expect: "hugetlb", says: ["page poisoning"]),
-        Row(requested: "auto", hv: .tcg, initOnFree: true, expect: "hugetlb", says: ["init_on_free"]),
-        Row(requested: "auto", hv: .tcg, poison: true, hugetlb: false, expect: "anonymous", says: ["no usable 2 MiB hugetlb pool"]),
-        Row(requested: "auto", hv: .kvm, expect: "hugetlb", says: ["KVM", "owned"]),
-        Row(requested: "auto", hv: .kvm, unsafe: true, expect: "hugetlb", says: ["explicit --hint-source kpageflags"]),
-        Row(requested: "auto", hv: .kvm, hugetlb: false, expect: "anonymous", says: ["hugetlb pool"]),
-        Row(requested: "auto", hv: .other("Microsoft Hv"), expect: "hugetlb", says: ["Microsoft Hv"]),
-        Row(requested: "auto", hv: .none, hugetlb: false, expect: "anonymous", says: ["no hypervisor"]),
-        Row(requested: "auto", hv: .kvm, simulated: true, expect: "simulated", says: ["simulated device"]),
+        Row(requested: .auto, hv: .tcg, expect: "kpageflags", says: ["TCG", "fastest"]),
+        // Under TCG, auto does not fall back to an owned source: hinting is turned off.
+        Row(requested: .auto, hv: .tcg, poison: true, expect: "off", says: ["page poisoning", "auto chose hugetlb", "corrupts the destination", "--hint-source hugetlb"]),
+        Row(requested: .auto, hv: .tcg, initOnFree: true, expect: "off", says: ["init_on_free", "auto chose hugetlb"]),
+        Row(requested: .auto, hv: .tcg, poison: true, hugetlb: false, expect: "off", says: ["no usable 2 MiB hugetlb pool", "auto chose anonymous"]),
+        Row(requested: .auto, hv: .kvm, expect: "hugetlb", says: ["KVM", "owned"]),
+        Row(requested: .auto, hv: .kvm, unsafe: true, expect: "hugetlb", says: ["explicit --hint-source kpageflags"]),
+        Row(requested: .auto, hv: .kvm, hugetlb: false, expect: "anonymous", says: ["hugetlb pool"]),
+        Row(requested: .auto, hv: .other("Microsoft Hv"), expect: "hugetlb", says: ["Microsoft Hv"]),
+        Row(requested: .auto, hv: .none, hugetlb: false, expect: "anonymous", says: ["no hypervisor"]),
+        Row(requested: .auto, hv: .kvm, simulated: true, expect: "simulated", says: ["simulated device"]),
         // kpageflags
-        Row(requested: "kpageflags", hv: .tcg, expect: "kpageflags", says: ["TCGTCGTCGTCG", "dirty-logged"]),
-        Row(requested: "kpageflags", hv: .kvm, expect: nil, says: ["refused", "KVM", "--unsafe-hints-on-kvm", "silently lost"]),
-        Row(requested: "kpageflags", hv: .kvm, unsafe: true, expect: "kpageflags", says: ["UNSAFE", "lost"]),
-        Row(requested: "kpageflags", hv: .tcg, poison: true, expect: nil, says: ["page_poison=1", "0xaa", "pagealloc: memory corruption", "hugetlb or anonymous"]),
-        Row(requested: "kpageflags", hv: .kvm, poison: true, unsafe: true, expect: nil, says: ["0xaa"]),
-        Row(requested: "kpageflags", hv: .tcg, initOnFree: true, expect: nil, says: ["init_on_free", "stale data"]),
-        Row(requested: "kpageflags", hv: .none, expect: nil, says: ["no hypervisor"]),
+        Row(requested: .kpageflags, hv: .tcg, expect: "kpageflags", says: ["TCGTCGTCGTCG", "dirty-logged"]),
+        Row(requested: .kpageflags, hv: .kvm, expect: nil, says: ["refused", "KVM", "--unsafe-hints-on-kvm", "silently lost"]),
+        Row(requested: .kpageflags, hv: .kvm, unsafe: true, expect: "kpageflags", says: ["UNSAFE", "lost"]),
+        Row(requested: .kpageflags, hv: .tcg, poison: true, expect: nil, says: ["page_poison=1", "0xaa", "pagealloc: memory corruption", "hugetlb or anonymous"]),
+        Row(requested: .kpageflags, hv: .kvm, poison: true, unsafe: true, expect: nil, says: ["0xaa"]),
+        Row(requested: .kpageflags, hv: .tcg, initOnFree: true, expect: nil, says: ["init_on_free", "stale data"]),
+        Row(requested: .kpageflags, hv: .none, expect: nil, says: ["no hypervisor"]),
         // owned
-        Row(requested: "hugetlb", hv: .kvm, expect: "hugetlb", says: ["fall back to anonymous"]),
-        Row(requested: "hugetlb", hv: .kvm, hugetlb: false, expect: nil, says: ["unavailable", "--hint-source anonymous"]),
-        Row(requested: "hugetlb", hv: .tcg, poison: true, expect: "hugetlb", says: ["owned"]),
-        Row(requested: "anonymous", hv: .kvm, poison: true, initOnFree: true, hugetlb: false, expect: "anonymous", says: ["owned"]),
-        // simulated and nonsense
-        Row(requested: "simulated", hv: .kvm, expect: nil, says: ["balloond simulate", "pages in use"]),
-        Row(requested: "simulated", hv: .tcg, simulated: true, expect: "simulated", says: ["simulated"]),
-        Row(requested: "Auto", hv: .tcg, expect: nil, says: ["unknown", "auto, hugetlb, anonymous, kpageflags, simulated"]),
-        Row(requested: "", hv: .kvm, expect: nil, says: ["unknown"]),
+        Row(requested: .hugetlb, hv: .kvm, expect: "hugetlb", says: ["fall back to anonymous"]),
+        Row(requested: .hugetlb, hv: .kvm, hugetlb: false, expect: nil, says: ["unavailable", "--hint-source anonymous"]),
+        Row(requested: .hugetlb, hv: .tcg, poison: true, expect: "hugetlb", says: ["owned"]),
+        Row(requested: .anonymous, hv: .kvm, poison: true, initOnFree: true, hugetlb: false, expect: "anonymous", says: ["owned"]),
+        // simulated
+        Row(requested: .simulated, hv: .kvm, expect: nil, says: ["balloond simulate", "pages in use"]),
+        Row(requested: .simulated, hv: .tcg, simulated: true, expect: "simulated", says: ["simulated"]),
     ]
 
-    static func choose(_ r: Row) -> Result<(name: String, reason: String), HintSourceSelectionError> {
+    static func choose(_ r: Row) -> Result<HintSourceChoice, HintSourceSelectionError> {
         chooseHintSource(requested: r.requested, hypervisor: r.hv, memoryDebug: (r.poison, r.initOnFree),
                          unsafeHintsOnKVM: r.unsafe, hugetlbAvailable: r.hugetlb, simulatedDevice: r.simulated)
     }
@@ -62,8 +61,8 @@ import PlatformLinux
         let text: String
         switch Self.choose(row) {
         case .success(let c):
-            #expect(c.name == row.expect, "chose \(c.name): \(c.reason)")
-            text = c.reason
+            #expect((c.source?.rawValue ?? "off") == row.expect, "chose \(c.source?.rawValue ?? "off"): \(c.reason)")
+            text = c.reason + (c.warning.map { " " + $0 } ?? "")
         case .failure(let e):
             #expect(row.expect == nil, "refused: \(e)")
             text = e.description
@@ -77,39 +76,35 @@ import PlatformLinux
     /// (unsafe-hints-on-kvm, hugetlb pool usable, simulated device) count up in binary, the
     /// simulated device fastest: unsafe is on in the last four, hugetlb in the 3rd, 4th, 7th and
     /// 8th, simulated in every second. K kpageflags, H hugetlb, A anonymous, S simulated,
-    /// - refused.
-    static let expectedChoices: [(requested: String, byHypervisor: [(Hypervisor, String)])] = [
-        ("auto", [(.tcg, "KSKSKSKS ASHSASHS ASHSASHS ASHSASHS"),
+    /// 0 hinting off, - refused.
+    static let expectedChoices: [(requested: HintSource, byHypervisor: [(Hypervisor, String)])] = [
+        (.auto, [(.tcg, "KSKSKSKS 0S0S0S0S 0S0S0S0S 0S0S0S0S"),
                   (.kvm, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
                   (.other("VMwareVMware"), "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
                   (.none, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS")]),
-        ("hugetlb", [(.tcg, "--HH--HH --HH--HH --HH--HH --HH--HH"),
+        (.hugetlb, [(.tcg, "--HH--HH --HH--HH --HH--HH --HH--HH"),
                      (.kvm, "--HH--HH --HH--HH --HH--HH --HH--HH"),
                      (.other("VMwareVMware"), "--HH--HH --HH--HH --HH--HH --HH--HH"),
                      (.none, "--HH--HH --HH--HH --HH--HH --HH--HH")]),
-        ("anonymous", [(.tcg, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
+        (.anonymous, [(.tcg, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
                        (.kvm, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
                        (.other("VMwareVMware"), "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
                        (.none, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA")]),
-        ("kpageflags", [(.tcg, "KKKKKKKK -------- -------- --------"),
+        (.kpageflags, [(.tcg, "KKKKKKKK -------- -------- --------"),
                         (.kvm, "----KKKK -------- -------- --------"),
                         (.other("VMwareVMware"), "----KKKK -------- -------- --------"),
                         (.none, "----KKKK -------- -------- --------")]),
-        ("simulated", [(.tcg, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
+        (.simulated, [(.tcg, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
                        (.kvm, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
                        (.other("VMwareVMware"), "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S"),
                        (.none, "-S-S-S-S -S-S-S-S -S-S-S-S -S-S-S-S")]),
-        ("bogus", [(.tcg, "-------- -------- -------- --------"),
-                   (.kvm, "-------- -------- -------- --------"),
-                   (.other("VMwareVMware"), "-------- -------- -------- --------"),
-                   (.none, "-------- -------- -------- --------")]),
     ]
 
     /// Every combination of inputs chooses what `expectedChoices` says, the safety rules hold,
     /// and every refusal says what to do.
     @Test func everyCombination() {
-        let letters: [String: Character] = ["kpageflags": "K", "hugetlb": "H", "anonymous": "A", "simulated": "S"]
-        #expect(Set(Self.expectedChoices.map(\.requested)) == Set(hintSourceNames + ["bogus"]))
+        let letters: [HintSource: Character] = [.kpageflags: "K", .hugetlb: "H", .anonymous: "A", .simulated: "S"]
+        #expect(Set(Self.expectedChoices.map(\.requested)) == Set(HintSource.allCases))
         var count = 0
         for (requested, byHypervisor) in Self.expectedChoices {
             for (hv, grid) in byHypervisor {
@@ -121,16 +116,21 @@ import PlatformLinux
                     let row = Row(requested: requested, hv: hv, poison: poison, initOnFree: iof, unsafe: unsafe,
                                   hugetlb: huge, simulated: sim, says: [])
                     let result = Self.choose(row)
-                    let chosen: String? = (try? result.get())?.name
-                    #expect(chosen.map { letters[$0] ?? "?" } ?? "-" == want, "\(row.testDescription)")
+                    let choice = try? result.get()
+                    let chosen = choice?.source
+                    let letter: Character = choice.map { c in c.source.map { letters[$0] ?? "?" } ?? "0" } ?? "-"
+                    #expect(letter == want, "\(row.testDescription)")
                     // The safety rules, stated on their own.
-                    if chosen == "kpageflags" {
+                    if chosen == .kpageflags {
                         #expect(!poison && !iof)
-                        #expect(hv == .tcg || (unsafe && requested == "kpageflags"))
+                        #expect(hv == .tcg || (unsafe && requested == .kpageflags))
                     }
-                    if chosen == "simulated" { #expect(sim) }
-                    if chosen == "hugetlb" { #expect(huge) }
-                    if requested == "auto" { #expect(chosen != nil) }
+                    if chosen == .simulated { #expect(sim) }
+                    if chosen == .hugetlb { #expect(huge) }
+                    if requested == .auto { #expect(choice != nil, "auto is never refused") }
+                    if hv == .tcg, chosen == .hugetlb || chosen == .anonymous {
+                        #expect(requested == chosen && choice?.warning != nil, "an owned source under TCG only when asked for, with a warning")
+                    }
                     switch result {
                     case .success(let c): #expect(!c.reason.isEmpty)
                     case .failure(let e): #expect(e.description.count > 40, "actionable: \(e)")
@@ -138,6 +138,6 @@ import PlatformLinux
                 }
             }
         }
-        #expect(count == 6 * 4 * 32)
+        #expect(count == 5 * 4 * 32)
     }
 }

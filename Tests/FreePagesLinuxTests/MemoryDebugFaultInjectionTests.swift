@@ -5,16 +5,16 @@ import PlatformLinux
 /// The hint source choice when init_on_free could not be determined.
 @Suite struct MemoryDebugFaultInjectionTests {
     @Test func autoAvoidsKpageflagsWhenInitOnFreeIsUnknown() throws {
-        let r = try chooseHintSource(requested: "auto", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
+        let r = try chooseHintSource(requested: .auto, hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
                                      unsafeHintsOnKVM: false, hugetlbAvailable: true).get()
-        #expect(r.name == "hugetlb" && r.reason.contains("unknown"))
-        let known = try chooseHintSource(requested: "auto", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: true,
+        #expect(r.source == nil && r.reason.contains("unknown") && r.reason.contains("auto chose hugetlb"), "\(r)")
+        let known = try chooseHintSource(requested: .auto, hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: true,
                                          unsafeHintsOnKVM: false, hugetlbAvailable: true).get()
-        #expect(known.name == "kpageflags")
+        #expect(known.source == .kpageflags)
     }
 
     @Test func explicitKpageflagsIsRefusedWhenInitOnFreeIsUnknown() {
-        let r = chooseHintSource(requested: "kpageflags", hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
+        let r = chooseHintSource(requested: .kpageflags, hypervisor: .tcg, memoryDebug: (false, false), initOnFreeKnown: false,
                                  unsafeHintsOnKVM: true, hugetlbAvailable: true)
         guard case .failure(let e) = r else { Issue.record("kpageflags must be refused"); return }
         #expect(e.description.contains("unknown"))
