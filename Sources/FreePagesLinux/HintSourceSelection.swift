@@ -57,7 +57,7 @@ public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memo
     }
     let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent"
     if requested == .auto {
-        return .success(HintSourceChoice(source: nil, reason: "free page hinting off: auto chose \(source.rawValue) (\(choice.reason)), but \(why); pass --hint-source \(source.rawValue) to use it anyway"))
+        return .success(HintSourceChoice(source: nil, reason: "free page hinting disabled: auto chose \(source.rawValue) (\(choice.reason)), but \(why); pass --hint-source \(source.rawValue) to use it anyway"))
     }
     return .success(HintSourceChoice(source: source, reason: choice.reason, warning: "--hint-source \(source.rawValue) under TCG: \(why)"))
 }

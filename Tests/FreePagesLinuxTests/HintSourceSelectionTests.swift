@@ -24,7 +24,7 @@ import PlatformLinux
         // auto
         Row(requested: .auto, hv: .tcg, expect: "kpageflags", says: ["TCG", "fastest"]),
         // Under TCG, auto does not fall back to an owned source: hinting is turned off.
-        Row(requested: .auto, hv: .tcg, poison: true, expect: "off", says: ["page poisoning", "auto chose hugetlb", "corrupts the destination", "--hint-source hugetlb"]),
+        Row(requested: .auto, hv: .tcg, poison: true, expect: "off", says: ["page poisoning", "free page hinting disabled", "auto chose hugetlb", "corrupts the destination", "--hint-source hugetlb"]),
         Row(requested: .auto, hv: .tcg, initOnFree: true, expect: "off", says: ["init_on_free", "auto chose hugetlb"]),
         Row(requested: .auto, hv: .tcg, poison: true, hugetlb: false, expect: "off", says: ["no usable 2 MiB hugetlb pool", "auto chose anonymous"]),
         Row(requested: .auto, hv: .kvm, expect: "hugetlb", says: ["KVM", "owned"]),
