@@ -93,21 +93,44 @@ public func computeBalloonStats(vmstat: String, meminfo: String, pageSize: UInt6
 /// Parses `key<sep> value [unit]` lines into a dictionary of the first number on each line.
 func parseKeyValues(_ text: String, separator: Character) -> [String: UInt64] {
     var out: [String: UInt64] = [:]
-    for line in text.split(separator: "\n") {
-        guard let sep = line.firstIndex(of: separator) else { continue }
-        let key = line[..<sep].trimmingCharacters(in: " \t")
-        let rest = line[line.index(after: sep)...].split(separator: " ", omittingEmptySubsequences: true)
-        if let first = rest.first, let v = UInt64(first) { out[key] = v }
+    let bytes = Array(text.utf8)
+    scanKeyValues(bytes[...], separator: separator.asciiValue ?? UInt8(ascii: " ")) { key, value in
+        if let value, let k = String(validating: key, as: UTF8.self) { out[k] = value }
+        return true
     }
     return out
 }
 
-extension Substring {
-    func trimmingCharacters(in set: String) -> String {
-        var s = self
-        while let c = s.first, set.contains(c) { s.removeFirst() }
-        while let c = s.last, set.contains(c) { s.removeLast() }
-        return String(s)
+/// The one tokenizer for the kernel's `key<sep> value [unit]` files (/proc/meminfo with ":",
+/// /proc/vmstat with " "), on bytes: for each line, `body` gets the key (surrounding blanks
+/// trimmed) and the first number after the separator (nil when the line has none, or one too
+/// large for UInt64); returning false stops the scan. Lines without the separator are skipped.
+func scanKeyValues(_ text: ArraySlice<UInt8>, separator: UInt8, _ body: (ArraySlice<UInt8>, UInt64?) -> Bool) {
+    let space = UInt8(ascii: " "), tab = UInt8(ascii: "\t"), newline = UInt8(ascii: "\n")
+    var i = text.startIndex
+    while i < text.endIndex {
+        let lineEnd = text[i...].firstIndex(of: newline) ?? text.endIndex
+        defer { i = lineEnd < text.endIndex ? lineEnd + 1 : lineEnd }
+        guard let sep = text[i..<lineEnd].firstIndex(of: separator) else { continue }
+        var keyStart = i, keyEnd = sep
+        while keyStart < keyEnd, text[keyStart] == space || text[keyStart] == tab { keyStart += 1 }
+        while keyEnd > keyStart, text[keyEnd - 1] == space || text[keyEnd - 1] == tab { keyEnd -= 1 }
+        var j = sep + 1
+        while j < lineEnd, text[j] == space || text[j] == tab { j += 1 }
+        var value: UInt64? = nil
+        var digits = 0
+        var overflow = false
+        while j < lineEnd, text[j] >= UInt8(ascii: "0"), text[j] <= UInt8(ascii: "9") {
+            let (times10, o1) = (value ?? 0).multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times10.addingReportingOverflow(UInt64(text[j] - UInt8(ascii: "0")))
+            overflow = overflow || o1 || o2
+            value = sum
+            digits += 1
+            j += 1
+        }
+        // A number must end at a blank or the line's end ("12kB" or "1.5" is not one).
+        if digits == 0 || overflow || (j < lineEnd && text[j] != space && text[j] != tab) { value = nil }
+        if !body(text[keyStart..<keyEnd], value) { return }
     }
 }
 

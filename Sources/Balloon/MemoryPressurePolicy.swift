@@ -26,31 +26,22 @@ public final class ProcMemoryStatus: GuestMemoryStatus {
 /// MemAvailable and MemFree (bytes) from /proc/meminfo's text ("MemFree:   356392 kB"
 /// lines), or nil when either is missing or malformed. Pure; stops once it has both.
 public func parseMeminfoAvailableFree(_ text: ArraySlice<UInt8>) -> (available: UInt64, free: UInt64)? {
-    let availableKey = Array("MemAvailable:".utf8), freeKey = Array("MemFree:".utf8)
+    let availableKey = Array("MemAvailable".utf8), freeKey = Array("MemFree".utf8)
     var available: UInt64?
     var free: UInt64?
-    var i = text.startIndex
-    while i < text.endIndex, available == nil || free == nil {
-        let lineEnd = text[i...].firstIndex(of: UInt8(ascii: "\n")) ?? text.endIndex
-        let line = text[i..<lineEnd]
-        for (key, isAvailable) in [(availableKey, true), (freeKey, false)] where line.starts(with: key) {
-            var j = line.startIndex + key.count
-            while j < lineEnd, line[j] == UInt8(ascii: " ") || line[j] == UInt8(ascii: "\t") { j += 1 }
-            var value: UInt64 = 0
-            var digits = 0
-            while j < lineEnd, line[j] >= UInt8(ascii: "0"), line[j] <= UInt8(ascii: "9"), digits < 19 {
-                value = value * 10 + UInt64(line[j] - UInt8(ascii: "0"))
-                digits += 1
-                j += 1
-            }
-            guard digits > 0 else { return nil }
-            // The kernel prints kB; a value too big for bytes is malformed.
-            guard value <= UInt64.max / 1024 else { return nil }
-            if isAvailable { available = value * 1024 } else { free = value * 1024 }
+    var malformed = false
+    scanKeyValues(text, separator: UInt8(ascii: ":")) { key, value in
+        let isAvailable = key.elementsEqual(availableKey)
+        guard isAvailable || key.elementsEqual(freeKey) else { return true }
+        // The kernel prints kB; a value too big for bytes is malformed.
+        guard let value, value <= UInt64.max / 1024 else {
+            malformed = true
+            return false
         }
-        i = lineEnd < text.endIndex ? lineEnd + 1 : lineEnd
+        if isAvailable { available = value * 1024 } else { free = value * 1024 }
+        return available == nil || free == nil
     }
-    guard let available, let free else { return nil }
+    guard !malformed, let available, let free else { return nil }
     return (available, free)
 }
 

@@ -171,6 +171,19 @@ struct MeminfoScanTests {
         #expect(ProcMemoryStatus { _ in nil }.read() == nil)
     }
 
+    @Test("the one key/value tokenizer (meminfo and vmstat): blanks trimmed, a number must stand alone, overflow is no number, the scan stops when asked")
+    func tokenizer() {
+        let text = ArraySlice(Array("  MemFree:\t 42 kB\nBad: 12kB\nHuge: 99999999999999999999\nnoseparator\npgfault 7\nLast: 1\n".utf8))
+        var seen: [(String, UInt64?)] = []
+        scanKeyValues(text, separator: UInt8(ascii: ":")) { key, value in
+            seen.append((String(decoding: key, as: UTF8.self), value))
+            return key.elementsEqual("Huge".utf8) == false
+        }
+        #expect(seen.map(\.0) == ["MemFree", "Bad", "Huge"], "stopped after Huge; lines without ':' skipped")
+        #expect(seen.map(\.1) == [42, nil, nil])
+        #expect(parseKeyValues("pgfault 7\npswpin 0\nweird line\n", separator: " ") == ["pgfault": 7, "pswpin": 0])
+    }
+
     #if os(Linux)
     @Test("agrees with this machine's /proc/meminfo")
     func thisMachine() throws {
