@@ -185,6 +185,15 @@ def migrate_once(mode, run_index, cfg, args):
             # No source: balloond runs without hinting (e.g. auto on a TCG poisoning guest).
             # (balloond's status JSON leaves hintSource out then).
             result["hint_source"] = m.group(1) if m else ("off" if st_out.lstrip().startswith("{") else None)
+            # Memory blocks still offline on the destination once DONE has been handled (the
+            # offline source onlines its blocks at DONE): must be 0.
+            deadline = time.time() + 30
+            while True:
+                n = d.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
+                result["dest_offline_blocks"] = int(n) if n.isdigit() else None
+                if result["dest_offline_blocks"] in (0, None) or time.time() > deadline:
+                    break
+                time.sleep(0.5)
         time.sleep(1)
         bad = [l for l in dst.console().splitlines() if re.search(r"BUG|Oops|pagealloc|corruption", l)]
         result["dest_console_errors"] = bad[:5]
@@ -279,7 +288,7 @@ def print_table(summary, title=None):
     # Owned sources against the in-kernel driver (issue 11: <= 1.0x at 1 GiB, <= 0.6x at 4 GiB).
     kern = reference(summary, "kernel")
     owned = [s for s in summary if s.get("total_ms") is not None and s["mode"].startswith("balloond")
-             and "@" not in s["mode"] and s["source"] in ("hugetlb", "anonymous") and not s["mode"].endswith("-control")]
+             and "@" not in s["mode"] and s["source"] in ("hugetlb", "anonymous", "offline") and not s["mode"].endswith("-control")]
     if kern and owned:
         print("owned vs kernel: " + "; ".join(f"{s['mode']} ({s['source']}) time x{s['total_ms'] / kern['total_ms']:.2f}, "
                                               f"bytes x{s['mb'] / kern['mb']:.2f}" for s in owned))

@@ -44,7 +44,7 @@ scripts/test-package.sh
 # bad input, balloon sizing (inflate/deflate, pressure deflate), stats (all sixteen), and
 # one migration with hints verified (MigrationTests.kpageflagsSavesBytes; on 10.0 TCG
 # destinations stay clean, docs/virtio-balloon.md §11).
-PLATFORM10_TESTS='GuestBootTests|BalloondGuestTests|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|killDuringRound)'
+PLATFORM10_TESTS='GuestBootTests|BalloondGuestTests|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|offlineSourceSavesBytes|killDuringRound)'
 
 section "tests on QEMU 7.2 / Linux 6.1 (swift test $*)"
 start=$SECONDS

@@ -6,7 +6,9 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <pthread.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 int bs_cpuid(uint32_t leaf, uint32_t out[4]) {
@@ -57,6 +59,50 @@ void bs_uninstall_signal_pipe(int fd) {
 }
 
 int bs_signal_received(void) { return last_signal; }
+
+static void on_alarm(int sig) { (void)sig; }
+
+long bs_write_with_timeout(int fd, const void *buf, unsigned long len, int timeout_ms) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: the write must come back with EINTR */
+    if (sigaction(SIGALRM, &sa, 0) != 0) return -1;
+    sigset_t alarm_only, old;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    if (pthread_sigmask(SIG_UNBLOCK, &alarm_only, &old) != 0) return -1;
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = SIGALRM;
+    sev._sigev_un._tid = gettid();
+    timer_t timer;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &timer) != 0) {
+        int e = errno;
+        pthread_sigmask(SIG_SETMASK, &old, 0);
+        errno = e;
+        return -1;
+    }
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    its.it_value.tv_sec = timeout_ms / 1000;
+    its.it_value.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+    long r = -1;
+    int e = 0;
+    if (timer_settime(timer, 0, &its, 0) != 0) {
+        e = errno;
+    } else {
+        r = (long)write(fd, buf, len);
+        e = errno;
+    }
+    timer_delete(timer);
+    pthread_sigmask(SIG_SETMASK, &old, 0);
+    errno = e;
+    return r;
+}
 
 int bs_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 

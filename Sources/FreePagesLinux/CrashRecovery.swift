@@ -9,17 +9,20 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
     public var hugeTLBOvercommit: SysctlRecovery
     /// `compact_unevictable_allowed`, cleared by the locked anonymous balloon memory.
     public var compactUnevictable: SysctlRecovery
+    /// Memory blocks the offline hint source left offline.
+    public var offlineBlocks: OfflineBlockRecovery = .nothingToDo
     /// Recoveries that failed (e.g. a setting could not be written); each is logged too.
     public var failures: [String]
 
     /// Whether anything was left behind.
     public var foundAnything: Bool {
-        hugeTLBPool != .nothingToDo || hugeTLBOvercommit != .nothingToDo || compactUnevictable != .nothingToDo || !failures.isEmpty
+        hugeTLBPool != .nothingToDo || hugeTLBOvercommit != .nothingToDo || compactUnevictable != .nothingToDo
+            || offlineBlocks != .nothingToDo || !failures.isEmpty
     }
 
     public var description: String {
         var parts = ["hugetlb pool: \(hugeTLBPool)", "nr_overcommit_hugepages: \(hugeTLBOvercommit)",
-                     "compact_unevictable_allowed: \(compactUnevictable)"]
+                     "compact_unevictable_allowed: \(compactUnevictable)", "memory blocks: \(offlineBlocks)"]
         parts += failures.map { "failed: \($0)" }
         return parts.joined(separator: "; ")
     }
@@ -27,7 +30,8 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
 
 /// Puts back everything a balloond killed with SIGKILL (or the OOM killer) left changed, from
 /// its state files under `/run/balloond`: the hugetlb pool size grown by the hugetlb hint
-/// source, and the sysctls the balloon memory backends change. Runs every recovery whatever
+/// source, the memory blocks the offline hint source took offline, and the sysctls the
+/// balloon memory backends change. Runs every recovery whatever
 /// the command line enables (a previous run may have used other options). Call it early in
 /// `run`, before binding the device and before taking the ring hugepage (which could
 /// otherwise come from the dead process's grown pool).
@@ -60,7 +64,11 @@ public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(lab
     let compact = try attempt("compact_unevictable_allowed", fallback: SysctlRecovery.nothingToDo) { () throws(FreePagesLinuxError) in
         try SysctlOverride.recoverAfterCrash(root: root, stateFile: SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath), logger: logger)
     }
-    let report = RecoveryReport(hugeTLBPool: pool, hugeTLBOvercommit: overcommit, compactUnevictable: compact, failures: failures)
+    let blocks = try attempt("offline memory blocks", fallback: OfflineBlockRecovery.nothingToDo) { () throws(FreePagesLinuxError) in
+        try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
+    }
+    var report = RecoveryReport(hugeTLBPool: pool, hugeTLBOvercommit: overcommit, compactUnevictable: compact, failures: failures)
+    report.offlineBlocks = blocks
     if report.foundAnything { logger.notice("crash recovery: \(report)") }
     return report
 }

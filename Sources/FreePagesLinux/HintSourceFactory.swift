@@ -11,6 +11,9 @@ public struct LinuxHintSourceEnvironment {
     /// balloond's own hugetlb pages (the ring/DMA hugepage), never hinted.
     public var ownHugePages: [GuestPhysicalRange]
     public var limits: OwnedMemoryLimits
+    /// Memory the device knows by PFN that balloond holds (the balloon's pages), read at every
+    /// round by the offline source, which never offlines a block overlapping it.
+    public var protectedRanges: () -> [GuestPhysicalRange] = { [] }
     /// The memfds owned hint memory comes from (the guardian holds them too).
     public var arena: DeviceMemoryArena?
     /// balloond's one `CompactionHold` (the anonymous source holds it while it holds memory).
@@ -39,7 +42,7 @@ public func hugetlbHintSourceUsable(root: SysRoot = .host) -> Bool {
     return true
 }
 
-/// Builds the source `chooseHintSource` picked (`hugetlb`, `anonymous`, `kpageflags`;
+/// Builds the source `chooseHintSource` picked (`hugetlb`, `anonymous`, `offline`, `kpageflags`;
 /// `simulated` is the FreePages `SimulatedBuddyAllocator`, built by the caller). `hugetlb` is a
 /// `RoundFallbackSource` over hugetlb and anonymous.
 public func makeLinuxFreePageSource(_ source: HintSource, environment env: LinuxHintSourceEnvironment) throws(FreePageSourceError) -> FreePageSource {
@@ -59,6 +62,10 @@ public func makeLinuxFreePageSource(_ source: HintSource, environment env: Linux
         return RoundFallbackSource(primary: huge, fallback: try anonymous(), logger: env.logger)
     case .anonymous:
         return try anonymous()
+    case .offline:
+        let own = env.ownHugePages, more = env.protectedRanges
+        return try OfflineBlockSource(root: env.root, options: OfflineBlockSource.Options(limits: env.limits),
+                                      protectedRanges: { own + more() }, logger: env.logger.withLabel("offline"))
     case .kpageflags:
         return try KPageFlagsSource(root: env.root, logger: env.logger.withLabel("kpageflags"))
     case .auto, .simulated:

@@ -8,7 +8,7 @@ public struct HintSourceSelectionError: Error, Hashable, Sendable, CustomStringC
 
 /// A free page source by name (`--hint-source`): `auto` asks `chooseHintSource` to pick.
 public enum HintSource: String, CaseIterable, Sendable {
-    case auto, hugetlb, anonymous, kpageflags, simulated
+    case auto, hugetlb, anonymous, kpageflags, offline, simulated
 }
 
 /// What `chooseHintSource` decided: the source (nil: free page hinting off), why (logged at
@@ -52,6 +52,7 @@ public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memo
                              simulatedDevice: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
     let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug, initOnFreeKnown: initOnFreeKnown,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, simulatedDevice: simulatedDevice)
+    // `offline` is exempt: it takes memory out of the allocator without writing it.
     guard case .success(let choice) = picked, let source = choice.source, source == .hugetlb || source == .anonymous, hypervisor == .tcg else {
         return picked
     }
@@ -100,9 +101,11 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
         return .success(HintSourceChoice(source: .hugetlb, reason: "--hint-source hugetlb: owned hugetlb pool pages (reserved, never faulted, not migrated); rounds in which other processes use the pool fall back to anonymous memory"))
     case .anonymous:
         return .success(HintSourceChoice(source: .anonymous, reason: "--hint-source anonymous: owned anonymous memory (populated, locked), its PFNs read after each cmd id"))
+    case .offline:
+        return .success(HintSourceChoice(source: .offline, reason: "--hint-source offline: owned memory blocks, taken offline whole (every page free) and onlined at DONE; nothing is zeroed or written, so it is safe on any host and with page poisoning"))
     case .simulated:
         guard simulatedDevice else {
-            return .failure(HintSourceSelectionError("--hint-source simulated is only for `balloond simulate` and unit tests: its addresses come from a simulated buddy allocator, not from free guest memory, and hinting them to a real device would make QEMU skip pages in use. Use auto, hugetlb, anonymous or kpageflags"))
+            return .failure(HintSourceSelectionError("--hint-source simulated is only for `balloond simulate` and unit tests: its addresses come from a simulated buddy allocator, not from free guest memory, and hinting them to a real device would make QEMU skip pages in use. Use auto, hugetlb, anonymous, offline or kpageflags"))
         }
         return .success(HintSourceChoice(source: .simulated, reason: "--hint-source simulated against the simulated device"))
     case .auto:

@@ -281,6 +281,21 @@ public enum Sys {
         try f.writeAll(Array(value.utf8))
     }
 
+    /// Writes a sysfs attribute, giving up after `timeoutMilliseconds`: for attributes whose
+    /// kernel side waits until a signal arrives (a memory block's `state`: offlining retries
+    /// page migration until then). The write is interrupted by a timer signal to this thread;
+    /// the error then has errno EINTR. Not retried on EINTR (unlike `call`).
+    public static func writeAttribute(_ path: String, _ value: String, timeoutMilliseconds: Int) throws(SystemCallError) {
+        let f = try OpenFile(path: path, flags: O_WRONLY | O_TRUNC)
+        let bytes = Array(value.utf8)
+        let fd = f.descriptor
+        let n = unsafe bytes.withUnsafeBytes { buf in
+            unsafe bs_write_with_timeout(fd, buf.baseAddress, UInt(buf.count), Int32(clamping: max(1, timeoutMilliseconds)))
+        }
+        if n < 0 { throw SystemCallError(call: "write", path: path, errno: Errno(rawValue: Glibc.errno)) }
+        if n != bytes.count { throw SystemCallError(call: "write (short)", path: path, errno: Errno(rawValue: EIO)) }
+    }
+
     /// Writes a regular file (creating or truncating it), e.g. a state file under /run.
     public static func writeFile(_ path: String, _ contents: String, mode: mode_t = 0o644) throws(SystemCallError) {
         let f = try OpenFile(path: path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)

@@ -34,8 +34,10 @@ struct RunCommand: ParsableCommand {
     var force = false
     @Flag(inversion: .prefixedNo, help: "Negotiate FREE_PAGE_HINT when the device offers it.")
     var freePageHint = true
-    @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, kpageflags.", discussion: """
-        hugetlb and anonymous hint memory balloond owns (safe on any host). kpageflags hints pages the \
+    @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, offline, kpageflags.", discussion: """
+        hugetlb and anonymous hint memory balloond owns (safe on any host). offline takes whole \
+        memory blocks whose pages are all free offline (/sys/devices/system/memory, needs \
+        CONFIG_MEMORY_HOTREMOVE) and onlines them at DONE: owned too, and nothing is zeroed. kpageflags hints pages the \
         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG, \
         where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else \
         anonymous) elsewhere, and logs why; under TCG it never picks an owned source (their memory \
@@ -138,7 +140,7 @@ struct RunCommand: ParsableCommand {
             throw ValidationError("--unsafe-hints-on-kvm only applies to --hint-source kpageflags")
         }
         if hintSource == .simulated {
-            throw ValidationError("--hint-source simulated is only for `balloond simulate`: its addresses are not free guest memory; use auto, hugetlb, anonymous or kpageflags")
+            throw ValidationError("--hint-source simulated is only for `balloond simulate`: its addresses are not free guest memory; use auto, hugetlb, anonymous, offline or kpageflags")
         }
     }
 

@@ -76,7 +76,7 @@ import PlatformLinux
     /// (unsafe-hints-on-kvm, hugetlb pool usable, simulated device) count up in binary, the
     /// simulated device fastest: unsafe is on in the last four, hugetlb in the 3rd, 4th, 7th and
     /// 8th, simulated in every second. K kpageflags, H hugetlb, A anonymous, S simulated,
-    /// 0 hinting off, - refused.
+    /// O offline, 0 hinting off, - refused.
     static let expectedChoices: [(requested: HintSource, byHypervisor: [(Hypervisor, String)])] = [
         (.auto, [(.tcg, "KSKSKSKS 0S0S0S0S 0S0S0S0S 0S0S0S0S"),
                   (.kvm, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
@@ -90,6 +90,10 @@ import PlatformLinux
                        (.kvm, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
                        (.other("VMwareVMware"), "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA"),
                        (.none, "AAAAAAAA AAAAAAAA AAAAAAAA AAAAAAAA")]),
+        (.offline, [(.tcg, "OOOOOOOO OOOOOOOO OOOOOOOO OOOOOOOO"),
+                     (.kvm, "OOOOOOOO OOOOOOOO OOOOOOOO OOOOOOOO"),
+                     (.other("VMwareVMware"), "OOOOOOOO OOOOOOOO OOOOOOOO OOOOOOOO"),
+                     (.none, "OOOOOOOO OOOOOOOO OOOOOOOO OOOOOOOO")]),
         (.kpageflags, [(.tcg, "KKKKKKKK -------- -------- --------"),
                         (.kvm, "----KKKK -------- -------- --------"),
                         (.other("VMwareVMware"), "----KKKK -------- -------- --------"),
@@ -103,7 +107,7 @@ import PlatformLinux
     /// Every combination of inputs chooses what `expectedChoices` says, the safety rules hold,
     /// and every refusal says what to do.
     @Test func everyCombination() {
-        let letters: [HintSource: Character] = [.kpageflags: "K", .hugetlb: "H", .anonymous: "A", .simulated: "S"]
+        let letters: [HintSource: Character] = [.kpageflags: "K", .hugetlb: "H", .anonymous: "A", .offline: "O", .simulated: "S"]
         #expect(Set(Self.expectedChoices.map(\.requested)) == Set(HintSource.allCases))
         var count = 0
         for (requested, byHypervisor) in Self.expectedChoices {
@@ -138,6 +142,6 @@ import PlatformLinux
                 }
             }
         }
-        #expect(count == 5 * 4 * 32)
+        #expect(count == 6 * 4 * 32)
     }
 }

@@ -16,6 +16,7 @@ struct MigrationResult: Decodable {
     let hint_rounds: Int?
     let hint_source: String?
     let balloond_log_tail: String?
+    let dest_offline_blocks: Int?
     let run_dir: String
 }
 
@@ -64,6 +65,14 @@ func runMigrateScript(modes: [String], extra: [String], name: String) throws -> 
     return try Data(contentsOf: out)
 }
 
+/// Every run's kept region verified on the destination, and its console is clean.
+func expectDestinationsVerified(_ results: [MigrationResult]) {
+    for r in results {
+        #expect(r.kept_region_ok, "kept region corrupted after migration (\(r.mode)); see \(r.run_dir)")
+        #expect(r.dest_console_errors.isEmpty, "destination console: \(r.dest_console_errors)")
+    }
+}
+
 @Suite("Live migration with free page hinting", .serialized)
 struct MigrationTests {
     @Test("kpageflags hints (the TCG default) send fewer bytes than no driver; the destination verifies")
@@ -71,14 +80,24 @@ struct MigrationTests {
         let results = try migrate(modes: ["none", "balloond:kpageflags"], name: "kpageflags")
         let none = try #require(results.first { $0.mode == "none" })
         let hinted = try #require(results.first { $0.mode == "balloond:kpageflags" })
-        for r in results {
-            #expect(r.kept_region_ok, "kept region corrupted after migration (\(r.mode)); see \(r.run_dir)")
-            #expect(r.dest_console_errors.isEmpty, "destination console: \(r.dest_console_errors)")
-        }
+        expectDestinationsVerified(results)
         #expect((hinted.hinted_mib ?? 0) > 400, "balloond hinted only \(hinted.hinted_mib ?? 0) MiB")
         #expect(hinted.transferred_bytes < none.transferred_bytes * 6 / 10,
                 "hinting sent \(hinted.transferred_bytes) bytes vs \(none.transferred_bytes) without a driver")
         #expect(hinted.total_ms < none.total_ms)
+    }
+
+    @Test("offline hints (owned memory blocks, safe on any host): fewer bytes than no driver; the destination verifies and has every block online again")
+    func offlineSourceSavesBytes() throws {
+        let results = try migrate(modes: ["none", "balloond:offline"], name: "offline")
+        let none = try #require(results.first { $0.mode == "none" })
+        let hinted = try #require(results.first { $0.mode == "balloond:offline" })
+        expectDestinationsVerified(results)
+        #expect(hinted.hint_source == "offline")
+        #expect((hinted.hinted_mib ?? 0) >= 256, "balloond hinted only \(hinted.hinted_mib ?? 0) MiB")
+        #expect(hinted.transferred_bytes < none.transferred_bytes * 7 / 10,
+                "hinting sent \(hinted.transferred_bytes) bytes vs \(none.transferred_bytes) without a driver")
+        #expect(hinted.dest_offline_blocks == 0, "memory blocks left offline on the destination after DONE; see \(hinted.run_dir)")
     }
 
     @Test("postcopy-ram capability on: QEMU asks for no hints, balloond sends none, the migration completes")

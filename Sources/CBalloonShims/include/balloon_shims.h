@@ -53,6 +53,16 @@ void bs_uninstall_signal_pipe(int fd);
 /// The last signal delivered through the pipe handler, or 0.
 int bs_signal_received(void);
 
+// MARK: Bounded writes
+
+/// write(fd, buf, len), interrupted after `timeout_ms` milliseconds: a CLOCK_MONOTONIC timer
+/// sends SIGALRM (whose handler does nothing and is installed without SA_RESTART) to the
+/// calling thread only, so a kernel operation that waits until a signal arrives (memory
+/// offlining retries migration until then) returns EINTR instead of hanging. SIGALRM is
+/// unblocked in the calling thread for the call. Returns write's result (-1 and errno, EINTR
+/// when the timer fired), or -1 with errno from timer_create/sigaction.
+long bs_write_with_timeout(int fd, const void *buf, unsigned long len, int timeout_ms);
+
 // MARK: memfd (glibc declares memfd_create and fallocate only under _GNU_SOURCE)
 
 /// memfd_create(2); -1 and errno on failure.
