@@ -42,6 +42,13 @@ public func hugetlbHintSourceUsable(root: SysRoot = .host) -> Bool {
     return true
 }
 
+/// Whether the offline source can work here: memory hotplug in sysfs and /proc/kpageflags
+/// readable (root). For `chooseHintSource(offlineAvailable:)`.
+public func offlineHintSourceUsable(root: SysRoot = .host) -> Bool {
+    guard (try? LinuxMemoryBlocks(root: root)) != nil else { return false }
+    return (try? KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: 1)) != nil
+}
+
 /// Builds the source `chooseHintSource` picked (`hugetlb`, `anonymous`, `offline`, `kpageflags`;
 /// `simulated` is the FreePages `SimulatedBuddyAllocator`, built by the caller). `hugetlb` is a
 /// `RoundFallbackSource` over hugetlb and anonymous.

@@ -39,8 +39,12 @@ public struct HintSourceChoice: Hashable, Sendable {
 /// - Owned sources (hugetlb, anonymous) under TCG: measured (scripts/migrate.py,
 ///   balloond:anonymous-control), taking and releasing most free memory during a migration
 ///   corrupted the TCG destination kernel with no hint sent at all (on KVM that churn is
-///   ordinary dirty logging). So `auto` turns hinting off there (source nil, with the reason),
-///   and an explicit `--hint-source hugetlb|anonymous` is allowed with a warning.
+///   ordinary dirty logging). So `auto` picks `offline` there instead (it writes no page:
+///   blocks leave the allocator whole), or turns hinting off when memory blocks cannot be
+///   offlined (source nil, with the reason); an explicit `--hint-source hugetlb|anonymous` is
+///   allowed with a warning.
+/// - `offline` (explicit, or auto as above): owned, safe on any host and with poisoning;
+///   refused when memory blocks cannot be offlined (`offlineAvailable`).
 /// - `simulated` only against the simulated device: its addresses are not free guest memory.
 ///
 /// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond
@@ -48,24 +52,29 @@ public struct HintSourceChoice: Hashable, Sendable {
 /// - Parameter initOnFreeKnown: false when init_on_free could not be determined
 ///   (`GuestMemoryDebugConfig.initOnFreeKnown`): kpageflags is then treated as with init_on_free.
 public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
-                             initOnFreeKnown: Bool = true, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool,
+                             initOnFreeKnown: Bool = true, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
                              simulatedDevice: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
     let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug, initOnFreeKnown: initOnFreeKnown,
-                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, simulatedDevice: simulatedDevice)
+                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, offlineAvailable: offlineAvailable,
+                                simulatedDevice: simulatedDevice)
     // `offline` is exempt: it takes memory out of the allocator without writing it.
     guard case .success(let choice) = picked, let source = choice.source, source == .hugetlb || source == .anonymous, hypervisor == .tcg else {
         return picked
     }
     let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent"
     if requested == .auto {
-        return .success(HintSourceChoice(source: nil, reason: "free page hinting disabled: auto chose \(source.rawValue) (\(choice.reason)), but \(why); pass --hint-source \(source.rawValue) to use it anyway"))
+        if offlineAvailable {
+            let inner = choice.reason.hasPrefix("auto: ") ? String(choice.reason.dropFirst(6)) : choice.reason
+            return .success(HintSourceChoice(source: .offline, reason: "auto: offline (instead of \(inner)); not \(source.rawValue): \(why); offline memory blocks are owned and taken without writing a page"))
+        }
+        return .success(HintSourceChoice(source: nil, reason: "free page hinting disabled: auto chose \(source.rawValue) (\(choice.reason)), but \(why), and memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE and /sys/devices/system/memory); pass --hint-source \(source.rawValue) to use it anyway"))
     }
     return .success(HintSourceChoice(source: source, reason: choice.reason, warning: "--hint-source \(source.rawValue) under TCG: \(why)"))
 }
 
 /// The choice before the TCG rule for owned sources.
 private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
-                            initOnFreeKnown: Bool, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool,
+                            initOnFreeKnown: Bool, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
                             simulatedDevice: Bool) -> Result<HintSourceChoice, HintSourceSelectionError> {
     let poisonProblem: String? = {
         if memoryDebug.pagePoisoning {
@@ -102,6 +111,9 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
     case .anonymous:
         return .success(HintSourceChoice(source: .anonymous, reason: "--hint-source anonymous: owned anonymous memory (populated, locked), its PFNs read after each cmd id"))
     case .offline:
+        guard offlineAvailable else {
+            return .failure(HintSourceSelectionError("--hint-source offline is unavailable: memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE, /sys/devices/system/memory and a readable /proc/kpageflags). Use --hint-source hugetlb, anonymous or auto"))
+        }
         return .success(HintSourceChoice(source: .offline, reason: "--hint-source offline: owned memory blocks, taken offline whole (every page free) and onlined at DONE; nothing is zeroed or written, so it is safe on any host and with page poisoning"))
     case .simulated:
         guard simulatedDevice else {

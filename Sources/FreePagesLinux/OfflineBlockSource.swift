@@ -65,6 +65,8 @@ public final class OfflineBlockSource: FreePageSource {
         public var blocksFailed = 0
         public var offlineNanos: UInt64 = 0
         public var scanNanos: UInt64 = 0
+        /// Listing the blocks at the start of the round.
+        public var listNanos: UInt64 = 0
         public var stoppedBecause: String?
     }
 
@@ -127,10 +129,12 @@ public final class OfflineBlockSource: FreePageSource {
         pending = held.flatMap { splitBlock($0) }
         lastRound.blocksRehinted = held.count
         let all: [Int]
+        let t0 = Sys.monotonicNanos()
         do { all = try blocks.offlinableBlocks() } catch {
             roundOpen = false
             throw error.sourceError
         }
+        lastRound.listNanos = Sys.monotonicNanos() - t0
         let protected = protectedRanges()
         candidates = all.filter { b in
             if held.contains(b) { return false }
@@ -165,10 +169,11 @@ public final class OfflineBlockSource: FreePageSource {
 
     public func endRound() {
         if roundOpen {
-            logger.debug("offline round ended", metadata: [
+            logger.info("offline source round ended", metadata: [
                 "held_mib": "\(heldBytes >> 20)", "offlined": "\(lastRound.blocksOfflined)", "rehinted": "\(lastRound.blocksRehinted)",
-                "not_free": "\(lastRound.blocksSkippedNotFree)", "failed": "\(lastRound.blocksFailed)",
-                "offline_ms": "\(lastRound.offlineNanos / 1_000_000)", "scan_ms": "\(lastRound.scanNanos / 1_000_000)",
+                "not_free": "\(lastRound.blocksSkippedNotFree)", "failed": "\(lastRound.blocksFailed)", "left": "\(candidates.count)",
+                "list_ms": "\(lastRound.listNanos / 1_000_000)", "scan_ms": "\(lastRound.scanNanos / 1_000_000)",
+                "offline_ms": "\(lastRound.offlineNanos / 1_000_000)", "stopped": "\(lastRound.stoppedBecause ?? "-")",
             ])
         }
         roundOpen = false

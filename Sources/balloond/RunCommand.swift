@@ -40,9 +40,10 @@ struct RunCommand: ParsableCommand {
         CONFIG_MEMORY_HOTREMOVE) and onlines them at DONE: owned too, and nothing is zeroed. kpageflags hints pages the \
         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG, \
         where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else \
-        anonymous) elsewhere, and logs why; under TCG it never picks an owned source (their memory \
+        anonymous) elsewhere, and logs why; under TCG it never picks hugetlb or anonymous (their memory \
         churn during a migration corrupts TCG destinations even with no hint sent), so on a TCG guest \
-        with page poisoning or init_on_free it turns hinting off.
+        with page poisoning or init_on_free it picks offline, or turns hinting off where memory blocks \
+        cannot be offlined.
         """))
     var hintSource: HintSource = .auto
     @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """
@@ -304,7 +305,8 @@ extension RunCommand {
         switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
                                 memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
                                 initOnFreeKnown: memoryConfig.initOnFreeKnown,
-                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable()) {
+                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable(),
+                                offlineAvailable: offlineHintSourceUsable()) {
         case .failure(let e): throw Failure(e.description)
         case .success(let c): choice = c
         }

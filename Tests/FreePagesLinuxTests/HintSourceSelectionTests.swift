@@ -10,23 +10,26 @@ import PlatformLinux
         var initOnFree = false
         var unsafe = false
         var hugetlb = true
+        var offline = true
         var simulated = false
         /// The source chosen ("off": hinting turned off), or nil for a refusal.
         var expect: String?
         /// Words the reason (or error) must contain.
         var says: [String]
         var testDescription: String {
-            "\(requested) on \(hv) poison=\(poison) iof=\(initOnFree) unsafe=\(unsafe) hugetlb=\(hugetlb) sim=\(simulated)"
+            "\(requested) on \(hv) poison=\(poison) iof=\(initOnFree) unsafe=\(unsafe) hugetlb=\(hugetlb) offline=\(offline) sim=\(simulated)"
         }
     }
 
     static let table: [Row] = [
         // auto
         Row(requested: .auto, hv: .tcg, expect: "kpageflags", says: ["TCG", "fastest"]),
-        // Under TCG, auto does not fall back to an owned source: hinting is turned off.
-        Row(requested: .auto, hv: .tcg, poison: true, expect: "off", says: ["page poisoning", "free page hinting disabled", "auto chose hugetlb", "corrupts the destination", "--hint-source hugetlb"]),
-        Row(requested: .auto, hv: .tcg, initOnFree: true, expect: "off", says: ["init_on_free", "auto chose hugetlb"]),
-        Row(requested: .auto, hv: .tcg, poison: true, hugetlb: false, expect: "off", says: ["no usable 2 MiB hugetlb pool", "auto chose anonymous"]),
+        // Under TCG, auto does not fall back to hugetlb or anonymous: offline, else hinting off.
+        Row(requested: .auto, hv: .tcg, poison: true, expect: "offline", says: ["page poisoning", "not hugetlb", "corrupts the destination", "without writing a page"]),
+        Row(requested: .auto, hv: .tcg, initOnFree: true, hugetlb: false, expect: "offline", says: ["init_on_free", "not anonymous"]),
+        Row(requested: .auto, hv: .tcg, poison: true, offline: false, expect: "off", says: ["page poisoning", "free page hinting disabled", "auto chose hugetlb", "corrupts the destination", "CONFIG_MEMORY_HOTREMOVE", "--hint-source hugetlb"]),
+        Row(requested: .auto, hv: .tcg, initOnFree: true, offline: false, expect: "off", says: ["init_on_free", "auto chose hugetlb"]),
+        Row(requested: .auto, hv: .tcg, poison: true, hugetlb: false, offline: false, expect: "off", says: ["no usable 2 MiB hugetlb pool", "auto chose anonymous"]),
         Row(requested: .auto, hv: .kvm, expect: "hugetlb", says: ["KVM", "owned"]),
         Row(requested: .auto, hv: .kvm, unsafe: true, expect: "hugetlb", says: ["explicit --hint-source kpageflags"]),
         Row(requested: .auto, hv: .kvm, hugetlb: false, expect: "anonymous", says: ["hugetlb pool"]),
@@ -46,6 +49,8 @@ import PlatformLinux
         Row(requested: .hugetlb, hv: .kvm, hugetlb: false, expect: nil, says: ["unavailable", "--hint-source anonymous"]),
         Row(requested: .hugetlb, hv: .tcg, poison: true, expect: "hugetlb", says: ["owned"]),
         Row(requested: .anonymous, hv: .kvm, poison: true, initOnFree: true, hugetlb: false, expect: "anonymous", says: ["owned"]),
+        Row(requested: .offline, hv: .kvm, poison: true, expect: "offline", says: ["owned", "any host"]),
+        Row(requested: .offline, hv: .kvm, offline: false, expect: nil, says: ["unavailable", "CONFIG_MEMORY_HOTREMOVE", "--hint-source hugetlb"]),
         // simulated
         Row(requested: .simulated, hv: .kvm, expect: nil, says: ["balloond simulate", "pages in use"]),
         Row(requested: .simulated, hv: .tcg, simulated: true, expect: "simulated", says: ["simulated"]),
@@ -53,7 +58,8 @@ import PlatformLinux
 
     static func choose(_ r: Row) -> Result<HintSourceChoice, HintSourceSelectionError> {
         chooseHintSource(requested: r.requested, hypervisor: r.hv, memoryDebug: (r.poison, r.initOnFree),
-                         unsafeHintsOnKVM: r.unsafe, hugetlbAvailable: r.hugetlb, simulatedDevice: r.simulated)
+                         unsafeHintsOnKVM: r.unsafe, hugetlbAvailable: r.hugetlb, offlineAvailable: r.offline,
+                         simulatedDevice: r.simulated)
     }
 
     @Test(arguments: table)
@@ -70,7 +76,8 @@ import PlatformLinux
         for w in row.says { #expect(text.contains(w), "\(text.debugDescription) should mention \(w.debugDescription)") }
     }
 
-    /// The choice expected for every combination of inputs, written out case by case: per
+    /// The choice expected for every combination of inputs (memory blocks offlinable; the
+    /// table above covers the other case), written out case by case: per
     /// requested source and hypervisor, 32 outcomes in four groups of eight. The groups are
     /// (page_poison, init_on_free) = (off, off), (off, on), (on, off), (on, on). Inside a group
     /// (unsafe-hints-on-kvm, hugetlb pool usable, simulated device) count up in binary, the
@@ -78,7 +85,7 @@ import PlatformLinux
     /// 8th, simulated in every second. K kpageflags, H hugetlb, A anonymous, S simulated,
     /// O offline, 0 hinting off, - refused.
     static let expectedChoices: [(requested: HintSource, byHypervisor: [(Hypervisor, String)])] = [
-        (.auto, [(.tcg, "KSKSKSKS 0S0S0S0S 0S0S0S0S 0S0S0S0S"),
+        (.auto, [(.tcg, "KSKSKSKS OSOSOSOS OSOSOSOS OSOSOSOS"),
                   (.kvm, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
                   (.other("VMwareVMware"), "ASHSASHS ASHSASHS ASHSASHS ASHSASHS"),
                   (.none, "ASHSASHS ASHSASHS ASHSASHS ASHSASHS")]),

@@ -192,7 +192,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         for hv in [Hypervisor.tcg, .kvm] {
             for poison in [false, true] {
                 let r = chooseHintSource(requested: .offline, hypervisor: hv, memoryDebug: (pagePoisoning: poison, initOnFree: false),
-                                         unsafeHintsOnKVM: false, hugetlbAvailable: true)
+                                         unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true)
                 guard case .success(let c) = r else {
                     Issue.record("offline refused on \(hv)")
                     continue

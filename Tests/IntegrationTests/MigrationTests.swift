@@ -127,7 +127,7 @@ struct MigrationTests {
     /// worker's memory is reused, or a hint applied late drops a page the memhog rewrote from
     /// the migration. Only on QEMU 10.0: 7.2's TCG corrupts destinations under this churn even
     /// with no driver (docs/virtio-balloon.md §9), so 7.2 cannot tell a lost page from its bug.
-    @Test("kill -9 during a hint round of a real migration (owned sources): the guardian stops the device; a memhog in the freed memory and the kept region verify on the destination",
+    @Test("kill -9 during a hint round of a real migration (owned sources): the guardian stops the device and onlines offlined blocks; a memhog in the freed memory and the kept region verify on the destination",
           .enabled(if: GuestPlatform.current.qemuVersion == "10.0", "judged on QEMU 10.0 (7.2's TCG corrupts destinations under churn)"))
     func killDuringRound() throws {
         struct KillResult: Decodable {
@@ -136,13 +136,17 @@ struct MigrationTests {
             let dest_console_errors: [String]
             let killed: Bool?
             let hog_ok: Bool?
+            let dest_offline_blocks: Int?
             let run_dir: String
         }
-        let data = try runMigrateScript(modes: ["balloond:hugetlb", "balloond:anonymous"],
+        let data = try runMigrateScript(modes: ["balloond:hugetlb", "balloond:anonymous", "balloond:offline"],
                                         extra: ["--kill-during-round", "--bandwidth-mib", "32"], name: "kill")
         let results = try JSONDecoder().decode([KillResult].self, from: data)
-        #expect(results.count == 2)
+        #expect(results.count == 3)
         for r in results {
+            // The offline source holds its blocks offline until DONE: after the kill the
+            // guardian onlines them (crash recovery from /run/balloond/offline-blocks).
+            #expect(r.dest_offline_blocks == 0, "\(r.mode): memory blocks still offline after the kill; see \(r.run_dir)")
             #expect(r.killed == true, "\(r.mode): the migration ended before the kill; see \(r.run_dir)")
             #expect(r.hog_ok == true, "\(r.mode): the memhog started after the kill did not verify on the destination; see \(r.run_dir)")
             #expect(r.kept_region_ok, "\(r.mode): kept region or memhog failed on the destination; see \(r.run_dir)")
@@ -150,13 +154,13 @@ struct MigrationTests {
         }
     }
 
-    @Test("a page_poison=1 guest: auto refuses kpageflags (and, under TCG, the owned sources) and migrates without pagealloc errors")
+    @Test("a page_poison=1 guest: auto refuses kpageflags (and, under TCG, hugetlb and anonymous), hints offlined blocks, and the destination has no pagealloc errors and every block online")
     func pagePoisonGuest() throws {
         let results = try migrate(modes: ["balloond"], extra: ["--kernel-args", "page_poison=1"], name: "poison")
         let r = try #require(results.first)
-        #expect(r.kept_region_ok)
-        #expect(r.dest_console_errors.isEmpty, "destination console: \(r.dest_console_errors)")
-        #expect(r.hint_source != "kpageflags", "auto chose kpageflags on a poisoning guest; balloond log: \(r.balloond_log_tail ?? "-")")
-        #expect((r.balloond_log_tail ?? "").contains("free page hinting disabled"), "balloond log: \(r.balloond_log_tail ?? "-")")
+        expectDestinationsVerified(results)
+        #expect(r.hint_source == "offline", "auto should pick offline on a TCG poisoning guest; balloond log: \(r.balloond_log_tail ?? "-")")
+        #expect((r.hinted_mib ?? 0) > 0, "no hint sent; balloond log: \(r.balloond_log_tail ?? "-")")
+        #expect(r.dest_offline_blocks == 0, "memory blocks left offline on the destination; see \(r.run_dir)")
     }
 }
