@@ -65,6 +65,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var balloonBlocksUnaddressable = 0
     /// Deflates caused by memory pressure.
     public var pressureDeflates = 0
+    /// Times memory pressure made the hint source give back memory it held until DONE.
+    public var pressureHintReleases = 0
     /// Free page reports sent, and bytes reported.
     public var reportsSent = 0
     public var bytesReported: UInt64 = 0

@@ -138,8 +138,9 @@ extension BalloonDriver {
         }
     }
 
-    /// Whether balloond holds guest memory that pressure could make it give back.
-    private var holdsMemory: Bool { (balloonMemory?.heldBytes ?? 0) > 0 }
+    /// Whether balloond holds guest memory that pressure could make it give back (the
+    /// balloon's, or a hint source's held until DONE).
+    private var holdsMemory: Bool { (balloonMemory?.heldBytes ?? 0) > 0 || (hintSource?.heldBytes ?? 0) > 0 }
 
     private func checkPressure(psiFired: Bool, earlyWarning: Bool = false, now: UInt64) throws(BalloonError) {
         let p = options.pressure
@@ -210,6 +211,17 @@ extension BalloonDriver {
         let p = options.pressure
         var need = p.deflateStepBytes &+ drainBytes
         if let a = available, a < p.deflateBelowAvailableBytes { need += p.deflateBelowAvailableBytes - a }
+        // Memory held for free page hinting first: it only makes a migration cheaper.
+        if let source = hintSource, source.heldBytes > 0 {
+            let freed = source.releaseUnderPressure(bytes: need)
+            if freed > 0 {
+                counters.pressureHintReleases += 1
+                logger.notice("memory pressure: gave back memory held for free page hinting", metadata: [
+                    "why": "\(why)", "released_mib": "\(freed >> 20)", "still_held_mib": "\(source.heldBytes >> 20)",
+                ])
+            }
+            need = need > freed ? need - freed : 0
+        }
         if !reporting.held.isEmpty {
             let before = reporting.heldPages
             releaseReported(bytes: need, why: why)

@@ -48,6 +48,14 @@ public protocol FreePageSource: AnyObject {
     func endRound()
     /// DONE, device reset or shutdown: give back everything.
     func releaseAll()
+    /// The guest is short of memory: give back held memory that no pending hint refers to,
+    /// about `bytes` of it (as Linux's balloon shrinker gives back hinted pages before DONE).
+    /// Returns the bytes given back. Sources that hold memory only during a round need not.
+    func releaseUnderPressure(bytes: UInt64) -> UInt64
+}
+
+extension FreePageSource {
+    public func releaseUnderPressure(bytes: UInt64) -> UInt64 { 0 }
 }
 
 /// Coalesces ranges (sorted by start) that touch into fewer, larger ones, and splits any

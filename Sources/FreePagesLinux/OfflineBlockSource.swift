@@ -204,6 +204,25 @@ public final class OfflineBlockSource: FreePageSource {
         do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
     }
 
+    /// Memory pressure: onlines held blocks that no pending hint refers to, highest first,
+    /// until about `bytes` are back (a block with a descriptor still out stays offline: the
+    /// device may still apply that hint).
+    public func releaseUnderPressure(bytes: UInt64) -> UInt64 {
+        var chosen: [Int] = []
+        var freed: UInt64 = 0
+        for b in held.reversed() where freed < max(bytes, 1) && outstanding.outstanding(b) == 0 {
+            chosen.append(b)
+            freed += blocks.blockBytes
+        }
+        guard !chosen.isEmpty else { return 0 }
+        let before = held.count
+        online(chosen)
+        let gone = Set(chosen).subtracting(held)
+        pending.removeAll { gone.contains(Int($0.start.value / blocks.blockBytes)) }
+        logger.info("offline source: onlined \(gone.count) held block(s) under memory pressure")
+        return UInt64(before - held.count) * blocks.blockBytes
+    }
+
     // MARK: taking blocks
 
     /// Why no further block may be taken now (the owned-memory limits), or nil.

@@ -39,6 +39,38 @@ struct PressureTests {
         #expect(rig.device.actual == 8192)
     }
 
+    @Test("pressure first takes back memory the hint source holds until DONE; the balloon deflates only for what that did not cover")
+    func hintMemoryGoesBackFirst() throws {
+        let rig = try pressureRig()
+        rig.source.heldUntilDone = 256 << 20
+        rig.memoryStatus.available = 80 << 20  // less the 32 MiB balloon: 48 MiB below the 96 MiB watermark
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        try rig.serviceAll()
+        // 64 MiB step + 48 MiB short = 112 MiB, all of it from the hint source.
+        #expect(rig.source.pressureRequests == [112 << 20])
+        #expect(rig.source.heldUntilDone == 144 << 20)
+        #expect(rig.driver.counters.pressureHintReleases == 1)
+        #expect(rig.device.actual == 8192, "the hint memory covered the need: the balloon stays")
+        #expect(rig.driver.counters.pressureDeflates == 0)
+        // Only 8 MiB left to give: the balloon deflates for the rest.
+        rig.source.heldUntilDone = 8 << 20
+        try rig.driver.tick(psiFired: true)
+        try rig.serviceAll()
+        #expect(rig.driver.counters.pressureDeflates == 1)
+        #expect(rig.device.actual < 8192)
+    }
+
+    @Test("with an empty balloon, memory held for hinting alone keeps the memory checks going")
+    func hintMemoryAloneIsWatched() throws {
+        let rig = try Rig(BalloonDeviceProperties(deflateOnOOM: true)).running(target: 0)
+        rig.source.heldUntilDone = 512 << 20
+        rig.memoryStatus.available = 50 << 20
+        rig.clock.advance(milliseconds: 20_000)
+        try rig.driver.tick()
+        #expect(rig.source.pressureRequests.count == 1, "a low MemAvailable must reach the hint source without a PSI event")
+    }
+
     @Test("a PSI trigger deflates one step")
     func psiDeflatesAStep() throws {
         var options = BalloonDriverOptions()

@@ -42,7 +42,17 @@ final class RecordingSource: FreePageSource {
     init(_ inner: SimulatedBuddyAllocator) { self.inner = inner }
     var name: String { inner.name }
     var ownership: FreePageOwnership { inner.ownership }
-    var heldBytes: UInt64 { inner.heldBytes }
+    var heldBytes: UInt64 { inner.heldBytes + heldUntilDone }
+    /// Memory this source holds until DONE besides the allocator's (given back only by
+    /// `releaseUnderPressure`, which records each request).
+    var heldUntilDone: UInt64 = 0
+    var pressureRequests: [UInt64] = []
+    func releaseUnderPressure(bytes: UInt64) -> UInt64 {
+        pressureRequests.append(bytes)
+        let n = min(bytes, heldUntilDone)
+        heldUntilDone -= n
+        return n
+    }
     /// Runs at the start of every round.
     var onBeginRound: (() -> Void)?
     func beginRound(id: UInt32) throws(FreePageSourceError) {

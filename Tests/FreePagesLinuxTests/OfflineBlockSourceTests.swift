@@ -125,6 +125,24 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(s.tree.read(Self.statePath) == nil, "nothing left for crash recovery")
     }
 
+    @Test func pressureOnlinesHeldBlocksNoPendingHintRefersToHighestFirst() throws {
+        let s = Setup(blocks: 4)
+        let source = try s.source()
+        try source.beginRound(id: 1)
+        let hinted = try drain(source)
+        #expect(hinted.count == 4)
+        // The device has used blocks 0, 1 and 3; block 2's descriptor is still out.
+        source.hintsApplied([range(0), range(1), range(3)])
+        let freed = source.releaseUnderPressure(bytes: 2 * Self.blockBytes)
+        #expect(freed == 2 * Self.blockBytes)
+        #expect(s.blocks.onlineCalls == [3, 1], "highest first, skipping block 2 (its hint may still be applied)")
+        #expect(source.held == [0, 2])
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=0,2\n") == true)
+        // Nothing idle left but block 0.
+        #expect(source.releaseUnderPressure(bytes: 8 * Self.blockBytes) == Self.blockBytes)
+        #expect(source.held == [2])
+    }
+
     @Test func aBlockThatFailedIsNotTriedAgainForSomeRounds() throws {
         let s = Setup(blocks: 3)
         s.blocks.refuse[1] = .busy
