@@ -134,6 +134,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let options: BalloonDriverOptions
     public var logger: Logger
     public var hintOptions = HintOptions()
+    /// Runs after every device reset in `bringUp`, once the device can no longer act on
+    /// anything an earlier session queued (balloond onlines memory blocks a killed balloond
+    /// left offline here, never earlier).
+    public var afterDeviceReset: (() -> Void)?
     public let statsSource: BalloonStatsSource?
     /// Where free pages for hints come from (nil: FREE_PAGE_HINT is not negotiated).
     public let hintSource: FreePageSource?
@@ -229,6 +233,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         // pages may be given back.
         abandonHinting()
         abandonPFNBuffers()
+        afterDeviceReset?()
         if let f = reporting.inFlight { balloonMemory?.release(f) }
         reporting.inFlight = nil
         for q in queues.values { q.resetAfterDeviceReset() }

@@ -90,6 +90,10 @@ long bs_write_with_timeout(int fd, const void *buf, unsigned long len, int timeo
     its.it_value.tv_sec = timeout_ms / 1000;
     its.it_value.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
     if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+    /* Keep firing every 20 ms until timer_delete: one signal can be used up before the
+       write starts (the thread preempted) or by a path the kernel restarts transparently
+       (ERESTARTNOINTR while waiting for the device-hotplug lock). */
+    its.it_interval.tv_nsec = 20 * 1000000L;
     long r = -1;
     int e = 0;
     if (timer_settime(timer, 0, &its, 0) != 0) {

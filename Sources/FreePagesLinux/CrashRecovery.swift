@@ -43,8 +43,13 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
 ///
 /// - Throws: only when the state directory itself cannot be trusted (a symbolic link, not
 ///   owned by root, or accessible to group or others); the message names the fix.
+///
+/// - Parameter offlineBlocks: also online the memory blocks a killed offline hint source left
+///   offline. Only once the device can no longer apply that session's hints (the guardian
+///   after its reset; `balloond run` passes false here and calls
+///   `recoverOfflineBlocksAfterReset` from the driver's first reset).
 public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(label: "balloond.recovery"),
-                              poolControl: HugeTLBPoolControl? = nil) throws(StateFileError) -> RecoveryReport {
+                              poolControl: HugeTLBPoolControl? = nil, offlineBlocks: Bool = true) throws(StateFileError) -> RecoveryReport {
     _ = try StateDirectory(root: root).check()
     var failures: [String] = []
     func attempt<T>(_ what: String, fallback: T, _ body: () throws(FreePagesLinuxError) -> T) throws(StateFileError) -> T {
@@ -64,13 +69,26 @@ public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(lab
     let compact = try attempt("compact_unevictable_allowed", fallback: SysctlRecovery.nothingToDo) { () throws(FreePagesLinuxError) in
         try SysctlOverride.recoverAfterCrash(root: root, stateFile: SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath), logger: logger)
     }
-    let blocks = try attempt("offline memory blocks", fallback: OfflineBlockRecovery.nothingToDo) { () throws(FreePagesLinuxError) in
-        try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
-    }
+    let blocks = !offlineBlocks ? OfflineBlockRecovery.nothingToDo
+        : try attempt("offline memory blocks", fallback: OfflineBlockRecovery.nothingToDo) { () throws(FreePagesLinuxError) in
+            try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
+        }
     var report = RecoveryReport(hugeTLBPool: pool, hugeTLBOvercommit: overcommit, compactUnevictable: compact, failures: failures)
     report.offlineBlocks = blocks
     if report.foundAnything { logger.notice("crash recovery: \(report)") }
     return report
+}
+
+/// Onlines the memory blocks a killed balloond's offline hint source left offline; for
+/// `balloond run`, after its own device reset (see `recoverAfterCrash(offlineBlocks:)`).
+/// Failures are logged; the state file then stays for the next start.
+public func recoverOfflineBlocksAfterReset(root: SysRoot = .host, logger: Logger) {
+    do {
+        let outcome = try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
+        if outcome != .nothingToDo { logger.notice("crash recovery after the device reset: \(outcome)") }
+    } catch {
+        logger.error("onlining memory blocks a killed balloond left offline failed: \(error); the offline hint source keeps them listed")
+    }
 }
 
 /// What reading a state file during recovery gave.

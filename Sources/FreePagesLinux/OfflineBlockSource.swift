@@ -27,8 +27,9 @@ import VirtioCore
 ///   balloond's own (the ring's hugepage, the balloon's pages: the device knows their PFNs).
 ///   So a block is offlined only when a full `/proc/kpageflags` read of it, right before,
 ///   finds *every* page a free buddy page (balloond's pages are allocated, so never), and
-///   balloond allocates nothing between the read and the offline (one thread). Blocks
-///   overlapping `protectedRanges` are never considered.
+///   balloond takes no memory between the read and the offline (the driver's one event-loop
+///   thread runs both, and inflating, reporting and DMA allocation run on it too). Blocks
+///   overlapping `protectedRanges` (the ring's hugepage) are never considered.
 /// - *Bounded.* The kernel retries migration until a signal arrives; the write is interrupted
 ///   by a timer after `offlineTimeoutMilliseconds` (EINTR: the kernel undoes the isolation and
 ///   the block stays online). Blocks that failed are skipped for `skipRoundsAfterFailure` rounds.
@@ -81,6 +82,9 @@ public final class OfflineBlockSource: FreePageSource {
     /// Blocks balloond holds offline (ascending).
     public private(set) var held: [Int] = []
     private var candidates: [Int] = []
+    /// Held blocks to hint again this round (split when handed out).
+    private var rehint: [Int] = []
+    private var leftoversAdopted = false
     private var skipUntilRound: [Int: Int] = [:]
     private var rounds = 0
     private var pending: [GuestPhysicalRange] = []
@@ -119,14 +123,23 @@ public final class OfflineBlockSource: FreePageSource {
         roundOpen = true
         lastRound = RoundStatistics()
         pressureAtRoundStart = (try? MemorySnapshot.read(root: root, withBuddyInfo: false))?.pressure
-        if !held.isEmpty, let why = allowanceStop(), why.contains("pressure") {
+        adoptLeftovers()
+        // A held block someone else onlined is no longer ours to hint.
+        let lost = held.filter { blocks.isOffline($0) != true }
+        if !lost.isEmpty {
+            logger.warning("memory blocks \(lost.map(String.init).joined(separator: ",")) were onlined by someone else while balloond held them offline; not hinting them again")
+            held.removeAll { lost.contains($0) }
+            do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
+        }
+        if !held.isEmpty, let allowance = allowance(), allowance.bytes == 0 {
             // The guest is short of memory: give back what no descriptor still refers to.
             let idle = held.filter { outstanding.outstanding($0) == 0 }
-            logger.info("offline source: memory pressure at the start of a round (\(why)); onlining \(idle.count) held block(s)")
+            logger.info("offline source: the guest is short of memory at the start of a round (\(allowance)); onlining \(idle.count) held block(s)")
             online(idle)
         }
         // Held blocks first: re-hinted at once, nothing to take.
-        pending = held.flatMap { splitBlock($0) }
+        pending = []
+        rehint = held
         lastRound.blocksRehinted = held.count
         let all: [Int]
         let t0 = Sys.monotonicNanos()
@@ -146,15 +159,25 @@ public final class OfflineBlockSource: FreePageSource {
 
     public func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
         guard roundOpen, maxRanges > 0 else { return [] }
+        lastMaxRangeBytes = max(balloonPageSize, maxRangeBytes)
+        if pending.isEmpty, !rehint.isEmpty {
+            pending = rehint.flatMap { splitBlock($0) }
+            rehint = []
+        }
         while pending.isEmpty, !candidates.isEmpty {
             let b = candidates.removeFirst()
+            if Sys.terminationSignalReceived {
+                lastRound.stoppedBecause = "a termination signal arrived"
+                candidates = []
+                break
+            }
             if let why = allowanceStop() {
                 lastRound.stoppedBecause = why
                 candidates = []
                 logger.debug("offline source stops taking blocks this round: \(why)")
                 break
             }
-            try take(b, maxRangeBytes: maxRangeBytes)
+            try take(b)
         }
         let n = min(maxRanges, pending.count)
         let out = Array(pending.prefix(n))
@@ -178,6 +201,7 @@ public final class OfflineBlockSource: FreePageSource {
         }
         roundOpen = false
         pending = []
+        rehint = []
         candidates = []
     }
 
@@ -185,6 +209,7 @@ public final class OfflineBlockSource: FreePageSource {
     public func releaseAll() {
         roundOpen = false
         pending = []
+        rehint = []
         candidates = []
         online(held)
         outstanding.retireAll()
@@ -219,21 +244,42 @@ public final class OfflineBlockSource: FreePageSource {
         online(chosen)
         let gone = Set(chosen).subtracting(held)
         pending.removeAll { gone.contains(Int($0.start.value / blocks.blockBytes)) }
+        rehint.removeAll { gone.contains($0) }
         logger.info("offline source: onlined \(gone.count) held block(s) under memory pressure")
         return UInt64(before - held.count) * blocks.blockBytes
     }
 
     // MARK: taking blocks
 
+    /// What the owned-memory limits allow now (nil: /proc/meminfo unreadable).
+    private func allowance() -> MemoryAllowance? {
+        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return nil }
+        return ownedMemoryAllowance(limits: options.limits, now: now, pressureAtRoundStart: pressureAtRoundStart, heldBytes: heldBytes)
+    }
+
     /// Why no further block may be taken now (the owned-memory limits), or nil.
     private func allowanceStop() -> String? {
-        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return "cannot read /proc/meminfo" }
-        let allowance = ownedMemoryAllowance(limits: options.limits, now: now, pressureAtRoundStart: pressureAtRoundStart, heldBytes: heldBytes)
-        return allowance.bytes >= blocks.blockBytes ? nil : "\(allowance)"
+        guard let a = allowance() else { return "cannot read /proc/meminfo" }
+        return a.bytes >= blocks.blockBytes ? nil : "\(a)"
+    }
+
+    /// Blocks a killed balloond left offline and listed, which crash recovery could not online:
+    /// taken over as held (offline, so nobody uses them; this session's device was reset
+    /// before any round began, so no old hint can be applied), hinted and onlined at DONE.
+    private func adoptLeftovers() {
+        guard !leftoversAdopted else { return }
+        leftoversAdopted = true
+        guard let c = try? stateFile.read(), c.pid != Sys.processID,
+              !stateWriterIsAlive(root: root, pid: c.pid, comm: c.comm) else { return }
+        let adopted = c.blocks.filter { blocks.isOffline($0) == true && !held.contains($0) }
+        guard !adopted.isEmpty else { return }
+        held = (held + adopted).sorted()
+        logger.notice("offline source: took over memory blocks \(adopted.map(String.init).joined(separator: ",")) left offline by pid \(c.pid)")
+        do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
     }
 
     /// Offlines block `b` if every page of it is free, and queues its ranges.
-    private func take(_ b: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) {
+    private func take(_ b: Int) throws(FreePageSourceError) {
         let t0 = Sys.monotonicNanos()
         let free: Bool
         do { free = try wholeBlockFree(b) } catch { throw error.sourceError }
@@ -256,14 +302,14 @@ public final class OfflineBlockSource: FreePageSource {
         held.append(b)
         held.sort()
         lastRound.blocksOfflined += 1
-        pending += splitBlock(b, maxRangeBytes: maxRangeBytes)
+        pending += splitBlock(b)
     }
 
+    /// The longest range the driver takes (from its latest `nextBatch`).
     private var lastMaxRangeBytes: UInt64 = 4 << 20
 
-    private func splitBlock(_ b: Int, maxRangeBytes: UInt64? = nil) -> [GuestPhysicalRange] {
-        if let m = maxRangeBytes { lastMaxRangeBytes = max(balloonPageSize, m) }
-        return coalesce([blocks.range(of: b)], maxLength: lastMaxRangeBytes)
+    private func splitBlock(_ b: Int) -> [GuestPhysicalRange] {
+        coalesce([blocks.range(of: b)], maxLength: lastMaxRangeBytes)
     }
 
     /// Whether every page of block `b` is a free buddy page: a quick look at one page per

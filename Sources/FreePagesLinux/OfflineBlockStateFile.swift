@@ -9,7 +9,7 @@ import PlatformLinux
 ///
 /// A killed balloond loses no data this way: an offline block is used by nobody, so the
 /// device acting on a late hint for it is harmless. The guest only lacks that memory until
-/// the restart (systemd's `Restart=on-failure`) or `balloond recover`.
+/// the guardian (after its device reset) or the next start (after its device reset) onlines it.
 ///
 /// Format (strict, see `StateRecord`): `blocks=N,N,...` (ascending, may be empty), `pid=P`,
 /// `comm=NAME`.
@@ -112,7 +112,11 @@ func recoverOfflineBlocks(root: SysRoot, stateFile file: OfflineBlockStateFile, 
         // Keep the file: the next start tries the remaining blocks again.
         throw .system(failures.joined(separator: "; "))
     }
-    do { try file.file.remove() } catch { throw .stateFile(error) }
+    // Remove it only if it is still the dead process's list (a newer balloond may have
+    // written its own since).
+    if let now = try? file.read(), now.pid == contents.pid {
+        do { try file.file.remove() } catch { throw .stateFile(error) }
+    }
     let outcome: OfflineBlockRecovery = onlined.isEmpty ? .nothingToDo : .onlined(onlined)
     if !onlined.isEmpty { logger.notice("\(outcome)") }
     return outcome

@@ -194,6 +194,10 @@ public enum Sys {
         _ = try Sys.call("fallocate(PUNCH_HOLE)", path: file.path) { bs_punch_hole(fd, Int64(offset), Int64(length)) }
     }
 
+    /// Whether SIGTERM, SIGINT or SIGHUP has arrived through the daemon's signal handlers
+    /// (long kernel work checks this between steps).
+    public static var terminationSignalReceived: Bool { bs_signal_received() != 0 }
+
     /// CLOCK_MONOTONIC in nanoseconds.
     public static func monotonicNanos() -> UInt64 {
         var ts = timespec()
@@ -289,8 +293,11 @@ public enum Sys {
         let f = try OpenFile(path: path, flags: O_WRONLY | O_TRUNC)
         let bytes = Array(value.utf8)
         let fd = f.descriptor
-        let n = unsafe bytes.withUnsafeBytes { buf in
-            unsafe bs_write_with_timeout(fd, buf.baseAddress, UInt(buf.count), Int32(clamping: max(1, timeoutMilliseconds)))
+        // `f` must stay open until the write returns (its deinit closes the descriptor).
+        let n = withExtendedLifetime(f) {
+            unsafe bytes.withUnsafeBytes { buf in
+                unsafe bs_write_with_timeout(fd, buf.baseAddress, UInt(buf.count), Int32(clamping: max(1, timeoutMilliseconds)))
+            }
         }
         if n < 0 { throw SystemCallError(call: "write", path: path, errno: Errno(rawValue: Glibc.errno)) }
         if n != bytes.count { throw SystemCallError(call: "write (short)", path: path, errno: Errno(rawValue: EIO)) }

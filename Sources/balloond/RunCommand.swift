@@ -178,7 +178,9 @@ struct RunCommand: ParsableCommand {
         defer { lock.unlock() }
         // A balloond killed earlier may have left the hugetlb pool grown or sysctls changed:
         // put them back first, whatever this run's options (before our ring page is taken).
-        let recovery = try recoverAfterCrash(root: .host, logger: logger)
+        // Memory blocks a killed offline hint source left offline wait for the device reset
+        // (the driver's afterDeviceReset): the old session's hints may still be queued.
+        let recovery = try recoverAfterCrash(root: .host, logger: logger, offlineBlocks: false)
         logger.debug("crash recovery: \(recovery)")
         let binder = DriverBinder(logger: logger)
         let binding = try binder.bind(function.address, force: force)
@@ -251,6 +253,12 @@ struct RunCommand: ParsableCommand {
                                    statsSource: ProcStatsSource(readFile: readTextFile), hintSource: hints?.source,
                                    balloonMemory: memory, memoryStatus: memoryStatus, logger: logger)
         driver.hintOptions.controlNoHints = hintControl
+        var blocksRecovered = false
+        driver.afterDeviceReset = {
+            guard !blocksRecovered else { return }
+            blocksRecovered = true
+            recoverOfflineBlocksAfterReset(logger: logger)
+        }
         if hintControl { logger.warning("--hint-control: hint rounds take memory but send no hints (control experiment)") }
         defer { driver.shutdown() }
 

@@ -8,6 +8,21 @@ import FreePages
 
 @Suite("Device bring-up (virtio 1.2 §3.1.1, docs/virtio-balloon.md §1.6)")
 struct BringUpTests {
+    @Test("afterDeviceReset runs once per bring-up, after the reset and after hint memory went back, before the device is acknowledged")
+    func afterDeviceResetHook() throws {
+        let rig = try Rig()
+        var eventsAtHook: [Int] = []
+        rig.driver.afterDeviceReset = { eventsAtHook.append(rig.device.events.count) }
+        try rig.driver.bringUp()
+        #expect(eventsAtHook.count == 1)
+        let e = Array(rig.device.events.prefix(eventsAtHook[0]))
+        #expect(e.contains(.status([])), "the reset came first")
+        #expect(!e.contains(.status([.acknowledge])), "nothing of the new session yet")
+        #expect(rig.source.releaseDeviceStatus.count <= 1)
+        try rig.driver.bringUp()
+        #expect(eventsAtHook.count == 2)
+    }
+
     @Test("bring-up order: reset with Bus Master off and memory decoding on, then bus master, ACK, DRIVER, features, FEATURES_OK, queues, stats primed, DRIVER_OK")
     func order() throws {
         let rig = try Rig()

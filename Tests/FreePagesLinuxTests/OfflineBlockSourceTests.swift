@@ -143,6 +143,45 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(source.held == [2])
     }
 
+    @Test func blocksAKilledBalloondLeftOfflineAreTakenOverHintedAndOnlinedAtDone() throws {
+        let s = Setup(blocks: 3)
+        s.blocks.offline = [1]
+        s.blocks.refuse[0] = .busy
+        s.blocks.refuse[2] = .busy
+        s.tree.stateFile(Self.statePath, "blocks=1\npid=2147483000\ncomm=balloond\n")
+        let source = try s.source()
+        try source.beginRound(id: 1)
+        #expect(try drain(source) == [range(1)], "the leftover block is offline: hinted without offlining it again")
+        #expect(!s.blocks.offlineCalls.contains(1))
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=1\n") == true, "still listed, now under this process")
+        source.endRound()
+        source.releaseAll()
+        #expect(s.blocks.onlineCalls == [1])
+        #expect(s.tree.read(Self.statePath) == nil)
+    }
+
+    @Test func aHeldBlockSomeoneElseOnlinedIsNotHintedAgain() throws {
+        let s = Setup(blocks: 2)
+        let source = try s.source()
+        try source.beginRound(id: 1)
+        #expect(try drain(source) == [range(0), range(1)])
+        source.endRound()
+        s.blocks.offline.remove(1)  // an admin onlined it
+        s.blocks.refuse[1] = .busy  // and it is in use now
+        try source.beginRound(id: 2)
+        #expect(try drain(source) == [range(0)])
+        #expect(source.held == [0])
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=0\n") == true)
+    }
+
+    @Test func startupRecoveryCanLeaveOfflineBlocksForAfterTheDeviceReset() throws {
+        let s = Setup(blocks: 2)
+        s.tree.stateFile(Self.statePath, "blocks=1\npid=2147483000\ncomm=balloond\n")
+        let report = try recoverAfterCrash(root: s.tree.root, logger: .init(label: "test"), offlineBlocks: false)
+        #expect(report.offlineBlocks == .nothingToDo)
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=1\n") == true, "left for the recovery after the device reset")
+    }
+
     @Test func aBlockThatFailedIsNotTriedAgainForSomeRounds() throws {
         let s = Setup(blocks: 3)
         s.blocks.refuse[1] = .busy

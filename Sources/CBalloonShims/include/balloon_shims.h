@@ -56,7 +56,7 @@ int bs_signal_received(void);
 // MARK: Bounded writes
 
 /// write(fd, buf, len), interrupted after `timeout_ms` milliseconds: a CLOCK_MONOTONIC timer
-/// sends SIGALRM (whose handler does nothing and is installed without SA_RESTART) to the
+/// sends SIGALRM (and again every 20 ms until the write returns) (whose handler does nothing and is installed without SA_RESTART) to the
 /// calling thread only, so a kernel operation that waits until a signal arrives (memory
 /// offlining retries migration until then) returns EINTR instead of hanging. SIGALRM is
 /// unblocked in the calling thread for the call. Returns write's result (-1 and errno, EINTR
