@@ -52,22 +52,10 @@ public struct OfflineBlockStateFile: Hashable, Sendable {
     /// parse is an error.
     public func read() throws(StateFileError) -> Contents? {
         guard let r = try file.readRecord(keys: Set(Self.keys), required: ["blocks", "pid"]) else { return nil }
-        do {
-            let text = r["blocks"] ?? ""
-            var blocks: [Int] = []
-            if !text.isEmpty {
-                for part in text.split(separator: ",", omittingEmptySubsequences: false) {
-                    guard !part.isEmpty, part.utf8.count <= 10, part.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-                          let n = UInt64(part), n <= UInt64(Int32.max) else {
-                        throw StateRecordProblem.badValue(key: "blocks", value: text, expected: "memory block numbers separated by commas")
-                    }
-                    blocks.append(Int(n))
-                }
-            }
+        do throws(StateRecordProblem) {
+            let blocks = try r.decimalList("blocks", max: UInt64(Int32.max))!.map { Int($0) }
             return Contents(blocks: blocks, pid: try r.pid("pid")!, comm: r["comm"].flatMap { $0.isEmpty ? nil : $0 })
-        } catch let problem as StateRecordProblem { throw .malformed(path: path, problem: problem) } catch {
-            throw .malformed(path: path, problem: .undecodable("\(error)"))
-        }
+        } catch { throw .malformed(path: path, problem: error) }
     }
 }
 

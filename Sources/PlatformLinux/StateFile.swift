@@ -142,6 +142,21 @@ public struct StateRecord: Hashable, Sendable {
         return Int32(n)
     }
 
+    /// Plain decimal numbers separated by commas (none when the value is empty), each at most
+    /// `max`; nil when absent.
+    public func decimalList(_ key: String, max: UInt64 = .max) throws(StateRecordProblem) -> [UInt64]? {
+        guard let v = values[key] else { return nil }
+        if v.isEmpty { return [] }
+        var out: [UInt64] = []
+        for part in v.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let n = Self.decimal(String(part)), n <= max else {
+                throw .badValue(key: key, value: v, expected: "decimal numbers up to \(max) separated by commas")
+            }
+            out.append(n)
+        }
+        return out
+    }
+
     static func decimal(_ s: String) -> UInt64? {
         guard !s.isEmpty, s.utf8.count <= 20, s.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
         return UInt64(s)
