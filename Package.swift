@@ -30,11 +30,13 @@ let package = Package(
         .target(name: "VirtioQueue", dependencies: ["VirtioCore", "CBalloonShims"]),
         // Modern virtio-pci: capability parsing, common config, notify, ISR, device config.
         .target(name: "VirtioPCI", dependencies: ["VirtioCore", "CBalloonShims"]),
-        // Free-page sources behind one protocol.
+        // Free-page sources behind one protocol (and a simulated buddy allocator).
         .target(name: "FreePages", dependencies: ["VirtioCore"]),
-        // The balloon driver, generic over transport, DMA and free-page source.
+        // The memory the balloon holds, behind one protocol (and a simulated backend).
+        .target(name: "BalloonBlocks", dependencies: ["VirtioCore"]),
+        // The balloon driver, generic over transport, DMA, free-page source and balloon memory.
         .target(name: "Balloon", dependencies: [
-            "VirtioCore", "VirtioQueue", "FreePages",
+            "VirtioCore", "VirtioQueue", "FreePages", "BalloonBlocks",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A software virtio-balloon PCI function with QEMU 7.2's behaviour.
@@ -45,9 +47,21 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "FreePagesLinux", dependencies: ["FreePages", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log")]),
+        // What balloond knows and changes of the guest's memory: meminfo and PSI snapshots, the
+        // owned-memory allowance, the OOM score, kpageflags, the hugetlb pool, sysctls, memory
+        // blocks, the state files that record changes, and the recovery after a crash.
+        .target(name: "GuestMemoryLinux", dependencies: ["PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log")]),
+        // The Linux free-page hint sources: kpageflags, hugetlb pool, anonymous, offline blocks.
+        .target(name: "HintSourcesLinux", dependencies: [
+            "FreePages", "GuestMemoryLinux", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The Linux balloon memory backends: surplus hugetlb pages, locked anonymous pages, tiered.
+        .target(name: "BalloonMemoryLinux", dependencies: [
+            "BalloonBlocks", "GuestMemoryLinux", "PlatformLinux", "VirtioCore", .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "balloond", dependencies: [
-            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "FreePagesLinux", "VirtioCore", "VirtioPCI", "VirtioQueue",
+            "Balloon", "BalloonSimulator", "PlatformLinux", "FreePages", "BalloonBlocks", "GuestMemoryLinux", "HintSourcesLinux",
+            "BalloonMemoryLinux", "VirtioCore", "VirtioPCI", "VirtioQueue",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -58,10 +72,13 @@ let package = Package(
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "BalloonSimulator", "TestSupport"]),
-        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages", "BalloonBlocks", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore", "TestSupport"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),
-        .testTarget(name: "FreePagesLinuxTests", dependencies: ["FreePagesLinux", "FreePages", "PlatformLinux", "VirtioCore", "TestSupport"]),
+        // The three Linux memory modules, tested together (their fakes are shared).
+        .testTarget(name: "LinuxMemoryTests", dependencies: [
+            "GuestMemoryLinux", "HintSourcesLinux", "BalloonMemoryLinux", "FreePages", "BalloonBlocks", "PlatformLinux", "VirtioCore", "TestSupport",
+        ]),
     ]
 )

@@ -1,3 +1,4 @@
+import BalloonBlocks
 import FreePages
 import VirtioCore
 import VirtioQueue

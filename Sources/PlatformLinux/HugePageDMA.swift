@@ -112,7 +112,7 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
 }
 
 /// Something that keeps the kernel from migrating balloond's locked 4 KiB pages while it
-/// is held: `vm.compact_unevictable_allowed=0` (FreePagesLinux's `CompactionHold`, shared by
+/// is held: `vm.compact_unevictable_allowed=0` (GuestMemoryLinux's `CompactionHold`, shared by
 /// every user of locked 4 KiB pages, with a state file so a restart after SIGKILL puts the
 /// setting back). `acquire`/`release` nest.
 public protocol MigrationHold: AnyObject {

@@ -28,3 +28,32 @@ public struct GuestPhysicalRange: Hashable, Sendable, CustomStringConvertible {
 
 /// The balloon protocol's page unit: 4 KiB, whatever the guest's page size.
 public let balloonPageSize: UInt64 = 4096
+
+/// Coalesces ranges (sorted by start) that touch into fewer, larger ones, and splits any
+/// longer than `maxLength` (a descriptor carries at most 4 GiB - 1; balloond uses smaller).
+/// Ranges are assumed 4 KiB-aligned and disjoint.
+public func coalesce(_ ranges: [GuestPhysicalRange], maxLength: UInt64) -> [GuestPhysicalRange] {
+    precondition(maxLength >= balloonPageSize)
+    let limit = maxLength & ~(balloonPageSize - 1)
+    var merged: [GuestPhysicalRange] = []
+    for r in ranges.sorted(by: { $0.start < $1.start }) where r.length > 0 {
+        if var last = merged.last, last.end == r.start.value {
+            last.length += r.length
+            merged[merged.count - 1] = last
+        } else {
+            merged.append(r)
+        }
+    }
+    var out: [GuestPhysicalRange] = []
+    for r in merged {
+        var start = r.start.value
+        var left = r.length
+        while left > 0 {
+            let n = min(left, limit)
+            out.append(GuestPhysicalRange(start: start, length: n))
+            start += n
+            left -= n
+        }
+    }
+    return out
+}

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Logging
-import FreePagesLinux
+import GuestMemoryLinux
+import HintSourcesLinux
+import BalloonMemoryLinux
 import PlatformLinux
 
 /// `balloond guardian` (hidden): the process `balloond run` spawns to hold its device memory

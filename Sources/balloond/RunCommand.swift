@@ -1,7 +1,10 @@
 import ArgumentParser
 import Balloon
+import BalloonBlocks
 import FreePages
-import FreePagesLinux
+import GuestMemoryLinux
+import HintSourcesLinux
+import BalloonMemoryLinux
 import Logging
 import PlatformLinux
 import VirtioCore

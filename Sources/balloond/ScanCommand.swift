@@ -1,6 +1,8 @@
 import ArgumentParser
 import FreePages
-import FreePagesLinux
+import GuestMemoryLinux
+import HintSourcesLinux
+import BalloonMemoryLinux
 import Logging
 import PlatformLinux
 

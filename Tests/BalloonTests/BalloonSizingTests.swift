@@ -3,6 +3,7 @@ import BalloonSimulator
 import VirtioCore
 import VirtioPCI
 import VirtioQueue
+import BalloonBlocks
 import FreePages
 @testable import Balloon
 

@@ -1,5 +1,6 @@
 import Testing
 import BalloonSimulator
+import BalloonBlocks
 import FreePages
 import VirtioCore
 import VirtioPCI

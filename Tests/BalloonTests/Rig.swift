@@ -1,4 +1,5 @@
 import BalloonSimulator
+import BalloonBlocks
 import FreePages
 import VirtioCore
 import VirtioPCI

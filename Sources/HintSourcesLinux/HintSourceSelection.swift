@@ -1,0 +1,142 @@
+import GuestMemoryLinux
+import PlatformLinux
+
+/// Why `--hint-source` cannot be honoured; the description says what to do instead.
+public struct HintSourceSelectionError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// A free page source by name (`--hint-source`): `auto` asks `chooseHintSource` to pick.
+public enum HintSource: String, CaseIterable, Sendable {
+    case auto, hugetlb, anonymous, kpageflags, offline, simulated
+}
+
+/// What `chooseHintSource` decided: the source (nil: free page hinting off), why (logged at
+/// start), and a warning when the choice is allowed but risky.
+public struct HintSourceChoice: Hashable, Sendable {
+    public var source: HintSource?
+    public var reason: String
+    public var warning: String?
+    public init(source: HintSource?, reason: String, warning: String? = nil) {
+        self.source = source
+        self.reason = reason
+        self.warning = warning
+    }
+}
+
+/// Picks the free page source (pure): the requested one if it is safe here, or for `auto` the
+/// fastest safe one. `reason` is meant to be logged at start.
+///
+/// - `kpageflags` hints pages it only observed free. Allowed under TCG, where every write
+///   after the round's bitmap sync is dirty-logged, or with `unsafeHintsOnKVM` (a write that
+///   races the hint is lost on KVM with manual dirty-log protect). Refused with page
+///   poisoning or init_on_free, or when init_on_free cannot be determined, whatever the
+///   hypervisor: scanned pages are never rewritten, so the destination has zeros where 0xaa
+///   is expected ("pagealloc: memory corruption") or stale data where zeros are assumed.
+/// - `auto`: kpageflags on TCG (poisoning and init_on_free known to be off), else hugetlb
+///   when the pool is usable, else anonymous. It never picks kpageflags outside TCG, even
+///   with the opt-in: that takes an explicit `--hint-source kpageflags`.
+/// - Owned sources (hugetlb, anonymous) under TCG: measured (scripts/migrate.py,
+///   balloond:anonymous-control), taking and releasing most free memory during a migration
+///   corrupted the TCG destination kernel with no hint sent at all (on KVM that churn is
+///   ordinary dirty logging). So `auto` picks `offline` there instead (it writes no page:
+///   blocks leave the allocator whole), or turns hinting off when memory blocks cannot be
+///   offlined (source nil, with the reason); an explicit `--hint-source hugetlb|anonymous` is
+///   allowed with a warning.
+/// - `offline` (explicit, or auto as above): owned, safe on any host and with poisoning;
+///   refused when memory blocks cannot be offlined (`offlineAvailable`).
+/// - `simulated` only against the simulated device: its addresses are not free guest memory.
+///
+/// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond
+///   simulate`), not a real device.
+/// - Parameter initOnFreeKnown: false when init_on_free could not be determined
+///   (`GuestMemoryDebugConfig.initOnFreeKnown`): kpageflags is then treated as with init_on_free.
+public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
+                             initOnFreeKnown: Bool = true, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
+                             simulatedDevice: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
+    let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug, initOnFreeKnown: initOnFreeKnown,
+                                unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, offlineAvailable: offlineAvailable,
+                                simulatedDevice: simulatedDevice)
+    // `offline` is exempt: it takes memory out of the allocator without writing it.
+    guard case .success(let choice) = picked, let source = choice.source, source == .hugetlb || source == .anonymous, hypervisor == .tcg else {
+        return picked
+    }
+    let why = "under QEMU TCG the owned sources' churn (taking and releasing most free memory during the migration) corrupts the destination kernel even when no hint is sent"
+    if requested == .auto {
+        if offlineAvailable {
+            let inner = choice.reason.hasPrefix("auto: ") ? String(choice.reason.dropFirst(6)) : choice.reason
+            return .success(HintSourceChoice(source: .offline, reason: "auto: offline (instead of \(inner)); not \(source.rawValue): \(why); offline memory blocks are owned and taken without writing a page"))
+        }
+        return .success(HintSourceChoice(source: nil, reason: "free page hinting disabled: auto chose \(source.rawValue) (\(choice.reason)), but \(why), and memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE and /sys/devices/system/memory); pass --hint-source \(source.rawValue) to use it anyway"))
+    }
+    return .success(HintSourceChoice(source: source, reason: choice.reason, warning: "--hint-source \(source.rawValue) under TCG: \(why)"))
+}
+
+/// The choice before the TCG rule for owned sources.
+private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
+                            initOnFreeKnown: Bool, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
+                            simulatedDevice: Bool) -> Result<HintSourceChoice, HintSourceSelectionError> {
+    let poisonProblem: String? = {
+        if memoryDebug.pagePoisoning {
+            return "page poisoning (page_poison=1) is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination holds zeros where the kernel expects the 0xaa poison pattern and logs \"pagealloc: memory corruption\" when it allocates them"
+        }
+        if memoryDebug.initOnFree {
+            return "init_on_free is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination may hold stale data in pages the kernel assumes are zero, and __GFP_ZERO allocations hand it out"
+        }
+        if !initOnFreeKnown {
+            return "whether init_on_free is active is unknown (no `mem auto-init` line in the kernel log, no init_on_free= on the command line, no readable /boot/config-$(uname -r) or /proc/config.gz), and with it kpageflags would leave stale data where the kernel assumes zeros"
+        }
+        return nil
+    }()
+    let ownedHint = "Owned sources (hugetlb, anonymous) are safe with it: their pages are re-poisoned or re-zeroed when released."
+    let hugetlbMissing = "there is no usable 2 MiB hugetlb pool (needs CONFIG_HUGETLBFS and readable /proc/kpageflags and /proc/kpagecount)"
+
+    switch requested {
+    case .kpageflags:
+        if let poisonProblem {
+            return .failure(HintSourceSelectionError("--hint-source kpageflags is refused: \(poisonProblem). \(ownedHint) Use --hint-source hugetlb or anonymous (or auto)."))
+        }
+        if hypervisor == .tcg {
+            return .success(HintSourceChoice(source: .kpageflags, reason: "--hint-source kpageflags: the guest runs under QEMU TCG (CPUID 0x40000000 reads TCGTCGTCGTCG), where every write after the round's bitmap sync is dirty-logged and re-sent, so observed free pages are safe to hint"))
+        }
+        if unsafeHintsOnKVM {
+            return .success(HintSourceChoice(source: .kpageflags, reason: "--hint-source kpageflags with --unsafe-hints-on-kvm under \(hypervisor): UNSAFE. A page allocated and written between the scan and QEMU applying its hint is lost on KVM with manual dirty-log protect (the destination silently keeps stale contents)"))
+        }
+        return .failure(HintSourceSelectionError("--hint-source kpageflags is refused under \(hypervisor): it hints pages it does not own, and on KVM with manual dirty-log protect a write that races the hint is silently lost on the migration destination. It is safe only under QEMU TCG. Use --hint-source hugetlb or anonymous (or auto), or add --unsafe-hints-on-kvm if losing guest data is acceptable"))
+    case .hugetlb:
+        guard hugetlbAvailable else {
+            return .failure(HintSourceSelectionError("--hint-source hugetlb is unavailable: \(hugetlbMissing). Use --hint-source anonymous or auto"))
+        }
+        return .success(HintSourceChoice(source: .hugetlb, reason: "--hint-source hugetlb: owned hugetlb pool pages (reserved, never faulted, not migrated); rounds in which other processes use the pool fall back to anonymous memory"))
+    case .anonymous:
+        return .success(HintSourceChoice(source: .anonymous, reason: "--hint-source anonymous: owned anonymous memory (populated, locked), its PFNs read after each cmd id"))
+    case .offline:
+        guard offlineAvailable else {
+            return .failure(HintSourceSelectionError("--hint-source offline is unavailable: memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE, /sys/devices/system/memory and a readable /proc/kpageflags). Use --hint-source hugetlb, anonymous or auto"))
+        }
+        return .success(HintSourceChoice(source: .offline, reason: "--hint-source offline: owned memory blocks, taken offline whole (every page free) and onlined at DONE; nothing is zeroed or written, so it is safe on any host and with page poisoning"))
+    case .simulated:
+        guard simulatedDevice else {
+            return .failure(HintSourceSelectionError("--hint-source simulated is only for `balloond simulate` and unit tests: its addresses come from a simulated buddy allocator, not from free guest memory, and hinting them to a real device would make QEMU skip pages in use. Use auto, hugetlb, anonymous, offline or kpageflags"))
+        }
+        return .success(HintSourceChoice(source: .simulated, reason: "--hint-source simulated against the simulated device"))
+    case .auto:
+        if simulatedDevice {
+            return .success(HintSourceChoice(source: .simulated, reason: "auto: the simulated device gets the simulated buddy allocator"))
+        }
+        var why: String
+        if hypervisor == .tcg {
+            if poisonProblem == nil {
+                return .success(HintSourceChoice(source: .kpageflags, reason: "auto: kpageflags, the fastest source, because the guest runs under QEMU TCG (every write after the round's bitmap sync is dirty-logged) and neither page poisoning nor init_on_free is active"))
+            }
+            why = "QEMU TCG, but kpageflags is not used because \(memoryDebug.pagePoisoning ? "page poisoning is active" : memoryDebug.initOnFree ? "init_on_free is active" : "init_on_free is unknown")"
+        } else {
+            why = "\(hypervisor): only owned pages are safe to hint (kpageflags needs TCG\(unsafeHintsOnKVM ? "; --unsafe-hints-on-kvm takes effect only with an explicit --hint-source kpageflags" : ""))"
+        }
+        if hugetlbAvailable {
+            return .success(HintSourceChoice(source: .hugetlb, reason: "auto: hugetlb (\(why); hugetlb pool pages are owned and not migrated; rounds in which other processes use the pool fall back to anonymous)"))
+        }
+        return .success(HintSourceChoice(source: .anonymous, reason: "auto: anonymous (\(why); \(hugetlbMissing))"))
+    }
+}

@@ -1,0 +1,151 @@
+import TestSupport
+import FreePages
+import Testing
+@testable import GuestMemoryLinux
+@testable import HintSourcesLinux
+@testable import BalloonMemoryLinux
+import BalloonBlocks
+import VirtioCore
+
+@Suite struct KPageFlagsSourceTests {
+    static let buddy = KPageFlags.buddy.rawValue
+    static let used = KPageFlags([.lru, .mmap, .anon]).rawValue
+
+    /// 4096 frames: free runs [10,20), [100,1100) (crossing several 256-entry chunks),
+    /// [2000], [2047,2049) (across a chunk boundary exactly), [4000,4096) (to the end), and
+    /// a buddy page with KPF_NOPAGE (never hinted).
+    static func pattern() -> [UInt64] {
+        var v = [UInt64](repeating: used, count: 4096)
+        for r in [10..<20, 100..<1100, 2000..<2001, 2047..<2049, 4000..<4096] { for i in r { v[i] = buddy } }
+        v[3000] = buddy | KPageFlags.noPage.rawValue
+        return v
+    }
+
+    /// Reference: runs of free pages, split at RAM range ends and at `maxPages`.
+    static func expected(_ v: [UInt64], ram: [Range<UInt64>], maxPages: UInt64) -> [GuestPhysicalRange] {
+        var out: [GuestPhysicalRange] = []
+        for r in ram {
+            var start: UInt64?
+            var n: UInt64 = 0
+            func close() {
+                if let s = start { out.append(GuestPhysicalRange(start: s * 4096, length: n * 4096)) }
+                start = nil
+                n = 0
+            }
+            for pfn in r where pfn < UInt64(v.count) {
+                if KPageFlags(rawValue: v[Int(pfn)]).isFreeBuddy {
+                    if start == nil { start = pfn }
+                    n += 1
+                    if n == maxPages { close() }
+                } else { close() }
+            }
+            close()
+        }
+        return out
+    }
+
+    func drain(_ s: KPageFlagsSource, maxRanges: Int, maxRangeBytes: UInt64) throws -> (ranges: [GuestPhysicalRange], batches: Int) {
+        var all: [GuestPhysicalRange] = []
+        var batches = 0
+        while true {
+            let b = try s.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+            if b.isEmpty { return (all, batches) }
+            #expect(b.count <= maxRanges)
+            batches += 1
+            all += b
+        }
+    }
+
+    func makeTree(_ v: [UInt64]) -> FakeTree {
+        let t = FakeTree()
+        t.u64File("/proc/kpageflags", v)
+        return t
+    }
+
+    @Test func findsBuddyRunsAcrossChunkBoundaries() throws {
+        let v = Self.pattern()
+        let t = makeTree(v)
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 256, memoryMap: PhysicalMemoryMap(ramFrames: [0..<4096]))
+        #expect(s.ownership == .observed)
+        #expect(s.name == "kpageflags")
+        try s.beginRound(id: 0x8000_0001)
+        let (ranges, batches) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(ranges == [
+            GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096),
+            GuestPhysicalRange(start: 100 * 4096, length: 1000 * 4096),
+            GuestPhysicalRange(start: 2000 * 4096, length: 4096),
+            GuestPhysicalRange(start: 2047 * 4096, length: 2 * 4096),
+            GuestPhysicalRange(start: 4000 * 4096, length: 96 * 4096),
+        ])
+        #expect(batches > 1, "streams chunk by chunk")
+        #expect(s.lastScan.framesScanned == 4096)
+        #expect(s.lastScan.freeFrames == 10 + 1000 + 1 + 2 + 96)
+        #expect(s.heldBytes == 0)
+    }
+
+    @Test(arguments: [(1, 64 << 10), (3, 4 << 20), (64, 4096), (2, 40 << 10)] as [(Int, UInt64)])
+    func batchesContinueAndSplitLongRuns(maxRanges: Int, maxRangeBytes: UInt64) throws {
+        let v = Self.pattern()
+        let t = makeTree(v)
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 100, memoryMap: PhysicalMemoryMap(ramFrames: [0..<4096]))
+        try s.beginRound(id: 7)
+        let (ranges, _) = try drain(s, maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+        #expect(ranges == Self.expected(v, ram: [0..<4096], maxPages: maxRangeBytes / 4096))
+        #expect(ranges.allSatisfy { $0.start.value % 4096 == 0 && $0.length % 4096 == 0 && $0.length <= maxRangeBytes })
+    }
+
+    @Test func runsNeverCrossRAMHoles() throws {
+        let v = Self.pattern()
+        let t = makeTree(v)
+        let ram: [Range<UInt64>] = [0..<1000, 1050..<3500]
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 64, memoryMap: PhysicalMemoryMap(ramFrames: ram))
+        try s.beginRound(id: 7)
+        let (ranges, _) = try drain(s, maxRanges: 8, maxRangeBytes: 4 << 20)
+        #expect(ranges == Self.expected(v, ram: ram, maxPages: 1024))
+        #expect(ranges.contains(GuestPhysicalRange(start: 100 * 4096, length: 900 * 4096)))
+        #expect(ranges.contains(GuestPhysicalRange(start: 1050 * 4096, length: 50 * 4096)))
+        #expect(!ranges.contains { $0.start.value >= 3500 * 4096 })
+    }
+
+    @Test func withoutAMapScansToTheEndOfTheFile() throws {
+        let v = Self.pattern()
+        let t = makeTree(v)  // no /proc/iomem in the tree
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 1000)
+        try s.beginRound(id: 7)
+        let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(ranges == Self.expected(v, ram: [0..<4096], maxPages: 1024))
+    }
+
+    @Test func readsIomemFromTheTree() throws {
+        let v = Self.pattern()
+        let t = makeTree(v)
+        t.file("/proc/iomem", "00000000-00000fff : Reserved\n00001000-003e7fff : System RAM\n")  // PFNs 1..<1000
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 128)
+        try s.beginRound(id: 7)
+        let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(ranges == Self.expected(v, ram: [1..<1000], maxPages: 1024))
+    }
+
+    @Test func onlyScansInsideARound() throws {
+        let t = makeTree(Self.pattern())
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 256)
+        #expect(try s.nextBatch(maxRanges: 8, maxRangeBytes: 4 << 20).isEmpty)
+        try s.beginRound(id: 7)
+        #expect(!(try s.nextBatch(maxRanges: 1, maxRangeBytes: 4 << 20)).isEmpty)
+        s.endRound()
+        #expect(try s.nextBatch(maxRanges: 8, maxRangeBytes: 4 << 20).isEmpty)
+        // A new round rescans from the start (free memory is read after each new id).
+        try s.beginRound(id: 8)
+        let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(ranges.first == GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096))
+    }
+
+    @Test func missingFileIsAnActionableError() {
+        let t = FakeTree()
+        #expect {
+            _ = try KPageFlagsSource(root: t.root)
+        } throws: { e in
+            (e as? FreePageSourceError)?.description.contains("CAP_SYS_ADMIN") == true
+        }
+    }
+}
