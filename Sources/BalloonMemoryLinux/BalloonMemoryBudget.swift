@@ -17,15 +17,21 @@ public final class BalloonMemoryBudget {
     public let limits: OwnedMemoryLimits
     /// Bytes held by every backend using this budget.
     public private(set) var heldBytes: UInt64 = 0
+    /// balloond's one record of what it holds (shared with the hint sources).
+    public let holdings: GuestMemoryHoldings
     private let oom: OOMScoreAdjustment?
     private let logger: Logger
 
-    /// - Parameter oomScoreAdj: the value while memory is held (nil: leave it alone).
+    /// - Parameters:
+    ///   - oomScoreAdj: the value while memory is held (nil: leave it alone).
+    ///   - holdings: balloond's one `GuestMemoryHoldings` (nil: a private one).
     public init(root: SysRoot = .host, limits: OwnedMemoryLimits = OwnedMemoryLimits(), oomScoreAdj: Int? = 1000,
-                logger: Logger = Logger(label: "balloond.balloon")) {
+                holdings: GuestMemoryHoldings? = nil, logger: Logger = Logger(label: "balloond.balloon")) {
         self.root = root
         self.limits = limits
-        oom = oomScoreAdj.map { OOMScoreAdjustment(root: root, raisedValue: $0) }
+        let holdings = holdings ?? GuestMemoryHoldings(root: root)
+        self.holdings = holdings
+        oom = oomScoreAdj.map { OOMScoreAdjustment(holdings: holdings, raisedValue: $0) }
         self.logger = logger
     }
 

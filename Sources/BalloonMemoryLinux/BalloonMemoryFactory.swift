@@ -31,17 +31,17 @@ public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID:
 ///     anonymous hint source).
 ///   - arena: the memfds every page comes from (the guardian holds them too).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
-                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, effectiveUID: UInt32 = Sys.effectiveUserID,
-                                   logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
+                                   limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, holdings: GuestMemoryHoldings,
+                                   effectiveUID: UInt32 = Sys.effectiveUserID, logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let pages = LinuxBalloonPages(pagemap: pagemap, arena: arena)
     return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, compactionHold: compactionHold,
-                                  effectiveUID: effectiveUID, logger: logger)
+                                  holdings: holdings, effectiveUID: effectiveUID, logger: logger)
 }
 
 /// The same with the kernel side injected (tests).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBalloonPages, smallPages: LockedAnonymousPages,
                                    limits: OwnedMemoryLimits = OwnedMemoryLimits(), oomScoreAdj: Int? = 1000,
-                                   compactionHold: CompactionHold? = nil,
+                                   compactionHold: CompactionHold? = nil, holdings: GuestMemoryHoldings? = nil,
                                    effectiveUID: UInt32 = Sys.effectiveUserID, logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
     func recover(_ what: String, _ body: () throws(BalloonMemoryError) -> SysctlRecovery) {
@@ -60,7 +60,7 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBall
         logger.warning("kernel.numa_balancing is \(v): NUMA balancing can migrate locked anonymous balloon pages (hugetlb pages are not affected). balloond re-checks every block's PFNs before sending them; to rule it out, set /proc/sys/kernel/numa_balancing to 0")
     }
 
-    let budget = BalloonMemoryBudget(root: root, limits: limits, oomScoreAdj: oomScoreAdj, logger: logger)
+    let budget = BalloonMemoryBudget(root: root, limits: limits, oomScoreAdj: oomScoreAdj, holdings: holdings, logger: logger)
     let small = LockedAnonymousBalloonMemory(root: root, pages: smallPages, budget: budget, compactionHold: compaction, logger: logger)
     if let why = hugeTLBBalloonUnavailableReason(root: root, effectiveUID: effectiveUID) {
         logger.notice("balloon memory: locked anonymous 4 KiB pages only (no 2 MiB blocks for hugepage-backed hosts or free page reporting): \(why)")

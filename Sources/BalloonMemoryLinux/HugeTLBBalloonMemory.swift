@@ -65,7 +65,6 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
     public let budget: BalloonMemoryBudget
     private let pages: HugeTLBBalloonPages
     private let overcommit: SysctlOverride
-    private let poolStateFile: HugeTLBPoolStateFile
     private let logger: Logger
     private var held: [UInt64: Held] = [:]
     private var nextHandle: UInt64 = 1
@@ -100,7 +99,6 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
         self.budget = budget
         self.options = options
         self.logger = logger
-        poolStateFile = HugeTLBPoolStateFile(root: root)
         overcommit = SysctlOverride(root: root, sysctl: setting,
                                     stateFile: stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.hugeTLBOvercommitPath), logger: logger)
     }
@@ -128,8 +126,8 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
             ? "the hugetlb backend takes whole 2 MiB pages (512 4 KiB pages each); the last \(remainder) page(s) asked are less than one"
             : nil
         guard wanted > 0 else { return BalloonTake(blocks: [], limitedBy: wholeOnly) }
-        if let hint = try? poolStateFile.read(), hint.pid == Sys.processID || poolStateFile.writerIsAlive(hint) {
-            return BalloonTake(blocks: [], limitedBy: "the hugetlb hint source holds the hugetlb pool (\(poolStateFile.path)); balloon pages could be faulted from its hinted pages, so none are taken until it is released")
+        if budget.holdings.hugeTLBPoolGrownByHintSource {
+            return BalloonTake(blocks: [], limitedBy: "the hugetlb hint source holds the hugetlb pool; balloon pages could be faulted from its hinted pages, so none are taken until it is released")
         }
 
         budget.beginTaking()

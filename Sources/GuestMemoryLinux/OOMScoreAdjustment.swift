@@ -1,5 +1,4 @@
 import PlatformLinux
-import Synchronization
 
 /// Raises `/proc/self/oom_score_adj` while an owned source or the balloon holds memory, so
 /// that under memory pressure the OOM killer picks balloond (freeing what it holds) rather
@@ -7,22 +6,16 @@ import Synchronization
 /// process, so a crash needs no cleanup.
 ///
 /// Several holders (the anonymous hint source, the balloon backends) each have one of these
-/// for the same file. The raise is counted per file across all of them: the value is written
-/// by the first `raise` and restored by the last `restore`, so one holder letting go does not
-/// lower the score while another still holds memory.
+/// on the same `GuestMemoryHoldings`, which counts them: the value is written by the first
+/// `raise` and restored by the last `restore`, so one holder letting go does not lower the
+/// score while another still holds memory.
 package final class OOMScoreAdjustment {
-    package let path: String
+    package let holdings: GuestMemoryHoldings
     package let raisedValue: Int
     private var holding = false
 
-    private struct Holders {
-        var count: Int
-        var previous: Int
-    }
-    private static let holders = Mutex<[String: Holders]>([:])
-
-    package init(root: SysRoot, raisedValue: Int = 1000) {
-        path = root.path("/proc/self/oom_score_adj")
+    package init(holdings: GuestMemoryHoldings, raisedValue: Int = 1000) {
+        self.holdings = holdings
         self.raisedValue = raisedValue
     }
 
@@ -34,20 +27,7 @@ package final class OOMScoreAdjustment {
     /// Raises it (once per holder); returns an error text when the file cannot be written.
     package func raise() -> String? {
         guard !holding else { return nil }
-        let path = path, raisedValue = raisedValue
-        let problem: String? = Self.holders.withLock { table in
-            if var h = table[path] {
-                h.count += 1
-                table[path] = h
-                return nil
-            }
-            do {
-                let old = Int(try Sys.readAttribute(path)) ?? 0
-                if old < raisedValue { try Sys.writeAttribute(path, "\(raisedValue)\n") }
-                table[path] = Holders(count: 1, previous: old)
-                return nil
-            } catch { return "cannot raise \(path) to \(raisedValue): \(error)" }
-        }
+        let problem = holdings.addOOMScoreHolder(raisingTo: raisedValue)
         if problem == nil { holding = true }
         return problem
     }
@@ -56,19 +36,6 @@ package final class OOMScoreAdjustment {
     package func restore() -> String? {
         guard holding else { return nil }
         holding = false
-        let path = path, raisedValue = raisedValue
-        return Self.holders.withLock { table in
-            guard var h = table[path] else { return nil }
-            h.count -= 1
-            if h.count > 0 {
-                table[path] = h
-                return nil
-            }
-            table[path] = nil
-            do {
-                if h.previous < raisedValue { try Sys.writeAttribute(path, "\(h.previous)\n") }
-                return nil
-            } catch { return "cannot restore \(path) to \(h.previous): \(error)" }
-        }
+        return holdings.removeOOMScoreHolder(raisedTo: raisedValue)
     }
 }

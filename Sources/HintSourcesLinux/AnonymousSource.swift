@@ -111,20 +111,26 @@ public final class AnonymousSource: FreePageSource {
     /// - Parameters:
     ///   - backend: the memory (tests pass a fake).
     ///   - compactionHold: balloond's one `CompactionHold` (nil: a private one).
+    ///   - holdings: balloond's one `GuestMemoryHoldings`, which counts the OOM score's holders
+    ///     (nil: a private one).
     public init(root: SysRoot = .host, backend: AnonymousMemoryBackend, options: Options = Options(),
-                compactionHold: CompactionHold? = nil, logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+                compactionHold: CompactionHold? = nil, holdings: GuestMemoryHoldings? = nil,
+                logger: Logger = Logger(label: "balloond.hint.anonymous")) {
         self.root = root
         self.options = options
         self.backend = backend
         self.compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
-        self.oom = options.oomScoreAdj.map { OOMScoreAdjustment(root: root, raisedValue: $0) }
+        let holdings = holdings ?? GuestMemoryHoldings(root: root)
+        self.oom = options.oomScoreAdj.map { OOMScoreAdjustment(holdings: holdings, raisedValue: $0) }
         self.logger = logger
     }
 
     /// The real source. `pagemap` must have been opened while privileged.
     public convenience init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena, options: Options = Options(),
-                            compactionHold: CompactionHold? = nil, logger: Logger = Logger(label: "balloond.hint.anonymous")) {
-        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap, arena: arena), options: options, compactionHold: compactionHold, logger: logger)
+                            compactionHold: CompactionHold? = nil, holdings: GuestMemoryHoldings? = nil,
+                            logger: Logger = Logger(label: "balloond.hint.anonymous")) {
+        self.init(root: root, backend: LinuxAnonymousMemory(pagemap: pagemap, arena: arena), options: options, compactionHold: compactionHold,
+                  holdings: holdings, logger: logger)
     }
 
     public func beginRound(id: UInt32) throws(FreePageSourceError) {

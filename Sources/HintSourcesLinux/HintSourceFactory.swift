@@ -19,12 +19,16 @@ public struct LinuxHintSourceEnvironment {
     public var arena: DeviceMemoryArena?
     /// balloond's one `CompactionHold` (the anonymous source holds it while it holds memory).
     public var compactionHold: CompactionHold?
+    /// balloond's one record of what it holds (OOM score holders, the grown hugetlb pool),
+    /// shared with the balloon memory.
+    public var holdings: GuestMemoryHoldings
     public var logger: Logger
 
     public init(root: SysRoot = .host, pagemap: PagemapResolver?, ownHugePages: [GuestPhysicalRange] = [],
                 limits: OwnedMemoryLimits = OwnedMemoryLimits(), arena: DeviceMemoryArena? = nil, compactionHold: CompactionHold? = nil,
-                logger: Logger = Logger(label: "balloond.hint")) {
+                holdings: GuestMemoryHoldings, logger: Logger = Logger(label: "balloond.hint")) {
         self.root = root
+        self.holdings = holdings
         self.arena = arena
         self.compactionHold = compactionHold
         self.pagemap = pagemap
@@ -60,13 +64,14 @@ public func makeLinuxFreePageSource(_ source: HintSource, environment env: Linux
         }
         guard let arena = env.arena else { throw FreePageSourceError("the anonymous source needs the device memory arena") }
         return AnonymousSource(root: env.root, pagemap: pagemap, arena: arena, options: AnonymousSource.Options(limits: env.limits),
-                               compactionHold: env.compactionHold, logger: env.logger.withLabel("anonymous"))
+                               compactionHold: env.compactionHold, holdings: env.holdings, logger: env.logger.withLabel("anonymous"))
     }
     switch source {
     case .hugetlb:
         guard env.arena != nil else { throw FreePageSourceError("the hugetlb source needs the device memory arena") }
         let huge = try HugeTLBPoolSource(root: env.root, arena: env.arena, ownHugePages: env.ownHugePages,
-                                         options: HugeTLBPoolSource.Options(limits: env.limits), logger: env.logger.withLabel("hugetlb"))
+                                         options: HugeTLBPoolSource.Options(limits: env.limits), holdings: env.holdings,
+                                         logger: env.logger.withLabel("hugetlb"))
         return RoundFallbackSource(primary: huge, fallback: try anonymous(), logger: env.logger)
     case .anonymous:
         return try anonymous()

@@ -77,6 +77,8 @@ public final class HugeTLBPoolSource: FreePageSource {
     public let root: SysRoot
     public let options: Options
     public let stateFile: HugeTLBPoolStateFile
+    /// Told while the pool is grown (from before the state file is written until it is removed).
+    public let holdings: GuestMemoryHoldings
     private let control: HugeTLBPoolControl
     private let scanner: HugeTLBFrameScanner
     /// Head PFNs of balloond's own pool pages (its ring/DMA hugepage).
@@ -125,11 +127,14 @@ public final class HugeTLBPoolSource: FreePageSource {
     ///   - stateFile: where the original pool size is kept while the pool is grown.
     ///   - memoryMap: RAM to scan (nil: /proc/iomem, or up to the end of /proc/kpageflags).
     ///   - arena: where the default control's reservations come from.
+    ///   - holdings: balloond's one `GuestMemoryHoldings`: it says while the pool is grown, so
+    ///     the balloon takes no surplus hugetlb pages meanwhile (nil: a private one).
     public init(root: SysRoot = .host, control: HugeTLBPoolControl? = nil, arena: DeviceMemoryArena? = nil, ownHugePages: [GuestPhysicalRange] = [],
                 options: Options = Options(), stateFile: HugeTLBPoolStateFile? = nil, memoryMap: PhysicalMemoryMap? = nil,
-                logger: Logger = Logger(label: "balloond.hint.hugetlb")) throws(FreePageSourceError) {
+                holdings: GuestMemoryHoldings? = nil, logger: Logger = Logger(label: "balloond.hint.hugetlb")) throws(FreePageSourceError) {
         self.root = root
         self.options = options
+        self.holdings = holdings ?? GuestMemoryHoldings(root: root)
         self.control = control ?? LinuxHugeTLBPoolControl(root: root, arena: arena)
         self.stateFile = stateFile ?? HugeTLBPoolStateFile(root: root)
         self.logger = logger
@@ -275,7 +280,11 @@ public final class HugeTLBPoolSource: FreePageSource {
         }
         let c = try counters()
         try checkUnusedByOthers(c)
-        do { try stateFile.write(originalPoolSize: c.total) } catch { throw .system(error.description) }
+        holdings.setHugeTLBPoolGrownByHintSource(true)
+        do { try stateFile.write(originalPoolSize: c.total) } catch {
+            holdings.setHugeTLBPoolGrownByHintSource(false)
+            throw .system(error.description)
+        }
         generation += 1
         let firstStep = max(1, options.firstStepBytes / Self.hugePageBytes)
         session = Session(generation: generation, originalPoolSize: c.total, expectedPoolSize: c.total, stepPages: firstStep)
@@ -404,6 +413,7 @@ public final class HugeTLBPoolSource: FreePageSource {
                 logger.warning("nr_hugepages is \(after.total) after restoring \(s.originalPoolSize)")
             }
             stateFile.remove()
+            holdings.setHugeTLBPoolGrownByHintSource(false)
         } catch {
             logger.error("could not restore nr_hugepages to \(s.originalPoolSize): \(error); \(stateFile.path) is kept so the next start restores it")
         }

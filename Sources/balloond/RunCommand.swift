@@ -226,13 +226,15 @@ struct RunCommand: ParsableCommand {
                                                 pause: Sys.sleep(microseconds:))
         defer { guardian.markQuiescedIfStopped(deviceStatus: transport.status().rawValue, config: config) }  // after driver.shutdown()
         let compaction = CompactionHold(logger: logger)
+        // What balloond holds, shared by the hint source and the balloon memory.
+        let holdings = GuestMemoryHoldings()
         let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
-        let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, logger: logger)) }
+        let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, holdings: holdings, logger: logger)) }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
-        let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, logger: logger) : nil
+        let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
         var psi: PressureTrigger?
         do {
             psi = try PressureTrigger(stallMicroseconds: options.pressure.psiStallMicroseconds, windowMicroseconds: options.pressure.psiWindowMicroseconds)
@@ -355,9 +357,11 @@ extension RunCommand {
     }
 
     /// Builds the chosen free page source.
-    func makeHintSource(_ source: HintSource, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> FreePageSource {
+    func makeHintSource(_ source: HintSource, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold,
+                        holdings: GuestMemoryHoldings, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
-        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction, logger: logger)
+        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction,
+                                             holdings: holdings, logger: logger)
         return try makeLinuxFreePageSource(source, environment: env)
     }
 }
@@ -365,8 +369,9 @@ extension RunCommand {
 extension RunCommand {
     /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
     /// anonymous memory.
-    func makeBalloonMemory(arena: DeviceMemoryArena, compaction: CompactionHold, logger: Logger) throws -> BalloonMemory? {
-        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), arena: arena, limits: OwnedMemoryLimits(), compactionHold: compaction, logger: logger)
+    func makeBalloonMemory(arena: DeviceMemoryArena, compaction: CompactionHold, holdings: GuestMemoryHoldings, logger: Logger) throws -> BalloonMemory? {
+        let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), arena: arena, limits: OwnedMemoryLimits(), compactionHold: compaction,
+                                            holdings: holdings, logger: logger)
         logger.info("balloon memory: \(memory.name)")
         return memory
     }

@@ -186,6 +186,8 @@ struct BalloonFixture {
     let huge: FakeHugeTLBPages
     let small: FakeLockedPages
     let budget: BalloonMemoryBudget
+    /// What balloond holds, as the hint sources would share it.
+    let holdings: GuestMemoryHoldings
 
     /// - Parameters:
     ///   - availableMiB: MemAvailable (= MemFree) of a 1 GiB guest; the margin is 64 MiB.
@@ -206,7 +208,8 @@ struct BalloonFixture {
         }
         small = FakeLockedPages(tree: tree, memory: memory, freeFrames: frames)
         let limits = OwnedMemoryLimits(marginBytes: 64 << 20, marginFractionOfTotal: 0, maxHeldBytes: capMiB.map { $0 << 20 })
-        budget = BalloonMemoryBudget(root: tree.root, limits: limits)
+        holdings = GuestMemoryHoldings(root: tree.root)
+        budget = BalloonMemoryBudget(root: tree.root, limits: limits, holdings: holdings)
     }
 
     func hugeBackend(stepMiB: UInt64 = 64) throws -> HugeTLBBalloonMemory {

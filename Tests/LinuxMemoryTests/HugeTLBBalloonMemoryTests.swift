@@ -177,10 +177,13 @@ import VirtioCore
 
     @Test func takesNothingWhileTheHugeTLBHintSourceHoldsThePool() throws {
         let f = BalloonFixture()
-        try HugeTLBPoolStateFile(root: f.tree.root).write(originalPoolSize: 0)
-        let t = try f.hugeBackend().take(maxPages: 512, hugeOnly: true)
+        let m = try f.hugeBackend()
+        f.holdings.setHugeTLBPoolGrownByHintSource(true)
+        let t = try m.take(maxPages: 512, hugeOnly: true)
         #expect(t.blocks.isEmpty && f.huge.mapCalls.isEmpty)
         #expect(t.limitedBy?.contains("hint source holds the hugetlb pool") == true)
+        f.holdings.setHugeTLBPoolGrownByHintSource(false)
+        #expect(try m.take(maxPages: 512, hugeOnly: true).blocks.count == 1, "the pool is back: surplus pages are taken again")
     }
 
     @Test func prefersThePerSizeSysfsSetting() throws {

@@ -24,14 +24,15 @@ import VirtioCore
         OwnedMemoryLimits(marginBytes: marginMiB << 20, marginFractionOfTotal: 0, maxHeldBytes: capMiB.map { $0 << 20 })
     }
 
-    static func setup(withDMA: Bool = true, limits: OwnedMemoryLimits = limits(), prepare: (FakeHugeTLBKernel) -> Void = { _ in }) throws -> Setup {
+    static func setup(withDMA: Bool = true, limits: OwnedMemoryLimits = limits(), holdings: GuestMemoryHoldings? = nil,
+                      prepare: (FakeHugeTLBKernel) -> Void = { _ in }) throws -> Setup {
         let tree = FakeTree()
         let kernel = FakeHugeTLBKernel(tree: tree, ramMiB: 64, buddyFrames: Array(8..<32))
         if withDMA { kernel.addInUse(frame: dmaFrame) }
         prepare(kernel)
         let own = withDMA ? [GuestPhysicalRange(start: kernel.pfn(frame: dmaFrame) * 4096, length: frameBytes)] : []
         let source = try HugeTLBPoolSource(root: tree.root, control: kernel, ownHugePages: own,
-                                           options: .init(limits: limits, firstStepBytes: 4 << 20, maxStepBytes: 8 << 20))
+                                           options: .init(limits: limits, firstStepBytes: 4 << 20, maxStepBytes: 8 << 20), holdings: holdings)
         return Setup(tree: tree, kernel: kernel, source: source)
     }
 
@@ -226,6 +227,28 @@ import VirtioCore
         #expect(s.kernel.total == 5, "still held: the new descriptors are out")
         s.source.hintsApplied(new)
         #expect(s.kernel.total == 1)
+    }
+
+    @Test("the shared holdings say the pool is grown from the round's start until it is put back (every descriptor back after STOP, or DONE), so the balloon takes no surplus pages meanwhile")
+    func holdingsTellTheBalloonWhileThePoolIsGrown() throws {
+        let tree = FakeTree()
+        let holdings = GuestMemoryHoldings(root: tree.root)
+        let s = try Self.setup(holdings: holdings)
+        #expect(!holdings.hugeTLBPoolGrownByHintSource)
+        try s.source.beginRound(id: 5)
+        #expect(holdings.hugeTLBPoolGrownByHintSource, "set before the pool grows")
+        let hints = try drainHints(s.source)
+        s.source.endRound()
+        #expect(holdings.hugeTLBPoolGrownByHintSource, "STOP with descriptors still out: the pool stays grown")
+        s.source.hintsApplied(hints)
+        #expect(s.kernel.total == 1)
+        #expect(!holdings.hugeTLBPoolGrownByHintSource, "every descriptor back: the pool is back to its size")
+        try s.source.beginRound(id: 7)
+        _ = try drainHints(s.source)
+        #expect(holdings.hugeTLBPoolGrownByHintSource)
+        s.source.releaseAll()
+        #expect(s.kernel.total == 1)
+        #expect(!holdings.hugeTLBPoolGrownByHintSource, "DONE: the pool is back to its size")
     }
 
     @Test func recoversAfterACrash() throws {

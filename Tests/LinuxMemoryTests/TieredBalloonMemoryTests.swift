@@ -113,10 +113,12 @@ import VirtioCore
     }
 
     @Test func oomScoreHoldersAreCountedAcrossSources() {
-        // The anonymous hint source and the balloon each hold their own adjustment.
+        // The anonymous hint source and the balloon each hold their own adjustment, on the
+        // one GuestMemoryHoldings balloond shares between them.
         let tree = FakeTree()
         tree.file("/proc/self/oom_score_adj", "-100\n")
-        let a = OOMScoreAdjustment(root: tree.root), b = OOMScoreAdjustment(root: tree.root)
+        let holdings = GuestMemoryHoldings(root: tree.root)
+        let a = OOMScoreAdjustment(holdings: holdings), b = OOMScoreAdjustment(holdings: holdings)
         #expect(a.raise() == nil && b.raise() == nil)
         #expect(tree.read("/proc/self/oom_score_adj") == "1000\n")
         #expect(a.restore() == nil)
