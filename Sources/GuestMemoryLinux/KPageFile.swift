@@ -6,7 +6,8 @@ import PlatformLinux
 package final class KPageFile {
     package let path: String
     private let file: OpenFile
-    private var buffer: UnsafeMutableRawBufferPointer
+    /// Bound to UInt64 at allocation; read into through its raw view.
+    private let buffer: UnsafeMutableBufferPointer<UInt64>
 
     /// - Parameter chunkEntries: the most entries one `read(startPFN:count:)` returns.
     package init(path: String, chunkEntries: Int) throws(GuestMemoryError) {
@@ -14,12 +15,12 @@ package final class KPageFile {
         do { file = try OpenFile(path: path, flags: Sys.openReadOnly) } catch {
             throw .system("cannot open \(path): \(error). It needs root (CAP_SYS_ADMIN) and a kernel with CONFIG_PROC_PAGE_MONITOR")
         }
-        buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, chunkEntries) * 8, alignment: 8)
+        buffer = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(1, chunkEntries))
     }
 
     deinit { buffer.deallocate() }
 
-    package var chunkEntries: Int { buffer.count / 8 }
+    package var chunkEntries: Int { buffer.count }
 
     /// Reads up to `min(count, chunkEntries)` entries from `startPFN` and calls `body` with
     /// them (valid only inside `body`). Returns how many were read (0 at the end of the file).
@@ -29,7 +30,7 @@ package final class KPageFile {
         var got = 0
         // /proc files may return short reads; fill the chunk unless the file ends.
         while got < want {
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[got..<want])
+            let slice = UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[got..<want])
             let n: Int
             do { n = try file.pread(into: slice, offset: Int(startPFN) * 8 + got) } catch {
                 throw .system("reading \(path) at PFN 0x\(String(startPFN, radix: 16)) failed: \(error)")
@@ -38,7 +39,7 @@ package final class KPageFile {
             got += n
         }
         let entries = got / 8
-        let typed = UnsafeBufferPointer(start: buffer.baseAddress!.assumingMemoryBound(to: UInt64.self), count: entries)
+        let typed = UnsafeBufferPointer(rebasing: buffer[0..<entries])
         // x86-64 and arm64 are little-endian, as the file is.
         return (entries, body(typed))
     }

@@ -264,23 +264,7 @@ public struct StateFile: Hashable, Sendable {
     /// Replaces the contents atomically (creates the directory if missing).
     public func write(_ text: String) throws(StateFileError) {
         try directory.prepare()
-        let temporary = path + ".tmp"
-        do {
-            try Sys.removeFile(temporary)
-            let f = try OpenFile(path: temporary, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600)
-            let fd = f.descriptor
-            _ = try Sys.call("fchmod", path: temporary) { fchmod(fd, 0o600) }
-            var bytes = Array(text.utf8)[...]
-            while !bytes.isEmpty {
-                let n = try f.write(Array(bytes))
-                bytes = bytes.dropFirst(n)
-            }
-            _ = try Sys.call("fsync", path: temporary) { fsync(fd) }
-            f.close()
-            let target = path
-            _ = try Sys.call("rename", path: target) { unsafe rename(temporary, target) }
-        } catch {
-            try? Sys.removeFile(temporary)
+        do { try Sys.replaceFile(path, with: Array(text.utf8), mode: 0o600, temporary: path + ".tmp", durable: true) } catch {
             throw .system(error)
         }
         // The rename is durable once the directory is synced (best effort: /run is tmpfs).

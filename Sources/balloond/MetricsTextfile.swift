@@ -1,8 +1,5 @@
 import Balloon
 import PlatformLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Why `--metrics-textfile` cannot be used; each message says what to do.
 enum MetricsTextfileError: Error, Equatable, CustomStringConvertible {
@@ -100,19 +97,7 @@ struct MetricsTextfile {
 
     /// Replaces `path` atomically with `text`, mode 0644 whatever the umask.
     static func write(_ text: String, to path: String) throws(SystemCallError) {
-        let temporary = temporaryPath(for: path)
-        do {
-            try Sys.removeFile(temporary)
-            let f = try OpenFile(path: temporary, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o644)
-            let fd = f.descriptor
-            try Sys.call("fchmod", path: temporary) { fchmod(fd, 0o644) }
-            try f.writeAll(Array(text.utf8))
-            f.close()
-            try Sys.call("rename", path: path) { unsafe rename(temporary, path) }
-        } catch {
-            try? Sys.removeFile(temporary)
-            throw error
-        }
+        try Sys.replaceFile(path, with: Array(text.utf8), mode: 0o644, temporary: temporaryPath(for: path), durable: false)
     }
 
     /// Removes the file (at exit: metrics of a stopped balloond would look current).
