@@ -113,8 +113,8 @@ public final class KPageFlagsSource: FreePageSource {
             do {
                 (n, _) = try file.read(startPFN: base, count: want) { entries in
                     var pfn = base
-                    for raw in entries {
-                        let v = UInt64(littleEndian: raw)
+                    for i in entries.indices {
+                        let v = UInt64(littleEndian: entries[i])
                         if v & buddyMask != 0 && v & excludeMask == 0 {
                             if start == nil { start = pfn }
                             pages += 1

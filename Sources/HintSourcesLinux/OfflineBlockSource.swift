@@ -325,7 +325,8 @@ public final class OfflineBlockSource: FreePageSource {
         while pfn < first + pages {
             let want = Int(min(UInt64(kpageflags.chunkEntries), first + pages - pfn))
             let (n, allFree) = try kpageflags.read(startPFN: pfn, count: want) { entries in
-                entries.allSatisfy { KPageFlags(rawValue: UInt64(littleEndian: $0)).isFreeBuddy }
+                for i in entries.indices where !KPageFlags(rawValue: UInt64(littleEndian: entries[i])).isFreeBuddy { return false }
+                return true
             }
             if n == 0 || !allFree { return false }
             pfn += UInt64(n)
