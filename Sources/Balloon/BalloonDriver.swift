@@ -201,15 +201,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     // MARK: bring-up
 
     /// The features to ask for, from what the device offers and how the guest poisons pages
-    /// (Linux `virtballoon_validate`): PAGE_POISON only when poisoning or init_on_free is
-    /// active; REPORTING dropped when pages carry a value but PAGE_POISON is not offered.
+    /// (`PagePoisonPolicy.wantedFeatures`), never ACCESS_PLATFORM (the uio backend programs
+    /// guest-physical addresses).
     public static func wantedFeatures(offered: FeatureBits, implemented: FeatureBits, poison: PagePoisonPolicy) -> FeatureBits {
-        var want = implemented
-        if poison.poisonValue == nil {
-            want.remove(.pagePoison)
-        } else if !offered.contains(.pagePoison) {
-            want.remove(.reporting)
-        }
+        var want = poison.wantedFeatures(implemented: implemented, offered: offered)
         want.remove(.accessPlatform)
         return want
     }
@@ -314,26 +309,6 @@ public final class BalloonDriver<Transport: VirtioTransport> {
             logger.debug("queue enabled", metadata: ["role": "\(role)", "index": "\(index)", "size": "\(size)"])
         }
         for role in BalloonQueueRole.allCases where !roles.contains(role) { queues[role] = nil }
-    }
-
-    // MARK: stats
-
-    /// Posts the one stats buffer, filled with fresh values, and kicks.
-    func postStats() throws(BalloonError) {
-        guard let q = queues[.stats], !statsOutstanding else { return }
-        let stats = statsSource?.collect() ?? BalloonStatTag.allCases.map { BalloonStat($0, UInt64.max) }
-        let bytes = encodeBalloonStats(stats)
-        if statsBuffer == nil || statsBuffer!.size < bytes.count {
-            do { statsBuffer = try allocator.allocate(byteCount: max(bytes.count, 160), alignment: 16) } catch { throw .dma(error.description) }
-        }
-        let buffer = statsBuffer!
-        buffer.write(bytes, at: 0)
-        do {
-            try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(bytes.count))], token: .stats)
-        } catch { throw .queue(role: .stats, error) }
-        statsOutstanding = true
-        counters.statsBuffersSent += 1
-        try kick(.stats)
     }
 
     func kick(_ role: BalloonQueueRole) throws(BalloonError) {

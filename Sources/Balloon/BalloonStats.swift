@@ -138,3 +138,41 @@ func scanKeyValues(_ text: ArraySlice<UInt8>, separator: UInt8, _ body: (ArraySl
 public protocol BalloonStatsSource: AnyObject {
     func collect() -> [BalloonStat]
 }
+
+/// Stats from the running kernel's `/proc/vmstat` and `/proc/meminfo`.
+public final class ProcStatsSource: BalloonStatsSource {
+    let readFile: (String) -> String?
+    let pageSize: UInt64
+
+    /// - Parameter readFile: returns a file's text, or nil when it cannot be read.
+    public init(pageSize: UInt64 = 4096, readFile: @escaping (String) -> String?) {
+        self.readFile = readFile
+        self.pageSize = pageSize
+    }
+
+    public func collect() -> [BalloonStat] {
+        computeBalloonStats(vmstat: readFile("/proc/vmstat") ?? "", meminfo: readFile("/proc/meminfo") ?? "", pageSize: pageSize)
+    }
+}
+
+// MARK: the stats queue
+
+extension BalloonDriver {
+    /// Posts the one stats buffer, filled with fresh values, and kicks.
+    func postStats() throws(BalloonError) {
+        guard let q = queues[.stats], !statsOutstanding else { return }
+        let stats = statsSource?.collect() ?? BalloonStatTag.allCases.map { BalloonStat($0, UInt64.max) }
+        let bytes = encodeBalloonStats(stats)
+        if statsBuffer == nil || statsBuffer!.size < bytes.count {
+            do { statsBuffer = try allocator.allocate(byteCount: max(bytes.count, 160), alignment: 16) } catch { throw .dma(error.description) }
+        }
+        let buffer = statsBuffer!
+        buffer.write(bytes, at: 0)
+        do {
+            try q.add(readable: [GuestPhysicalRange(start: buffer.physicalAddress, length: UInt64(bytes.count))], token: .stats)
+        } catch { throw .queue(role: .stats, error) }
+        statsOutstanding = true
+        counters.statsBuffersSent += 1
+        try kick(.stats)
+    }
+}

@@ -133,12 +133,11 @@ extension BalloonDriver {
         counters.bytesReported += blocks.reduce(0) { $0 + $1.byteCount }
     }
 
-    /// Decides at bring-up whether reporting can work (QEMU skips reports when poison_val
-    /// is non-zero).
+    /// Decides at bring-up whether reporting can work (`PagePoisonPolicy.reportingRefusal`).
     func configureReporting() {
         reporting.loggedDisabled = false
-        if let v = poisonValue, v != 0 {
-            reporting.disabledReason = "poison_val is 0x\(String(v, radix: 16)) (page poisoning): QEMU ignores reports then, so reporting would only hold memory"
+        if let refusal = PagePoisonPolicy.reportingRefusal(poisonValue: poisonValue) {
+            reporting.disabledReason = refusal
         } else if balloonMemory == nil {
             reporting.disabledReason = "no balloon memory backend"
         } else {

@@ -1,3 +1,4 @@
+import FreePages
 import GuestMemoryLinux
 import PlatformLinux
 
@@ -50,12 +51,12 @@ public struct HintSourceChoice: Hashable, Sendable {
 ///
 /// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond
 ///   simulate`), not a real device.
-/// - Parameter initOnFreeKnown: false when init_on_free could not be determined
-///   (`GuestMemoryDebugConfig.initOnFreeKnown`): kpageflags is then treated as with init_on_free.
-public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
-                             initOnFreeKnown: Bool = true, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
+/// - Parameter memoryDebug: what the guest does to freed pages; its `observedHintsProblem`
+///   decides kpageflags (an unknown init_on_free counts as on).
+public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: GuestMemoryDebugConfig,
+                             unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
                              simulatedDevice: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
-    let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug, initOnFreeKnown: initOnFreeKnown,
+    let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, offlineAvailable: offlineAvailable,
                                 simulatedDevice: simulatedDevice)
     // `offline` is exempt: it takes memory out of the allocator without writing it.
@@ -74,28 +75,17 @@ public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memo
 }
 
 /// The choice before the TCG rule for owned sources.
-private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: (pagePoisoning: Bool, initOnFree: Bool),
-                            initOnFreeKnown: Bool, unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
+private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: GuestMemoryDebugConfig,
+                            unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
                             simulatedDevice: Bool) -> Result<HintSourceChoice, HintSourceSelectionError> {
-    let poisonProblem: String? = {
-        if memoryDebug.pagePoisoning {
-            return "page poisoning (page_poison=1) is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination holds zeros where the kernel expects the 0xaa poison pattern and logs \"pagealloc: memory corruption\" when it allocates them"
-        }
-        if memoryDebug.initOnFree {
-            return "init_on_free is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination may hold stale data in pages the kernel assumes are zero, and __GFP_ZERO allocations hand it out"
-        }
-        if !initOnFreeKnown {
-            return "whether init_on_free is active is unknown (no `mem auto-init` line in the kernel log, no init_on_free= on the command line, no readable /boot/config-$(uname -r) or /proc/config.gz), and with it kpageflags would leave stale data where the kernel assumes zeros"
-        }
-        return nil
-    }()
+    let poisonProblem = memoryDebug.observedHintsProblem
     let ownedHint = "Owned sources (hugetlb, anonymous) are safe with it: their pages are re-poisoned or re-zeroed when released."
     let hugetlbMissing = "there is no usable 2 MiB hugetlb pool (needs CONFIG_HUGETLBFS and readable /proc/kpageflags and /proc/kpagecount)"
 
     switch requested {
     case .kpageflags:
         if let poisonProblem {
-            return .failure(HintSourceSelectionError("--hint-source kpageflags is refused: \(poisonProblem). \(ownedHint) Use --hint-source hugetlb or anonymous (or auto)."))
+            return .failure(HintSourceSelectionError("--hint-source kpageflags is refused: \(poisonProblem.detail). \(ownedHint) Use --hint-source hugetlb or anonymous (or auto)."))
         }
         if hypervisor == .tcg {
             return .success(HintSourceChoice(source: .kpageflags, reason: "--hint-source kpageflags: the guest runs under QEMU TCG (CPUID 0x40000000 reads TCGTCGTCGTCG), where every write after the round's bitmap sync is dirty-logged and re-sent, so observed free pages are safe to hint"))
@@ -127,10 +117,10 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
         }
         var why: String
         if hypervisor == .tcg {
-            if poisonProblem == nil {
+            guard let poisonProblem else {
                 return .success(HintSourceChoice(source: .kpageflags, reason: "auto: kpageflags, the fastest source, because the guest runs under QEMU TCG (every write after the round's bitmap sync is dirty-logged) and neither page poisoning nor init_on_free is active"))
             }
-            why = "QEMU TCG, but kpageflags is not used because \(memoryDebug.pagePoisoning ? "page poisoning is active" : memoryDebug.initOnFree ? "init_on_free is active" : "init_on_free is unknown")"
+            why = "QEMU TCG, but kpageflags is not used because \(poisonProblem.summary)"
         } else {
             why = "\(hypervisor): only owned pages are safe to hint (kpageflags needs TCG\(unsafeHintsOnKVM ? "; --unsafe-hints-on-kvm takes effect only with an explicit --hint-source kpageflags" : ""))"
         }

@@ -46,30 +46,3 @@ public enum FreePageHintCommand: Hashable, Sendable, CustomStringConvertible {
         }
     }
 }
-
-/// What freed pages contain, as the guest kernel is configured (docs/virtio-balloon.md §7).
-public enum PagePoisonPolicy: Hashable, Sendable, CustomStringConvertible {
-    /// No poisoning and no init_on_free: PAGE_POISON is not negotiated.
-    case none
-    /// `page_poison=1`: freed pages hold 0xaa bytes; `poison_val = 0xAAAAAAAA`.
-    case poison
-    /// `init_on_free=1`: freed pages are zeroed; `poison_val = 0`.
-    case initOnFree
-
-    /// The `poison_val` Linux writes for this policy, or nil when PAGE_POISON is not wanted.
-    public var poisonValue: UInt32? {
-        switch self {
-        case .none: return nil
-        case .poison: return 0xAAAA_AAAA
-        case .initOnFree: return 0
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case .none: return "none"
-        case .poison: return "page_poison (0xaa)"
-        case .initOnFree: return "init_on_free (zero)"
-        }
-    }
-}

@@ -316,8 +316,7 @@ extension RunCommand {
         guard freePageHint else { return nil }
         let choice: HintSourceChoice
         switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
-                                memoryDebug: (pagePoisoning: memoryConfig.pagePoisoning, initOnFree: memoryConfig.initOnFree),
-                                initOnFreeKnown: memoryConfig.initOnFreeKnown,
+                                memoryDebug: memoryConfig,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable(),
                                 offlineAvailable: offlineHintSourceUsable()) {
         case .failure(let e): throw Failure(e.description)

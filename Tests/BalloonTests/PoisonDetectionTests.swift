@@ -10,6 +10,20 @@ import FreePages
 struct PoisonDetectionTests {
     static let debianConfig = "CONFIG_PAGE_POISONING=y\n# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\nCONFIG_INIT_ON_ALLOC_DEFAULT_ON=y\n"
 
+    @Test("poison_val as Linux writes it: 0xAAAAAAAA for page_poison, 0 for init_on_free, none otherwise")
+    func poisonValues() {
+        #expect(PagePoisonPolicy.poison.poisonValue == 0xAAAA_AAAA)
+        #expect(PagePoisonPolicy.initOnFree.poisonValue == 0)
+        #expect(PagePoisonPolicy.none.poisonValue == nil)
+    }
+
+    @Test("reporting is refused for a non-zero poison_val only (QEMU skips those reports); init_on_free's 0 and no poisoning report")
+    func reportingRefusal() {
+        #expect(PagePoisonPolicy.reportingRefusal(poisonValue: 0xAAAA_AAAA)?.contains("0xaaaaaaaa") == true)
+        #expect(PagePoisonPolicy.reportingRefusal(poisonValue: 0) == nil)
+        #expect(PagePoisonPolicy.reportingRefusal(poisonValue: nil) == nil)
+    }
+
     @Test("Debian default: no poisoning, init_on_alloc from the config")
     func debianDefault() {
         let c = GuestMemoryDebugConfig.detect(cmdline: "console=ttyS0 quiet", kernelConfig: Self.debianConfig)

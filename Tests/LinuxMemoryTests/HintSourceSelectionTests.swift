@@ -1,4 +1,5 @@
 import Testing
+import FreePages
 @testable import GuestMemoryLinux
 @testable import HintSourcesLinux
 @testable import BalloonMemoryLinux
@@ -60,7 +61,7 @@ import PlatformLinux
     ]
 
     static func choose(_ r: Row) -> Result<HintSourceChoice, HintSourceSelectionError> {
-        chooseHintSource(requested: r.requested, hypervisor: r.hv, memoryDebug: (r.poison, r.initOnFree),
+        chooseHintSource(requested: r.requested, hypervisor: r.hv, memoryDebug: GuestMemoryDebugConfig(pagePoisoning: r.poison, initOnFree: r.initOnFree),
                          unsafeHintsOnKVM: r.unsafe, hugetlbAvailable: r.hugetlb, offlineAvailable: r.offline,
                          simulatedDevice: r.simulated)
     }

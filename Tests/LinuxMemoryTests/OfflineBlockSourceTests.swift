@@ -251,7 +251,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
     @Test func chosenExplicitlyOnAnyHypervisorWithoutTheTCGOwnedSourceWarning() {
         for hv in [Hypervisor.tcg, .kvm] {
             for poison in [false, true] {
-                let r = chooseHintSource(requested: .offline, hypervisor: hv, memoryDebug: (pagePoisoning: poison, initOnFree: false),
+                let r = chooseHintSource(requested: .offline, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(pagePoisoning: poison),
                                          unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true)
                 guard case .success(let c) = r else {
                     Issue.record("offline refused on \(hv)")

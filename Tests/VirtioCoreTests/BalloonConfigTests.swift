@@ -12,13 +12,6 @@ struct BalloonConfigTests {
         #expect(FreePageHintCommand.round(7).rawValue == 7)
     }
 
-    @Test("poison_val as Linux writes it: 0xAAAAAAAA for page_poison, 0 for init_on_free, none otherwise")
-    func poisonValues() {
-        #expect(PagePoisonPolicy.poison.poisonValue == 0xAAAA_AAAA)
-        #expect(PagePoisonPolicy.initOnFree.poisonValue == 0)
-        #expect(PagePoisonPolicy.none.poisonValue == nil)
-    }
-
     @Test("balloon PFNs are 4 KiB frames and must fit 32 bits")
     func pfns() {
         #expect(PhysicalAddress(0x1234_5000).balloonPFN == 0x12345)

@@ -1,5 +1,38 @@
 import VirtioCore
 
+// Page poisoning, in one place (docs/virtio-balloon.md §7): what the guest kernel does to
+// freed pages (detected from its command line, configuration and boot log), what the device
+// is told (PAGE_POISON, `poison_val`), and what that means for free page reporting and for
+// hinting pages balloond only observed free. The driver, the hint-source choice and
+// `balloond run` ask these types; none of them re-derives a rule.
+
+/// What freed pages contain, as the guest kernel is configured (docs/virtio-balloon.md §7).
+public enum PagePoisonPolicy: Hashable, Sendable, CustomStringConvertible {
+    /// No poisoning and no init_on_free: PAGE_POISON is not negotiated.
+    case none
+    /// `page_poison=1`: freed pages hold 0xaa bytes; `poison_val = 0xAAAAAAAA`.
+    case poison
+    /// `init_on_free=1`: freed pages are zeroed; `poison_val = 0`.
+    case initOnFree
+
+    /// The `poison_val` Linux writes for this policy, or nil when PAGE_POISON is not wanted.
+    public var poisonValue: UInt32? {
+        switch self {
+        case .none: return nil
+        case .poison: return 0xAAAA_AAAA
+        case .initOnFree: return 0
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .none: return "none"
+        case .poison: return "page_poison (0xaa)"
+        case .initOnFree: return "init_on_free (zero)"
+        }
+    }
+}
+
 /// What the guest kernel does to freed and allocated pages, from its command line and build
 /// configuration (docs/virtio-balloon.md §7: `page_poisoning_enabled_static()`,
 /// `want_init_on_free()`, and poisoning overriding init_on_*).
@@ -14,7 +47,7 @@ public struct GuestMemoryDebugConfig: Equatable, Sendable, CustomStringConvertib
     /// Whether `initOnFree` was established: from the kernel's `mem auto-init` boot line, an
     /// explicit `init_on_free=` on the command line, or the kernel config. When none of them
     /// could be read it is unknown, and pages the kernel may zero on free must not be assumed
-    /// to keep their contents (`kpageflagsProblem`).
+    /// to keep their contents (`observedHintsProblem`).
     public var initOnFreeKnown: Bool
 
     public init(pagePoisoning: Bool = false, initOnFree: Bool = false, initOnAlloc: Bool = false, initOnFreeKnown: Bool = true) {
@@ -29,17 +62,6 @@ public struct GuestMemoryDebugConfig: Equatable, Sendable, CustomStringConvertib
         if pagePoisoning { return .poison }
         if initOnFree { return .initOnFree }
         return .none
-    }
-
-    /// Why hinting pages balloond only observed free (kpageflags) is unsafe here, nil when it
-    /// is not: page poisoning or init_on_free is on, or init_on_free could not be determined.
-    public var kpageflagsProblem: String? {
-        if pagePoisoning { return "page poisoning is active" }
-        if initOnFree { return "init_on_free is active" }
-        if !initOnFreeKnown {
-            return "whether init_on_free is active is unknown (no `mem auto-init` line in the kernel log, no init_on_free= on the command line, and neither /boot/config-$(uname -r) nor /proc/config.gz readable)"
-        }
-        return nil
     }
 
     public var description: String {
@@ -130,18 +152,56 @@ public struct GuestMemoryDebugConfig: Equatable, Sendable, CustomStringConvertib
     }
 }
 
-/// Stats from the running kernel's `/proc/vmstat` and `/proc/meminfo`.
-public final class ProcStatsSource: BalloonStatsSource {
-    let readFile: (String) -> String?
-    let pageSize: UInt64
+// MARK: the rules
 
-    /// - Parameter readFile: returns a file's text, or nil when it cannot be read.
-    public init(pageSize: UInt64 = 4096, readFile: @escaping (String) -> String?) {
-        self.readFile = readFile
-        self.pageSize = pageSize
+extension PagePoisonPolicy {
+    /// The features to ask for, from what balloond implements and the device offers (Linux
+    /// `virtballoon_validate`): PAGE_POISON only when poisoning or init_on_free is active;
+    /// REPORTING dropped when freed pages carry a value the device cannot be told (PAGE_POISON
+    /// not offered), since reported pages would come back with the wrong contents.
+    public func wantedFeatures(implemented: FeatureBits, offered: FeatureBits) -> FeatureBits {
+        var want = implemented
+        if poisonValue == nil {
+            want.remove(.pagePoison)
+        } else if !offered.contains(.pagePoison) {
+            want.remove(.reporting)
+        }
+        return want
     }
 
-    public func collect() -> [BalloonStat] {
-        computeBalloonStats(vmstat: readFile("/proc/vmstat") ?? "", meminfo: readFile("/proc/meminfo") ?? "", pageSize: pageSize)
+    /// Why free page reporting cannot work with the negotiated `poison_val`, nil when it can:
+    /// QEMU skips reports when `poison_val` is not zero (it would have to fill discarded
+    /// pages with the pattern), so reporting would only hold memory.
+    public static func reportingRefusal(poisonValue: UInt32?) -> String? {
+        guard let v = poisonValue, v != 0 else { return nil }
+        return "poison_val is 0x\(String(v, radix: 16)) (page poisoning): QEMU ignores reports then, so reporting would only hold memory"
+    }
+}
+
+/// Why hinting pages balloond only observed free (kpageflags) is unsafe on this guest: the
+/// kernel never rewrites a page it hinted, so after migration the destination holds zeros
+/// (QEMU skipped the page) where the kernel relies on the page's contents.
+public struct ObservedHintsProblem: Hashable, Sendable {
+    /// A few words, e.g. "page poisoning is active".
+    public let summary: String
+    /// The whole reason, for a refusal.
+    public let detail: String
+}
+
+extension GuestMemoryDebugConfig {
+    /// Why kpageflags hints are unsafe here, nil when they are not: page poisoning or
+    /// init_on_free is on, or init_on_free could not be determined. Owned sources are safe
+    /// with all three: their pages are re-poisoned or re-zeroed when released.
+    public var observedHintsProblem: ObservedHintsProblem? {
+        if pagePoisoning {
+            return ObservedHintsProblem(summary: "page poisoning is active", detail: "page poisoning (page_poison=1) is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination holds zeros where the kernel expects the 0xaa poison pattern and logs \"pagealloc: memory corruption\" when it allocates them")
+        }
+        if initOnFree {
+            return ObservedHintsProblem(summary: "init_on_free is active", detail: "init_on_free is active: kpageflags hints pages it only observed free, which the kernel never rewrites, so after migration the destination may hold stale data in pages the kernel assumes are zero, and __GFP_ZERO allocations hand it out")
+        }
+        if !initOnFreeKnown {
+            return ObservedHintsProblem(summary: "whether init_on_free is active is unknown", detail: "whether init_on_free is active is unknown (no `mem auto-init` line in the kernel log, no init_on_free= on the command line, no readable /boot/config-$(uname -r) or /proc/config.gz), and with it kpageflags would leave stale data where the kernel assumes zeros")
+        }
+        return nil
     }
 }
