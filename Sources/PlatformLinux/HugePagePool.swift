@@ -84,7 +84,7 @@ public struct HugePagePool: Sendable {
         if try available() > 0 { return true }
         // The kernel could not find 2 MiB of contiguous free memory.
         try? setCount(before)
-        throw .hugePages("raising \(countPath) from \(before) to \(before + 1) produced no free 2 MiB hugepage (memory is too fragmented); reserve one at boot with the kernel parameter hugepages=1 or early with `echo 1 > \(countPath)`")
+        throw .hugePages(.poolDidNotGrow(countPath: countPath, before: before))
     }
 
     /// Shrinks the pool by one (after our page was unmapped).

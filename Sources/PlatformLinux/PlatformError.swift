@@ -16,7 +16,7 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     /// A kernel file did not have the expected format.
     case malformedFile(path: String, reason: String)
     /// libpci could not be set up or could not read a device.
-    case libpci(String)
+    case libpci(LibPCIProblem)
     /// Not running as root.
     case notRoot(effectiveUID: UInt32)
     /// The kernel is locked down (Secure Boot); userspace BAR access is forbidden.
@@ -25,9 +25,9 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     /// are not what the device sees.
     case iommuTranslating(bdf: String, group: String, domainType: String)
     /// Physical addresses cannot be read from /proc/self/pagemap.
-    case pagemap(String)
+    case pagemap(PagemapProblem)
     /// No 2 MiB hugepage could be had.
-    case hugePages(String)
+    case hugePages(HugePageProblem)
     /// A kernel module is neither loaded nor loadable.
     case moduleUnavailable(name: String, attempts: [String])
     /// Binding uio_pci_generic did not take.
@@ -57,18 +57,18 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "PCI function \(bdf) is \(hex4(v)):\(hex4(d)), not a virtio balloon (1af4:1002 or 1af4:1045); balloond refuses to touch it. Run `balloond list` to find the balloon"
         case .malformedFile(let path, let reason):
             return "unexpected contents in \(path): \(reason)"
-        case .libpci(let m):
-            return "libpci: \(m)"
+        case .libpci(let p):
+            return "libpci: \(p)"
         case .notRoot(let uid):
             return "balloond must run as root (effective uid is \(uid)): it rebinds PCI drivers, maps BARs and reads physical addresses from /proc/self/pagemap. Run it as root (e.g. with sudo)"
         case .kernelLockdown(let mode):
             return "the kernel is in lockdown mode '\(mode)' (usually enforced by UEFI Secure Boot): it forbids userspace access to PCI BARs, so uio cannot work. Disable Secure Boot in the VM firmware, or boot a kernel that is not locked down (lockdown cannot be lifted at run time)"
         case .iommuTranslating(let bdf, let group, let type):
             return "PCI function \(bdf) is in IOMMU group \(group) with domain type '\(type)': the guest IOMMU translates its DMA, so the guest-physical ring addresses balloond programs would be wrong. Boot the guest with iommu=pt (or intel_iommu=off / amd_iommu=off)"
-        case .pagemap(let m):
-            return m
-        case .hugePages(let m):
-            return m
+        case .pagemap(let p):
+            return p.description
+        case .hugePages(let p):
+            return p.description
         case .moduleUnavailable(let name, let attempts):
             let tried = attempts.isEmpty ? "" : " Tried: " + attempts.joined(separator: "; ") + "."
             return "kernel module \(name) is not loaded and could not be loaded.\(tried) Install the modules for the running kernel (Debian: linux-image-$(uname -r), which ships \(name).ko) or use a kernel built with CONFIG_UIO=m and CONFIG_UIO_PCI_GENERIC=m (or =y)"
@@ -83,6 +83,87 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "PCI function \(bdf) is bound to \(driver), not virtio-pci or uio_pci_generic: something else (a VM passthrough, another tool) is using it, and balloond leaves it alone. Unbind it from \(driver) first, or pass --force to take it anyway"
         case .stateFile(let e):
             return e.description
+        }
+    }
+}
+
+/// Why libpci could not list the PCI functions.
+public enum LibPCIProblem: Hashable, Sendable, CustomStringConvertible {
+    /// `/sys/bus/pci/devices` (under the root) is not a directory.
+    case noSysfsDevices(directory: String)
+    /// A C allocation (`pci_alloc`, `strdup`) returned NULL.
+    case outOfMemory(call: String)
+    /// libpci < 3.5 has no `sysfs.path` parameter.
+    case noSysfsPathParameter
+
+    public var description: String {
+        switch self {
+        case .noSysfsDevices(let directory):
+            return "\(directory) does not exist: is sysfs mounted (mount -t sysfs sysfs /sys) and does this kernel have PCI support?"
+        case .outOfMemory(let call):
+            return "\(call) failed (out of memory)"
+        case .noSysfsPathParameter:
+            return "this libpci has no sysfs.path parameter; install libpci3 ≥ 3.5 (Debian: libpci3)"
+        }
+    }
+}
+
+/// Why a physical address could not be read from `/proc/self/pagemap`.
+public enum PagemapProblem: Hashable, Sendable, CustomStringConvertible {
+    /// The page at the virtual address is swapped out.
+    case swappedOut(virtualAddress: UInt)
+    /// The page at the virtual address is not present (never faulted in).
+    case notPresent(virtualAddress: UInt)
+    /// The page is present but its PFN reads as 0: the kernel hides PFNs without CAP_SYS_ADMIN.
+    case pfnHidden(virtualAddress: UInt)
+    /// Opening the pagemap failed (`error.path` is the file).
+    case cannotOpen(SystemCallError)
+    /// `pread` of the pagemap failed.
+    case readFailed(path: String, offset: Int, SystemCallError)
+    /// `pread` returned fewer bytes than `entries` entries need.
+    case shortRead(path: String, offset: Int, entries: Int, bytes: Int)
+    /// The pagemap returned no entry for the page at the virtual address.
+    case noEntry(virtualAddress: UInt)
+
+    public var description: String {
+        func hexVA(_ va: UInt) -> String { "0x" + String(va, radix: 16) }
+        switch self {
+        case .swappedOut(let va):
+            return "the page at \(hexVA(va)) is swapped out; DMA memory must be locked with mlock before its address is read"
+        case .notPresent(let va):
+            return "the page at \(hexVA(va)) is not present; fault it in (touch it) and mlock it before reading its physical address"
+        case .pfnHidden(let va):
+            return "/proc/self/pagemap shows PFN 0 for the present page at \(hexVA(va)): the kernel hides physical addresses from processes without CAP_SYS_ADMIN (Linux ≥ 4.2). Run balloond as root, and open pagemap before dropping privileges"
+        case .cannotOpen(let e):
+            let path = e.path ?? "/proc/self/pagemap"
+            if e.errno == .permissionDenied || e.errno == .notPermitted {
+                return "cannot open \(path): \(e). Reading physical addresses needs CAP_SYS_ADMIN; run balloond as root"
+            }
+            return "cannot open \(path): \(e). balloond needs /proc mounted and a kernel with CONFIG_PROC_PAGE_MONITOR"
+        case .readFailed(let path, let offset, let e):
+            return "reading \(path) at offset \(offset) failed: \(e)"
+        case .shortRead(let path, let offset, let entries, let bytes):
+            let what = entries == 1 ? "the entry" : "\(entries) entries"
+            return "\(path) returned \(bytes) bytes for \(what) at offset \(offset), expected \(entries * 8)"
+        case .noEntry(let va):
+            return "no pagemap entry for the DMA page at \(hexVA(va))"
+        }
+    }
+}
+
+/// Why no usable 2 MiB hugepage could be had.
+public enum HugePageProblem: Hashable, Sendable, CustomStringConvertible {
+    /// Raising `nr_hugepages` by one did not produce a free page (memory too fragmented).
+    case poolDidNotGrow(countPath: String, before: UInt64)
+    /// The mapped "hugepage" is not one aligned, physically contiguous 2 MiB frame.
+    case notContiguous(first: PhysicalAddress, last: PhysicalAddress)
+
+    public var description: String {
+        switch self {
+        case .poolDidNotGrow(let countPath, let before):
+            return "raising \(countPath) from \(before) to \(before + 1) produced no free 2 MiB hugepage (memory is too fragmented); reserve one at boot with the kernel parameter hugepages=1 or early with `echo 1 > \(countPath)`"
+        case .notContiguous(let first, let last):
+            return "the hugepage at \(first) is not one aligned contiguous 2 MiB frame (last 4 KiB at \(last)); was it backed by a hugetlb page?"
         }
     }
 }

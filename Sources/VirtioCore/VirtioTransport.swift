@@ -171,7 +171,7 @@ public protocol InterruptLine: AnyObject {
 }
 
 /// Errors from PCI config space and BAR access.
-public enum PCIError: Error, Hashable, CustomStringConvertible {
+public enum PCIError: Error, Hashable, Sendable, CustomStringConvertible {
     /// Reading or writing config space failed (I/O error, device gone).
     case configAccess(offset: Int, reason: String)
     /// A BAR could not be mapped or is not what a virtio device should have.
@@ -191,7 +191,7 @@ public enum VirtioCapabilityType: UInt8, Sendable {
 }
 
 /// A capability list that balloond refuses, naming the problem.
-public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
+public enum VirtioCapabilityError: Error, Hashable, Sendable, CustomStringConvertible {
     case noCapabilityList
     case pointerBelowHeader(at: Int, pointer: Int)
     case pointerMisaligned(at: Int, pointer: Int)

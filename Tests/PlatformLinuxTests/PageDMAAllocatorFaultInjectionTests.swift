@@ -64,9 +64,12 @@ struct PageDMAAllocatorFaultInjectionTests {
         let hold = FakeMigrationHold()
         hold.fail = "cannot set /proc/sys/vm/compact_unevictable_allowed to 0"
         let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold, arena: try DeviceMemoryArena())
-        #expect { _ = try a.allocate(byteCount: 64, alignment: 16) } throws: {
-            "\($0)".contains("compact_unevictable_allowed") && "\($0)".contains("hugepage")
+        #expect(throws: DMAError.platform(DMAMemoryError.noMigrationHold(MigrationHoldError(reason: hold.fail!)))) {
+            _ = try a.allocate(byteCount: 64, alignment: 16)
         }
+        // The rendered message says what to do.
+        let message = DMAMemoryError.noMigrationHold(MigrationHoldError(reason: hold.fail!)).description
+        #expect(message.contains("compact_unevictable_allowed") && message.contains("hugepage"))
         #expect(a.livePages == 0 && a.pagesAllocated == 0)
     }
 
@@ -81,6 +84,9 @@ struct PageDMAAllocatorFaultInjectionTests {
         #expect(live.count == 1 && live[0].pfn == pfn)
         // The kernel migrates it: pagemap now shows another frame.
         pagemap.moved[live[0].virtual] = pfn + 1
-        #expect { try a.verifyPlacement() } throws: { "\($0)".contains("moved") }
+        #expect { try a.verifyPlacement() } throws: { error in
+            guard case DMAError.platform(let e as DMAMemoryError) = error, case .pageMoved(fromPFN: pfn, let now) = e else { return false }
+            return now?.pfn == pfn + 1 && "\(error)".contains("moved from frame 0x\(String(pfn, radix: 16))")
+        }
     }
 }
