@@ -60,7 +60,7 @@ public final class HeapDMAAllocator: DMAAllocator {
         var raw: UnsafeMutableRawPointer? = nil
         let rc = unsafe posix_memalign(&raw, max(alignment, 16), byteCount)
         guard rc == 0, let base = raw else { throw .outOfMemory(byteCount: byteCount, errno: rc) }
-        let address = PhysicalAddress(UInt64(UInt(bitPattern: unsafe base)))
+        let address = PhysicalAddress(UInt64(UInt(bitPattern: base)))
         // Unsafe: `base` is a fresh heap block of byteCount bytes, freed exactly once in release.
         let region = unsafe DMARegion(unsafeBase: base, physicalAddress: address, size: byteCount, release: { unsafe free(base) })
         region.zero()
