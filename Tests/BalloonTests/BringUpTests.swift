@@ -211,6 +211,8 @@ struct BringUpTests {
         rig.device.bar4.write16(2, at: CommonConfig.queueSelect)
         rig.device.bar4.write16(2, at: CommonConfig.queueEnable)
         #expect(rig.device.broken)
+        #expect(rig.device.lastError == .wrongQueueEnable(2))
+        #expect(rig.device.lastError?.description == "wrong value for queue_enable 2")
         #expect(rig.device.status.contains(.needsReset))
         #expect(throws: BalloonError.transport(.needsReset(rig.device.status))) { try rig.serviceAll() }
         try rig.driver.bringUp()
