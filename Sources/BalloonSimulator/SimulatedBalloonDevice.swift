@@ -137,7 +137,7 @@ public final class SimulatedBalloonDevice {
     /// A transport over this device's registers, exactly as balloond builds one over a real BAR4.
     public func makeTransport() throws(TransportError) -> ModernPCITransport {
         try ModernPCITransport(config: configSpace, barSizes: configSpace.barSizes, mapBAR: { (bar) throws(PCIError) -> MMIORegion in
-            guard bar == 4 else { throw PCIError.bar(index: bar, reason: "simulator maps only BAR4") }
+            guard bar == 4 else { throw PCIError.bar(index: bar, reason: PCIAccessProblem.notMapped) }  // only BAR4
             return self.bar4
         }, pause: { _ in })  // the simulated device acts at once: no time passes between polls
     }

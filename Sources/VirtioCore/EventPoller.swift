@@ -31,7 +31,7 @@ public enum PollerError: Error, Equatable, CustomStringConvertible {
     case interruptSourceLost(revents: Int16)
     /// poll(2) itself failed; the platform's error (PlatformLinux: a `SystemCallError`) keeps
     /// the errno.
-    case pollFailed(any Error & Hashable & CustomStringConvertible)
+    case pollFailed(any ErrorReason)
 
     /// What happened, without the leading "the interrupt source went away" or "waiting failed".
     public var reason: String {

@@ -123,7 +123,7 @@ public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
     case outOfMemory(byteCount: Int, errno: Int32)
     /// The platform allocator failed; its own error (e.g. PlatformLinux's `DMAMemoryError`)
     /// says why and keeps the underlying errno.
-    case platform(any Error & Hashable & CustomStringConvertible)
+    case platform(any ErrorReason)
 
     public var description: String {
         switch self {

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Testing
 import PlatformLinux
+import VirtioCore
 
 /// A device for the guardian's decisions.
 final class FakeGuardedDevice: GuardedDevice {
@@ -50,14 +51,14 @@ struct GuardianStateFaultInjectionTests {
     func bothFailKeepsMemory() {
         let d = FakeGuardedDevice()
         let address = PCIAddress("0000:00:03.0")!
-        let noBAR = GuardianDeviceError.pci(.bar(index: 4, reason: "no BAR"))
+        let noBAR = GuardianDeviceError.pci(.bar(index: 4, reason: PCIAccessProblem.notMapped))
         let noConfig = GuardianDeviceError.platform(.deviceNotFound(bdf: address.bdf))
         d.resetFails = noBAR
         d.busMasterFails = noConfig
         let v = GuardianState().workerGone(device: d)
         #expect(!v.releasesMemory)
         #expect(v == .keepMemory(reset: noBAR, busMaster: noConfig))
-        #expect(v.description.contains("(reset: BAR4: no BAR; Bus Master: no PCI function 0000:00:03.0 in /sys/bus/pci/devices"))
+        #expect(v.description.contains("(reset: BAR4: not mapped; Bus Master: no PCI function 0000:00:03.0 in /sys/bus/pci/devices"))
     }
 
     @Test("pool growth messages are counted; unknown bytes are ignored")
