@@ -279,10 +279,10 @@ public final class DriverBinder {
         let uioDir = address.sysfsDirectory(in: root) + "/uio"
         let names: [String]
         do { names = try Sys.listDirectory(uioDir).filter { $0.hasPrefix("uio") } } catch {
-            throw .uioDeviceMissing(bdf: address.bdf, reason: "\(uioDir) is missing (\(error)); uio_pci_generic did not register a uio device")
+            throw .uioDeviceMissing(bdf: address.bdf, .noUIODirectory(path: uioDir, error))
         }
         guard names.count == 1, let name = names.first else {
-            throw .uioDeviceMissing(bdf: address.bdf, reason: "expected one uioN entry in \(uioDir), found \(names)")
+            throw .uioDeviceMissing(bdf: address.bdf, .uioEntries(directory: uioDir, found: names))
         }
         let devFile = "\(uioDir)/\(name)/dev"
         let devText: String
@@ -300,7 +300,7 @@ public final class DriverBinder {
         if !Sys.exists(node) {
             logger.info("\(node) did not appear (no devtmpfs?); creating it as \(major):\(minor)")
             do { try kernel.makeCharacterDevice(node, major: major, minor: minor) } catch {
-                throw .uioDeviceMissing(bdf: address.bdf, reason: "\(node) does not exist and mknod failed: \(error)")
+                throw .uioDeviceMissing(bdf: address.bdf, .mknodFailed(node: node, error))
             }
         }
         return UIOBinding(address: address, uioName: name, devicePath: node, previousDriver: previousDriver)

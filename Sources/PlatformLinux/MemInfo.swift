@@ -34,11 +34,9 @@ public struct MemInfo: Hashable, Sendable {
     /// Reads `/proc/meminfo` under `root`.
     public static func read(root: SysRoot = .host) throws(PlatformError) -> MemInfo {
         let path = root.path("/proc/meminfo")
-        do { return try MemInfo(parsing: try Sys.readTextFile(path), path: path) } catch let e as PlatformError {
-            throw e
-        } catch let e as SystemCallError {
-            throw .system(e)
-        } catch { throw .malformedFile(path: path, reason: "\(error)") }
+        let text: String
+        do { text = try Sys.readTextFile(path) } catch { throw .system(error) }
+        return try MemInfo(parsing: text, path: path)
     }
 
     public subscript(_ key: String) -> UInt64? { fields[key] }

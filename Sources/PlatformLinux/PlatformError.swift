@@ -33,7 +33,7 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     /// Binding uio_pci_generic did not take.
     case bindFailed(bdf: String, expected: String, found: String?, detail: String)
     /// uio_pci_generic is bound but its /dev/uioN cannot be found or made.
-    case uioDeviceMissing(bdf: String, reason: String)
+    case uioDeviceMissing(bdf: String, UIODeviceProblem)
     /// Another process holds the device's lock.
     case deviceBusy(bdf: String, lockPath: String, holderPID: Int32?)
     /// The device is bound to a driver balloond does not take devices from without `--force`.
@@ -74,8 +74,8 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "kernel module \(name) is not loaded and could not be loaded.\(tried) Install the modules for the running kernel (Debian: linux-image-$(uname -r), which ships \(name).ko) or use a kernel built with CONFIG_UIO=m and CONFIG_UIO_PCI_GENERIC=m (or =y)"
         case .bindFailed(let bdf, let expected, let found, let detail):
             return "binding \(bdf) to \(expected) failed: its driver is \(found ?? "none") afterwards. \(detail) Check `dmesg` (uio_pci_generic refuses devices without INTx masking support)"
-        case .uioDeviceMissing(let bdf, let reason):
-            return "uio_pci_generic is bound to \(bdf) but its /dev/uioN is unusable: \(reason)"
+        case .uioDeviceMissing(let bdf, let problem):
+            return "uio_pci_generic is bound to \(bdf) but its /dev/uioN is unusable: \(problem)"
         case .deviceBusy(let bdf, let path, let pid):
             let who = pid.map { "another balloond (pid \($0))" } ?? "another balloond"
             return "device \(bdf) held by \(who): \(path) is locked. Stop that process first, or pick another device"
@@ -83,6 +83,35 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "PCI function \(bdf) is bound to \(driver), not virtio-pci or uio_pci_generic: something else (a VM passthrough, another tool) is using it, and balloond leaves it alone. Unbind it from \(driver) first, or pass --force to take it anyway"
         case .stateFile(let e):
             return e.description
+        }
+    }
+}
+
+/// Why a bound device's /dev/uioN cannot be used.
+public indirect enum UIODeviceProblem: Hashable, Sendable, CustomStringConvertible {
+    /// The device's `uio/` directory cannot be listed.
+    case noUIODirectory(path: String, SystemCallError)
+    /// `uio/` does not hold exactly one uioN entry.
+    case uioEntries(directory: String, found: [String])
+    /// /dev/uioN did not appear and creating it failed.
+    case mknodFailed(node: String, PlatformError)
+    /// Opening /dev/uioN (or fstat of it) failed.
+    case cannotOpen(path: String, SystemCallError)
+    /// The path is not a character device.
+    case notACharacterDevice(path: String)
+
+    public var description: String {
+        switch self {
+        case .noUIODirectory(let path, let e):
+            return "\(path) is missing (\(e)); uio_pci_generic did not register a uio device"
+        case .uioEntries(let directory, let found):
+            return "expected one uioN entry in \(directory), found \(found)"
+        case .mknodFailed(let node, let e):
+            return "\(node) does not exist and mknod failed: \(e)"
+        case .cannotOpen(let path, let e):
+            return "cannot open \(path): \(e)"
+        case .notACharacterDevice(let path):
+            return "\(path) is not a character device; remove it and bind again"
         }
     }
 }

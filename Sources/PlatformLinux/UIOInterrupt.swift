@@ -33,18 +33,13 @@ public final class UIOInterruptLine: InterruptLine {
     public init(devicePath: String, config: PCIConfigSpace, requireCharacterDevice: Bool = true) throws(PlatformError) {
         self.devicePath = devicePath
         self.config = config
+        let mode: mode_t
         do {
             file = try OpenFile(path: devicePath, flags: O_RDWR | O_NONBLOCK)
-            let st = try file.status()
-            if requireCharacterDevice && (st.st_mode & S_IFMT) != S_IFCHR {
-                throw PlatformError.uioDeviceMissing(bdf: devicePath, reason: "\(devicePath) is not a character device; remove it and bind again")
-            }
-        } catch let e as SystemCallError {
-            throw .uioDeviceMissing(bdf: devicePath, reason: "cannot open \(devicePath): \(e)")
-        } catch let e as PlatformError {
-            throw e
-        } catch {
-            throw .uioDeviceMissing(bdf: devicePath, reason: "\(error)")
+            mode = try file.status().st_mode
+        } catch { throw .uioDeviceMissing(bdf: devicePath, .cannotOpen(path: devicePath, error)) }
+        if requireCharacterDevice && (mode & S_IFMT) != S_IFCHR {
+            throw .uioDeviceMissing(bdf: devicePath, .notACharacterDevice(path: devicePath))
         }
     }
 

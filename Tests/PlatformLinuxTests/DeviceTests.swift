@@ -144,6 +144,7 @@ import VirtioPCI
             _ = try UIOInterruptLine(devicePath: t.at("/dev/uio0"), config: FakePCIConfigSpace(bytes: []))
             Issue.record("a regular file must be refused")
         } catch {
+            #expect(error == .uioDeviceMissing(bdf: t.at("/dev/uio0"), .notACharacterDevice(path: t.at("/dev/uio0"))))
             #expect(error.description.contains("is not a character device"))
         }
     }
@@ -154,7 +155,8 @@ import VirtioPCI
             _ = try UIOInterruptLine(devicePath: t.at("/dev/uio9"), config: FakePCIConfigSpace(bytes: []))
             Issue.record("a missing node must fail")
         } catch {
-            #expect(error.description.contains("cannot open"))
+            let path = t.at("/dev/uio9")
+            #expect(error == .uioDeviceMissing(bdf: path, .cannotOpen(path: path, SystemCallError(call: "open", path: path, errno: .noSuchFileOrDirectory))))
         }
     }
 }

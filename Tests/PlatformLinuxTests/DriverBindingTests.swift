@@ -218,10 +218,11 @@ import Testing
             _ = try b.bind(bdf)
             Issue.record("a uio binding without uio/uioN must fail")
         } catch {
-            guard case .uioDeviceMissing = error else {
+            guard case .uioDeviceMissing(bdf.bdf, .noUIODirectory(let path, let e)) = error else {
                 Issue.record("unexpected \(error)")
                 return
             }
+            #expect(path == t.at("/sys/bus/pci/devices/\(bdf.bdf)/uio") && e.errno == .noSuchFileOrDirectory)
             #expect(error.description.contains("did not register a uio device"))
         }
     }
