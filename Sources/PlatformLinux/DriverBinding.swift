@@ -148,7 +148,7 @@ public final class DriverBinder {
         let saved = (try loadSavedDriver(address)) ?? nil
         let previous = current ?? saved
         if let previous, !Self.isValidDriverName(previous) {
-            throw .malformedFile(path: dir + "/driver", reason: "the driver name '\(previous)' has characters other than letters, digits, '_', '.' and '-'")
+            throw .malformedFile(path: dir + "/driver", reason: .badDriverName(previous))
         }
         // Save first, so a crash between here and the end can still be undone by `restore`.
         do { try stateFile(for: address).write((previous ?? "") + "\n") } catch { throw .stateFile(error) }
@@ -238,7 +238,7 @@ public final class DriverBinder {
         let text: String
         do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
         guard let v = parseNumber(text, hex: true), v <= 0xffff else {
-            throw .malformedFile(path: path, reason: "'\(text)' is not a 16-bit hex ID")
+            throw .malformedFile(path: path, reason: .notHexID(text))
         }
         return UInt16(v)
     }
@@ -289,7 +289,7 @@ public final class DriverBinder {
         do { devText = try Sys.readAttribute(devFile) } catch { throw .system(error) }
         let parts = devText.split(separator: ":")
         guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else {
-            throw .malformedFile(path: devFile, reason: "'\(devText)' is not major:minor")
+            throw .malformedFile(path: devFile, reason: .notMajorMinor(devText))
         }
         let node = root.path("/dev/\(name)")
         var tries = 0

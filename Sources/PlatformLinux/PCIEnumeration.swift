@@ -93,12 +93,12 @@ public struct PCIEnumerator: Sendable {
         var wanted: [PCIAddress] = []
         for name in names where !name.hasPrefix(".") {
             guard let a = PCIAddress(name) else {
-                throw .malformedFile(path: devicesDir, reason: "entry '\(name)' is not a PCI address")
+                throw .malformedFile(path: devicesDir, reason: .notAPCIAddressEntry(name))
             }
             for file in ["vendor", "device", "class", "resource", "config"] {
                 let p = devicesDir + "/" + name + "/" + file
                 guard unsafe access(p, R_OK) == 0 else {
-                    throw .malformedFile(path: p, reason: "missing or unreadable (libpci needs it to describe \(name))")
+                    throw .malformedFile(path: p, reason: .unreadableForLibPCI(function: name))
                 }
             }
             if only == nil || only == a { wanted.append(a) }

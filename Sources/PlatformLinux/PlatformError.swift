@@ -14,7 +14,7 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     /// balloond only drives virtio balloons; it refuses to bind or touch anything else.
     case notAVirtioBalloon(bdf: String, vendor: UInt16, device: UInt16)
     /// A kernel file did not have the expected format.
-    case malformedFile(path: String, reason: String)
+    case malformedFile(path: String, reason: FileFormatProblem)
     /// libpci could not be set up or could not read a device.
     case libpci(LibPCIProblem)
     /// Not running as root.
@@ -83,6 +83,70 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "PCI function \(bdf) is bound to \(driver), not virtio-pci or uio_pci_generic: something else (a VM passthrough, another tool) is using it, and balloond leaves it alone. Unbind it from \(driver) first, or pass --force to take it anyway"
         case .stateFile(let e):
             return e.description
+        }
+    }
+}
+
+/// What in a kernel file did not have the expected format (`PlatformError.malformedFile`).
+/// Line numbers count from 1.
+public enum FileFormatProblem: Hashable, Sendable, CustomStringConvertible {
+    /// A /proc/meminfo line without ':'.
+    case noColon(line: Int, text: String)
+    /// A /proc/meminfo line that is not `Key: number [kB]`.
+    case notKeyNumber(line: Int, text: String)
+    /// A /proc/meminfo value with a unit other than kB.
+    case unitNotKB(line: Int, unit: String)
+    /// A sysfs resource line without exactly three fields.
+    case resourceFieldCount(line: Int, fields: Int, text: String)
+    /// A sysfs resource field that is not a hex number.
+    case notHex(line: Int, field: String)
+    /// A sysfs resource line whose end is below its start.
+    case endBelowStart(line: Int, start: UInt64, end: UInt64)
+    /// An entry of /sys/bus/pci/devices that is not a PCI address.
+    case notAPCIAddressEntry(String)
+    /// A sysfs file libpci needs to describe the function is missing or unreadable.
+    case unreadableForLibPCI(function: String)
+    /// The lockdown file has no `[selected]` mode.
+    case noSelectedLockdownMode(text: String)
+    /// The iommu_group link's target names no group.
+    case noIOMMUGroup(target: String)
+    /// The PSI trigger write was short.
+    case shortTriggerWrite(written: Int, of: Int)
+    /// A driver name with characters other than letters, digits, '_', '.' and '-'.
+    case badDriverName(String)
+    /// Not a 16-bit hex ID (vendor, device).
+    case notHexID(String)
+    /// A uio `dev` file that is not `major:minor`.
+    case notMajorMinor(String)
+    /// Not a decimal number.
+    case notANumber(String)
+    /// /proc/meminfo's default hugepage size is not 2 MiB and sysfs has no 2 MiB pool.
+    case defaultHugePageSizeNot2MiB(bytes: UInt64, missingSysfsDirectory: String)
+    /// /proc/meminfo has no HugePages_Free line.
+    case noHugePagesFree
+    /// /proc/meminfo lacks one of HugePages_Total, HugePages_Free, HugePages_Rsvd.
+    case noHugePageCounters
+
+    public var description: String {
+        switch self {
+        case .noColon(let n, let text): return "line \(n) has no ':': \(text)"
+        case .notKeyNumber(let n, let text): return "line \(n) is not 'Key: number [kB]': \(text)"
+        case .unitNotKB(let n, let unit): return "line \(n) has unit '\(unit)', expected kB"
+        case .resourceFieldCount(let n, let fields, let text): return "line \(n) has \(fields) fields, expected 'start end flags': \(text)"
+        case .notHex(let n, let field): return "line \(n): '\(field)' is not a hex number"
+        case .endBelowStart(let n, let start, let end): return "line \(n): end \(hex(end)) is below start \(hex(start))"
+        case .notAPCIAddressEntry(let name): return "entry '\(name)' is not a PCI address"
+        case .unreadableForLibPCI(let function): return "missing or unreadable (libpci needs it to describe \(function))"
+        case .noSelectedLockdownMode(let text): return "no [selected] mode in '\(text)'"
+        case .noIOMMUGroup(let target): return "link target '\(target)' names no group"
+        case .shortTriggerWrite(let written, let of): return "the kernel took \(written) of \(of) bytes of the trigger"
+        case .badDriverName(let name): return "the driver name '\(name)' has characters other than letters, digits, '_', '.' and '-'"
+        case .notHexID(let text): return "'\(text)' is not a 16-bit hex ID"
+        case .notMajorMinor(let text): return "'\(text)' is not major:minor"
+        case .notANumber(let text): return "'\(text)' is not a number"
+        case .defaultHugePageSizeNot2MiB(let bytes, let dir): return "the default hugepage size is \(bytes) bytes, not 2 MiB, and there is no \(dir)"
+        case .noHugePagesFree: return "no HugePages_Free line"
+        case .noHugePageCounters: return "no HugePages_Total/Free/Rsvd lines"
         }
     }
 }

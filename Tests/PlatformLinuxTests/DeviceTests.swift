@@ -293,7 +293,7 @@ import VirtioPCI
         let t = FakeTree()
         t.pciDevice("0000:00:03.0", vendor: 0x1af4, device: 0x1045)
         t.remove("/sys/bus/pci/devices/0000:00:03.0/class")
-        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/bus/pci/devices/0000:00:03.0/class"), reason: "missing or unreadable (libpci needs it to describe 0000:00:03.0)")) {
+        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/bus/pci/devices/0000:00:03.0/class"), reason: .unreadableForLibPCI(function: "0000:00:03.0"))) {
             try PCIEnumerator(root: t.root).functions()
         }
         t.directory("/sys/bus/pci/devices/garbage")

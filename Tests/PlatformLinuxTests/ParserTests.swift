@@ -53,9 +53,11 @@ import VirtioCore
     }
 
     @Test func rejectsWrongFieldCount() {
-        #expect(throws: PlatformError.malformedFile(path: "res", reason: "line 2 has 2 fields, expected 'start end flags': 0x0 0x0")) {
+        #expect(throws: PlatformError.malformedFile(path: "res", reason: .resourceFieldCount(line: 2, fields: 2, text: "0x0 0x0"))) {
             try parseSysfsResourceFile("0x0 0x0 0x0\n0x0 0x0\n", path: "res")
         }
+        #expect(PlatformError.malformedFile(path: "res", reason: .resourceFieldCount(line: 2, fields: 2, text: "0x0 0x0")).description
+            == "unexpected contents in res: line 2 has 2 fields, expected 'start end flags': 0x0 0x0")
     }
 
     @Test func rejectsNonHex() {

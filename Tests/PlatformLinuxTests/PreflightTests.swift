@@ -66,7 +66,7 @@ import Testing
     @Test func lockdownFileWithoutSelectionIsMalformed() {
         let t = goodTree()
         t.file("/sys/kernel/security/lockdown", "none integrity\n")
-        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/kernel/security/lockdown"), reason: "no [selected] mode in 'none integrity'")) {
+        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/kernel/security/lockdown"), reason: .noSelectedLockdownMode(text: "none integrity"))) {
             try Preflight(root: t.root, effectiveUID: 0).checkLockdown()
         }
     }
