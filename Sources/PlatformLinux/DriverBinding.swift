@@ -131,7 +131,7 @@ public final class DriverBinder {
         do { try state.prepare() } catch { throw .stateFile(error) }
         guard Sys.exists(dir + "/driver_override") else {
             throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: try currentDriver(of: address),
-                              detail: "\(dir)/driver_override does not exist (the kernel is older than 3.16).")
+                              detail: .noDriverOverride(path: dir + "/driver_override"))
         }
         try modules.ensureLoaded("uio")
         try modules.ensureLoaded(uioPCIGenericDriver)
@@ -244,8 +244,7 @@ public final class DriverBinder {
     }
 
     /// After a failed bind: clear the override and give the device back to its driver.
-    private func rollBack(_ address: PCIAddress, previous: String?) -> String {
-        var notes: [String] = []
+    private func rollBack(_ address: PCIAddress, previous: String?) -> BindFailureDetail {
         do {
             try kernel.writeAttribute(address.sysfsDirectory(in: root) + "/driver_override", "\n")
             if let previous, Sys.exists(root.path("/sys/bus/pci/drivers/\(previous)/bind")) {
@@ -253,12 +252,11 @@ public final class DriverBinder {
             } else {
                 try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf)
             }
-            notes.append("Rolled back: driver_override cleared and the device handed back to \(previous ?? "the kernel").")
             removeStateFile(address)
+            return .rolledBack(previous: previous)
         } catch {
-            notes.append("Rolling back also failed (\(error)); run `balloond unbind \(address)` to retry.")
+            return .rollbackFailed(error, address: address)
         }
-        return notes.joined(separator: " ")
     }
 
     private func clearOverrideIfOurs(_ address: PCIAddress) throws(PlatformError) {

@@ -29,9 +29,9 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
     /// No 2 MiB hugepage could be had.
     case hugePages(HugePageProblem)
     /// A kernel module is neither loaded nor loadable.
-    case moduleUnavailable(name: String, attempts: [String])
+    case moduleUnavailable(name: String, attempts: [ModuleLoadAttempt])
     /// Binding uio_pci_generic did not take.
-    case bindFailed(bdf: String, expected: String, found: String?, detail: String)
+    case bindFailed(bdf: String, expected: String, found: String?, detail: BindFailureDetail)
     /// uio_pci_generic is bound but its /dev/uioN cannot be found or made.
     case uioDeviceMissing(bdf: String, UIODeviceProblem)
     /// Another process holds the device's lock.
@@ -70,7 +70,7 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
         case .hugePages(let p):
             return p.description
         case .moduleUnavailable(let name, let attempts):
-            let tried = attempts.isEmpty ? "" : " Tried: " + attempts.joined(separator: "; ") + "."
+            let tried = attempts.isEmpty ? "" : " Tried: " + attempts.map(\.description).joined(separator: "; ") + "."
             return "kernel module \(name) is not loaded and could not be loaded.\(tried) Install the modules for the running kernel (Debian: linux-image-$(uname -r), which ships \(name).ko) or use a kernel built with CONFIG_UIO=m and CONFIG_UIO_PCI_GENERIC=m (or =y)"
         case .bindFailed(let bdf, let expected, let found, let detail):
             return "binding \(bdf) to \(expected) failed: its driver is \(found ?? "none") afterwards. \(detail) Check `dmesg` (uio_pci_generic refuses devices without INTx masking support)"
@@ -83,6 +83,52 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return "PCI function \(bdf) is bound to \(driver), not virtio-pci or uio_pci_generic: something else (a VM passthrough, another tool) is using it, and balloond leaves it alone. Unbind it from \(driver) first, or pass --force to take it anyway"
         case .stateFile(let e):
             return e.description
+        }
+    }
+}
+
+/// One failed way of loading a kernel module (`PlatformError.moduleUnavailable`).
+public enum ModuleLoadAttempt: Hashable, Sendable, CustomStringConvertible {
+    /// `modprobe module` failed, or succeeded without the module appearing.
+    case modprobe(module: String, CommandResult)
+    /// `insmod path` failed, or succeeded without the module appearing.
+    case insmod(path: String, module: String, CommandResult)
+    /// No module file under either module directory of `kernelRelease`.
+    case noModuleFile(module: String, kernelRelease: String)
+
+    public var description: String {
+        func outcome(_ r: CommandResult, _ module: String) -> String {
+            r.succeeded ? "ok, but /sys/module/\(module) did not appear" : r.description
+        }
+        switch self {
+        case .modprobe(let module, let r):
+            return "modprobe \(module): \(outcome(r, module))"
+        case .insmod(let path, let module, let r):
+            return "insmod \(path): \(outcome(r, module))"
+        case .noModuleFile(let module, let release):
+            return "no \(module).ko, .ko.xz or .ko.zst under /lib/modules/\(release)/kernel/drivers/uio or /usr/lib/modules/\(release)/kernel/drivers/uio"
+        }
+    }
+}
+
+/// Why binding uio_pci_generic did not take, and what was done about it
+/// (`PlatformError.bindFailed`).
+public indirect enum BindFailureDetail: Hashable, Sendable, CustomStringConvertible {
+    /// The kernel has no driver_override (older than 3.16); nothing was changed.
+    case noDriverOverride(path: String)
+    /// driver_override was cleared and the device handed back to `previous` (nil: the kernel).
+    case rolledBack(previous: String?)
+    /// Rolling back failed as well.
+    case rollbackFailed(PlatformError, address: PCIAddress)
+
+    public var description: String {
+        switch self {
+        case .noDriverOverride(let path):
+            return "\(path) does not exist (the kernel is older than 3.16)."
+        case .rolledBack(let previous):
+            return "Rolled back: driver_override cleared and the device handed back to \(previous ?? "the kernel")."
+        case .rollbackFailed(let e, let address):
+            return "Rolling back also failed (\(e)); run `balloond unbind \(address)` to retry."
         }
     }
 }
