@@ -171,6 +171,8 @@ struct BringUpTests {
             try rig.driver.bringUp()
             Issue.record("expected failure")
         } catch {
+            let featuresNotAccepted = if case .transport(.featuresNotAccepted) = error { true } else { false }
+            #expect(featuresNotAccepted, "\(error)")
             #expect(error.description.contains("FEATURES_OK"))
         }
         #expect(rig.device.status.contains(.failed))
