@@ -89,7 +89,7 @@ public final class DriverBinder {
         do { text = try file.read() } catch { throw .stateFile(error) }
         guard let text else { return nil }
         guard text.hasSuffix("\n"), !text.dropLast().contains("\n") else {
-            throw .stateFile(.malformed(path: file.path, problem: .undecodable("expected one line with a driver name (or an empty line), got \(String(text.prefix(128)).debugDescription)")))
+            throw .stateFile(.malformed(path: file.path, problem: .notOneLine(text: text, expected: "a driver name (or an empty line)")))
         }
         let name = String(text.dropLast())
         if name.isEmpty { return .some(nil) }

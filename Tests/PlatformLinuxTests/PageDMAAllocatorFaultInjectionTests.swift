@@ -9,9 +9,9 @@ import VirtioQueue
 final class FakeMigrationHold: MigrationHold {
     var held = 0
     var acquires = 0
-    var fail: String?
+    var fail: MigrationHoldError?
     func acquire() throws(MigrationHoldError) {
-        if let fail { throw MigrationHoldError(reason: fail) }
+        if let fail { throw fail }
         acquires += 1
         held += 1
     }
@@ -62,13 +62,13 @@ struct PageDMAAllocatorFaultInjectionTests {
     @Test("no 4 KiB DMA page is handed out when compaction cannot be held off")
     func refusesWithoutHold() throws {
         let hold = FakeMigrationHold()
-        hold.fail = "cannot set /proc/sys/vm/compact_unevictable_allowed to 0"
+        hold.fail = .holder(SystemCallError(call: "open", path: "/proc/sys/vm/compact_unevictable_allowed", errno: .permissionDenied))
         let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold, arena: try DeviceMemoryArena())
-        #expect(throws: DMAError.platform(DMAMemoryError.noMigrationHold(MigrationHoldError(reason: hold.fail!)))) {
+        #expect(throws: DMAError.platform(DMAMemoryError.noMigrationHold(hold.fail!))) {
             _ = try a.allocate(byteCount: 64, alignment: 16)
         }
         // The rendered message says what to do.
-        let message = DMAMemoryError.noMigrationHold(MigrationHoldError(reason: hold.fail!)).description
+        let message = DMAMemoryError.noMigrationHold(hold.fail!).description
         #expect(message.contains("compact_unevictable_allowed") && message.contains("hugepage"))
         #expect(a.livePages == 0 && a.pagesAllocated == 0)
     }
