@@ -7,7 +7,8 @@ public enum BalloonError: Error, Equatable, CustomStringConvertible {
     case queue(role: BalloonQueueRole, QueueError)
     case wrongDeviceType(UInt16)
     case queueMissing(role: BalloonQueueRole, index: UInt16, numQueues: UInt16)
-    case dma(String)
+    /// DMA memory for a buffer could not be had.
+    case dma(DMAError)
     case notRunning
 
     public var description: String {

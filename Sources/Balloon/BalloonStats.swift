@@ -164,7 +164,7 @@ extension BalloonDriver {
         let stats = statsSource?.collect() ?? BalloonStatTag.allCases.map { BalloonStat($0, UInt64.max) }
         let bytes = encodeBalloonStats(stats)
         if statsBuffer == nil || statsBuffer!.size < bytes.count {
-            do { statsBuffer = try allocator.allocate(byteCount: max(bytes.count, 160), alignment: 16) } catch { throw .dma(error.description) }
+            do { statsBuffer = try allocator.allocate(byteCount: max(bytes.count, 160), alignment: 16) } catch { throw .dma(error) }
         }
         let buffer = statsBuffer!
         buffer.write(bytes, at: 0)

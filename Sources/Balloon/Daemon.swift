@@ -19,10 +19,9 @@ public struct DaemonOptions: Sendable, Equatable {
 public enum DaemonExit: Equatable, Sendable {
     /// A stop signal (the normal end): the caller resets the device and cleans up.
     case stopSignal(Int32)
-    /// The interrupt source went away; driving the device is impossible.
-    case interruptSourceLost(String)
-    /// poll(2) failed.
-    case pollFailed(String)
+    /// The wait for events failed: the interrupt source went away (driving the device is
+    /// impossible) or poll(2) failed.
+    case waitFailed(PollerError)
 }
 
 /// The event loop of `balloond run`, as a library type with injected time and events, so its
@@ -142,10 +141,7 @@ public final class Daemon<Transport: VirtioTransport> {
             let ready: Readiness
             do { ready = try poller.wait(timeoutNanos: timeout) } catch {
                 logger.critical("\(error)")
-                switch error {
-                case .interruptSourceLost(let why): return .interruptSourceLost(why)
-                case .pollFailed(let why): return .pollFailed(why)
-                }
+                return .waitFailed(error)
             }
             wakeups += 1
             if ready.contains(.stop) || poller.stopSignal != 0 { continue }

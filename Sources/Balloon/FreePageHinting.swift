@@ -122,7 +122,7 @@ extension BalloonDriver {
         if let free = hinting.idBufferInFlight.firstIndex(of: false) {
             i = free
         } else {
-            do { hinting.idBuffers.append(try allocator.allocate(byteCount: 4, alignment: 4)) } catch { throw .dma(error.description) }
+            do { hinting.idBuffers.append(try allocator.allocate(byteCount: 4, alignment: 4)) } catch { throw .dma(error) }
             hinting.idBufferInFlight.append(false)
             i = hinting.idBuffers.count - 1
         }

@@ -8,11 +8,56 @@ public struct DeviceElement: Hashable, Sendable {
     public let writable: [GuestPhysicalRange]
 }
 
-/// A ring error QEMU reports with `virtio_error` (docs/virtio-balloon.md §2.4); the device is
-/// then broken until reset.
-public struct DeviceRingError: Error, Hashable, CustomStringConvertible {
-    public let message: String
-    public var description: String { message }
+/// An error QEMU reports with `virtio_error` (docs/virtio-balloon.md §2.4), mostly from walking
+/// a ring; the device is then broken until reset. `description` is QEMU 7.2's message.
+public enum DeviceRingError: Error, Hashable, CustomStringConvertible {
+    /// A ring part ("desc", "avail", "used") is not in guest memory.
+    case cannotMap(String)
+    /// queue_enable written with a value other than 1.
+    case wrongQueueEnable(UInt64)
+    /// queue_enable = 1 for a queue whose rings are not all in guest memory.
+    case cannotMapRings
+    /// `avail->idx` moved by more than the queue size.
+    case availIndexJump(from: UInt16, to: UInt16)
+    /// More elements popped than the queue has entries.
+    case sizeExceeded
+    /// The available ring names a head outside the queue.
+    case headOutOfRange(UInt16)
+    /// A chain longer than the queue (a loop).
+    case loopedDescriptor
+    /// A descriptor of length 0.
+    case zeroSizedBuffer
+    /// An indirect descriptor (the simulator does not offer INDIRECT_DESC).
+    case indirectDescriptor
+    /// A buffer outside guest memory, or one the device cannot read.
+    case bogusDescriptor
+    /// A device-readable descriptor after a device-writable one.
+    case incorrectOrder
+    /// A descriptor's next is outside the queue.
+    case nextOutOfRange(UInt16)
+    /// A free page hint command id buffer shorter than 4 bytes or unreadable.
+    case incorrectCommandID
+    /// Fault injection: NEEDS_RESET right after DRIVER_OK.
+    case injectedNeedsReset
+
+    public var description: String {
+        switch self {
+        case .cannotMap(let what): return "Cannot map \(what)"
+        case .wrongQueueEnable(let value): return "wrong value for queue_enable \(value)"
+        case .cannotMapRings: return "Cannot map desc/avail/used"
+        case .availIndexJump(let from, let to): return "Guest moved used index from \(from) to \(to)"
+        case .sizeExceeded: return "Virtqueue size exceeded"
+        case .headOutOfRange(let head): return "Guest says index \(head) is available"
+        case .loopedDescriptor: return "Looped descriptor"
+        case .zeroSizedBuffer: return "virtio: zero sized buffers are not allowed"
+        case .indirectDescriptor: return "simulator: indirect descriptors not offered"
+        case .bogusDescriptor: return "virtio: bogus descriptor or out of resources"
+        case .incorrectOrder: return "Incorrect order for descriptors"
+        case .nextOutOfRange(let next): return "Desc next is \(next)"
+        case .incorrectCommandID: return "virtio-balloon: received an incorrect cmd id"
+        case .injectedNeedsReset: return "fault injection: NEEDS_RESET after DRIVER_OK"
+        }
+    }
 }
 
 /// The device side of a split virtqueue, walking rings with QEMU 7.2's checks.
@@ -49,7 +94,7 @@ final class DeviceQueue {
 
     private func ring(_ memory: SimulatedGuestMemory, _ address: PhysicalAddress, _ length: Int, _ what: String) throws(DeviceRingError) -> (DMARegion, Int) {
         guard let r = memory.region(containing: address, length: UInt64(length)) else {
-            throw DeviceRingError(message: "Cannot map \(what)")
+            throw .cannotMap(what)
         }
         return r
     }
@@ -69,36 +114,36 @@ final class DeviceQueue {
         let availIndex = avail.loadAcquire16(at: aoff + QueueLayout.availIdx)
         let pending = availIndex &- lastAvailIndex
         if pending == 0 { return nil }
-        guard pending <= size else { throw DeviceRingError(message: "Guest moved used index from \(lastAvailIndex) to \(availIndex)") }
-        guard inflight < Int(size) else { throw DeviceRingError(message: "Virtqueue size exceeded") }
+        guard pending <= size else { throw .availIndexJump(from: lastAvailIndex, to: availIndex) }
+        guard inflight < Int(size) else { throw .sizeExceeded }
         let head = avail.load16(at: aoff + QueueLayout.availRing(Int(lastAvailIndex % size)))
-        guard head < size else { throw DeviceRingError(message: "Guest says index \(head) is available") }
+        guard head < size else { throw .headOutOfRange(head) }
         var readable: [GuestPhysicalRange] = []
         var writable: [GuestPhysicalRange] = []
         var i = head
         var count = 0
         while true {
             count += 1
-            guard count <= Int(size) else { throw DeviceRingError(message: "Looped descriptor") }
+            guard count <= Int(size) else { throw .loopedDescriptor }
             let base = doff + 16 * Int(i)
             let addr = desc.load64(at: base)
             let len = desc.load32(at: base + 8)
             let flags = desc.load16(at: base + 12)
             let next = desc.load16(at: base + 14)
-            guard len > 0 else { throw DeviceRingError(message: "virtio: zero sized buffers are not allowed") }
-            guard flags & QueueLayout.descFlagIndirect == 0 else { throw DeviceRingError(message: "simulator: indirect descriptors not offered") }
+            guard len > 0 else { throw .zeroSizedBuffer }
+            guard flags & QueueLayout.descFlagIndirect == 0 else { throw .indirectDescriptor }
             guard memory.isMappable(PhysicalAddress(addr), length: UInt64(len)) else {
-                throw DeviceRingError(message: "virtio: bogus descriptor or out of resources")
+                throw .bogusDescriptor
             }
             let range = GuestPhysicalRange(start: addr, length: UInt64(len))
             if flags & QueueLayout.descFlagWrite != 0 {
                 writable.append(range)
             } else {
-                guard writable.isEmpty else { throw DeviceRingError(message: "Incorrect order for descriptors") }
+                guard writable.isEmpty else { throw .incorrectOrder }
                 readable.append(range)
             }
             if flags & QueueLayout.descFlagNext == 0 { break }
-            guard next < size else { throw DeviceRingError(message: "Desc next is \(next)") }
+            guard next < size else { throw .nextOutOfRange(next) }
             i = next
         }
         lastAvailIndex &+= 1

@@ -95,14 +95,14 @@ extension SimulatedBalloonDevice {
             if let q = queue(queueSelect), value >= 1, value <= 1024 { q.size = UInt16(value) }
         case CommonConfig.queueEnable:
             guard value == 1 else {
-                virtioError("wrong value for queue_enable \(value)")
+                virtioError(.wrongQueueEnable(UInt64(value)))
                 return
             }
             if let q = queue(queueSelect), !faults.zeroSizedQueues.contains(queueSelect) {
                 guard memory.region(containing: q.descAddress, length: 16 * UInt64(q.size)) != nil,
                       memory.region(containing: q.driverAddress, length: 6 + 2 * UInt64(q.size)) != nil,
                       memory.region(containing: q.deviceAddress, length: 6 + 8 * UInt64(q.size)) != nil else {
-                    virtioError("Cannot map desc/avail/used")
+                    virtioError(.cannotMapRings)
                     return
                 }
                 q.enabled = true

@@ -23,7 +23,7 @@ public final class SimulatedBalloonDevice {
     /// Set by `virtio_error`; cleared by reset.
     public private(set) var broken = false
     /// The last `virtio_error` message.
-    public private(set) var lastError: String?
+    public private(set) var lastError: DeviceRingError?
     public private(set) var isr: UInt8 = 0
     public private(set) var generation: UInt8 = 0
     /// Driver features as last written (raw, unmasked, as QEMU reads them back).
@@ -137,7 +137,7 @@ public final class SimulatedBalloonDevice {
     /// A transport over this device's registers, exactly as balloond builds one over a real BAR4.
     public func makeTransport() throws(TransportError) -> ModernPCITransport {
         try ModernPCITransport(config: configSpace, barSizes: configSpace.barSizes, mapBAR: { (bar) throws(PCIError) -> MMIORegion in
-            guard bar == 4 else { throw PCIError.bar(index: bar, reason: "simulator maps only BAR4") }
+            guard bar == 4 else { throw PCIError.bar(index: bar, reason: PCIAccessProblem.notMapped) }  // only BAR4
             return self.bar4
         }, pause: { _ in })  // the simulated device acts at once: no time passes between polls
     }
@@ -151,9 +151,9 @@ public final class SimulatedBalloonDevice {
     // MARK: errors and interrupts
 
     /// `virtio_error`: the device is broken; with VERSION_1, NEEDS_RESET and a config interrupt.
-    func virtioError(_ message: String) {
+    func virtioError(_ error: DeviceRingError) {
         broken = true
-        lastError = message
+        lastError = error
         if negotiatedFeatures.contains(.version1) {
             status.insert(.needsReset)
             notifyConfig(force: true)
@@ -215,7 +215,7 @@ public final class SimulatedBalloonDevice {
         let becameReady = new.contains(.driverOK) && !status.contains(.driverOK)
         status = new
         if becameReady, faults.needsResetAfterDriverOK {
-            virtioError("fault injection: NEEDS_RESET after DRIVER_OK")
+            virtioError(.injectedNeedsReset)
             return
         }
         if becameReady, heldStats == nil, queues[2].inflight > 0 {
@@ -350,7 +350,7 @@ public final class SimulatedBalloonDevice {
         do {
             try q.push(memory, head: id, length: len, extraIndexAdvance: jump)
         } catch {
-            virtioError(error.message)
+            virtioError(error)
             return
         }
         notifyQueue()
@@ -382,7 +382,7 @@ public final class SimulatedBalloonDevice {
             limit -= 1
             let element: DeviceElement?
             do { element = try q.pop(memory) } catch {
-                virtioError(error.message)
+                virtioError(error)
                 return
             }
             guard let element else { return }
@@ -415,7 +415,7 @@ public final class SimulatedBalloonDevice {
     private func processPFNQueue(_ q: DeviceQueue, inflate: Bool) {
         popAll(q) { element in
             guard let pfns = readPFNs(element.readable) else {
-                virtioError("virtio: bogus descriptor or out of resources")
+                virtioError(.bogusDescriptor)
                 return
             }
             for pfn in pfns {
@@ -465,7 +465,7 @@ public final class SimulatedBalloonDevice {
             var bytes: [UInt8] = []
             for r in element.readable {
                 guard let b = memory.read(r.start, count: Int(r.length)) else {
-                    virtioError("virtio: bogus descriptor or out of resources")
+                    virtioError(.bogusDescriptor)
                     return
                 }
                 bytes += b
@@ -495,7 +495,7 @@ public final class SimulatedBalloonDevice {
             if !element.readable.isEmpty {
                 let first = element.readable[0]
                 guard first.length >= 4, let bytes = memory.read(first.start, count: 4) else {
-                    virtioError("virtio-balloon: received an incorrect cmd id")
+                    virtioError(.incorrectCommandID)
                     return
                 }
                 let id = UInt32(bytes[0]) | UInt32(bytes[1]) << 8 | UInt32(bytes[2]) << 16 | UInt32(bytes[3]) << 24

@@ -76,7 +76,7 @@ public final class SimulatedConfigSpace: PCIConfigSpace {
     }
 
     private func check(_ o: Int, _ w: Int) throws(PCIError) {
-        guard o >= 0, o + w <= 256 else { throw .configAccess(offset: o, reason: "outside config space") }
+        guard o >= 0, o + w <= 256 else { throw .configAccess(offset: o, reason: PCIAccessProblem.outsideConfigSpace(width: w, size: 256)) }
     }
 
     public func read8(at offset: Int) throws(PCIError) -> UInt8 {
@@ -102,7 +102,7 @@ public final class SimulatedConfigSpace: PCIConfigSpace {
         let wasMaster = command & PCIConfig.commandBusMaster != 0
         var value = value
         if wasMaster, value & PCIConfig.commandBusMaster == 0 {
-            if device.faults.busMasterClearFails { throw .configAccess(offset: offset, reason: "injected: Bus Master clear fails") }
+            if device.faults.busMasterClearFails { throw .configAccess(offset: offset, reason: InjectedFault.busMasterClearFails) }
             if device.faults.busMasterStuckOn { value |= PCIConfig.commandBusMaster }
         }
         command = value
@@ -122,5 +122,17 @@ extension SimulatedBalloonDevice {
         var s = status
         s.remove(.driverOK)
         writeStatusRaw(s)
+    }
+}
+
+/// A failure the simulator injects on request (`DeviceFaults`).
+public enum InjectedFault: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The config space write that clears Bus Master fails.
+    case busMasterClearFails
+
+    public var description: String {
+        switch self {
+        case .busMasterClearFails: return "injected: Bus Master clear fails"
+        }
     }
 }

@@ -89,7 +89,7 @@ public final class DriverBinder {
         do { text = try file.read() } catch { throw .stateFile(error) }
         guard let text else { return nil }
         guard text.hasSuffix("\n"), !text.dropLast().contains("\n") else {
-            throw .stateFile(.malformed(path: file.path, problem: .undecodable("expected one line with a driver name (or an empty line), got \(String(text.prefix(128)).debugDescription)")))
+            throw .stateFile(.malformed(path: file.path, problem: .notOneLine(text: text, expected: "a driver name (or an empty line)")))
         }
         let name = String(text.dropLast())
         if name.isEmpty { return .some(nil) }
@@ -131,7 +131,7 @@ public final class DriverBinder {
         do { try state.prepare() } catch { throw .stateFile(error) }
         guard Sys.exists(dir + "/driver_override") else {
             throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: try currentDriver(of: address),
-                              detail: "\(dir)/driver_override does not exist (the kernel is older than 3.16).")
+                              detail: .noDriverOverride(path: dir + "/driver_override"))
         }
         try modules.ensureLoaded("uio")
         try modules.ensureLoaded(uioPCIGenericDriver)
@@ -148,7 +148,7 @@ public final class DriverBinder {
         let saved = (try loadSavedDriver(address)) ?? nil
         let previous = current ?? saved
         if let previous, !Self.isValidDriverName(previous) {
-            throw .malformedFile(path: dir + "/driver", reason: "the driver name '\(previous)' has characters other than letters, digits, '_', '.' and '-'")
+            throw .malformedFile(path: dir + "/driver", reason: .badDriverName(previous))
         }
         // Save first, so a crash between here and the end can still be undone by `restore`.
         do { try stateFile(for: address).write((previous ?? "") + "\n") } catch { throw .stateFile(error) }
@@ -238,14 +238,13 @@ public final class DriverBinder {
         let text: String
         do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
         guard let v = parseNumber(text, hex: true), v <= 0xffff else {
-            throw .malformedFile(path: path, reason: "'\(text)' is not a 16-bit hex ID")
+            throw .malformedFile(path: path, reason: .notHexID(text))
         }
         return UInt16(v)
     }
 
     /// After a failed bind: clear the override and give the device back to its driver.
-    private func rollBack(_ address: PCIAddress, previous: String?) -> String {
-        var notes: [String] = []
+    private func rollBack(_ address: PCIAddress, previous: String?) -> BindFailureDetail {
         do {
             try kernel.writeAttribute(address.sysfsDirectory(in: root) + "/driver_override", "\n")
             if let previous, Sys.exists(root.path("/sys/bus/pci/drivers/\(previous)/bind")) {
@@ -253,12 +252,11 @@ public final class DriverBinder {
             } else {
                 try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf)
             }
-            notes.append("Rolled back: driver_override cleared and the device handed back to \(previous ?? "the kernel").")
             removeStateFile(address)
+            return .rolledBack(previous: previous)
         } catch {
-            notes.append("Rolling back also failed (\(error)); run `balloond unbind \(address)` to retry.")
+            return .rollbackFailed(error, address: address)
         }
-        return notes.joined(separator: " ")
     }
 
     private func clearOverrideIfOurs(_ address: PCIAddress) throws(PlatformError) {
@@ -279,17 +277,17 @@ public final class DriverBinder {
         let uioDir = address.sysfsDirectory(in: root) + "/uio"
         let names: [String]
         do { names = try Sys.listDirectory(uioDir).filter { $0.hasPrefix("uio") } } catch {
-            throw .uioDeviceMissing(bdf: address.bdf, reason: "\(uioDir) is missing (\(error)); uio_pci_generic did not register a uio device")
+            throw .uioDeviceMissing(bdf: address.bdf, .noUIODirectory(path: uioDir, error))
         }
         guard names.count == 1, let name = names.first else {
-            throw .uioDeviceMissing(bdf: address.bdf, reason: "expected one uioN entry in \(uioDir), found \(names)")
+            throw .uioDeviceMissing(bdf: address.bdf, .uioEntries(directory: uioDir, found: names))
         }
         let devFile = "\(uioDir)/\(name)/dev"
         let devText: String
         do { devText = try Sys.readAttribute(devFile) } catch { throw .system(error) }
         let parts = devText.split(separator: ":")
         guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else {
-            throw .malformedFile(path: devFile, reason: "'\(devText)' is not major:minor")
+            throw .malformedFile(path: devFile, reason: .notMajorMinor(devText))
         }
         let node = root.path("/dev/\(name)")
         var tries = 0
@@ -300,7 +298,7 @@ public final class DriverBinder {
         if !Sys.exists(node) {
             logger.info("\(node) did not appear (no devtmpfs?); creating it as \(major):\(minor)")
             do { try kernel.makeCharacterDevice(node, major: major, minor: minor) } catch {
-                throw .uioDeviceMissing(bdf: address.bdf, reason: "\(node) does not exist and mknod failed: \(error)")
+                throw .uioDeviceMissing(bdf: address.bdf, .mknodFailed(node: node, error))
             }
         }
         return UIOBinding(address: address, uioName: name, devicePath: node, previousDriver: previousDriver)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CBalloonShims
+import SystemPackage
 import VirtioCore
 
 /// SIGTERM, SIGINT and SIGHUP through a self-pipe, so one poll(2) waits for them together with
@@ -85,7 +86,7 @@ public final class LinuxEventPoller: EventPoller {
         if n < 0 {
             let e = Glibc.errno
             if e == EINTR { return signals.received != 0 ? .stop : [] }
-            throw .pollFailed("poll: \(String(cString: strerror(e)))")
+            throw .pollFailed(SystemCallError(call: "poll", path: nil, errno: Errno(rawValue: e)))
         }
         var ready: Readiness = []
         if pfds[0].revents != 0 {
@@ -94,7 +95,7 @@ public final class LinuxEventPoller: EventPoller {
         }
         let bad = Int16(POLLERR | POLLHUP | POLLNVAL)
         if interruptDescriptor != nil, pfds[1].revents & bad != 0 {
-            throw .interruptSourceLost("poll on the uio descriptor returned revents 0x\(String(UInt16(bitPattern: pfds[1].revents), radix: 16)); was uio_pci_generic unbound or the device removed? Check `balloond list`, then run balloond again")
+            throw .interruptSourceLost(revents: pfds[1].revents)
         }
         if pfds[1].revents & Int16(POLLIN) != 0 { ready.insert(.interrupt) }
         if pressureDescriptor != nil, pfds[2].revents & Int16(POLLPRI) != 0 { ready.insert(.pressure) }

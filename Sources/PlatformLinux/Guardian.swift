@@ -4,6 +4,7 @@ import Glibc
 #endif
 import Logging
 import VirtioPCI
+import SystemPackage
 
 // The guardian (issue 9 H2). balloond's worker (`balloond run`) spawns it before the first
 // DMA allocation. It holds duplicates of the `DeviceMemoryArena` memfds, so no page the
@@ -28,9 +29,41 @@ public enum GuardianMessage: UInt8, Sendable {
 public let guardianReadyByte: UInt8 = 0x52  // "R"
 
 /// Why the guardian could not act on the device.
-public struct GuardianDeviceError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+public indirect enum GuardianDeviceError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// Config space or the resource file could not be opened or read.
+    case platform(PlatformError)
+    /// A config space access failed, or the BAR could not be mapped.
+    case pci(PCIError)
+    /// The device's virtio capability list is unusable.
+    case capabilities(address: PCIAddress, VirtioCapabilityError)
+    /// The common configuration structure does not fit in its BAR.
+    case commonConfigOutsideBAR(VirtioStructureLocation)
+    /// device_status did not read 0 within the timeout after writing 0.
+    case resetTimedOut(address: PCIAddress, milliseconds: Int)
+    /// Bus Master still reads as set after clearing it.
+    case busMasterStillSet(address: PCIAddress)
+    /// `prepare` could not resolve device_status, config space, or both (nil: that part worked).
+    case notPrepared(deviceStatus: GuardianDeviceError?, configSpace: PlatformError?)
+
+    public var description: String {
+        switch self {
+        case .platform(let e):
+            return e.description
+        case .pci(let e):
+            return e.description
+        case .capabilities(let address, let e):
+            return "virtio capabilities of \(address): \(e)"
+        case .commonConfigOutsideBAR(let common):
+            return "common config at \(common) is outside BAR\(common.bar)"
+        case .resetTimedOut(let address, let milliseconds):
+            return "device_status of \(address) did not read 0 within \(milliseconds) ms after the reset"
+        case .busMasterStillSet(let address):
+            return "Bus Master of \(address) is still set after clearing it"
+        case .notPrepared(let deviceStatus, let configSpace):
+            return [deviceStatus.map { "device_status: \($0)" }, configSpace.map { "config space: \($0)" }]
+                .compactMap { $0 }.joined(separator: "; ")
+        }
+    }
 }
 
 /// The device as the guardian sees it (real: `SysfsGuardedDevice`; tests: fakes).
@@ -52,7 +85,7 @@ public enum GuardianVerdict: Hashable, Sendable, CustomStringConvertible {
     /// The worker died; the device was stopped (by reset, Bus Master off, or both).
     case releaseAfterStop(reset: Bool, busMasterCleared: Bool)
     /// Neither worked: the device may still use the memory, so it is kept.
-    case keepMemory(reset: String, busMaster: String)
+    case keepMemory(reset: GuardianDeviceError, busMaster: GuardianDeviceError)
 
     public var releasesMemory: Bool {
         if case .keepMemory = self { return false }
@@ -95,10 +128,10 @@ public struct GuardianState: Hashable, Sendable {
     /// worker quiesced it. Both ways of stopping are tried; one success is enough.
     public func workerGone(device: GuardedDevice) -> GuardianVerdict {
         if quiesced { return .releaseClean }
-        var resetError: String?
-        var busMasterError: String?
-        do { try device.reset() } catch { resetError = error.description }
-        do { try device.clearBusMaster() } catch { busMasterError = error.description }
+        var resetError: GuardianDeviceError?
+        var busMasterError: GuardianDeviceError?
+        do { try device.reset() } catch { resetError = error }
+        do { try device.clearBusMaster() } catch { busMasterError = error }
         if let resetError, let busMasterError { return .keepMemory(reset: resetError, busMaster: busMasterError) }
         return .releaseAfterStop(reset: resetError == nil, busMasterCleared: busMasterError == nil)
     }
@@ -126,10 +159,11 @@ public final class SysfsGuardedDevice: GuardedDevice {
     }
 
     public func prepare() throws(GuardianDeviceError) {
-        var failures: [String] = []
-        do { statusWindow = try resolveStatus() } catch { failures.append("device_status: \(error)") }
-        do { config = try SysfsConfigSpace(address: address, root: root) } catch { failures.append("config space: \(error)") }
-        if !failures.isEmpty { throw GuardianDeviceError(failures.joined(separator: "; ")) }
+        var statusError: GuardianDeviceError?
+        var configError: PlatformError?
+        do { statusWindow = try resolveStatus() } catch { statusError = error }
+        do { config = try SysfsConfigSpace(address: address, root: root) } catch { configError = error }
+        if statusError != nil || configError != nil { throw .notPrepared(deviceStatus: statusError, configSpace: configError) }
     }
 
     /// BAR`n` mapped and the offset of device_status in it.
@@ -139,15 +173,15 @@ public final class SysfsGuardedDevice: GuardedDevice {
         do {
             config = try SysfsConfigSpace(address: address, root: root, writable: false)
             resources = try readPCIResources(address, root: root)
-        } catch { throw GuardianDeviceError("\(error)") }
+        } catch { throw .platform(error) }
         let caps: VirtioCapabilities
         do { caps = try parseVirtioCapabilities(config, barSizes: resources.map { $0.isPresent ? $0.size : nil }) } catch {
-            throw GuardianDeviceError("virtio capabilities of \(address): \(error)")
+            throw .capabilities(address: address, error)
         }
         let bar: MMIOWindow
-        do { bar = try BARMapper(address: address, root: root).map(caps.common.bar) } catch { throw GuardianDeviceError("\(error)") }
+        do { bar = try BARMapper(address: address, root: root).map(caps.common.bar) } catch { throw .pci(error) }
         let status = Int(caps.common.offset) + 20  // virtio_pci_common_cfg.device_status
-        guard status < bar.length else { throw GuardianDeviceError("common config at \(caps.common) is outside BAR\(caps.common.bar)") }
+        guard status < bar.length else { throw .commonConfigOutsideBAR(caps.common) }
         return (bar, status)
     }
 
@@ -160,20 +194,21 @@ public final class SysfsGuardedDevice: GuardedDevice {
             if bar.read8(at: status) == 0 { return }
             Sys.sleep(microseconds: 1000)
         }
-        throw GuardianDeviceError("device_status of \(address) did not read 0 within \(resetTimeoutMilliseconds) ms after the reset")
+        throw .resetTimedOut(address: address, milliseconds: resetTimeoutMilliseconds)
     }
 
     public func clearBusMaster() throws(GuardianDeviceError) {
+        let config: SysfsConfigSpace
+        if let prepared = self.config { config = prepared } else {
+            do { config = try SysfsConfigSpace(address: address, root: root) } catch { throw .platform(error) }
+        }
+        let stillSet: Bool
         do {
-            let config = try self.config ?? SysfsConfigSpace(address: address, root: root)
             let command = try config.read16(at: 4)
             try config.write16(command & ~0x4, at: 4)
-            guard try config.read16(at: 4) & 0x4 == 0 else { throw GuardianDeviceError("Bus Master of \(address) is still set after clearing it") }
-        } catch let e as GuardianDeviceError {
-            throw e
-        } catch {
-            throw GuardianDeviceError("\(error)")
-        }
+            stillSet = try config.read16(at: 4) & 0x4 != 0
+        } catch { throw .pci(error) }
+        if stillSet { throw .busMasterStillSet(address: address) }
     }
 }
 
@@ -254,9 +289,24 @@ public enum GuardianProcess {
 }
 
 /// Why the guardian could not be started.
-public struct GuardianStartError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+public enum GuardianStartError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// `pipe` or `fcntl(F_DUPFD_CLOEXEC)` failed.
+    case system(SystemCallError)
+    /// `posix_spawn` of `executable` failed with `errno`.
+    case spawnFailed(executable: String, errno: Errno)
+    /// The guardian did not write its ready byte in time (it was killed).
+    case notReady(pid: pid_t, milliseconds: Int32)
+
+    public var description: String {
+        switch self {
+        case .system(let e):
+            return e.description
+        case .spawnFailed(let executable, let errno):
+            return "posix_spawn of the guardian (\(executable)) failed: \(errno) (errno \(errno.rawValue))"
+        case .notReady(let pid, let milliseconds):
+            return "the guardian process (pid \(pid)) did not become ready within \(milliseconds) ms; balloond refuses to hand the device memory without it"
+        }
+    }
 }
 
 /// The worker's side: spawns the guardian with the arena's memfds, waits until it holds
@@ -281,7 +331,7 @@ public final class GuardianLink {
                              readyTimeoutMilliseconds: Int32 = 5000, logLevel: String = "info") throws(GuardianStartError) -> GuardianLink {
         func pipeCloexec() throws(GuardianStartError) -> (read: OpenFile, write: OpenFile) {
             var fds: [Int32] = [0, 0]
-            guard unsafe pipe(&fds) == 0 else { throw GuardianStartError("pipe failed: \(String(cString: strerror(errno)))") }
+            guard unsafe pipe(&fds) == 0 else { throw .system(SystemCallError(call: "pipe", path: nil, errno: Errno(rawValue: errno))) }
             for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
             return (OpenFile(adopting: fds[0], path: "pipe"), OpenFile(adopting: fds[1], path: "pipe"))
         }
@@ -302,7 +352,7 @@ public final class GuardianLink {
         var temporaries: [OpenFile] = []
         for (i, (fd, _)) in sources.enumerated() {
             let high = fcntl(fd, F_DUPFD_CLOEXEC, 100)
-            guard high >= 0 else { throw GuardianStartError("F_DUPFD_CLOEXEC failed: \(String(cString: strerror(errno)))") }
+            guard high >= 0 else { throw .system(SystemCallError(call: "fcntl(F_DUPFD_CLOEXEC)", path: nil, errno: Errno(rawValue: errno))) }
             temporaries.append(OpenFile(adopting: high, path: "dup"))
             sources[i].0 = high
         }
@@ -314,7 +364,7 @@ public final class GuardianLink {
         temporaries.forEach { $0.close() }
         channel.read.close()
         ready.write.close()
-        guard rc == 0 else { throw GuardianStartError("posix_spawn of the guardian (\(executable)) failed: \(String(cString: strerror(rc)))") }
+        guard rc == 0 else { throw .spawnFailed(executable: executable, errno: Errno(rawValue: rc)) }
 
         var pfd = pollfd(fd: ready.read.descriptor, events: Int16(POLLIN), revents: 0)
         var answer: [UInt8] = []
@@ -323,7 +373,7 @@ public final class GuardianLink {
             _ = kill(pid, SIGKILL)
             var status: Int32 = 0
             _ = unsafe waitpid(pid, &status, 0)
-            throw GuardianStartError("the guardian process (pid \(pid)) did not become ready within \(readyTimeoutMilliseconds) ms; balloond refuses to hand the device memory without it")
+            throw .notReady(pid: pid, milliseconds: readyTimeoutMilliseconds)
         }
         let link = GuardianLink(pid: pid, arena: arena, channel: channel.write)
         arena.poolChangeObserver = { [weak link] grown in link?.send(grown ? .poolGrown : .poolRestored) }

@@ -28,10 +28,10 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
                 logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
         let pool = HugePagePool(root: root)
         guard pool.isSupported() else {
-            throw DMAError("this kernel has no 2 MiB hugetlb pages (\(root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")) is missing); it needs CONFIG_HUGETLBFS")
+            throw .platform(DMAMemoryError.noHugeTLB(missing: root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")))
         }
         let grew: Bool
-        do { grew = try pool.reserveOne() } catch { throw DMAError("no free 2 MiB hugepage: \(error)") }
+        do { grew = try pool.reserveOne() } catch { throw .platform(DMAMemoryError.noFreeHugePage(error)) }
         if grew {
             logger.info("raised \(pool.countPath) by one for balloond's ring memory; it is lowered again at exit (by the guardian if balloond is killed)")
             arena.poolChangeObserver?(true)
@@ -46,21 +46,23 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
         let mapping: OwnedAnonymousMapping
         do { mapping = try OwnedAnonymousMapping(length: size, kind: .hugeTLB2MiB, arena: arena) } catch {
             undo()
-            throw DMAError("mmap of a 2 MiB hugepage failed: \(error); check HugePages_Free in /proc/meminfo")
+            throw .platform(DMAMemoryError.hugePageMapFailed(error))
         }
         let base = unsafe mapping.unsafeBase
         let physical: PhysicalAddress
-        do {
-            try mapping.lock()
-            // Never share the page with a child: copy-on-write would give the parent a new
-            // physical page behind the device's back.
-            try mapping.advise(OwnedAnonymousMapping.adviceDontFork)
+        do throws(PlatformError) {
+            do throws(SystemCallError) {
+                try mapping.lock()
+                // Never share the page with a child: copy-on-write would give the parent a new
+                // physical page behind the device's back.
+                try mapping.advise(OwnedAnonymousMapping.adviceDontFork)
+            } catch { throw .system(error) }
             unsafe MappedMemory.touch(base, length: size, stride: 4096)
             physical = try unsafe Self.resolve(base, size: size, pagemap: pagemap)
         } catch {
             mapping.unmapAll()
             undo()
-            throw DMAError("hugepage DMA setup failed: \(error)")
+            throw .platform(DMAMemoryError.hugePageSetupFailed(error))
         }
         grewPool = grew
         pagemapResolver = pagemap
@@ -86,10 +88,10 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     public func verifyPlacement() throws(DMAError) {
         let first: PhysicalAddress
         do { first = try pagemapResolver.physicalAddress(ofVirtual: virtualBase) } catch {
-            throw DMAError("cannot re-read the ring hugepage's PFN: \(error)")
+            throw .platform(DMAMemoryError.hugePagePlacementUnreadable(error))
         }
         guard first == region.physicalAddress else {
-            throw DMAError("the ring hugepage moved from \(region.physicalAddress) to \(first) (memory offlining or CMA?): stop balloond and restart it")
+            throw .platform(DMAMemoryError.hugePageMoved(from: region.physicalAddress, to: first))
         }
     }
 
@@ -105,7 +107,7 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
         let lastOffset = size - pagemap.pageSize
         let last = try pagemap.physicalAddress(ofVirtual: va + UInt(lastOffset))
         guard first.value % UInt64(size) == 0, last.value == first.value + UInt64(lastOffset) else {
-            throw .hugePages("the hugepage at \(first) is not one aligned contiguous 2 MiB frame (last 4 KiB at \(last)); was it backed by a hugetlb page?")
+            throw .hugePages(.notContiguous(first: first, last: last))
         }
         return first
     }
@@ -123,10 +125,108 @@ public protocol MigrationHold: AnyObject {
 }
 
 /// Why a `MigrationHold` could not be taken.
-public struct MigrationHoldError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let reason: String
-    public init(reason: String) { self.reason = reason }
-    public var description: String { reason }
+public enum MigrationHoldError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The holder's own error, kept with its errno (e.g. a `SystemCallError` writing the sysctl).
+    case holder(any ErrorReason)
+    /// A reason given only as text (`init(reason:)`, for holders that do not pass their error yet).
+    case refused(reason: String)
+
+    public init(reason: String) { self = .refused(reason: reason) }
+
+    /// The message.
+    public var reason: String { description }
+
+    public var description: String {
+        switch self {
+        case .holder(let e): return e.description
+        case .refused(let reason): return reason
+        }
+    }
+
+    public static func == (a: MigrationHoldError, b: MigrationHoldError) -> Bool {
+        switch (a, b) {
+        case let (.holder(e1), .holder(e2)): return AnyHashable(e1) == AnyHashable(e2)
+        case let (.refused(r1), .refused(r2)): return r1 == r2
+        default: return false
+        }
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        switch self {
+        case let .holder(e): hasher.combine(0); hasher.combine(AnyHashable(e))
+        case let .refused(r): hasher.combine(1); hasher.combine(r)
+        }
+    }
+}
+
+/// Why balloond's own DMA memory (one hugepage, or single locked 4 KiB pages) could not be
+/// had or is no longer where the device was told it is. Thrown inside `DMAError.platform`.
+public enum DMAMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The kernel has no 2 MiB hugetlb pages (`missing` is the sysfs directory).
+    case noHugeTLB(missing: String)
+    /// The hugepage pool has no free page and could not grow.
+    case noFreeHugePage(PlatformError)
+    /// mmap of the 2 MiB hugepage failed.
+    case hugePageMapFailed(SystemCallError)
+    /// Locking the hugepage or reading its physical address failed.
+    case hugePageSetupFailed(PlatformError)
+    /// The ring hugepage is no longer at the physical address the device was given.
+    case hugePageMoved(from: PhysicalAddress, to: PhysicalAddress)
+    /// Re-reading the ring hugepage's PFN failed.
+    case hugePagePlacementUnreadable(PlatformError)
+    /// Re-reading a live 4 KiB DMA page's PFN failed.
+    case pagePlacementUnreadable(PlatformError)
+    /// An allocation of 0 bytes.
+    case emptyAllocation
+    /// More than one page wanted from the 4 KiB page allocator.
+    case largerThanAPage(byteCount: Int, pageSize: Int)
+    /// An alignment that is not a power of two up to the page size.
+    case badAlignment(Int, pageSize: Int)
+    /// Compaction could not be held off locked pages, so no 4 KiB page is handed out.
+    case noMigrationHold(MigrationHoldError)
+    /// mmap of a 4 KiB DMA page failed.
+    case pageMapFailed(SystemCallError)
+    /// mlock of a 4 KiB DMA page failed with EAGAIN/ENOMEM (RLIMIT_MEMLOCK).
+    case pageLockFailed(SystemCallError)
+    /// Locking a 4 KiB DMA page or reading its physical address failed otherwise.
+    case pageSetupFailed(PlatformError)
+    /// A live 4 KiB DMA page is no longer at frame `fromPFN` (`to`: its pagemap entry now).
+    case pageMoved(fromPFN: UInt64, to: PagemapEntry?)
+
+    public var description: String {
+        switch self {
+        case .noHugeTLB(let missing):
+            return "this kernel has no 2 MiB hugetlb pages (\(missing) is missing); it needs CONFIG_HUGETLBFS"
+        case .noFreeHugePage(let e):
+            return "no free 2 MiB hugepage: \(e)"
+        case .hugePageMapFailed(let e):
+            return "mmap of a 2 MiB hugepage failed: \(e); check HugePages_Free in /proc/meminfo"
+        case .hugePageSetupFailed(let e):
+            return "hugepage DMA setup failed: \(e)"
+        case .hugePageMoved(let from, let to):
+            return "the ring hugepage moved from \(from) to \(to) (memory offlining or CMA?): stop balloond and restart it"
+        case .hugePagePlacementUnreadable(let e):
+            return "cannot re-read the ring hugepage's PFN: \(e)"
+        case .pagePlacementUnreadable(let e):
+            return "cannot re-read the PFN of a 4 KiB DMA page: \(e)"
+        case .emptyAllocation:
+            return "empty DMA allocation"
+        case .largerThanAPage(let byteCount, let pageSize):
+            return "\(byteCount) bytes of physically contiguous DMA memory wanted, but without hugepages balloond only has single \(pageSize)-byte pages: queues must be ≤ 256 entries without hugepages (or make a 2 MiB hugepage available: echo 1 > /proc/sys/vm/nr_hugepages)"
+        case .badAlignment(let alignment, let pageSize):
+            return "alignment \(alignment) must be a power of two ≤ \(pageSize)"
+        case .noMigrationHold(let e):
+            return "refusing 4 KiB DMA pages: \(e). Without vm.compact_unevictable_allowed=0 compaction may move a ring page behind the device's back; run balloond as root, or make a 2 MiB hugepage available (echo 1 > /proc/sys/vm/nr_hugepages)"
+        case .pageMapFailed(let e):
+            return "mmap of a DMA page failed: \(e)"
+        case .pageLockFailed(let e):
+            return "mlock of a DMA page failed: \(e); raise RLIMIT_MEMLOCK (ulimit -l) or run as root"
+        case .pageSetupFailed(let e):
+            return "DMA page setup failed: \(e)"
+        case .pageMoved(let pfn, let entry):
+            return "a 4 KiB DMA page moved from frame 0x\(String(pfn, radix: 16)) to \(entry.map { "\($0)" } ?? "nowhere"): the kernel migrated balloond's ring memory, so the device may have written memory that is no longer balloond's. Stop balloond and give it a 2 MiB hugepage (echo 1 > /proc/sys/vm/nr_hugepages), and keep vm.compact_unevictable_allowed=0 and kernel.numa_balancing=0"
+        }
+    }
 }
 
 /// DMA memory whose physical placement can be re-checked (ring pages before a bring-up).
@@ -186,39 +286,37 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     }
 
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
-        guard byteCount > 0 else { throw DMAError("empty DMA allocation") }
-        guard byteCount <= pageSize else {
-            throw DMAError("\(byteCount) bytes of physically contiguous DMA memory wanted, but without hugepages balloond only has single \(pageSize)-byte pages: queues must be ≤ 256 entries without hugepages (or make a 2 MiB hugepage available: echo 1 > /proc/sys/vm/nr_hugepages)")
-        }
+        guard byteCount > 0 else { throw .platform(DMAMemoryError.emptyAllocation) }
+        guard byteCount <= pageSize else { throw .platform(DMAMemoryError.largerThanAPage(byteCount: byteCount, pageSize: pageSize)) }
         guard alignment > 0, alignment <= pageSize, alignment & (alignment - 1) == 0 else {
-            throw DMAError("alignment \(alignment) must be a power of two ≤ \(pageSize)")
+            throw .platform(DMAMemoryError.badAlignment(alignment, pageSize: pageSize))
         }
-        do { try hold.acquire() } catch {
-            throw DMAError("refusing 4 KiB DMA pages: \(error). Without vm.compact_unevictable_allowed=0 compaction may move a ring page behind the device's back; run balloond as root, or make a 2 MiB hugepage available (echo 1 > /proc/sys/vm/nr_hugepages)")
-        }
+        do { try hold.acquire() } catch { throw .platform(DMAMemoryError.noMigrationHold(error)) }
         let base: UnsafeMutableRawPointer
         let unmap: () -> Void
         do { unsafe (base, unmap) = try mapPage() } catch {
             hold.release()
-            throw DMAError("mmap of a DMA page failed: \(error)")
+            throw .platform(DMAMemoryError.pageMapFailed(error))
         }
         let address = unsafe MappedMemory.address(of: base)
         let physical: PhysicalAddress
-        do {
-            try unsafe MappedMemory.lock(base, length: pageSize)
+        do throws(DMAMemoryError) {
+            do { try unsafe MappedMemory.lock(base, length: pageSize) } catch {
+                if error.errno == .resourceTemporarilyUnavailable || error.errno == .noMemory { throw .pageLockFailed(error) }
+                throw .pageSetupFailed(.system(error))
+            }
             _ = unsafe madvise(base, pageSize, MADV_DONTFORK)
             unsafe MappedMemory.touch(base, length: pageSize, stride: pageSize)
-            guard let entry = try pagemap.entries(forVirtual: address, count: 1).first else {
-                throw PlatformError.pagemap("no pagemap entry for a DMA page")
-            }
-            physical = try physicalAddress(from: entry, virtualAddress: address, pageSize: pageSize)
+            do throws(PlatformError) {
+                guard let entry = try pagemap.entries(forVirtual: address, count: 1).first else {
+                    throw .pagemap(.noEntry(virtualAddress: address))
+                }
+                physical = try physicalAddress(from: entry, virtualAddress: address, pageSize: pageSize)
+            } catch { throw .pageSetupFailed(error) }
         } catch {
             unmap()
             hold.release()
-            if let e = error as? SystemCallError, e.errno == .resourceTemporarilyUnavailable || e.errno == .noMemory {
-                throw DMAError("mlock of a DMA page failed: \(e); raise RLIMIT_MEMLOCK (ulimit -l) or run as root")
-            }
-            throw DMAError("DMA page setup failed: \(error)")
+            throw .platform(error)
         }
         pagesAllocated += 1
         let live = self.live
@@ -237,10 +335,10 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
         for (address, pfn) in live.pages.sorted(by: { $0.key < $1.key }) {
             let entry: PagemapEntry?
             do { entry = try pagemap.entries(forVirtual: address, count: 1).first } catch {
-                throw DMAError("cannot re-read the PFN of a 4 KiB DMA page: \(error)")
+                throw .platform(DMAMemoryError.pagePlacementUnreadable(error))
             }
             guard let entry, entry.present, !entry.swapped, entry.pfn == pfn else {
-                throw DMAError("a 4 KiB DMA page moved from frame 0x\(String(pfn, radix: 16)) to \(entry.map { "\($0)" } ?? "nowhere"): the kernel migrated balloond's ring memory, so the device may have written memory that is no longer balloond's. Stop balloond and give it a 2 MiB hugepage (echo 1 > /proc/sys/vm/nr_hugepages), and keep vm.compact_unevictable_allowed=0 and kernel.numa_balancing=0")
+                throw .platform(DMAMemoryError.pageMoved(fromPFN: pfn, to: entry))
             }
         }
     }
@@ -256,7 +354,7 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
 public func makeDMAAllocator(root: SysRoot = .host, arena: DeviceMemoryArena, migrationHold: MigrationHold, logger: Logger) throws(DMAError)
     -> (allocator: DMAAllocator & DMAPlacementCheck, description: String) {
     let pagemap: PagemapResolver
-    do { pagemap = try PagemapResolver(root: root) } catch { throw DMAError(error.description) }
+    do { pagemap = try PagemapResolver(root: root) } catch { throw .platform(error) }
     do {
         let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, arena: arena, logger: logger)
         return (huge, "one 2 MiB hugepage at \(huge.region.physicalAddress)\(huge.grewPool ? " (nr_hugepages raised by one)" : "")")

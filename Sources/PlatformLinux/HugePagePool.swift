@@ -36,10 +36,10 @@ public struct HugePagePool: Sendable {
         }
         let info = try MemInfo.read(root: root)
         guard info.hugePageSize == UInt64(Self.pageSize) else {
-            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "the default hugepage size is \(info.hugePageSize ?? 0) bytes, not 2 MiB, and there is no \(sysfsDirectory)")
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: .defaultHugePageSizeNot2MiB(bytes: info.hugePageSize ?? 0, missingSysfsDirectory: sysfsDirectory))
         }
         guard let a = info.hugePagesAvailable else {
-            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "no HugePages_Free line")
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: .noHugePagesFree)
         }
         return a
     }
@@ -59,10 +59,10 @@ public struct HugePagePool: Sendable {
         }
         let info = try MemInfo.read(root: root)
         guard info.hugePageSize == UInt64(Self.pageSize) else {
-            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "the default hugepage size is \(info.hugePageSize ?? 0) bytes, not 2 MiB, and there is no \(sysfsDirectory)")
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: .defaultHugePageSizeNot2MiB(bytes: info.hugePageSize ?? 0, missingSysfsDirectory: sysfsDirectory))
         }
         guard let total = info.hugePagesTotal, let free = info.hugePagesFree, let reserved = info.hugePagesReserved else {
-            throw .malformedFile(path: root.path("/proc/meminfo"), reason: "no HugePages_Total/Free/Rsvd lines")
+            throw .malformedFile(path: root.path("/proc/meminfo"), reason: .noHugePageCounters)
         }
         let overcommitPath = root.path("/proc/sys/vm/nr_overcommit_hugepages")
         return HugePageCounters(total: total, free: free, reserved: reserved, surplus: info.hugePagesSurplus ?? 0,
@@ -84,7 +84,7 @@ public struct HugePagePool: Sendable {
         if try available() > 0 { return true }
         // The kernel could not find 2 MiB of contiguous free memory.
         try? setCount(before)
-        throw .hugePages("raising \(countPath) from \(before) to \(before + 1) produced no free 2 MiB hugepage (memory is too fragmented); reserve one at boot with the kernel parameter hugepages=1 or early with `echo 1 > \(countPath)`")
+        throw .hugePages(.poolDidNotGrow(countPath: countPath, before: before))
     }
 
     /// Shrinks the pool by one (after our page was unmapped).
@@ -96,7 +96,7 @@ public struct HugePagePool: Sendable {
     private func readNumber(_ path: String) throws(PlatformError) -> UInt64 {
         let text: String
         do { text = try Sys.readAttribute(path) } catch { throw .system(error) }
-        guard let v = UInt64(text) else { throw .malformedFile(path: path, reason: "'\(text)' is not a number") }
+        guard let v = UInt64(text) else { throw .malformedFile(path: path, reason: .notANumber(text)) }
         return v
     }
 }

@@ -79,18 +79,34 @@ public struct KernelMemoryDebugSources: Hashable, Sendable {
 }
 
 /// What went wrong decompressing gzip data.
-public struct GzipError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
+public enum GzipError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// No input bytes.
+    case emptyInput
+    /// zlib's `inflateInit2` failed.
+    case inflateInitFailed
+    /// The output grew past the limit.
+    case tooLarge(limit: Int)
+    /// zlib stopped with `zlibStatus` before the end of the gzip stream.
+    case corrupt(zlibStatus: Int32)
+
+    public var description: String {
+        switch self {
+        case .emptyInput: return "empty input"
+        case .inflateInitFailed: return "inflateInit2 failed"
+        case .tooLarge(let limit): return "more than \(limit) bytes"
+        case .corrupt(let status): return "corrupt or truncated gzip data (zlib \(status))"
+        }
+    }
 }
 
 /// Decompresses gzip data (`/proc/config.gz`) with the system's zlib; at most `limit` bytes
 /// of output.
 public func gunzip(_ input: [UInt8], limit: Int) throws(GzipError) -> [UInt8] {
-    guard !input.isEmpty else { throw GzipError(description: "empty input") }
+    guard !input.isEmpty else { throw .emptyInput }
     var stream = z_stream()
     // 16 + MAX_WBITS: a gzip header and trailer.
     guard unsafe inflateInit2_(&stream, 16 + MAX_WBITS, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
-        throw GzipError(description: "inflateInit2 failed")
+        throw .inflateInitFailed
     }
     defer { _ = unsafe inflateEnd(&stream) }
     var output: [UInt8] = []
@@ -114,7 +130,7 @@ public func gunzip(_ input: [UInt8], limit: Int) throws(GzipError) -> [UInt8] {
         }
     }
     guard status == Z_STREAM_END else {
-        throw GzipError(description: output.count > limit ? "more than \(limit) bytes" : "corrupt or truncated gzip data (zlib \(status))")
+        throw output.count > limit ? .tooLarge(limit: limit) : .corrupt(zlibStatus: status)
     }
     return output
 }

@@ -14,15 +14,15 @@ public struct MemInfo: Hashable, Sendable {
         var f: [String: UInt64] = [:]
         for (n, line) in text.split(separator: "\n", omittingEmptySubsequences: true).enumerated() {
             guard let colon = line.firstIndex(of: ":") else {
-                throw .malformedFile(path: path, reason: "line \(n + 1) has no ':': \(line)")
+                throw .malformedFile(path: path, reason: .noColon(line: n + 1, text: String(line)))
             }
             let key = String(line[..<colon])
             let rest = line[line.index(after: colon)...].split(separator: " ", omittingEmptySubsequences: true)
             guard !key.isEmpty, let first = rest.first, let value = UInt64(first), rest.count <= 2 else {
-                throw .malformedFile(path: path, reason: "line \(n + 1) is not 'Key: number [kB]': \(line)")
+                throw .malformedFile(path: path, reason: .notKeyNumber(line: n + 1, text: String(line)))
             }
             if rest.count == 2 {
-                guard rest[1] == "kB" else { throw .malformedFile(path: path, reason: "line \(n + 1) has unit '\(rest[1])', expected kB") }
+                guard rest[1] == "kB" else { throw .malformedFile(path: path, reason: .unitNotKB(line: n + 1, unit: String(rest[1]))) }
                 f[key] = value * 1024
             } else {
                 f[key] = value
@@ -34,11 +34,9 @@ public struct MemInfo: Hashable, Sendable {
     /// Reads `/proc/meminfo` under `root`.
     public static func read(root: SysRoot = .host) throws(PlatformError) -> MemInfo {
         let path = root.path("/proc/meminfo")
-        do { return try MemInfo(parsing: try Sys.readTextFile(path), path: path) } catch let e as PlatformError {
-            throw e
-        } catch let e as SystemCallError {
-            throw .system(e)
-        } catch { throw .malformedFile(path: path, reason: "\(error)") }
+        let text: String
+        do { text = try Sys.readTextFile(path) } catch { throw .system(error) }
+        return try MemInfo(parsing: text, path: path)
     }
 
     public subscript(_ key: String) -> UInt64? { fields[key] }

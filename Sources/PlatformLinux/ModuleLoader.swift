@@ -56,13 +56,13 @@ public struct ModuleLoader {
     /// attempt when it cannot.
     public func ensureLoaded(_ name: String) throws(PlatformError) {
         if isLoaded(name) { return }
-        var attempts: [String] = []
+        var attempts: [ModuleLoadAttempt] = []
         let probe = kernel.runCommand("modprobe", [name])
         if probe.succeeded && isLoaded(name) {
             logger.info("loaded kernel module \(name) with modprobe")
             return
         }
-        attempts.append("modprobe \(name): \(probe.succeeded ? "ok, but /sys/module/\(name) did not appear" : probe.description)")
+        attempts.append(.modprobe(module: name, probe))
 
         var found = false
         var seen: Set<[UInt64]> = []
@@ -78,11 +78,11 @@ public struct ModuleLoader {
                 logger.info("loaded kernel module \(name) with insmod \(path)")
                 return
             }
-            attempts.append("insmod \(path): \(r.succeeded ? "ok, but /sys/module/\(name) did not appear" : r.description)")
+            attempts.append(.insmod(path: path, module: name, r))
             if r.succeeded { break }
         }
         if !found {
-            attempts.append("no \(name).ko, .ko.xz or .ko.zst under /lib/modules/\(kernelRelease)/kernel/drivers/uio or /usr/lib/modules/\(kernelRelease)/kernel/drivers/uio")
+            attempts.append(.noModuleFile(module: name, kernelRelease: kernelRelease))
         }
         throw .moduleUnavailable(name: name, attempts: attempts)
     }

@@ -86,19 +86,19 @@ public struct PCIEnumerator: Sendable {
         let sysfsPCI = root.path("/sys/bus/pci")
         let devicesDir = sysfsPCI + "/devices"
         guard Sys.isDirectory(devicesDir) else {
-            throw .libpci("\(devicesDir) does not exist: is sysfs mounted (mount -t sysfs sysfs /sys) and does this kernel have PCI support?")
+            throw .libpci(.noSysfsDevices(directory: devicesDir))
         }
         let names: [String]
         do { names = try Sys.listDirectory(devicesDir) } catch { throw .system(error) }
         var wanted: [PCIAddress] = []
         for name in names where !name.hasPrefix(".") {
             guard let a = PCIAddress(name) else {
-                throw .malformedFile(path: devicesDir, reason: "entry '\(name)' is not a PCI address")
+                throw .malformedFile(path: devicesDir, reason: .notAPCIAddressEntry(name))
             }
             for file in ["vendor", "device", "class", "resource", "config"] {
                 let p = devicesDir + "/" + name + "/" + file
                 guard unsafe access(p, R_OK) == 0 else {
-                    throw .malformedFile(path: p, reason: "missing or unreadable (libpci needs it to describe \(name))")
+                    throw .malformedFile(path: p, reason: .unreadableForLibPCI(function: name))
                 }
             }
             if only == nil || only == a { wanted.append(a) }
@@ -118,9 +118,9 @@ public struct PCIEnumerator: Sendable {
     /// The libpci part: pci_alloc, sysfs method at `sysfsPath`, pci_init, pci_scan_bus,
     /// pci_fill_info, config reads for fields the fill did not provide, pci_cleanup.
     private func scanWithLibPCI(sysfsPath: String, wanted: Set<PCIAddress>) throws(PlatformError) -> [PCIFunction] {
-        guard let access = unsafe pci_alloc() else { throw .libpci("pci_alloc failed (out of memory)") }
+        guard let access = unsafe pci_alloc() else { throw .libpci(.outOfMemory(call: "pci_alloc")) }
         // pci_set_param copies the value in libpci ≥ 3.5; keep ours alive until cleanup anyway.
-        guard let pathCopy = unsafe strdup(sysfsPath) else { unsafe pci_cleanup(access); throw .libpci("out of memory") }
+        guard let pathCopy = unsafe strdup(sysfsPath) else { unsafe pci_cleanup(access); throw .libpci(.outOfMemory(call: "strdup")) }
         defer {
             unsafe pci_cleanup(access)
             unsafe free(pathCopy)
@@ -129,7 +129,7 @@ public struct PCIEnumerator: Sendable {
         let setOK = unsafe "sysfs.path".withCString { name in
             unsafe pci_set_param(access, UnsafeMutablePointer(mutating: name), pathCopy)
         }
-        guard setOK == 0 else { throw .libpci("this libpci has no sysfs.path parameter; install libpci3 ≥ 3.5 (Debian: libpci3)") }
+        guard setOK == 0 else { throw .libpci(.noSysfsPathParameter) }
         unsafe pci_init(access)
         unsafe pci_scan_bus(access)
 

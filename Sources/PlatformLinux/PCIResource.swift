@@ -50,17 +50,17 @@ public func parseSysfsResourceFile(_ text: String, path: String = "resource") th
     for (n, line) in text.split(separator: "\n", omittingEmptySubsequences: true).enumerated() {
         let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
         guard fields.count == 3 else {
-            throw .malformedFile(path: path, reason: "line \(n + 1) has \(fields.count) fields, expected 'start end flags': \(line)")
+            throw .malformedFile(path: path, reason: .resourceFieldCount(line: n + 1, fields: fields.count, text: String(line)))
         }
         var values: [UInt64] = []
         for f in fields {
             guard let v = parseNumber(String(f), hex: true) else {
-                throw .malformedFile(path: path, reason: "line \(n + 1): '\(f)' is not a hex number")
+                throw .malformedFile(path: path, reason: .notHex(line: n + 1, field: String(f)))
             }
             values.append(v)
         }
         guard values[1] >= values[0] || (values[0] == 0 && values[1] == 0) else {
-            throw .malformedFile(path: path, reason: "line \(n + 1): end \(hex(values[1])) is below start \(hex(values[0]))")
+            throw .malformedFile(path: path, reason: .endBelowStart(line: n + 1, start: values[0], end: values[1]))
         }
         result.append(PCIResource(start: values[0], end: values[1], flags: values[2]))
     }

@@ -31,16 +31,10 @@ public struct PagemapEntry: Hashable, Sendable, CustomStringConvertible {
 /// Translates one entry (pure): the physical address of `virtualAddress`, whose page the
 /// entry describes, or an error saying why there is none.
 public func physicalAddress(from entry: PagemapEntry, virtualAddress: UInt, pageSize: Int = 4096) throws(PlatformError) -> PhysicalAddress {
-    let va = "0x" + String(virtualAddress, radix: 16)
     guard entry.present else {
-        if entry.swapped {
-            throw .pagemap("the page at \(va) is swapped out; DMA memory must be locked with mlock before its address is read")
-        }
-        throw .pagemap("the page at \(va) is not present; fault it in (touch it) and mlock it before reading its physical address")
+        throw .pagemap(entry.swapped ? .swappedOut(virtualAddress: virtualAddress) : .notPresent(virtualAddress: virtualAddress))
     }
-    guard entry.pfn != 0 else {
-        throw .pagemap("/proc/self/pagemap shows PFN 0 for the present page at \(va): the kernel hides physical addresses from processes without CAP_SYS_ADMIN (Linux ≥ 4.2). Run balloond as root, and open pagemap before dropping privileges")
-    }
+    guard entry.pfn != 0 else { throw .pagemap(.pfnHidden(virtualAddress: virtualAddress)) }
     return PhysicalAddress(entry.pfn * UInt64(pageSize) + UInt64(virtualAddress % UInt(pageSize)))
 }
 
@@ -67,12 +61,7 @@ public final class PagemapResolver: PagemapReading {
         let p = path ?? root.path("/proc/self/pagemap")
         self.path = p
         self.pageSize = pageSize
-        do { file = try OpenFile(path: p, flags: O_RDONLY) } catch {
-            if error.errno == .permissionDenied || error.errno == .notPermitted {
-                throw .pagemap("cannot open \(p): \(error). Reading physical addresses needs CAP_SYS_ADMIN; run balloond as root")
-            }
-            throw .pagemap("cannot open \(p): \(error). balloond needs /proc mounted and a kernel with CONFIG_PROC_PAGE_MONITOR")
-        }
+        do { file = try OpenFile(path: p, flags: O_RDONLY) } catch { throw .pagemap(.cannotOpen(error)) }
     }
 
     /// The raw entry for the page holding `virtualAddress`.
@@ -80,10 +69,10 @@ public final class PagemapResolver: PagemapReading {
         let offset = Int(virtualAddress / UInt(pageSize)) * 8
         let bytes: [UInt8]
         do { bytes = try file.pread(count: 8, offset: offset) } catch {
-            throw .pagemap("reading \(path) at offset \(offset) failed: \(error)")
+            throw .pagemap(.readFailed(path: path, offset: offset, error))
         }
         guard bytes.count == 8 else {
-            throw .pagemap("\(path) returned \(bytes.count) bytes for the entry at offset \(offset), expected 8")
+            throw .pagemap(.shortRead(path: path, offset: offset, entries: 1, bytes: bytes.count))
         }
         var raw: UInt64 = 0
         for (i, b) in bytes.enumerated() { raw |= UInt64(b) << (8 * UInt64(i)) }
@@ -97,10 +86,10 @@ public final class PagemapResolver: PagemapReading {
         let offset = Int(virtualAddress / UInt(pageSize)) * 8
         let bytes: [UInt8]
         do { bytes = try file.pread(count: count * 8, offset: offset) } catch {
-            throw .pagemap("reading \(path) at offset \(offset) failed: \(error)")
+            throw .pagemap(.readFailed(path: path, offset: offset, error))
         }
         guard bytes.count == count * 8 else {
-            throw .pagemap("\(path) returned \(bytes.count) bytes for \(count) entries at offset \(offset), expected \(count * 8)")
+            throw .pagemap(.shortRead(path: path, offset: offset, entries: count, bytes: bytes.count))
         }
         return (0..<count).map { i in
             var raw: UInt64 = 0

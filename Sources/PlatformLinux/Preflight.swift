@@ -64,7 +64,7 @@ public struct Preflight {
         let text: String
         do { text = try Sys.readTextFile(path) } catch { throw .system(error) }
         guard let mode = selectedLockdownMode(text) else {
-            throw .malformedFile(path: path, reason: "no [selected] mode in '\(trimmed(text))'")
+            throw .malformedFile(path: path, reason: .noSelectedLockdownMode(text: trimmed(text)))
         }
         if mode != "none" { throw .kernelLockdown(mode: mode) }
     }
@@ -79,7 +79,7 @@ public struct Preflight {
             target = try Sys.readlink(link)
         } catch { throw .system(error) }
         guard let group = target.split(separator: "/").last.map(String.init) else {
-            throw .malformedFile(path: link, reason: "link target '\(target)' names no group")
+            throw .malformedFile(path: link, reason: .noIOMMUGroup(target: target))
         }
         let typePath = root.path("/sys/kernel/iommu_groups/\(group)/type")
         let type: String

@@ -28,7 +28,7 @@ public final class PressureTrigger {
         bytes.append(0)
         let written: Int
         do { written = try file.write(bytes) } catch { throw .system(error) }
-        if written != bytes.count { throw .malformedFile(path: path, reason: "the kernel took \(written) of \(bytes.count) bytes of the trigger") }
+        if written != bytes.count { throw .malformedFile(path: path, reason: .shortTriggerWrite(written: written, of: bytes.count)) }
     }
 
     /// The descriptor to poll for POLLPRI.

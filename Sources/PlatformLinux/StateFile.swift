@@ -83,8 +83,10 @@ public enum StateRecordProblem: Error, Hashable, Sendable, CustomStringConvertib
     case badNumber(key: String, value: String)
     /// A value the file's reader does not accept.
     case badValue(key: String, value: String, expected: String)
-    /// Not UTF-8, or not the JSON the file should hold.
-    case undecodable(String)
+    /// Not UTF-8 text.
+    case notUTF8
+    /// Not exactly one line (`text`, the start of the file), where one line with `expected` was.
+    case notOneLine(text: String, expected: String)
 
     public var description: String {
         switch self {
@@ -94,7 +96,8 @@ public enum StateRecordProblem: Error, Hashable, Sendable, CustomStringConvertib
         case .missingKey(let k): return "key '\(k)' is missing"
         case .badNumber(let k, let v): return "'\(k)' is \(String(v.prefix(64)).debugDescription), not a number"
         case .badValue(let k, let v, let expected): return "'\(k)' is \(String(v.prefix(128)).debugDescription); expected \(expected)"
-        case .undecodable(let why): return why
+        case .notUTF8: return "not UTF-8 text"
+        case .notOneLine(let text, let expected): return "expected one line with \(expected), got \(String(text.prefix(128)).debugDescription)"
         }
     }
 }
@@ -298,7 +301,7 @@ public struct StateFile: Hashable, Sendable {
             if bytes.count > Self.maxBytes { throw .fileTooLarge(path: path, limit: Self.maxBytes) }
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
-            throw .malformed(path: path, problem: .undecodable("not UTF-8 text"))
+            throw .malformed(path: path, problem: .notUTF8)
         }
         return text
     }

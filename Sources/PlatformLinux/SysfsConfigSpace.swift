@@ -37,14 +37,14 @@ public final class SysfsConfigSpace: PCIConfigSpace {
 
     private func read(_ offset: Int, _ width: Int) throws(PCIError) -> [UInt8] {
         guard offset >= 0, offset % width == 0, offset + width <= size else {
-            throw .configAccess(offset: offset, reason: "\(width)-byte access is misaligned or outside the \(size)-byte config space of \(address)")
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: width, size: size, address: address))
         }
         let bytes: [UInt8]
         do { bytes = try file.pread(count: width, offset: offset) } catch {
-            throw .configAccess(offset: offset, reason: error.description)
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.readFailed(error))
         }
         guard bytes.count == width else {
-            throw .configAccess(offset: offset, reason: "read \(bytes.count) of \(width) bytes from \(path): the kernel only lets root read past the first 64 bytes; run balloond as root")
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.shortRead(path: path, got: bytes.count, width: width))
         }
         return bytes
     }
@@ -63,16 +63,44 @@ public final class SysfsConfigSpace: PCIConfigSpace {
 
     public func write16(_ value: UInt16, at offset: Int) throws(PCIError) {
         guard offset >= 0, offset % 2 == 0, offset + 2 <= size else {
-            throw .configAccess(offset: offset, reason: "2-byte write is misaligned or outside the \(size)-byte config space of \(address)")
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: 2, size: size, address: address, write: true))
         }
         let n: Int
         do { n = try file.pwrite([UInt8(value & 0xff), UInt8(value >> 8)], offset: offset) } catch {
-            var reason = error.description
-            if error.errno == .badFileDescriptor { reason += " (the config space was opened read-only)" }
-            throw .configAccess(offset: offset, reason: reason)
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.writeFailed(error))
         }
         guard n == 2 else {
-            throw .configAccess(offset: offset, reason: "wrote \(n) of 2 bytes to \(path)")
+            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.shortWrite(path: path, wrote: n))
+        }
+    }
+}
+
+/// Why a sysfs config space access failed (the reason inside `PCIError.configAccess`).
+public enum ConfigSpaceProblem: Error, Hashable, Sendable, CustomStringConvertible {
+    /// A `width`-byte access (a write if `write`) misaligned or outside the `size`-byte config
+    /// space of `address`.
+    case outOfRange(width: Int, size: Int, address: PCIAddress, write: Bool = false)
+    /// `pread` of the config file failed.
+    case readFailed(SystemCallError)
+    /// `pwrite` of the config file failed (EBADF: it was opened read-only).
+    case writeFailed(SystemCallError)
+    /// `pread` returned `got` of `width` bytes: the kernel hides all but 64 bytes from non-root.
+    case shortRead(path: String, got: Int, width: Int)
+    /// `pwrite` wrote `wrote` of 2 bytes.
+    case shortWrite(path: String, wrote: Int)
+
+    public var description: String {
+        switch self {
+        case .outOfRange(let width, let size, let address, let write):
+            return "\(width)-byte \(write ? "write" : "access") is misaligned or outside the \(size)-byte config space of \(address)"
+        case .readFailed(let e):
+            return e.description
+        case .writeFailed(let e):
+            return e.errno == .badFileDescriptor ? "\(e) (the config space was opened read-only)" : e.description
+        case .shortRead(let path, let got, let width):
+            return "read \(got) of \(width) bytes from \(path): the kernel only lets root read past the first 64 bytes; run balloond as root"
+        case .shortWrite(let path, let wrote):
+            return "wrote \(wrote) of 2 bytes to \(path)"
         }
     }
 }

@@ -33,18 +33,13 @@ public final class UIOInterruptLine: InterruptLine {
     public init(devicePath: String, config: PCIConfigSpace, requireCharacterDevice: Bool = true) throws(PlatformError) {
         self.devicePath = devicePath
         self.config = config
+        let mode: mode_t
         do {
             file = try OpenFile(path: devicePath, flags: O_RDWR | O_NONBLOCK)
-            let st = try file.status()
-            if requireCharacterDevice && (st.st_mode & S_IFMT) != S_IFCHR {
-                throw PlatformError.uioDeviceMissing(bdf: devicePath, reason: "\(devicePath) is not a character device; remove it and bind again")
-            }
-        } catch let e as SystemCallError {
-            throw .uioDeviceMissing(bdf: devicePath, reason: "cannot open \(devicePath): \(e)")
-        } catch let e as PlatformError {
-            throw e
-        } catch {
-            throw .uioDeviceMissing(bdf: devicePath, reason: "\(error)")
+            mode = try file.status().st_mode
+        } catch { throw .uioDeviceMissing(bdf: devicePath, .cannotOpen(path: devicePath, error)) }
+        if requireCharacterDevice && (mode & S_IFMT) != S_IFCHR {
+            throw .uioDeviceMissing(bdf: devicePath, .notACharacterDevice(path: devicePath))
         }
     }
 
@@ -60,18 +55,18 @@ public final class UIOInterruptLine: InterruptLine {
         let r = unsafe poll(&pfd, 1, timeout)
         if r < 0 {
             if Glibc.errno == EINTR { return false }
-            throw failure("poll(\(devicePath)) failed: \(Errno(rawValue: Glibc.errno))")
+            throw failure(.pollFailed(SystemCallError(call: "poll", path: devicePath, errno: Errno(rawValue: Glibc.errno))))
         }
         if r == 0 { return false }
         if pfd.revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 && pfd.revents & Int16(POLLIN) == 0 {
-            throw failure("\(devicePath) reported an error (revents 0x\(String(pfd.revents, radix: 16))): the uio device went away; was uio_pci_generic unbound?")
+            throw failure(.deviceGone(path: devicePath, revents: pfd.revents))
         }
         let bytes: [UInt8]
         do { bytes = try file.read(count: 4) } catch {
             if error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable { return false }
-            throw failure("reading the event count from \(devicePath) failed: \(error)")
+            throw failure(.readFailed(path: devicePath, error))
         }
-        guard bytes.count == 4 else { throw failure("read \(bytes.count) bytes from \(devicePath), expected the 4-byte event count") }
+        guard bytes.count == 4 else { throw failure(.shortRead(path: devicePath, got: bytes.count)) }
         eventCount = UInt32(bytes[0]) | UInt32(bytes[1]) << 8 | UInt32(bytes[2]) << 16 | UInt32(bytes[3]) << 24
         return true
     }
@@ -89,7 +84,33 @@ public final class UIOInterruptLine: InterruptLine {
     /// TransportError has no interrupt case; the uio device's failures are reported as a
     /// config-space access failure on the Status register (whose Interrupt bit is what uio
     /// reports), with a reason that names /dev/uioN.
-    private func failure(_ reason: String) -> TransportError {
-        .pci(.configAccess(offset: PCIConfig.status, reason: reason))
+    private func failure(_ problem: UIOProblem) -> TransportError {
+        .pci(.configAccess(offset: PCIConfig.status, reason: problem))
+    }
+}
+
+/// Why waiting for a uio interrupt failed (the reason inside the `PCIError.configAccess` on the
+/// Status register that `UIOInterruptLine.wait` throws).
+public enum UIOProblem: Error, Hashable, Sendable, CustomStringConvertible {
+    /// poll(2) on /dev/uioN failed.
+    case pollFailed(SystemCallError)
+    /// poll reported POLLERR/POLLHUP/POLLNVAL without POLLIN: the uio device went away.
+    case deviceGone(path: String, revents: Int16)
+    /// Reading the event count failed.
+    case readFailed(path: String, SystemCallError)
+    /// The read returned `got` bytes instead of the 4-byte event count.
+    case shortRead(path: String, got: Int)
+
+    public var description: String {
+        switch self {
+        case .pollFailed(let e):
+            return e.description
+        case .deviceGone(let path, let revents):
+            return "\(path) reported an error (revents 0x\(String(revents, radix: 16))): the uio device went away; was uio_pci_generic unbound?"
+        case .readFailed(let path, let e):
+            return "reading the event count from \(path) failed: \(e)"
+        case .shortRead(let path, let got):
+            return "read \(got) bytes from \(path), expected the 4-byte event count"
+        }
     }
 }

@@ -26,16 +26,35 @@ public struct Readiness: OptionSet, Sendable, CustomStringConvertible {
 
 /// Why the event source cannot be waited on any more.
 public enum PollerError: Error, Equatable, CustomStringConvertible {
-    /// The interrupt descriptor reported an error or hang-up: the device went away (for
-    /// example, somebody unbound uio_pci_generic).
-    case interruptSourceLost(String)
-    /// poll(2) itself failed.
-    case pollFailed(String)
+    /// The interrupt descriptor reported an error or hang-up (`revents`, poll(2)'s bits): the
+    /// device went away (for example, somebody unbound uio_pci_generic).
+    case interruptSourceLost(revents: Int16)
+    /// poll(2) itself failed; the platform's error (PlatformLinux: a `SystemCallError`) keeps
+    /// the errno.
+    case pollFailed(any ErrorReason)
+
+    /// What happened, without the leading "the interrupt source went away" or "waiting failed".
+    public var reason: String {
+        switch self {
+        case .interruptSourceLost(let revents):
+            return "poll on the uio descriptor returned revents 0x\(String(UInt16(bitPattern: revents), radix: 16)); was uio_pci_generic unbound or the device removed? Check `balloond list`, then run balloond again"
+        case .pollFailed(let e):
+            return e.description
+        }
+    }
 
     public var description: String {
         switch self {
-        case .interruptSourceLost(let why): return "the device's interrupt source went away: \(why)"
-        case .pollFailed(let why): return "waiting for events failed: \(why)"
+        case .interruptSourceLost: return "the device's interrupt source went away: \(reason)"
+        case .pollFailed: return "waiting for events failed: \(reason)"
+        }
+    }
+
+    public static func == (a: PollerError, b: PollerError) -> Bool {
+        switch (a, b) {
+        case let (.interruptSourceLost(r1), .interruptSourceLost(r2)): return r1 == r2
+        case let (.pollFailed(e1), .pollFailed(e2)): return AnyHashable(e1) == AnyHashable(e2)
+        default: return false
         }
     }
 }

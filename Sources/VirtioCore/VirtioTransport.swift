@@ -27,8 +27,6 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
     case needsReset(DeviceStatus)
     case deviceConfigOutOfRange(offset: Int, length: Int)
     case notifyOutOfRange(queue: UInt16, offset: Int)
-    /// Waiting for or acknowledging an interrupt failed (e.g. poll/read of /dev/uioN).
-    case interrupt(String)
     /// `config_generation` changed across every one of `attempts` snapshot reads.
     case configGenerationUnstable(attempts: Int)
     /// Bus Master still reads set after the driver cleared it (the device may still DMA).
@@ -49,7 +47,6 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
         case .queueEnableDidNotStick(let q): return "queue \(q) did not read back enabled after queue_enable=1"
         case .needsReset(let s): return "device set NEEDS_RESET (status \(s)): it found an error in what the driver sent; balloond will reset it"
         case .deviceConfigOutOfRange(let o, let l): return "device config access at \(o) (+\(l)) is outside the device config window"
-        case .interrupt(let m): return "interrupt: \(m)"
         case .notifyOutOfRange(let q, let o): return "notify address for queue \(q) (offset 0x\(String(o, radix: 16))) is outside the notify structure"
         case .configGenerationUnstable(let n):
             return "device config_generation changed during each of \(n) reads of its config: the device is broken or hostile; balloond will reset it"
@@ -170,17 +167,56 @@ public protocol InterruptLine: AnyObject {
     var pollDescriptor: Int32? { get }
 }
 
+/// An error another layer keeps as the reason for its own (`PCIError`, `DMAError`,
+/// `PollerError`): the platform's typed error, with its errno, compared by value.
+public typealias ErrorReason = Error & Hashable & CustomStringConvertible
+
 /// Errors from PCI config space and BAR access.
-public enum PCIError: Error, Hashable, CustomStringConvertible {
-    /// Reading or writing config space failed (I/O error, device gone).
-    case configAccess(offset: Int, reason: String)
-    /// A BAR could not be mapped or is not what a virtio device should have.
-    case bar(index: Int, reason: String)
+public enum PCIError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// Reading or writing config space failed (I/O error, device gone, out of range); the
+    /// reason is `PCIAccessProblem` or the platform's (PlatformLinux: `ConfigSpaceProblem`).
+    case configAccess(offset: Int, reason: any ErrorReason)
+    /// A BAR could not be mapped or is not what a virtio device should have; the reason is
+    /// `PCIAccessProblem` or the platform's (PlatformLinux: `BARProblem`).
+    case bar(index: Int, reason: any ErrorReason)
 
     public var description: String {
         switch self {
         case .configAccess(let o, let r): return "PCI config space access at 0x\(String(o, radix: 16)) failed: \(r)"
         case .bar(let i, let r): return "BAR\(i): \(r)"
+        }
+    }
+
+    public static func == (a: PCIError, b: PCIError) -> Bool {
+        switch (a, b) {
+        case let (.configAccess(o1, r1), .configAccess(o2, r2)): return o1 == o2 && AnyHashable(r1) == AnyHashable(r2)
+        case let (.bar(i1, r1), .bar(i2, r2)): return i1 == i2 && AnyHashable(r1) == AnyHashable(r2)
+        default: return false
+        }
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        switch self {
+        case let .configAccess(o, r): hasher.combine(0); hasher.combine(o); hasher.combine(AnyHashable(r))
+        case let .bar(i, r): hasher.combine(1); hasher.combine(i); hasher.combine(AnyHashable(r))
+        }
+    }
+}
+
+/// Reasons for a `PCIError` that do not depend on the platform.
+public enum PCIAccessProblem: Error, Hashable, Sendable, CustomStringConvertible {
+    /// A `width`-byte access that is misaligned or outside the `size`-byte config space.
+    case outsideConfigSpace(width: Int, size: Int)
+    /// The BAR is not mapped here (e.g. the simulator has only BAR4).
+    case notMapped
+    /// The BAR's mapping is `mapped` bytes, but a virtio structure in it ends at `structureEnd`.
+    case shorterThanStructure(mapped: Int, structureEnd: Int)
+
+    public var description: String {
+        switch self {
+        case .outsideConfigSpace(let width, let size): return "\(width)-byte access is misaligned or outside the \(size)-byte config space"
+        case .notMapped: return "not mapped"
+        case .shorterThanStructure(let mapped, let end): return "mapped \(mapped) bytes, but a virtio structure ends at \(end)"
         }
     }
 }
@@ -191,7 +227,7 @@ public enum VirtioCapabilityType: UInt8, Sendable {
 }
 
 /// A capability list that balloond refuses, naming the problem.
-public enum VirtioCapabilityError: Error, Hashable, CustomStringConvertible {
+public enum VirtioCapabilityError: Error, Hashable, Sendable, CustomStringConvertible {
     case noCapabilityList
     case pointerBelowHeader(at: Int, pointer: Int)
     case pointerMisaligned(at: Int, pointer: Int)

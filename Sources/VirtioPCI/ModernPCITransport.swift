@@ -76,7 +76,7 @@ public final class ModernPCITransport: VirtioTransport {
                 bars[loc.bar] = bar
             }
             guard Int(loc.offset) + Int(loc.length) <= bar.length else {
-                throw .pci(.bar(index: loc.bar, reason: "mapped \(bar.length) bytes, but a virtio structure ends at \(Int(loc.offset) + Int(loc.length))"))
+                throw .pci(.bar(index: loc.bar, reason: PCIAccessProblem.shorterThanStructure(mapped: bar.length, structureEnd: Int(loc.offset) + Int(loc.length))))
             }
             return MMIOSubregion(parent: bar, base: Int(loc.offset), length: Int(loc.length))
         }

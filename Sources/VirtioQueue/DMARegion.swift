@@ -114,9 +114,48 @@ public final class DMARegion {
 @inline(__always) public func fullMemoryBarrier() { bs_fence_seq_cst() }
 
 /// Why DMA memory could not be had.
-public struct DMAError: Error, CustomStringConvertible, Sendable {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
+    /// A bump arena has no room for the allocation: `wanted` bytes, `free` of `size` left.
+    case arenaExhausted(wanted: Int, free: Int, size: Int)
+    /// More bytes than the allocator can ever hand out in one physically contiguous piece.
+    case tooLarge(byteCount: Int, largestAllocation: Int)
+    /// The heap had no aligned block (`posix_memalign` returned `errno`).
+    case outOfMemory(byteCount: Int, errno: Int32)
+    /// The platform allocator failed; its own error (e.g. PlatformLinux's `DMAMemoryError`)
+    /// says why and keeps the underlying errno.
+    case platform(any ErrorReason)
+
+    public var description: String {
+        switch self {
+        case .arenaExhausted(let wanted, let free, let size):
+            return "DMA arena exhausted: \(wanted) bytes wanted, \(free) of \(size) left"
+        case .tooLarge(let byteCount, let largest):
+            return "\(byteCount) bytes of physically contiguous DMA memory wanted, but at most \(largest) bytes can be had in one piece"
+        case .outOfMemory(let byteCount, let errno):
+            return "posix_memalign(\(byteCount)) failed (errno \(errno))"
+        case .platform(let e):
+            return e.description
+        }
+    }
+
+    public static func == (a: DMAError, b: DMAError) -> Bool {
+        switch (a, b) {
+        case let (.arenaExhausted(w1, f1, s1), .arenaExhausted(w2, f2, s2)): return w1 == w2 && f1 == f2 && s1 == s2
+        case let (.tooLarge(b1, l1), .tooLarge(b2, l2)): return b1 == b2 && l1 == l2
+        case let (.outOfMemory(b1, e1), .outOfMemory(b2, e2)): return b1 == b2 && e1 == e2
+        case let (.platform(e1), .platform(e2)): return AnyHashable(e1) == AnyHashable(e2)
+        default: return false
+        }
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        switch self {
+        case let .arenaExhausted(w, f, s): hasher.combine(0); hasher.combine(w); hasher.combine(f); hasher.combine(s)
+        case let .tooLarge(b, l): hasher.combine(1); hasher.combine(b); hasher.combine(l)
+        case let .outOfMemory(b, e): hasher.combine(2); hasher.combine(b); hasher.combine(e)
+        case let .platform(e): hasher.combine(3); hasher.combine(AnyHashable(e))
+        }
+    }
 }
 
 /// Hands out physically contiguous DMA regions.
@@ -148,7 +187,7 @@ public final class DMAArena: DMAAllocator {
         precondition(byteCount > 0 && alignment > 0 && alignment & (alignment - 1) == 0)
         let start = (next + alignment - 1) & ~(alignment - 1)
         guard start + byteCount <= region.size else {
-            throw DMAError("DMA arena exhausted: \(byteCount) bytes wanted, \(region.size - next) of \(region.size) left")
+            throw .arenaExhausted(wanted: byteCount, free: region.size - next, size: region.size)
         }
         next = start + byteCount
         let sub = region.subregion(offset: start, length: byteCount)

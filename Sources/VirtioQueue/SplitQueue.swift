@@ -21,7 +21,7 @@ public enum QueueError: Error, Hashable, CustomStringConvertible {
     /// The device claims to have written more than the chain's writable bytes.
     case usedLengthTooLarge(id: UInt32, length: UInt32, writable: UInt64)
     /// DMA memory for the ring could not be had.
-    case dma(String)
+    case dma(DMAError)
 
     public var description: String {
         switch self {
@@ -98,7 +98,7 @@ public final class SplitQueue<Token> {
             available = try allocator.allocate(byteCount: layout.availableRingBytes, alignment: 2)
             used = try allocator.allocate(byteCount: layout.usedRingBytes, alignment: 4)
         } catch {
-            throw .dma(error.description)
+            throw .dma(error)
         }
         chains = Array(repeating: nil, count: Int(size))
         freeList = (0..<size).reversed().map { $0 }

@@ -1,5 +1,9 @@
 import ArgumentParser
 import Logging
+import Balloon
+import HintSourcesLinux
+import PlatformLinux
+import VirtioCore
 
 @main
 struct Balloond: ParsableCommand {
@@ -40,7 +44,87 @@ struct LoggingOptions: ParsableArguments {
 }
 
 /// A failure that ends the command with a message and a non-zero exit, without a stack dump.
-struct Failure: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
+/// Each case keeps what went wrong (and the underlying error, with its errno); `description`
+/// is the one line the command prints.
+enum Failure: Error, CustomStringConvertible {
+    /// `--device` is not a PCI address.
+    case notAPCIAddress(String)
+    /// `--device` names a function that is not a virtio balloon.
+    case notAVirtioBalloon(bdf: String, vendor: UInt16, device: UInt16)
+    /// The guest has no virtio balloon.
+    case noBalloon
+    /// The guest has several balloons and `--device` was not given.
+    case severalBalloons(bdfs: [String])
+    /// The state file could not be read safely.
+    case stateFile(StateFileError)
+    /// There is no state file at `path`.
+    case noState(path: String)
+    /// The file at `path` is not a state file balloond wrote.
+    case notAStateFile(path: String, DaemonStateProblem)
+    /// The state file names a process that is gone.
+    case notRunning(pid: Int32, stateFile: String)
+    /// /proc/meminfo could not be opened.
+    case noMeminfo(SystemCallError)
+    /// The daemon's wait for device events failed (the interrupt source went away, or poll).
+    case eventWait(PollerError)
+    /// `--hint-source` cannot be used in this guest.
+    case hintSource(HintSourceSelectionError)
+    /// The driver could not bring up the simulated device.
+    case simulatorBringUp(BalloonError)
+
+    var description: String {
+        switch self {
+        case .notAPCIAddress(let device):
+            return "'\(device)' is not a PCI address; use the form 0000:00:03.0 (see `balloond list`)"
+        case .notAVirtioBalloon(let bdf, let vendor, let device):
+            return "\(bdf) is \(hex4(vendor)):\(hex4(device)), not a virtio balloon (1af4:1002 or 1af4:1045); balloond refuses other devices"
+        case .noBalloon:
+            return "no virtio-balloon PCI device found (1af4:1002 or 1af4:1045); start the VM with `-device virtio-balloon-pci`"
+        case .severalBalloons(let bdfs):
+            return "\(bdfs.count) virtio balloons found (\(bdfs.joined(separator: ", "))); choose one with --device"
+        case .stateFile(let e):
+            return e.description
+        case .noState(let path):
+            return "no balloond state at \(path): is `balloond run` running? (the file is readable by root only)"
+        case .notAStateFile(let path, let problem):
+            return "\(path) is not a balloond state file: \(problem)"
+        case .notRunning(let pid, let stateFile):
+            return "balloond (pid \(pid)) is not running any more; its last state is in \(stateFile)"
+        case .noMeminfo(let e):
+            return "cannot open /proc/meminfo (\(e)); balloond needs procfs mounted at /proc"
+        case .eventWait(let e):
+            switch e {
+            case .interruptSourceLost: return "the device's interrupt source went away (\(e.reason)); balloond cannot drive it"
+            case .pollFailed: return "waiting for device events failed: \(e.reason)"
+            }
+        case .hintSource(let e):
+            return e.description
+        case .simulatorBringUp(let e):
+            return "bring-up against the simulator failed: \(e)"
+        }
+    }
+}
+
+/// Why a file is not a state file balloond wrote.
+enum DaemonStateProblem: CustomStringConvertible {
+    /// A top-level key balloond does not write.
+    case unknownKey(String)
+    /// The JSON does not decode (the decoder's error).
+    case undecodable(any Error)
+    /// The pid is not a process id.
+    case badPID(Int32)
+    /// startedAt or updatedAt is not a finite, non-negative time.
+    case badTime(key: String, Double)
+    /// restarts is negative.
+    case badRestarts(Int)
+
+    var description: String {
+        switch self {
+        case .unknownKey(let key): return "unknown key '\(key.prefix(64))'"
+        case .undecodable(let error): return "\(error)"
+        case .badPID(let pid): return "pid \(pid) is not a process id"
+        case .badTime(let key, let t): return "\(key) is \(t), not a time"
+        case .badRestarts(let n): return "restarts is \(n)"
+        }
+    }
 }

@@ -37,9 +37,9 @@ struct DaemonState: Codable, Equatable {
     static func read(from path: String, root: SysRoot = .host) throws -> DaemonState {
         let file = StateFile(root: root, path: path)
         let text: String?
-        do { text = try file.read() } catch { throw Failure("\(error)") }
+        do { text = try file.read() } catch { throw Failure.stateFile(error) }
         guard let text else {
-            throw Failure("no balloond state at \(file.path): is `balloond run` running? (the file is readable by root only)")
+            throw Failure.noState(path: file.path)
         }
         return try decode(text, path: file.path)
     }
@@ -52,17 +52,17 @@ struct DaemonState: Codable, Equatable {
         do {
             let found = try JSONDecoder().decode(TopLevelKeys.self, from: data).keys
             if let unknown = found.subtracting(keys).sorted().first {
-                throw Failure("\(path) is not a balloond state file: unknown key '\(unknown.prefix(64))'")
+                throw Failure.notAStateFile(path: path, .unknownKey(unknown))
             }
             state = try JSONDecoder().decode(DaemonState.self, from: data)
         } catch let failure as Failure { throw failure } catch {
-            throw Failure("\(path) is not a balloond state file: \(error)")
+            throw Failure.notAStateFile(path: path, .undecodable(error))
         }
-        guard state.pid > 0 else { throw Failure("\(path) is not a balloond state file: pid \(state.pid) is not a process id") }
+        guard state.pid > 0 else { throw Failure.notAStateFile(path: path, .badPID(state.pid)) }
         for (name, t) in [("startedAt", state.startedAt), ("updatedAt", state.updatedAt)] where !(t.isFinite && t >= 0) {
-            throw Failure("\(path) is not a balloond state file: \(name) is \(t), not a time")
+            throw Failure.notAStateFile(path: path, .badTime(key: name, t))
         }
-        guard state.restarts >= 0 else { throw Failure("\(path) is not a balloond state file: restarts is \(state.restarts)") }
+        guard state.restarts >= 0 else { throw Failure.notAStateFile(path: path, .badRestarts(state.restarts)) }
         return state
     }
 

@@ -13,22 +13,22 @@ struct DeviceOption: ParsableArguments {
         let enumerator = PCIEnumerator()
         if let device {
             guard let address = PCIAddress(device) else {
-                throw Failure("'\(device)' is not a PCI address; use the form 0000:00:03.0 (see `balloond list`)")
+                throw Failure.notAPCIAddress(device)
             }
             let f = try enumerator.function(at: address)
             guard f.isVirtioBalloon else {
-                throw Failure("\(f.bdf) is \(hex4(f.vendorID)):\(hex4(f.deviceID)), not a virtio balloon (1af4:1002 or 1af4:1045); balloond refuses other devices")
+                throw Failure.notAVirtioBalloon(bdf: f.bdf, vendor: f.vendorID, device: f.deviceID)
             }
             return f
         }
         let balloons = try enumerator.virtioBalloons()
         switch balloons.count {
         case 0:
-            throw Failure("no virtio-balloon PCI device found (1af4:1002 or 1af4:1045); start the VM with `-device virtio-balloon-pci`")
+            throw Failure.noBalloon
         case 1:
             return balloons[0]
         default:
-            throw Failure("\(balloons.count) virtio balloons found (\(balloons.map(\.bdf).joined(separator: ", "))); choose one with --device")
+            throw Failure.severalBalloons(bdfs: balloons.map(\.bdf))
         }
     }
 }

@@ -251,7 +251,7 @@ struct RunCommand: ParsableCommand {
         // /proc/meminfo stays open: each pressure check is one pread, scanned as bytes.
         let meminfo: OpenFile
         do { meminfo = try OpenFile(path: "/proc/meminfo", flags: Sys.openReadOnly) } catch {
-            throw Failure("cannot open /proc/meminfo (\(error)); balloond needs procfs mounted at /proc")
+            throw Failure.noMeminfo(error)
         }
         let memoryStatus = ProcMemoryStatus { buffer in try? meminfo.pread(into: &buffer, offset: 0) }
         let driver = BalloonDriver(transport: transport, allocator: allocator, options: options,
@@ -295,10 +295,8 @@ struct RunCommand: ParsableCommand {
         switch daemon.run() {
         case .stopSignal(let signal):
             logger.info("signal \(signal) received; stopping: resetting the device")
-        case .interruptSourceLost(let why):
-            throw Failure("the device's interrupt source went away (\(why)); balloond cannot drive it")
-        case .pollFailed(let why):
-            throw Failure("waiting for device events failed: \(why)")
+        case .waitFailed(let error):
+            throw Failure.eventWait(error)
         }
     }
 }
@@ -319,7 +317,7 @@ extension RunCommand {
                                 memoryDebug: memoryConfig,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable(),
                                 offlineAvailable: offlineHintSourceUsable()) {
-        case .failure(let e): throw Failure(e.description)
+        case .failure(let e): throw Failure.hintSource(e)
         case .success(let c): choice = c
         }
         if let warning = choice.warning { logger.warning("\(warning)") }

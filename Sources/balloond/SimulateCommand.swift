@@ -45,7 +45,7 @@ struct SimulateCommand: ParsableCommand {
         let buddy = SimulatedBuddyAllocator(bytes: ramMiB << 20, usedFraction: used, seed: seed)
         let driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(),
                                    options: BalloonDriverOptions(poisonPolicy: policy), statsSource: stats, hintSource: buddy, logger: logger)
-        do { try driver.bringUp() } catch { throw Failure("bring-up against the simulator failed: \(error)") }
+        do { try driver.bringUp() } catch { throw Failure.simulatorBringUp(error) }
         func service() throws {
             while try line.wait(timeoutMilliseconds: 0) { try driver.serviceInterrupt(line: line) }
         }

@@ -23,7 +23,7 @@ struct StatusCommand: ParsableCommand {
     func run() throws {
         let s = try DaemonState.read(from: stateFile)
         guard processExists(s.pid) else {
-            throw Failure("balloond (pid \(s.pid)) is not running any more; its last state is in \(stateFile)")
+            throw Failure.notRunning(pid: s.pid, stateFile: stateFile)
         }
         switch format ?? (json ? .json : .text) {
         case .json:

@@ -171,6 +171,8 @@ struct BringUpTests {
             try rig.driver.bringUp()
             Issue.record("expected failure")
         } catch {
+            let featuresNotAccepted = if case .transport(.featuresNotAccepted) = error { true } else { false }
+            #expect(featuresNotAccepted, "\(error)")
             #expect(error.description.contains("FEATURES_OK"))
         }
         #expect(rig.device.status.contains(.failed))
@@ -211,6 +213,8 @@ struct BringUpTests {
         rig.device.bar4.write16(2, at: CommonConfig.queueSelect)
         rig.device.bar4.write16(2, at: CommonConfig.queueEnable)
         #expect(rig.device.broken)
+        #expect(rig.device.lastError == .wrongQueueEnable(2))
+        #expect(rig.device.lastError?.description == "wrong value for queue_enable 2")
         #expect(rig.device.status.contains(.needsReset))
         #expect(throws: BalloonError.transport(.needsReset(rig.device.status))) { try rig.serviceAll() }
         try rig.driver.bringUp()

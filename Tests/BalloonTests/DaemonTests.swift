@@ -49,7 +49,7 @@ final class VirtualPoller: EventPoller {
         let deadline = timeoutNanos.map { clock.nanos &+ $0 } ?? UInt64.max
         if let lost = interruptLostAtNanos, lost <= deadline {
             clock.nanos = max(clock.nanos, lost)
-            throw .interruptSourceLost("fault injection: POLLERR on the uio descriptor")
+            throw .interruptSourceLost(revents: 0x8)  // fault injection: POLLERR on the uio descriptor
         }
         if device.interruptAsserted { return .interrupt }
         if let e = events.first, e.at <= deadline, e.at <= horizonNanos {
@@ -233,11 +233,12 @@ struct DaemonTests {
         let r = try DaemonRig(runFor: 10 * minute)
         r.poller.interruptLostAtNanos = r.start + 5_000_000_000
         let exit = r.run()
-        guard case .interruptSourceLost(let why) = exit else {
+        guard case .waitFailed(.interruptSourceLost(let revents)) = exit else {
             Issue.record("expected interruptSourceLost, got \(exit)")
             return
         }
-        #expect(why.contains("POLLERR"))
+        #expect(revents == 0x8)  // POLLERR
+        #expect(PollerError.interruptSourceLost(revents: revents).description.contains("revents 0x8; was uio_pci_generic unbound"))
         #expect(r.daemon.wakeups <= 3)
     }
 

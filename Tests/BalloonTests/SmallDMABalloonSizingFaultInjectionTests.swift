@@ -17,7 +17,7 @@ final class PageSizedDMAAllocator: DMAAllocator {
     func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
         guard byteCount <= 4096 else {
             refused.append(byteCount)
-            throw DMAError("\(byteCount) bytes wanted, single 4096-byte pages only")
+            throw .tooLarge(byteCount: byteCount, largestAllocation: 4096)
         }
         return try inner.allocate(byteCount: byteCount, alignment: alignment)
     }
@@ -74,7 +74,7 @@ struct SmallDMABalloonSizingFaultInjectionTests {
             init(memory: SimulatedGuestMemory) { inner = HeapDMAAllocator(memory: memory) }
             var largestAllocation: Int { 1024 }
             func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
-                guard byteCount <= 1024 else { throw DMAError("too big") }
+                guard byteCount <= 1024 else { throw .tooLarge(byteCount: byteCount, largestAllocation: 1024) }
                 return try inner.allocate(byteCount: byteCount, alignment: alignment)
             }
         }

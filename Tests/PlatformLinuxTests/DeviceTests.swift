@@ -68,9 +68,13 @@ import VirtioPCI
     @Test func rejectsOutOfRangeAndMisaligned() throws {
         let (t, a) = tree()
         let c = try SysfsConfigSpace(address: a, root: t.root)
-        #expect(throws: PCIError.self) { try c.read32(at: 254) }
-        #expect(throws: PCIError.self) { try c.read16(at: 3) }
-        #expect(throws: PCIError.self) { try c.write16(0, at: 256) }
+        #expect(throws: PCIError.configAccess(offset: 254, reason: ConfigSpaceProblem.outOfRange(width: 4, size: 256, address: a))) { try c.read32(at: 254) }
+        #expect(throws: PCIError.configAccess(offset: 3, reason: ConfigSpaceProblem.outOfRange(width: 2, size: 256, address: a))) { try c.read16(at: 3) }
+        #expect(throws: PCIError.configAccess(offset: 256, reason: ConfigSpaceProblem.outOfRange(width: 2, size: 256, address: a, write: true))) {
+            try c.write16(0, at: 256)
+        }
+        #expect(ConfigSpaceProblem.outOfRange(width: 2, size: 256, address: a, write: true).description
+            == "2-byte write is misaligned or outside the 256-byte config space of 0000:00:03.0")
     }
 
     @Test func readOnlyConfigRefusesWrites() throws {
@@ -80,6 +84,7 @@ import VirtioPCI
             try c.write16(0x7, at: 4)
             Issue.record("a write through a read-only descriptor must fail")
         } catch {
+            #expect(error == .configAccess(offset: 4, reason: ConfigSpaceProblem.writeFailed(SystemCallError(call: "pwrite", path: t.at("/sys/bus/pci/devices/\(a.bdf)/config"), errno: .badFileDescriptor))))
             #expect(error.description.contains("opened read-only"))
         }
     }
@@ -139,6 +144,7 @@ import VirtioPCI
             _ = try UIOInterruptLine(devicePath: t.at("/dev/uio0"), config: FakePCIConfigSpace(bytes: []))
             Issue.record("a regular file must be refused")
         } catch {
+            #expect(error == .uioDeviceMissing(bdf: t.at("/dev/uio0"), .notACharacterDevice(path: t.at("/dev/uio0"))))
             #expect(error.description.contains("is not a character device"))
         }
     }
@@ -149,7 +155,8 @@ import VirtioPCI
             _ = try UIOInterruptLine(devicePath: t.at("/dev/uio9"), config: FakePCIConfigSpace(bytes: []))
             Issue.record("a missing node must fail")
         } catch {
-            #expect(error.description.contains("cannot open"))
+            let path = t.at("/dev/uio9")
+            #expect(error == .uioDeviceMissing(bdf: path, .cannotOpen(path: path, SystemCallError(call: "open", path: path, errno: .noSuchFileOrDirectory))))
         }
     }
 }
@@ -190,9 +197,10 @@ import VirtioPCI
             _ = try BARMapper(address: a, root: t.root).map(0)
             Issue.record("an I/O BAR must be refused")
         } catch {
-            guard case .bar(0, let reason) = error else { Issue.record("unexpected \(error)"); return }
-            #expect(reason.contains("I/O-port BAR"))
-            #expect(reason.contains("cannot be memory-mapped"))
+            guard case .bar(0, let reason) = error, case .ioPort(a, 0, let resource)? = reason as? BARProblem else { Issue.record("unexpected \(error)"); return }
+            #expect(resource.isIO)
+            #expect(reason.description.contains("I/O-port BAR"))
+            #expect(reason.description.contains("cannot be memory-mapped"))
         }
     }
 
@@ -202,22 +210,28 @@ import VirtioPCI
             _ = try BARMapper(address: a, root: t.root).map(2)
             Issue.record("an absent BAR must be refused")
         } catch {
-            #expect(error == .bar(index: 2, reason: "0000:00:03.0 does not implement BAR2 (its sysfs resource line is empty)"))
+            #expect(error == .bar(index: 2, reason: BARProblem.notImplemented(address: a, index: 2)))
+            #expect(error.description == "BAR2: 0000:00:03.0 does not implement BAR2 (its sysfs resource line is empty)")
         }
-        #expect(throws: PCIError.self) { try BARMapper(address: a, root: t.root).map(6) }
+        #expect(throws: PCIError.bar(index: 6, reason: BARProblem.noSuchBAR)) { try BARMapper(address: a, root: t.root).map(6) }
     }
 
     @Test func einvalWhileVirtioPCIOwnsTheDeviceSaysToBind() {
         let t = tree()
         t.bindLink(a.bdf, "virtio-pci")
         let m = BARMapper(address: a, root: t.root)
-        let reason = m.mmapFailureReason(SystemCallError(call: "mmap", path: "resource4", errno: .invalidArgument), index: 4)
+        let einval = SystemCallError(call: "mmap", path: "resource4", errno: .invalidArgument)
+        let problem = m.mmapFailure(einval, index: 4)
+        #expect(problem == .mmapFailed(einval, address: a, index: 4, driver: "virtio-pci"))
+        // The rendered message says what to do.
+        let reason = problem.description
         #expect(reason.contains("'virtio-pci' still owns 0000:00:03.0"))
         #expect(reason.contains("CONFIG_IO_STRICT_DEVMEM"))
         #expect(reason.contains("balloond bind 0000:00:03.0"))
         t.bindLink(a.bdf, "uio_pci_generic")
-        #expect(!m.mmapFailureReason(SystemCallError(call: "mmap", path: "resource4", errno: .invalidArgument), index: 4).contains("still owns"))
-        #expect(m.mmapFailureReason(SystemCallError(call: "mmap", path: "resource4", errno: .notPermitted), index: 4).contains("lockdown"))
+        #expect(m.mmapFailure(einval, index: 4) == .mmapFailed(einval, address: a, index: 4, driver: "uio_pci_generic"))
+        #expect(!m.mmapFailure(einval, index: 4).description.contains("still owns"))
+        #expect(m.mmapFailure(SystemCallError(call: "mmap", path: "resource4", errno: .notPermitted), index: 4).description.contains("lockdown"))
     }
 
     @Test func missingResourceFile() {
@@ -226,7 +240,7 @@ import VirtioPCI
             _ = try BARMapper(address: a, root: t.root).map(4)
             Issue.record("a missing resource4 must fail")
         } catch {
-            #expect(error.description.contains("resource4 does not exist"))
+            #expect(error == .bar(index: 4, reason: BARProblem.noResourceFile(path: t.at("/sys/bus/pci/devices/\(a.bdf)/resource4"))))
         }
     }
 }
@@ -270,6 +284,7 @@ import VirtioPCI
             _ = try PCIEnumerator(root: t.root).functions()
             Issue.record("no /sys/bus/pci must fail")
         } catch {
+            #expect(error == .libpci(.noSysfsDevices(directory: t.at("/sys/bus/pci/devices"))))
             #expect(error.description.contains("is sysfs mounted"))
         }
     }
@@ -278,7 +293,7 @@ import VirtioPCI
         let t = FakeTree()
         t.pciDevice("0000:00:03.0", vendor: 0x1af4, device: 0x1045)
         t.remove("/sys/bus/pci/devices/0000:00:03.0/class")
-        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/bus/pci/devices/0000:00:03.0/class"), reason: "missing or unreadable (libpci needs it to describe 0000:00:03.0)")) {
+        #expect(throws: PlatformError.malformedFile(path: t.at("/sys/bus/pci/devices/0000:00:03.0/class"), reason: .unreadableForLibPCI(function: "0000:00:03.0"))) {
             try PCIEnumerator(root: t.root).functions()
         }
         t.directory("/sys/bus/pci/devices/garbage")
@@ -335,6 +350,7 @@ import VirtioPCI
             _ = try HugePagePool(root: t.root).reserveOne()
             Issue.record("growth without a free page must fail")
         } catch {
+            #expect(error == .hugePages(.poolDidNotGrow(countPath: t.at("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"), before: 0)))
             #expect(error.description.contains("produced no free 2 MiB hugepage"))
             #expect(error.description.contains("hugepages=1"))
         }

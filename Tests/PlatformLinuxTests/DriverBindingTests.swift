@@ -136,8 +136,10 @@ import Testing
             }
             #expect(name == "uio_pci_generic")
             #expect(attempts.count == 2)
-            #expect(attempts[0].hasPrefix("modprobe uio_pci_generic: exit 1: modprobe: FATAL"))
-            #expect(attempts[1].contains("no uio_pci_generic.ko, .ko.xz or .ko.zst under /lib/modules/6.1.0-test/kernel/drivers/uio"))
+            guard attempts.count == 2, case .modprobe("uio_pci_generic", let probe) = attempts[0] else { return }
+            #expect(probe.status == 1 && probe.output.hasPrefix("modprobe: FATAL"))
+            #expect(attempts[0].description.hasPrefix("modprobe uio_pci_generic: exit 1: modprobe: FATAL"))
+            #expect(attempts[1] == .noModuleFile(module: "uio_pci_generic", kernelRelease: "6.1.0-test"))
             #expect(error.description.contains("CONFIG_UIO_PCI_GENERIC"))
             #expect(error.description.contains("linux-image"))
         }
@@ -172,7 +174,9 @@ import Testing
                 Issue.record("unexpected \(error)")
                 return
             }
-            #expect(attempts.last == "insmod \(t.at("/lib/modules/6.1.0-test/kernel/drivers/uio/uio.ko.zst")): exit 1: insmod: ERROR: could not insert module")
+            let path = t.at("/lib/modules/6.1.0-test/kernel/drivers/uio/uio.ko.zst")
+            #expect(attempts.last == .insmod(path: path, module: "uio", CommandResult(status: 1, output: "insmod: ERROR: could not insert module")))
+            #expect(attempts.last?.description == "insmod \(path): exit 1: insmod: ERROR: could not insert module")
         }
     }
 
@@ -198,7 +202,7 @@ import Testing
             #expect(dev == bdf.bdf)
             #expect(expected == "uio_pci_generic")
             #expect(found == nil)
-            #expect(detail.contains("Rolled back"))
+            #expect(detail == .rolledBack(previous: "virtio-pci"))
             #expect(error.description.contains("dmesg"))
         }
         #expect(k.writes.suffix(2) == [
@@ -218,10 +222,11 @@ import Testing
             _ = try b.bind(bdf)
             Issue.record("a uio binding without uio/uioN must fail")
         } catch {
-            guard case .uioDeviceMissing = error else {
+            guard case .uioDeviceMissing(bdf.bdf, .noUIODirectory(let path, let e)) = error else {
                 Issue.record("unexpected \(error)")
                 return
             }
+            #expect(path == t.at("/sys/bus/pci/devices/\(bdf.bdf)/uio") && e.errno == .noSuchFileOrDirectory)
             #expect(error.description.contains("did not register a uio device"))
         }
     }

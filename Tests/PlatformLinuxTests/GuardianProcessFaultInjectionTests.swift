@@ -141,8 +141,9 @@ struct GuardianProcessFaultInjectionTests {
     @Test("a guardian that never becomes ready makes start fail (no memory is handed to the device without it)")
     func notReady() throws {
         let arena = try DeviceMemoryArena()
-        #expect { _ = try GuardianLink.start(arena: arena, device: PCIAddress("0000:00:05.0")!, executable: "/bin/true", readyTimeoutMilliseconds: 2000) } throws: {
-            "\($0)".contains("did not become ready")
+        #expect { _ = try GuardianLink.start(arena: arena, device: PCIAddress("0000:00:05.0")!, executable: "/bin/true", readyTimeoutMilliseconds: 2000) } throws: { error in
+            guard case GuardianStartError.notReady(_, milliseconds: 2000) = error else { return false }
+            return "\(error)".contains("did not become ready within 2000 ms")
         }
     }
 }

@@ -3,19 +3,20 @@ import Glibc
 #endif
 import Testing
 import PlatformLinux
+import VirtioCore
 
 /// A device for the guardian's decisions.
 final class FakeGuardedDevice: GuardedDevice {
-    var resetFails: String?
-    var busMasterFails: String?
+    var resetFails: GuardianDeviceError?
+    var busMasterFails: GuardianDeviceError?
     private(set) var calls: [String] = []
     func reset() throws(GuardianDeviceError) {
         calls.append("reset")
-        if let resetFails { throw GuardianDeviceError(resetFails) }
+        if let resetFails { throw resetFails }
     }
     func clearBusMaster() throws(GuardianDeviceError) {
         calls.append("busMaster")
-        if let busMasterFails { throw GuardianDeviceError(busMasterFails) }
+        if let busMasterFails { throw busMasterFails }
     }
 }
 
@@ -41,18 +42,23 @@ struct GuardianStateFaultInjectionTests {
     @Test("a failed reset still releases memory once Bus Master is cleared")
     func resetFailsBusMasterWorks() {
         let d = FakeGuardedDevice()
-        d.resetFails = "device_status did not read 0"
+        d.resetFails = .resetTimedOut(address: PCIAddress("0000:00:03.0")!, milliseconds: 100)
         #expect(GuardianState().workerGone(device: d) == .releaseAfterStop(reset: false, busMasterCleared: true))
+        #expect(d.resetFails?.description == "device_status of 0000:00:03.0 did not read 0 within 100 ms after the reset")
     }
 
     @Test("when both reset and clearing Bus Master fail, the memory is kept")
     func bothFailKeepsMemory() {
         let d = FakeGuardedDevice()
-        d.resetFails = "no BAR"
-        d.busMasterFails = "no config"
+        let address = PCIAddress("0000:00:03.0")!
+        let noBAR = GuardianDeviceError.pci(.bar(index: 4, reason: PCIAccessProblem.notMapped))
+        let noConfig = GuardianDeviceError.platform(.deviceNotFound(bdf: address.bdf))
+        d.resetFails = noBAR
+        d.busMasterFails = noConfig
         let v = GuardianState().workerGone(device: d)
         #expect(!v.releasesMemory)
-        #expect(v == .keepMemory(reset: "no BAR", busMaster: "no config"))
+        #expect(v == .keepMemory(reset: noBAR, busMaster: noConfig))
+        #expect(v.description.contains("(reset: BAR4: not mapped; Bus Master: no PCI function 0000:00:03.0 in /sys/bus/pci/devices"))
     }
 
     @Test("pool growth messages are counted; unknown bytes are ignored")

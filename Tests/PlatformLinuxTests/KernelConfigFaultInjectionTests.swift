@@ -25,7 +25,8 @@ import Testing
     }
 
     @Test func gunzipRefusesOutputOverTheLimit() {
-        #expect(throws: GzipError.self) { _ = try gunzip(Self.configGz, limit: 10) }
+        #expect(throws: GzipError.tooLarge(limit: 10)) { _ = try gunzip(Self.configGz, limit: 10) }
+        #expect(GzipError.tooLarge(limit: 10).description == "more than 10 bytes")
         var bad = Self.configGz
         bad[20] ^= 0xff
         #expect(throws: GzipError.self) { _ = try gunzip(bad, limit: 1 << 20) }

@@ -9,9 +9,9 @@ import VirtioQueue
 final class FakeMigrationHold: MigrationHold {
     var held = 0
     var acquires = 0
-    var fail: String?
+    var fail: MigrationHoldError?
     func acquire() throws(MigrationHoldError) {
-        if let fail { throw MigrationHoldError(reason: fail) }
+        if let fail { throw fail }
         acquires += 1
         held += 1
     }
@@ -62,11 +62,14 @@ struct PageDMAAllocatorFaultInjectionTests {
     @Test("no 4 KiB DMA page is handed out when compaction cannot be held off")
     func refusesWithoutHold() throws {
         let hold = FakeMigrationHold()
-        hold.fail = "cannot set /proc/sys/vm/compact_unevictable_allowed to 0"
+        hold.fail = .holder(SystemCallError(call: "open", path: "/proc/sys/vm/compact_unevictable_allowed", errno: .permissionDenied))
         let a = PageDMAAllocator(pagemap: try PagemapResolver(), migrationHold: hold, arena: try DeviceMemoryArena())
-        #expect { _ = try a.allocate(byteCount: 64, alignment: 16) } throws: {
-            "\($0)".contains("compact_unevictable_allowed") && "\($0)".contains("hugepage")
+        #expect(throws: DMAError.platform(DMAMemoryError.noMigrationHold(hold.fail!))) {
+            _ = try a.allocate(byteCount: 64, alignment: 16)
         }
+        // The rendered message says what to do.
+        let message = DMAMemoryError.noMigrationHold(hold.fail!).description
+        #expect(message.contains("compact_unevictable_allowed") && message.contains("hugepage"))
         #expect(a.livePages == 0 && a.pagesAllocated == 0)
     }
 
@@ -81,6 +84,9 @@ struct PageDMAAllocatorFaultInjectionTests {
         #expect(live.count == 1 && live[0].pfn == pfn)
         // The kernel migrates it: pagemap now shows another frame.
         pagemap.moved[live[0].virtual] = pfn + 1
-        #expect { try a.verifyPlacement() } throws: { "\($0)".contains("moved") }
+        #expect { try a.verifyPlacement() } throws: { error in
+            guard case DMAError.platform(let e as DMAMemoryError) = error, case .pageMoved(fromPFN: pfn, let now) = e else { return false }
+            return now?.pfn == pfn + 1 && "\(error)".contains("moved from frame 0x\(String(pfn, radix: 16))")
+        }
     }
 }

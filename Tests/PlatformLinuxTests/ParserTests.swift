@@ -53,9 +53,11 @@ import VirtioCore
     }
 
     @Test func rejectsWrongFieldCount() {
-        #expect(throws: PlatformError.malformedFile(path: "res", reason: "line 2 has 2 fields, expected 'start end flags': 0x0 0x0")) {
+        #expect(throws: PlatformError.malformedFile(path: "res", reason: .resourceFieldCount(line: 2, fields: 2, text: "0x0 0x0"))) {
             try parseSysfsResourceFile("0x0 0x0 0x0\n0x0 0x0\n", path: "res")
         }
+        #expect(PlatformError.malformedFile(path: "res", reason: .resourceFieldCount(line: 2, fields: 2, text: "0x0 0x0")).description
+            == "unexpected contents in res: line 2 has 2 fields, expected 'start end flags': 0x0 0x0")
     }
 
     @Test func rejectsNonHex() {
@@ -98,6 +100,8 @@ import VirtioCore
             _ = try physicalAddress(from: PagemapEntry(rawValue: 1 << 63), virtualAddress: 0x1000)
             Issue.record("PFN 0 must be an error")
         } catch {
+            #expect(error == .pagemap(.pfnHidden(virtualAddress: 0x1000)))
+            // The rendered message tells the operator why and what to do.
             #expect(error.description.contains("CAP_SYS_ADMIN"))
             #expect(error.description.contains("PFN 0"))
         }
@@ -107,11 +111,11 @@ import VirtioCore
         do {
             _ = try physicalAddress(from: PagemapEntry(rawValue: 0), virtualAddress: 0x1000)
             Issue.record("not present must be an error")
-        } catch { #expect(error.description.contains("not present")) }
+        } catch { #expect(error == .pagemap(.notPresent(virtualAddress: 0x1000))) }
         do {
             _ = try physicalAddress(from: PagemapEntry(rawValue: 1 << 62 | 0x55), virtualAddress: 0x1000)
             Issue.record("swapped must be an error")
-        } catch { #expect(error.description.contains("swapped out")) }
+        } catch { #expect(error == .pagemap(.swappedOut(virtualAddress: 0x1000))) }
     }
 }
 

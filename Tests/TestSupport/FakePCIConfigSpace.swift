@@ -13,7 +13,7 @@ public final class FakePCIConfigSpace: PCIConfigSpace {
 
     private func check(_ offset: Int, _ width: Int) throws(PCIError) {
         guard offset >= 0, offset + width <= bytes.count else {
-            throw .configAccess(offset: offset, reason: "outside the \(bytes.count)-byte config space")
+            throw .configAccess(offset: offset, reason: PCIAccessProblem.outsideConfigSpace(width: width, size: bytes.count))
         }
     }
 

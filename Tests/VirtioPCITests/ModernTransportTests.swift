@@ -12,7 +12,7 @@ struct ModernTransportTests {
         bytes[0] = 0x86; bytes[1] = 0x80  // 8086:1002 is not virtio
         let config = FakePCIConfigSpace(bytes: bytes)
         #expect(throws: TransportError.notAVirtioDevice(vendor: 0x8086, device: 0x1002)) {
-            try ModernPCITransport(config: config, barSizes: qemuBARs, mapBAR: { (b) throws(PCIError) -> MMIORegion in throw PCIError.bar(index: b, reason: "none") },
+            try ModernPCITransport(config: config, barSizes: qemuBARs, mapBAR: { (b) throws(PCIError) -> MMIORegion in throw PCIError.bar(index: b, reason: PCIAccessProblem.notMapped) },
                                    pause: { _ in })
         }
         // 1af4:1000 (transitional virtio-net) gets past the identity check: the transport
@@ -20,9 +20,9 @@ struct ModernTransportTests {
         // business (BalloonDriver refuses a type other than 5 at bring-up).
         bytes = qemuConfigBytes()
         bytes[2] = 0x00; bytes[3] = 0x10
-        #expect(throws: TransportError.pci(.bar(index: 4, reason: "none"))) {
+        #expect(throws: TransportError.pci(.bar(index: 4, reason: PCIAccessProblem.notMapped))) {
             try ModernPCITransport(config: FakePCIConfigSpace(bytes: bytes), barSizes: qemuBARs,
-                                   mapBAR: { (b) throws(PCIError) -> MMIORegion in throw PCIError.bar(index: b, reason: "none") }, pause: { _ in })
+                                   mapBAR: { (b) throws(PCIError) -> MMIORegion in throw PCIError.bar(index: b, reason: PCIAccessProblem.notMapped) }, pause: { _ in })
         }
     }
 

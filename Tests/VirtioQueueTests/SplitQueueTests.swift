@@ -224,6 +224,10 @@ struct SplitQueueTests {
         #expect(b.physicalAddress.value % 64 == 0)
         #expect(b.physicalAddress.value >= a.physicalAddress.value + 10)
         #expect(b.read(at: 0, count: 100).allSatisfy { $0 == 0 })
-        #expect(throws: DMAError.self) { try arena.allocate(byteCount: 5000, alignment: 16) }
+        // a at 0..<10, b at 64..<164: 3932 of 4096 bytes left.
+        #expect { try arena.allocate(byteCount: 5000, alignment: 16) } throws: { error in
+            guard case DMAError.arenaExhausted(wanted: 5000, free: 3932, size: 4096) = error else { return false }
+            return "\(error)" == "DMA arena exhausted: 5000 bytes wanted, 3932 of 4096 left"
+        }
     }
 }

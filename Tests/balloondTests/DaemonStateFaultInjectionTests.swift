@@ -39,7 +39,10 @@ import Testing
         let expected = try Self.sample()
         #expect(try DaemonState.read(from: DaemonState.defaultPath, root: root) == expected)
         DaemonState.remove(at: DaemonState.defaultPath, root: root)
-        #expect(throws: Failure.self) { _ = try DaemonState.read(from: DaemonState.defaultPath, root: root) }
+        #expect { _ = try DaemonState.read(from: DaemonState.defaultPath, root: root) } throws: { error in
+            guard case Failure.noState(let path) = error else { return false }
+            return path == root.path(DaemonState.defaultPath)
+        }
     }
 
     @Test func aSymlinkedStatusFileIsRefused() throws {
@@ -50,7 +53,14 @@ import Testing
         do {
             _ = try DaemonState.read(from: DaemonState.defaultPath, root: root)
             Issue.record("a link must be refused")
-        } catch { #expect("\(error)".contains("symbolic link")) }
+        } catch {
+            guard case Failure.stateFile(.fileIsSymlink(let path)) = error else {
+                Issue.record("expected a refused symbolic link, got \(error)")
+                return
+            }
+            #expect(path == root.path(DaemonState.defaultPath))
+            #expect("\(error)".contains("symbolic link"))
+        }
     }
 
     static func json(_ edit: (inout String) -> Void) throws -> String {
@@ -75,7 +85,10 @@ import Testing
     func malformedStatus(replace: String, with: String) throws {
         let text = try Self.json { $0 = $0.replacing(replace, with: with) }
         #expect(text.contains(with))
-        #expect(throws: Failure.self) { _ = try DaemonState.decode(text, path: "status.json") }
+        #expect { _ = try DaemonState.decode(text, path: "status.json") } throws: { error in
+            guard case Failure.notAStateFile(path: "status.json", _) = error else { return false }
+            return "\(error)".hasPrefix("status.json is not a balloond state file: ")
+        }
     }
 
     @Test("elapsed seconds never trap", arguments: [

@@ -99,6 +99,11 @@ struct MetricsTextfileTests {
             try file.update(Self.state(), now: 100, force: false, version: "0.1.0")
             Issue.record("writing into a missing directory succeeded")
         } catch {
+            guard case MetricsTextfileError.write(let e) = error else {
+                Issue.record("expected a write failure, got \(error)")
+                return
+            }
+            #expect(e.path?.hasSuffix("gone/.balloond.prom.tmp") == true && e.errno == .noSuchFileOrDirectory)
             #expect("\(error)".contains("cannot write the metrics textfile"))
             #expect("\(error)".contains("gone/.balloond.prom.tmp"))
         }
