@@ -1,4 +1,4 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.2
 import PackageDescription
 
 let package = Package(
@@ -82,3 +82,10 @@ let package = Package(
         ]),
     ]
 )
+
+// Strict memory safety in the product's code: every unsafe construct is marked `unsafe`
+// where it is used, and the few types that hold raw memory are marked `@safe` (they check
+// every access), so the places that touch raw memory stand out. Test code is exempt.
+for target in package.targets where (target.type == .regular || target.type == .executable) && target.path?.hasPrefix("Tests/") != true {
+    target.swiftSettings = (target.swiftSettings ?? []) + [.strictMemorySafety()]
+}

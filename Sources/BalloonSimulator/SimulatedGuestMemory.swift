@@ -59,7 +59,7 @@ public final class HeapDMAAllocator: DMAAllocator {
     public func allocate(byteCount: Int, alignment: Int) throws(DMAError) -> DMARegion {
         var raw: UnsafeMutableRawPointer? = nil
         let rc = unsafe posix_memalign(&raw, max(alignment, 16), byteCount)
-        guard rc == 0, let base = raw else { throw .outOfMemory(byteCount: byteCount, errno: rc) }
+        guard rc == 0, let base = unsafe raw else { throw .outOfMemory(byteCount: byteCount, errno: rc) }
         let address = PhysicalAddress(UInt64(UInt(bitPattern: base)))
         // Unsafe: `base` is a fresh heap block of byteCount bytes, freed exactly once in release.
         let region = unsafe DMARegion(unsafeBase: base, physicalAddress: address, size: byteCount, release: { unsafe free(base) })

@@ -16,7 +16,7 @@ import PlatformLinux
         do { file = try OpenFile(path: path, flags: Sys.openReadOnly) } catch {
             throw .system("cannot open \(path): \(error). It needs root (CAP_SYS_ADMIN) and a kernel with CONFIG_PROC_PAGE_MONITOR")
         }
-        buffer = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(1, chunkEntries))
+        unsafe buffer = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(1, chunkEntries))
     }
 
     deinit { unsafe buffer.deallocate() }

@@ -341,9 +341,9 @@ public final class GuardianLink {
         if !root.isHost { arguments += ["--sys-root", root.prefix] }
         if arena.huge != nil { arguments.append("--huge-memfd") }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
+        var actions = unsafe posix_spawn_file_actions_t()
+        unsafe posix_spawn_file_actions_init(&actions)
+        defer { unsafe posix_spawn_file_actions_destroy(&actions) }
         // dup2 onto fixed numbers (clears CLOEXEC on the copies). The sources are all > 6 in
         // practice; to be safe against a source sitting on a target, dup them high first.
         var sources: [(Int32, Int32)] = [(channel.read.descriptor, GuardianProcess.channelFD), (ready.write.descriptor, GuardianProcess.readyFD),
@@ -356,10 +356,11 @@ public final class GuardianLink {
             temporaries.append(OpenFile(adopting: high, path: "dup"))
             sources[i].0 = high
         }
-        for (fd, target) in sources { posix_spawn_file_actions_adddup2(&actions, fd, target) }
+        for (fd, target) in sources { unsafe posix_spawn_file_actions_adddup2(&actions, fd, target) }
         var pid: pid_t = 0
-        var cArguments: [UnsafeMutablePointer<CChar>?] = arguments.map { unsafe strdup($0) } + [nil]
-        defer { for a in cArguments { unsafe free(a) } }
+        // Unsafe: C strings owned here, freed once after posix_spawn copied them.
+        var cArguments: [UnsafeMutablePointer<CChar>?] = unsafe arguments.map { unsafe strdup($0) } + [nil]
+        defer { for unsafe a in unsafe cArguments { unsafe free(a) } }
         let rc = unsafe posix_spawn(&pid, executable, &actions, nil, &cArguments, environ)
         temporaries.forEach { $0.close() }
         channel.read.close()

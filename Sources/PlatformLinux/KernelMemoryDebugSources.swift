@@ -103,7 +103,8 @@ public enum GzipError: Error, Hashable, Sendable, CustomStringConvertible {
 /// of output.
 public func gunzip(_ input: [UInt8], limit: Int) throws(GzipError) -> [UInt8] {
     guard !input.isEmpty else { throw .emptyInput }
-    var stream = z_stream()
+    // Unsafe: zlib's stream points into `source` and `chunk` only inside their closures below.
+    var stream = unsafe z_stream()
     // 16 + MAX_WBITS: a gzip header and trailer.
     guard unsafe inflateInit2_(&stream, 16 + MAX_WBITS, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
         throw .inflateInitFailed
@@ -114,19 +115,19 @@ public func gunzip(_ input: [UInt8], limit: Int) throws(GzipError) -> [UInt8] {
     var source = input
     let status: Int32 = unsafe source.withUnsafeMutableBufferPointer { inBuf -> Int32 in
         unsafe stream.next_in = inBuf.baseAddress
-        stream.avail_in = uInt(inBuf.count)
+        unsafe stream.avail_in = uInt(inBuf.count)
         while true {
             let (r, produced) = unsafe chunk.withUnsafeMutableBufferPointer { outBuf -> (Int32, Int) in
                 unsafe stream.next_out = outBuf.baseAddress
-                stream.avail_out = uInt(outBuf.count)
+                unsafe stream.avail_out = uInt(outBuf.count)
                 let r = unsafe inflate(&stream, Z_NO_FLUSH)
-                return (r, outBuf.count - Int(stream.avail_out))
+                return (r, outBuf.count - Int(unsafe stream.avail_out))
             }
             output += chunk[0..<produced]
             if output.count > limit { return Z_BUF_ERROR }
             if r == Z_STREAM_END { return r }
             if r != Z_OK { return r }
-            if produced == 0 && stream.avail_in == 0 { return Z_DATA_ERROR }   // truncated
+            if unsafe produced == 0 && stream.avail_in == 0 { return Z_DATA_ERROR }   // truncated
         }
     }
     guard status == Z_STREAM_END else {

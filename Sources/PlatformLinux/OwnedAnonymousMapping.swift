@@ -18,7 +18,7 @@ import SystemPackage
 /// `mlock`, `MAP_POPULATE`) and `populateForWrite`'s fallback, which stores one byte per
 /// 4 KiB page inside `[address, address + length)` and is only allowed while every slot is
 /// still mapped (checked). Unmapping is per slot, each once.
-public final class OwnedAnonymousMapping {
+@safe public final class OwnedAnonymousMapping {
     public enum PageKind: Hashable, Sendable {
         /// 4 KiB shmem pages from the arena's small memfd, populated by the caller.
         case small
@@ -69,7 +69,7 @@ public final class OwnedAnonymousMapping {
         let file = try arena.file(backing)
         let offset = try arena.allocateOffset(length: length, backing: backing)
         do {
-            base = try unsafe MappedMemory.map(length: length, protection: protection, flags: flags, descriptor: file.descriptor,
+            unsafe base = try MappedMemory.map(length: length, protection: protection, flags: flags, descriptor: file.descriptor,
                                                offset: offset, path: file.path)
         } catch {
             arena.release(offset: offset, length: length, backing: backing)

@@ -201,14 +201,14 @@ public enum Sys {
     /// CLOCK_MONOTONIC in nanoseconds.
     public static func monotonicNanos() -> UInt64 {
         var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
+        unsafe clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     /// Seconds since the epoch (CLOCK_REALTIME).
     public static func wallClockSeconds() -> Double {
         var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
+        unsafe clock_gettime(CLOCK_REALTIME, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 
@@ -248,7 +248,7 @@ public enum Sys {
         case EBUSY: name = "EBUSY"
         default: name = "errno \(e)"
         }
-        return "\(name): " + String(cString: strerror(e))
+        return unsafe "\(name): " + String(cString: strerror(e))
     }
 
     /// A whole text file, or nil when it cannot be read (proc and sysfs report size 0, so

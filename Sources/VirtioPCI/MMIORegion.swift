@@ -17,7 +17,7 @@ public protocol MMIORegion: AnyObject {
 ///
 /// With `DMARegion`, the only code that touches device-visible memory. Every access is
 /// volatile, of exactly the stated width, aligned and bounds-checked, and little-endian.
-public final class MMIOWindow: MMIORegion {
+@safe public final class MMIOWindow: MMIORegion {
     // Unsafe: `base` maps `length` bytes of device memory until `unmap` runs in deinit.
     private let base: UnsafeMutableRawPointer
     public let length: Int

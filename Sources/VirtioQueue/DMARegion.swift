@@ -7,7 +7,7 @@ import VirtioCore
 /// This type and `MMIOWindow` are the only places balloond reads or writes memory shared with
 /// the device. Every access is bounds-checked against `size` and has the exact width of the
 /// field it touches; multi-byte values are little-endian as virtio 1.x requires.
-public final class DMARegion {
+@safe public final class DMARegion {
     // Unsafe: `base` points at `size` bytes that stay mapped until `release` runs in deinit;
     // every accessor below checks `offset + width <= size` first.
     private let base: UnsafeMutableRawPointer
@@ -93,7 +93,7 @@ public final class DMARegion {
     /// Copies `bytes` into the region at `offset` (for buffers, not ring fields).
     public func write(_ bytes: [UInt8], at offset: Int) {
         precondition(offset >= 0 && offset + bytes.count <= size, "DMA write out of bounds")
-        bytes.withUnsafeBytes { src in
+        unsafe bytes.withUnsafeBytes { src in
             if let s = src.baseAddress { unsafe (base + offset).copyMemory(from: s, byteCount: src.count) }
         }
     }
