@@ -90,7 +90,7 @@ public final class LinuxBalloonPages: HugeTLBBalloonPages, LockedAnonymousPages 
     }
 
     public func pagemap(at address: UInt, pages: Int) throws(GuestMemoryError) -> [PagemapEntry] {
-        do { return try pagemapResolver.entries(forVirtual: address, count: pages) } catch { throw .system("\(error)") }
+        do { return try pagemapResolver.entries(forVirtual: address, count: pages) } catch { throw .platform(error) }
     }
 
     public func mapHugePages(count: Int) throws(BalloonMapFailure) -> BalloonMapping {

@@ -130,7 +130,7 @@ package func recoverHugeTLBPool(root: SysRoot, stateFile file: HugeTLBPoolStateF
     if file.writerIsAlive(contents) { return .otherInstanceRunning(pid: contents.pid) }
     let pool = control ?? LinuxHugeTLBPoolControl(root: root)
     let before: UInt64
-    do { before = try pool.counters().total } catch { throw .system("reading the hugetlb pool size for \(file.path) failed: \(error)") }
+    do { before = try pool.counters().total } catch { throw .cannotReadPoolSize(stateFile: file.path, error) }
     if before == contents.originalPoolSize {
         file.remove()
         return .alreadyOriginal(value: before)
@@ -153,5 +153,5 @@ package func recoverHugeTLBPool(root: SysRoot, stateFile file: HugeTLBPoolStateF
         let outcome = HugeTLBPoolRecovery.restored(from: before, to: after)
         logger.notice("\(outcome)")
         return outcome
-    } catch { throw .system("restoring nr_hugepages from \(file.path) failed: \(error)") }
+    } catch { throw .cannotRestorePoolSize(stateFile: file.path, error) }
 }
