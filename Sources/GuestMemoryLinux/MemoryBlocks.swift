@@ -11,7 +11,8 @@ public enum MemoryBlockOfflineResult: Hashable, Sendable, CustomStringConvertibl
     case invalid
     /// The time bound ran out (EINTR): the kernel undid the isolation and the block is online.
     case timedOut(milliseconds: Int)
-    case failed(String)
+    /// Any other failure of the write.
+    case failed(SystemCallError)
 
     public var description: String {
         switch self {
@@ -101,7 +102,7 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
             case .resourceBusy: return .busy
             case .invalidArgument: return .invalid
             case .interrupted: return .timedOut(milliseconds: timeoutMilliseconds)
-            default: return .failed(error.description)
+            default: return .failed(error)
             }
         }
     }
