@@ -73,4 +73,24 @@ import BalloonBlocks
         #expect(LinuxBalloonMemoryError.compactionNotPrevented(path: "/proc/sys/vm/compact_unevictable_allowed", cannotSet).description
             == "cannot set /proc/sys/vm/compact_unevictable_allowed to 0: \(cannotSet). Without it, compaction may move locked balloon pages and QEMU would discard their new owner's data; run balloond as root")
     }
+
+    @Test func mapFailuresSayWhetherToTakeLessAndKeepTheirWording() {
+        let hugeENOMEM = BalloonMapFailure(.hugeTLB, count: 2, step: .mmap, noMemory)
+        #expect(hugeENOMEM.kind == .noMemory)
+        #expect(hugeENOMEM.description == "mmap of 2 private 2 MiB hugetlb page(s) failed with ENOMEM: the kernel could not reserve them (no free 2 MiB block for a surplus page, nr_overcommit_hugepages reached, or a hugetlb cgroup limit)")
+        let noHugeTLB = BalloonMapFailure(.hugeTLB, count: 2, step: .mmap, SystemCallError(call: "mmap", path: nil, errno: .invalidArgument))
+        #expect(noHugeTLB.kind == .unusable)
+        #expect(noHugeTLB.description == "mmap of 2 private 2 MiB hugetlb page(s) failed with EINVAL: this kernel has no 2 MiB hugetlb pages (CONFIG_HUGETLBFS, hugepagesz=2M)")
+        let eperm = SystemCallError(call: "mlock", path: nil, errno: .notPermitted)
+        let lockDenied = BalloonMapFailure(.lockedAnonymous, count: 100, step: .lock, eperm)
+        #expect(lockDenied.kind == .unusable)
+        #expect(lockDenied.description == "mlock of 100 locked anonymous 4 KiB page(s) failed: \(eperm); run balloond as root (CAP_IPC_LOCK)")
+        let eagain = SystemCallError(call: "mlock", path: nil, errno: .resourceTemporarilyUnavailable)
+        let lockShort = BalloonMapFailure(.lockedAnonymous, count: 100, step: .lock, eagain)
+        #expect(lockShort.kind == .noMemory)
+        #expect(lockShort.description == "mlock of 100 locked anonymous 4 KiB page(s) failed: \(eagain) (RLIMIT_MEMLOCK reached, or not enough memory)")
+        #expect(BalloonMapFailure(.lockedAnonymous, count: 100, step: .mmap, noMemory).description
+            == "mmap of 100 locked anonymous 4 KiB page(s) failed with ENOMEM (vm.overcommit_memory refuses it)")
+        #expect(BalloonMapFailure(.lockedAnonymous, count: 100, step: .dontFork, noMemory).kind == .unusable, "only mapping, populating and locking can be short of memory")
+    }
 }

@@ -112,7 +112,7 @@ import VirtioCore
         #expect(f.huge.mapCalls == [16, 8, 4, 4, 2, 1, 1])
         #expect(t.blocks.count == 5)
         let why = try #require(t.limitedBy)
-        #expect(why.hasPrefix("no 2 MiB page to be had: ENOMEM"), "\(why)")
+        #expect(why.hasPrefix("no 2 MiB page to be had: mmap of 1 private 2 MiB hugetlb page(s) failed with ENOMEM"), "\(why)")
         #expect(f.overcommit == "5\n", "settled to what is held")
     }
 
