@@ -96,7 +96,7 @@ package enum RecoveredStateFile<T> {
     case absent
     case contents(T)
     /// The file could not be trusted or parsed and was moved to `to`.
-    case setAside(to: String, reason: String)
+    case setAside(to: String, reason: StateFileError)
 }
 
 /// Reads a state file for recovery. A file that cannot be trusted or parsed is logged in one
@@ -111,7 +111,7 @@ package func readStateFileOrSetAside<T>(_ file: StateFile, logger: Logger,
         let to: String
         do { to = try file.setAside() } catch { throw .stateFile(error) }
         logger.error("ignoring \(file.path) and moving it to \(to): \(error)")
-        return .setAside(to: to, reason: error.description)
+        return .setAside(to: to, reason: error)
     } catch {
         throw .stateFile(error)
     }

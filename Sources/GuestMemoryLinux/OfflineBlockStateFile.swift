@@ -65,7 +65,7 @@ public enum OfflineBlockRecovery: Hashable, Sendable, CustomStringConvertible {
     /// Blocks brought back online (those listed and still offline).
     case onlined([Int])
     case otherInstanceRunning(pid: Int32)
-    case setAside(path: String, to: String, reason: String)
+    case setAside(path: String, to: String, reason: StateFileError)
     public var description: String {
         switch self {
         case .nothingToDo: return "no offline memory blocks left behind"

@@ -109,7 +109,7 @@ public enum SysctlRecovery: Hashable, Sendable, CustomStringConvertible {
     case changedByOthers(sysctl: String, value: UInt64, original: UInt64)
     case otherInstanceRunning(pid: Int32)
     /// The state file could not be trusted or parsed: moved to `to` and not acted on.
-    case setAside(path: String, to: String, reason: String)
+    case setAside(path: String, to: String, reason: StateFileError)
 
     public var description: String {
         switch self {
