@@ -230,6 +230,22 @@ import PlatformLinux
         #expect(!again.foundAnything)
     }
 
+    @Test func aRecoveryThatFailsIsReportedWithItsErrno() throws {
+        let (tree, kernel) = Self.setup()
+        tree.remove(Self.compactSetting)
+        try Sys.makeDirectories(tree.at(Self.compactSetting))  // read(2) on it fails with EISDIR
+        tree.stateFile(Self.compact, "sysctl=\(Self.compactSetting)\noriginal=1\nset=0\nprevious=1\npid=999999\ncomm=balloond\n")
+        let report = try recoverAfterCrash(root: tree.root, poolControl: kernel)
+        let failure = try #require(report.failures.first)
+        guard report.failures.count == 1, failure.what == "compact_unevictable_allowed",
+              case .cannotRead(tree.at(Self.compactSetting), let call) = failure.error else {
+            Issue.record("expected one failed read of \(Self.compactSetting), got \(report.failures)"); return
+        }
+        #expect(call.errno == .isDirectory)
+        #expect(report.foundAnything && "\(report)".contains("failed: compact_unevictable_allowed: cannot read \(tree.at(Self.compactSetting)): "))
+        #expect(tree.exists(Self.compact), "kept for the next start")
+    }
+
     @Test func recoverAfterCrashWithoutAStateDirectoryDoesNothing() throws {
         let (tree, kernel) = Self.setup(poolSize: 3)
         let report = try recoverAfterCrash(root: tree.root, poolControl: kernel)
