@@ -68,7 +68,8 @@ public let balloonPagesPerHugeBlock = 512
 /// typed error inside (on Linux a `LinuxBalloonMemoryError` or a `GuestMemoryError`) keeps
 /// what failed and its errno, and renders the message.
 public enum BalloonMemoryError: Error, Sendable, CustomStringConvertible {
-    /// The backend cannot take or keep memory: `reason` says why.
+    /// The backend cannot take or keep memory: the typed error says why (and is what
+    /// `description` renders).
     case failed(any Error & CustomStringConvertible & Sendable)
 
     public var description: String {

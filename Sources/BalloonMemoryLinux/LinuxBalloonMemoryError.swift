@@ -55,7 +55,9 @@ public enum LinuxBalloonMemoryError: Error, Hashable, Sendable, CustomStringConv
 
 /// Which balloon pages (for messages).
 public enum BalloonPageKind: Hashable, Sendable, CustomStringConvertible {
+    /// 2 MiB hugetlb pages (`HugeTLBBalloonMemory`).
     case hugeTLB
+    /// Locked anonymous 4 KiB pages (`LockedAnonymousBalloonMemory`).
     case lockedAnonymous
 
     public var description: String {
@@ -68,12 +70,17 @@ public enum BalloonPageKind: Hashable, Sendable, CustomStringConvertible {
 
 /// What is wrong with one hugetlb page's 512 pagemap entries.
 public enum HugeTLBPageProblem: Hashable, Sendable, CustomStringConvertible {
+    /// Not 512 entries.
     case entryCount(expected: Int, got: Int)
+    /// The head page is not present (or swapped).
     case notPresent(PagemapEntry)
     /// PFN 0: the kernel hides PFNs without CAP_SYS_ADMIN.
     case pfnsHidden
+    /// The head PFN is not 2 MiB aligned.
     case notAligned(pfn: UInt64)
+    /// The page is no longer at the head PFN `take` found.
     case moved(from: UInt64, to: UInt64)
+    /// A subpage is not the next frame after the head.
     case notContiguous(subpage: Int, entry: PagemapEntry, expected: UInt64)
 
     public var description: String {

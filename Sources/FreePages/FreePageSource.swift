@@ -18,7 +18,8 @@ public enum FreePageOwnership: String, Sendable, Codable {
 public enum FreePageSourceError: Error, Sendable, CustomStringConvertible {
     /// `nextBatch` was called outside a round.
     case outsideRound
-    /// The source refused, or a kernel file or call it needs failed: `reason` says which.
+    /// The source refused, or a kernel file or call it needs failed: the typed error says which
+    /// (and is what `description` renders).
     case failed(any Error & CustomStringConvertible & Sendable)
     /// A source with a fallback (`RoundFallbackSource`): the primary refused and the fallback
     /// failed too.

@@ -96,11 +96,17 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
 /// The steps of mapping owned memory (anonymous 4 KiB pages or hugetlb pages), each a call
 /// that can fail on its own.
 public enum MappingStep: Hashable, Sendable {
+    /// `mmap` of the memory (from the device memory arena).
     case mmap
+    /// `MADV_NOHUGEPAGE` (no THP).
     case noHugePage
+    /// `MADV_UNMERGEABLE` (no KSM).
     case unmergeable
+    /// `MADV_DONTFORK` (no copy-on-write after a fork).
     case dontFork
+    /// Populating for write (`MADV_POPULATE_WRITE`, else one write per page).
     case populate
+    /// `mlock`.
     case lock
 
     /// The step done on `what`, for a message ("mmap of 2 MiB of anonymous memory").
