@@ -64,10 +64,19 @@ public let balloonHugeBlockSize: UInt64 = 2 << 20
 /// 4 KiB pages in a 2 MiB block.
 public let balloonPagesPerHugeBlock = 512
 
-/// Why balloon memory could not be taken or kept.
-public struct BalloonMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+/// Why balloon memory could not be taken or kept. The driver only logs it; the platform's
+/// typed error inside (on Linux a `LinuxBalloonMemoryError` or a `GuestMemoryError`) keeps
+/// what failed and its errno, and renders the message.
+public enum BalloonMemoryError: Error, Sendable, CustomStringConvertible {
+    /// The backend cannot take or keep memory: the typed error says why (and is what
+    /// `description` renders).
+    case failed(any Error & CustomStringConvertible & Sendable)
+
+    public var description: String {
+        switch self {
+        case .failed(let reason): return reason.description
+        }
+    }
 }
 
 /// What `take` got, and, when it got less than asked, why.

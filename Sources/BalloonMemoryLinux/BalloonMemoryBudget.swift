@@ -38,9 +38,9 @@ public final class BalloonMemoryBudget {
     /// Whether `oom_score_adj` is raised by this budget now.
     public var oomScoreRaised: Bool { oom?.isRaised ?? false }
 
-    func snapshot() throws(BalloonMemoryError) -> MemorySnapshot {
+    func snapshot() throws(LinuxBalloonMemoryError) -> MemorySnapshot {
         do { return try MemorySnapshot.read(root: root, withBuddyInfo: false) } catch {
-            throw BalloonMemoryError("cannot read the guest's memory state: \(error)")
+            throw .cannotReadMemoryState(error)
         }
     }
 

@@ -51,7 +51,7 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBall
         } catch { logger.error("\(what): \(error)") }
     }
     recover("compact_unevictable_allowed") { () throws(BalloonMemoryError) in
-        do { return try compaction.recoverAfterCrash() } catch { throw BalloonMemoryError("\(error)") }
+        do throws(GuestMemoryError) { return try compaction.recoverAfterCrash() } catch { throw .failed(error) }
     }
     recover("nr_overcommit_hugepages") { () throws(BalloonMemoryError) in
         try HugeTLBBalloonMemory.recoverAfterCrash(root: root, logger: logger)

@@ -37,7 +37,8 @@ public final class BalloonMapping {
     }
 }
 
-/// Why a page provider could not map balloon memory.
+/// Why a page provider could not map balloon memory: which step of mapping `count` pages of
+/// `pages` failed, and the call's failure with its errno.
 public struct BalloonMapFailure: Error, Hashable, Sendable, CustomStringConvertible {
     public enum Kind: Hashable, Sendable {
         /// The guest has no memory of that kind to spare now (ENOMEM, EAGAIN): take less.
@@ -45,11 +46,44 @@ public struct BalloonMapFailure: Error, Hashable, Sendable, CustomStringConverti
         /// Anything else (EPERM, EINVAL…): the backend cannot work here.
         case unusable
     }
-    public var kind: Kind
-    public var description: String
-    public init(_ kind: Kind, _ description: String) {
-        self.kind = kind
-        self.description = description
+    /// Hugetlb pages (2 MiB each) or locked anonymous 4 KiB pages.
+    public var pages: BalloonPageKind
+    public var count: Int
+    public var step: MappingStep
+    public var error: SystemCallError
+
+    public init(_ pages: BalloonPageKind, count: Int, step: MappingStep, _ error: SystemCallError) {
+        self.pages = pages
+        self.count = count
+        self.step = step
+        self.error = error
+    }
+
+    /// `.noMemory` when mapping, populating or locking found no memory (ENOMEM; EAGAIN
+    /// while populating or locking).
+    public var kind: Kind {
+        switch step {
+        case .mmap: return error.errno == .noMemory ? .noMemory : .unusable
+        case .populate, .lock:
+            return error.errno == .noMemory || error.errno == .resourceTemporarilyUnavailable ? .noMemory : .unusable
+        case .noHugePage, .unmergeable, .dontFork: return .unusable
+        }
+    }
+
+    public var description: String {
+        let what = pages == .hugeTLB ? "\(count) private 2 MiB hugetlb page(s)" : "\(count) locked anonymous 4 KiB page(s)"
+        let failed = "\(step.describe(what)) failed"
+        switch (pages, step, error.errno) {
+        case (.hugeTLB, .mmap, .noMemory):
+            return "\(failed) with ENOMEM: the kernel could not reserve them (no free 2 MiB block for a surplus page, nr_overcommit_hugepages reached, or a hugetlb cgroup limit)"
+        case (.hugeTLB, .mmap, .invalidArgument):
+            return "\(failed) with EINVAL: this kernel has no 2 MiB hugetlb pages (CONFIG_HUGETLBFS, hugepagesz=2M)"
+        case (.lockedAnonymous, .mmap, .noMemory): return "\(failed) with ENOMEM (vm.overcommit_memory refuses it)"
+        case (.lockedAnonymous, .lock, _):
+            return kind == .noMemory ? "\(failed): \(error) (RLIMIT_MEMLOCK reached, or not enough memory)"
+                : "\(failed): \(error); run balloond as root (CAP_IPC_LOCK)"
+        default: return "\(failed): \(error)"
+        }
     }
 }
 
@@ -90,61 +124,44 @@ public final class LinuxBalloonPages: HugeTLBBalloonPages, LockedAnonymousPages 
     }
 
     public func pagemap(at address: UInt, pages: Int) throws(GuestMemoryError) -> [PagemapEntry] {
-        do { return try pagemapResolver.entries(forVirtual: address, count: pages) } catch { throw .system("\(error)") }
+        do { return try pagemapResolver.entries(forVirtual: address, count: pages) } catch { throw .platform(error) }
     }
 
     public func mapHugePages(count: Int) throws(BalloonMapFailure) -> BalloonMapping {
-        let what = "\(count) private 2 MiB hugetlb page(s)"
         let mapping: OwnedAnonymousMapping
         do { mapping = try OwnedAnonymousMapping(length: count * OwnedAnonymousMapping.slotBytes, kind: .hugeTLB2MiB, arena: arena) } catch {
-            switch error.errno {
-            case .noMemory:
-                throw BalloonMapFailure(.noMemory, "mmap of \(what) failed with ENOMEM: the kernel could not reserve them (no free 2 MiB block for a surplus page, nr_overcommit_hugepages reached, or a hugetlb cgroup limit)")
-            case .invalidArgument:
-                throw BalloonMapFailure(.unusable, "mmap of \(what) failed with EINVAL: this kernel has no 2 MiB hugetlb pages (CONFIG_HUGETLBFS, hugepagesz=2M)")
-            default:
-                throw BalloonMapFailure(.unusable, "mmap of \(what) failed: \(error)")
-            }
+            throw BalloonMapFailure(.hugeTLB, count: count, step: .mmap, error)
         }
         // A forked child sharing these pages would make the next write copy them: new frames
         // behind the balloon's back.
         do { try mapping.advise(OwnedAnonymousMapping.adviceDontFork) } catch {
-            throw BalloonMapFailure(.unusable, "MADV_DONTFORK on \(what) failed: \(error)")
+            throw BalloonMapFailure(.hugeTLB, count: count, step: .dontFork, error)
         }
         return BalloonMapping(base: mapping.address, bytes: mapping.length) { mapping.unmapSlot($0) }
     }
 
     public func mapLocked(pages: Int) throws(BalloonMapFailure) -> BalloonMapping {
-        let what = "\(pages) locked anonymous 4 KiB page(s)"
+        func failure(_ step: MappingStep, _ error: SystemCallError) -> BalloonMapFailure {
+            BalloonMapFailure(.lockedAnonymous, count: pages, step: step, error)
+        }
         let mapping: OwnedAnonymousMapping
         do { mapping = try OwnedAnonymousMapping(length: pages * 4096, kind: .small, arena: arena) } catch {
-            if error.errno == .noMemory { throw BalloonMapFailure(.noMemory, "mmap of \(what) failed with ENOMEM (vm.overcommit_memory refuses it)") }
-            throw BalloonMapFailure(.unusable, "mmap of \(what) failed: \(error)")
+            throw failure(.mmap, error)
         }
         // No THP (shmem huge pages with shmem_enabled): a collapse would the pages into a new huge page (new frames). EINVAL
         // means a kernel without THP, where nothing collapses.
         do { try mapping.advise(OwnedAnonymousMapping.adviceNoHugePage) } catch where error.errno == .invalidArgument {} catch {
-            throw BalloonMapFailure(.unusable, "MADV_NOHUGEPAGE on \(what) failed: \(error)")
+            throw failure(.noHugePage, error)
         }
         // No KSM merging (it would move them to a shared frame); EINVAL: no KSM in this kernel.
         do { try mapping.advise(OwnedAnonymousMapping.adviceUnmergeable) } catch where error.errno == .invalidArgument {} catch {
-            throw BalloonMapFailure(.unusable, "MADV_UNMERGEABLE on \(what) failed: \(error)")
+            throw failure(.unmergeable, error)
         }
         do { try mapping.advise(OwnedAnonymousMapping.adviceDontFork) } catch {
-            throw BalloonMapFailure(.unusable, "MADV_DONTFORK on \(what) failed: \(error)")
+            throw failure(.dontFork, error)
         }
-        do { try mapping.populateForWrite() } catch {
-            if error.errno == .noMemory || error.errno == .resourceTemporarilyUnavailable {
-                throw BalloonMapFailure(.noMemory, "populating \(what) failed: \(error)")
-            }
-            throw BalloonMapFailure(.unusable, "populating \(what) failed: \(error)")
-        }
-        do { try mapping.lock() } catch {
-            if error.errno == .noMemory || error.errno == .resourceTemporarilyUnavailable {
-                throw BalloonMapFailure(.noMemory, "mlock of \(what) failed: \(error) (RLIMIT_MEMLOCK reached, or not enough memory)")
-            }
-            throw BalloonMapFailure(.unusable, "mlock of \(what) failed: \(error); run balloond as root (CAP_IPC_LOCK)")
-        }
+        do { try mapping.populateForWrite() } catch { throw failure(.populate, error) }
+        do { try mapping.lock() } catch { throw failure(.lock, error) }
         return BalloonMapping(base: mapping.address, bytes: mapping.length) { mapping.unmapSlot($0) }
     }
 }

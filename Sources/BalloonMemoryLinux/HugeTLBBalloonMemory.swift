@@ -92,7 +92,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
     public init(root: SysRoot = .host, pages: HugeTLBBalloonPages, budget: BalloonMemoryBudget, options: Options = Options(),
                 stateFile: SysctlStateFile? = nil, logger: Logger = Logger(label: "balloond.balloon.hugetlb")) throws(BalloonMemoryError) {
         guard let setting = Self.overcommitSetting(root: root) else {
-            throw BalloonMemoryError("this kernel has no nr_overcommit_hugepages for 2 MiB hugetlb pages (neither \(root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")) nor /proc/sys/vm/nr_overcommit_hugepages with Hugepagesize 2048 kB): it needs CONFIG_HUGETLBFS")
+            throw LinuxBalloonMemoryError.noOvercommitSetting(hugePagesDirectory: root.path("/sys/kernel/mm/hugepages/hugepages-2048kB")).balloonError
         }
         self.root = root
         self.pages = pages
@@ -113,7 +113,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
                                          logger: Logger = Logger(label: "balloond.balloon.hugetlb")) throws(BalloonMemoryError) -> SysctlRecovery {
         let file = stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.hugeTLBOvercommitPath)
         do { return try SysctlOverride.recoverAfterCrash(root: root, stateFile: file, logger: logger) } catch {
-            throw BalloonMemoryError("\(error)")
+            throw .failed(error)
         }
     }
 
@@ -140,16 +140,16 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
         var stepPages = max(1, Int(options.stepBytes / Self.blockBytes))
         var pressureAtStart: MemoryPressure?
         var first = true
-        func stop(_ error: String) throws(BalloonMemoryError) -> BalloonTake {
+        func stop(_ error: LinuxBalloonMemoryError) throws(BalloonMemoryError) -> BalloonTake {
             // Unusable: keep what was taken (the caller owns it), say why it stopped.
-            if blocks.isEmpty { throw BalloonMemoryError(error) }
+            if blocks.isEmpty { throw error.balloonError }
             logger.error("hugetlb balloon memory stops: \(error)")
-            return BalloonTake(blocks: blocks, limitedBy: error)
+            return BalloonTake(blocks: blocks, limitedBy: error.description)
         }
 
         while blocks.count < wanted {
             let now: MemorySnapshot
-            do { now = try budget.snapshot() } catch { return try stop(error.description) }
+            do { now = try budget.snapshot() } catch { return try stop(error) }
             if first { pressureAtStart = now.pressure; first = false }
             let allowance = budget.allowance(now: now, pressureAtStart: pressureAtStart)
             let n = min(wanted - blocks.count, stepPages, Int(allowance.bytes / Self.blockBytes))
@@ -158,17 +158,13 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
                 break
             }
             // Allow exactly the surplus pages balloond holds and is about to take.
-            do {
-                // Checked: the file may hold anything up to ULONG_MAX.
-                let base = try overcommit.baseline()
-                let (wantedValue, overflow) = base.addingReportingOverflow(UInt64(held.count + n))
-                guard !overflow else {
-                    return try stop("\(root.path(overcommit.sysctl)) is \(base): raising it by \(held.count + n) would overflow; set it to a sane value (e.g. 0) and restart balloond")
-                }
-                try overcommit.set(wantedValue)
-            } catch {
-                return try stop("cannot raise \(root.path(overcommit.sysctl)): \(error)")
-            }
+            let setting = root.path(overcommit.sysctl)
+            let base: UInt64
+            do { base = try overcommit.baseline() } catch { return try stop(.cannotRaiseOvercommit(path: setting, error)) }
+            // Checked: the file may hold anything up to ULONG_MAX.
+            let (wantedValue, overflow) = base.addingReportingOverflow(UInt64(held.count + n))
+            guard !overflow else { return try stop(.overcommitOverflow(path: setting, value: base, raiseBy: held.count + n)) }
+            do { try overcommit.set(wantedValue) } catch { return try stop(.cannotRaiseOvercommit(path: setting, error)) }
             let mapping: BalloonMapping
             do { mapping = try pages.mapHugePages(count: n) } catch {
                 if error.kind == .noMemory {
@@ -179,11 +175,11 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
                     limitedBy = "no 2 MiB page to be had: \(error)"
                     break
                 }
-                return try stop(error.description)
+                return try stop(.mapFailed(error))
             }
             let heads: [UInt64]
             do { heads = try verifiedHeads(of: mapping, count: n) } catch {
-                return try stop(error.description)
+                return try stop(error)
             }
             for (i, head) in heads.enumerated() {
                 let handle = nextHandle
@@ -242,16 +238,16 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
 
     /// Each page's head PFN, checked: present, a PFN (CAP_SYS_ADMIN), 2 MiB aligned, and its
     /// 512 4 KiB subpages consecutive. Unmaps the whole mapping when any check fails.
-    private func verifiedHeads(of mapping: BalloonMapping, count: Int) throws(BalloonMemoryError) -> [UInt64] {
+    private func verifiedHeads(of mapping: BalloonMapping, count: Int) throws(LinuxBalloonMemoryError) -> [UInt64] {
         let entries: [PagemapEntry]
         do { entries = try pages.pagemap(at: mapping.base, pages: count * Self.pagesPerBlock) } catch {
-            throw BalloonMemoryError("cannot read the PFNs of balloon hugetlb pages: \(error)")
+            throw .cannotReadPFNs(.hugeTLB, error)
         }
         var heads: [UInt64] = []
         for i in 0..<count {
             let page = Array(entries[(i * Self.pagesPerBlock)..<((i + 1) * Self.pagesPerBlock)])
             if let problem = Self.problem(page, expectedHead: nil) {
-                throw BalloonMemoryError("hugetlb page \(i) of a populated mapping: \(problem)")
+                throw .badHugePage(index: i, problem)
             }
             heads.append(page[0].pfn)
         }
@@ -260,21 +256,15 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
 
     /// What is wrong with one hugetlb page's 512 pagemap entries, nil when it is a present,
     /// 2 MiB-aligned page (starting at `expectedHead` when given).
-    static func problem(_ entries: [PagemapEntry], expectedHead: UInt64?) -> String? {
-        guard entries.count == pagesPerBlock, let first = entries.first else { return "expected \(pagesPerBlock) pagemap entries, got \(entries.count)" }
-        guard first.present, !first.swapped else { return "not present in /proc/self/pagemap (\(first))" }
-        guard first.pfn != 0 else {
-            return "/proc/self/pagemap shows PFN 0: the kernel hides PFNs from processes without CAP_SYS_ADMIN; run balloond as root and open pagemap while privileged"
-        }
+    static func problem(_ entries: [PagemapEntry], expectedHead: UInt64?) -> HugeTLBPageProblem? {
+        guard entries.count == pagesPerBlock, let first = entries.first else { return .entryCount(expected: pagesPerBlock, got: entries.count) }
+        guard first.present, !first.swapped else { return .notPresent(first) }
+        guard first.pfn != 0 else { return .pfnsHidden }
         let head = first.pfn
-        guard head % UInt64(pagesPerBlock) == 0 else {
-            return "its PFN 0x\(String(head, radix: 16)) is not 2 MiB aligned, so it is not one 2 MiB hugetlb page"
-        }
-        if let expectedHead, head != expectedHead {
-            return "moved from PFN 0x\(String(expectedHead, radix: 16)) to 0x\(String(head, radix: 16))"
-        }
+        guard head % UInt64(pagesPerBlock) == 0 else { return .notAligned(pfn: head) }
+        if let expectedHead, head != expectedHead { return .moved(from: expectedHead, to: head) }
         for (i, e) in entries.enumerated() where !e.present || e.pfn != head + UInt64(i) {
-            return "subpage \(i) is \(e), not PFN 0x\(String(head + UInt64(i), radix: 16)): not one contiguous 2 MiB page"
+            return .notContiguous(subpage: i, entry: e, expected: head + UInt64(i))
         }
         return nil
     }

@@ -91,7 +91,7 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
                                          logger: Logger = Logger(label: "balloond.balloon.anonymous")) throws(BalloonMemoryError) -> SysctlRecovery {
         let file = stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath)
         do { return try SysctlOverride.recoverAfterCrash(root: root, stateFile: file, logger: logger) } catch {
-            throw BalloonMemoryError("\(error)")
+            throw .failed(error)
         }
     }
 
@@ -109,7 +109,7 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
             budget.endTaking()
         }
         do { try preventCompaction() } catch {
-            throw BalloonMemoryError("cannot set \(root.path(Self.compactUnevictableSetting)) to 0: \(error). Without it, compaction may move locked balloon pages and QEMU would discard their new owner's data; run balloond as root")
+            throw LinuxBalloonMemoryError.compactionNotPrevented(path: root.path(Self.compactUnevictableSetting), error).balloonError
         }
 
         var blocks: [BalloonBlock] = []
@@ -118,15 +118,15 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
         var stepPages = max(Self.blockPages, Int(options.stepBytes / balloonPageSize) / Self.blockPages * Self.blockPages)
         var pressureAtStart: MemoryPressure?
         var first = true
-        func stop(_ error: String) throws(BalloonMemoryError) -> BalloonTake {
-            if blocks.isEmpty { throw BalloonMemoryError(error) }
+        func stop(_ error: LinuxBalloonMemoryError) throws(BalloonMemoryError) -> BalloonTake {
+            if blocks.isEmpty { throw error.balloonError }
             logger.error("locked anonymous balloon memory stops: \(error)")
-            return BalloonTake(blocks: blocks, limitedBy: error)
+            return BalloonTake(blocks: blocks, limitedBy: error.description)
         }
 
         while taken < maxPages {
             let now: MemorySnapshot
-            do { now = try budget.snapshot() } catch { return try stop(error.description) }
+            do { now = try budget.snapshot() } catch { return try stop(error) }
             if first { pressureAtStart = now.pressure; first = false }
             let allowance = budget.allowance(now: now, pressureAtStart: pressureAtStart)
             var n = min(maxPages - taken, stepPages, Int(allowance.bytes / balloonPageSize))
@@ -146,10 +146,10 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
                     limitedBy = "no memory to be had: \(error)"
                     break
                 }
-                return try stop(error.description)
+                return try stop(.mapFailed(error))
             }
             let pfns: [UInt64]
-            do { pfns = try verifiedPFNs(of: mapping, pages: n) } catch { return try stop(error.description) }
+            do { pfns = try verifiedPFNs(of: mapping, pages: n) } catch { return try stop(error) }
             for slot in 0..<mapping.slotCount {
                 let count = mapping.slotPages(slot)
                 let start = slot * Self.blockPages
@@ -216,25 +216,25 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
     }
 
     /// Every page's PFN: present, not swapped, a real PFN (CAP_SYS_ADMIN), all distinct.
-    private func verifiedPFNs(of mapping: BalloonMapping, pages count: Int) throws(BalloonMemoryError) -> [UInt64] {
+    private func verifiedPFNs(of mapping: BalloonMapping, pages count: Int) throws(LinuxBalloonMemoryError) -> [UInt64] {
         let entries: [PagemapEntry]
         do { entries = try pages.pagemap(at: mapping.base, pages: count) } catch {
-            throw BalloonMemoryError("cannot read the PFNs of locked balloon pages: \(error)")
+            throw .cannotReadPFNs(.lockedAnonymous, error)
         }
-        guard entries.count == count else { throw BalloonMemoryError("pagemap returned \(entries.count) entries for \(count) pages") }
+        guard entries.count == count else { throw .pagemapCount(entries: entries.count, pages: count) }
         var pfns: [UInt64] = []
         pfns.reserveCapacity(count)
         for (i, e) in entries.enumerated() {
             guard e.present, !e.swapped else {
-                throw BalloonMemoryError("page \(i) of a populated, locked mapping is not present in /proc/self/pagemap (\(e))")
+                throw .pageNotPresent(index: i, entry: e)
             }
             guard e.pfn != 0 else {
-                throw BalloonMemoryError("/proc/self/pagemap shows PFN 0: the kernel hides PFNs from processes without CAP_SYS_ADMIN; run balloond as root and open pagemap while privileged")
+                throw .pfnsHidden
             }
             pfns.append(e.pfn)
         }
         guard Set(pfns).count == pfns.count else {
-            throw BalloonMemoryError("two pages of a locked mapping share a frame (not populated for write?); refusing to hand out their PFNs")
+            throw .sharedFrame
         }
         return pfns
     }

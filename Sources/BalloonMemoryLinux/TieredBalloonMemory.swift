@@ -21,7 +21,7 @@ public final class TieredBalloonMemory: BalloonMemory {
     public let small: BalloonMemory
     private let logger: Logger
     /// Why the huge backend is no longer used, once it threw.
-    public private(set) var hugeDisabledBecause: String?
+    public private(set) var hugeDisabledBecause: BalloonMemoryError?
     /// Why the huge backend gave fewer pages than asked in the last `take` (for status).
     public private(set) var lastHugeShortfall: String?
 
@@ -50,7 +50,7 @@ public final class TieredBalloonMemory: BalloonMemory {
                     blocks += t.blocks.map(Self.tagHuge)
                     hugeLimitedBy = t.limitedBy
                 } catch {
-                    hugeDisabledBecause = error.description
+                    hugeDisabledBecause = error
                     hugeLimitedBy = "hugetlb is not used: \(error)"
                     logger.error("hugetlb balloon memory cannot be used, using locked anonymous memory only from now on: \(error)")
                 }

@@ -12,10 +12,27 @@ public enum FreePageOwnership: String, Sendable, Codable {
     case observed
 }
 
-/// Why a source cannot supply pages.
-public struct FreePageSourceError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+/// Why a source cannot supply pages. The driver only logs it; the platform's typed error
+/// inside (on Linux a `GuestMemoryError`, a `HugeTLBRefusal` or a `LinuxHintSourceError`)
+/// keeps what failed and its errno, and renders the message.
+public enum FreePageSourceError: Error, Sendable, CustomStringConvertible {
+    /// `nextBatch` was called outside a round.
+    case outsideRound
+    /// The source refused, or a kernel file or call it needs failed: the typed error says which
+    /// (and is what `description` renders).
+    case failed(any Error & CustomStringConvertible & Sendable)
+    /// A source with a fallback (`RoundFallbackSource`): the primary refused and the fallback
+    /// failed too.
+    indirect case fallbackFailed(primary: String, refusal: FreePageSourceError, fallback: String, failure: FreePageSourceError)
+
+    public var description: String {
+        switch self {
+        case .outsideRound: return "nextBatch outside a round"
+        case .failed(let reason): return reason.description
+        case .fallbackFailed(let primary, let refusal, let fallback, let failure):
+            return "\(primary) refused (\(refusal)) and \(fallback) failed too: \(failure)"
+        }
+    }
 }
 
 /// Supplies free guest-physical memory to hint, one free page hint round at a time.

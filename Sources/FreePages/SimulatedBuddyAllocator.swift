@@ -125,7 +125,7 @@ public final class SimulatedBuddyAllocator: FreePageSource {
     /// Allocates free blocks, largest first (as Linux allocates order-10 blocks), and hands
     /// them out coalesced.
     public func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
-        guard roundOpen else { throw FreePageSourceError("nextBatch outside a round") }
+        guard roundOpen else { throw .outsideRound }
         var out: [GuestPhysicalRange] = []
         let maxOrderForRange = min(maxOrder, Int((maxRangeBytes / balloonPageSize).trailingZeroBitCount))
         for order in stride(from: maxOrderForRange, through: 0, by: -1) {

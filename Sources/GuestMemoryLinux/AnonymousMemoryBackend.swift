@@ -51,28 +51,27 @@ public final class LinuxAnonymousMemory: AnonymousMemoryBackend {
 
     public func mapPopulated(bytes: Int) throws(GuestMemoryError) -> AnonymousChunk {
         precondition(bytes > 0 && bytes % 4096 == 0)
-        let what = "\(bytes >> 20) MiB of anonymous memory"
         let mapping: OwnedAnonymousMapping
         do { mapping = try OwnedAnonymousMapping(length: bytes, kind: .small, arena: arena) } catch {
-            throw .system("mmap of \(what) failed: \(error)")
+            throw .cannotMap(bytes: bytes, step: .mmap, error)
         }
         // EINVAL: no THP (or no KSM) in this kernel, so nothing to turn off.
         do { try mapping.advise(OwnedAnonymousMapping.adviceNoHugePage) } catch where error.errno == .invalidArgument {} catch {
-            throw .system("MADV_NOHUGEPAGE on \(what) failed: \(error)")
+            throw .cannotMap(bytes: bytes, step: .noHugePage, error)
         }
         do { try mapping.advise(OwnedAnonymousMapping.adviceUnmergeable) } catch where error.errno == .invalidArgument {} catch {
-            throw .system("MADV_UNMERGEABLE on \(what) failed: \(error)")
+            throw .cannotMap(bytes: bytes, step: .unmergeable, error)
         }
         do { try mapping.advise(OwnedAnonymousMapping.adviceDontFork) } catch {
-            throw .system("MADV_DONTFORK on \(what) failed: \(error)")
+            throw .cannotMap(bytes: bytes, step: .dontFork, error)
         }
         let usedPopulate: Bool
         do { usedPopulate = try mapping.populateForWrite() } catch {
-            throw .system("populating \(what) failed: \(error)")
+            throw .cannotMap(bytes: bytes, step: .populate, error)
         }
         // Locked: not swapped or otherwise reclaimed (a reclaimed page's frame would be reused).
         do { try mapping.lock() } catch {
-            throw .system("mlock of \(what) failed: \(error); run balloond as root (CAP_IPC_LOCK) or raise RLIMIT_MEMLOCK")
+            throw .cannotMap(bytes: bytes, step: .lock, error)
         }
         return AnonymousChunk(base: mapping.address, bytes: bytes, usedPopulateWrite: usedPopulate) {
             mapping.unmapAll()
@@ -81,7 +80,7 @@ public final class LinuxAnonymousMemory: AnonymousMemoryBackend {
 
     public func pagemap(of chunk: AnonymousChunk) throws(GuestMemoryError) -> [PagemapEntry] {
         do { return try pagemapResolver.entries(forVirtual: chunk.base, count: chunk.bytes / pagemapResolver.pageSize) } catch {
-            throw .system("\(error)")
+            throw .platform(error)
         }
     }
 }

@@ -51,7 +51,7 @@ public final class CompactionHold: MigrationHold {
             logger.warning("\(root.path(Self.setting)) was set back to \(now) by someone else while locked pages are held; setting it to 0 again")
         }
         do { try override.set(0) } catch {
-            throw .system("cannot set \(root.path(Self.setting)) to 0: \(error)")
+            throw .cannotHold(path: root.path(Self.setting), value: 0, error)
         }
     }
 

@@ -12,7 +12,7 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
     /// Memory blocks the offline hint source left offline.
     public var offlineBlocks: OfflineBlockRecovery = .nothingToDo
     /// Recoveries that failed (e.g. a setting could not be written); each is logged too.
-    public var failures: [String]
+    public var failures: [RecoveryFailure]
 
     /// Whether anything was left behind.
     public var foundAnything: Bool {
@@ -26,6 +26,20 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
         parts += failures.map { "failed: \($0)" }
         return parts.joined(separator: "; ")
     }
+}
+
+/// One recovery that failed: what it was putting back, and why it could not.
+public struct RecoveryFailure: Hashable, Sendable, CustomStringConvertible {
+    /// The setting or state ("nr_hugepages", "compact_unevictable_allowed", …).
+    public var what: String
+    public var error: GuestMemoryError
+
+    public init(what: String, error: GuestMemoryError) {
+        self.what = what
+        self.error = error
+    }
+
+    public var description: String { "\(what): \(error)" }
 }
 
 /// Puts back everything a balloond killed with SIGKILL (or the OOM killer) left changed, from
@@ -51,12 +65,12 @@ public struct RecoveryReport: Hashable, Sendable, CustomStringConvertible {
 public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(label: "balloond.recovery"),
                               poolControl: HugeTLBPoolControl? = nil, offlineBlocks: Bool = true) throws(StateFileError) -> RecoveryReport {
     _ = try StateDirectory(root: root).check()
-    var failures: [String] = []
+    var failures: [RecoveryFailure] = []
     func attempt<T>(_ what: String, fallback: T, _ body: () throws(GuestMemoryError) -> T) throws(StateFileError) -> T {
         do { return try body() } catch {
             if case .stateFile(let e) = error, !e.isAboutTheFile { throw e }
             logger.error("recovering \(what) after a crash failed: \(error)")
-            failures.append("\(what): \(error)")
+            failures.append(RecoveryFailure(what: what, error: error))
             return fallback
         }
     }
@@ -96,7 +110,7 @@ package enum RecoveredStateFile<T> {
     case absent
     case contents(T)
     /// The file could not be trusted or parsed and was moved to `to`.
-    case setAside(to: String, reason: String)
+    case setAside(to: String, reason: StateFileError)
 }
 
 /// Reads a state file for recovery. A file that cannot be trusted or parsed is logged in one
@@ -111,7 +125,7 @@ package func readStateFileOrSetAside<T>(_ file: StateFile, logger: Logger,
         let to: String
         do { to = try file.setAside() } catch { throw .stateFile(error) }
         logger.error("ignoring \(file.path) and moving it to \(to): \(error)")
-        return .setAside(to: to, reason: error.description)
+        return .setAside(to: to, reason: error)
     } catch {
         throw .stateFile(error)
     }
@@ -130,7 +144,7 @@ package func recoverHugeTLBPool(root: SysRoot, stateFile file: HugeTLBPoolStateF
     if file.writerIsAlive(contents) { return .otherInstanceRunning(pid: contents.pid) }
     let pool = control ?? LinuxHugeTLBPoolControl(root: root)
     let before: UInt64
-    do { before = try pool.counters().total } catch { throw .system("reading the hugetlb pool size for \(file.path) failed: \(error)") }
+    do { before = try pool.counters().total } catch { throw .cannotReadPoolSize(stateFile: file.path, error) }
     if before == contents.originalPoolSize {
         file.remove()
         return .alreadyOriginal(value: before)
@@ -153,5 +167,5 @@ package func recoverHugeTLBPool(root: SysRoot, stateFile file: HugeTLBPoolStateF
         let outcome = HugeTLBPoolRecovery.restored(from: before, to: after)
         logger.notice("\(outcome)")
         return outcome
-    } catch { throw .system("restoring nr_hugepages from \(file.path) failed: \(error)") }
+    } catch { throw .cannotRestorePoolSize(stateFile: file.path, error) }
 }

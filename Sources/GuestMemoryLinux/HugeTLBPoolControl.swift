@@ -52,21 +52,21 @@ public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
     }
 
     public func counters() throws(GuestMemoryError) -> HugePageCounters {
-        do { return try pool.counters() } catch { throw .system("\(error)") }
+        do { return try pool.counters() } catch { throw .platform(error) }
     }
 
     public func setPoolSize(_ pages: UInt64) throws(GuestMemoryError) {
-        do { try pool.setCount(pages) } catch { throw .system("setting \(pool.countPath) to \(pages) failed: \(error)") }
+        do { try pool.setCount(pages) } catch { throw .cannotSetPoolSize(path: pool.countPath, pages: pages, error) }
     }
 
     public func reserve(pages: Int) throws(GuestMemoryError) -> HugeTLBReservation {
-        guard let arena else { throw .system("no device memory arena to reserve hugetlb pages from") }
+        guard let arena else { throw .noArena }
         let mapping: OwnedAnonymousMapping
         do {
             mapping = try OwnedAnonymousMapping(length: pages * HugePagePool.pageSize, kind: .hugeTLB2MiB, arena: arena,
                                                 protection: Sys.protectionNone, populate: false)
         } catch {
-            throw .system("reserving \(pages) hugetlb pages with an unfaulted shared hugetlbfs mapping failed: \(error) (ENOMEM: fewer free unreserved pool pages than that)")
+            throw .cannotReserve(pages: pages, error)
         }
         return HugeTLBReservation(pages: pages) { mapping.unmapAll() }
     }

@@ -118,7 +118,7 @@ public enum HugeTLBPoolRecovery: Hashable, Sendable, CustomStringConvertible {
     /// Someone changed `nr_hugepages` since balloond did; left as it is.
     case changedByOthers(value: UInt64, original: UInt64, balloondSet: UInt64)
     /// The state file could not be trusted or parsed: moved to `to` and not acted on.
-    case setAside(path: String, to: String, reason: String)
+    case setAside(path: String, to: String, reason: StateFileError)
     public var description: String {
         switch self {
         case .nothingToDo: return "no hugetlb pool state left behind"

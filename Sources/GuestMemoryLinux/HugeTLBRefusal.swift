@@ -2,8 +2,10 @@
 /// seen and what happens instead; the caller (`RoundFallbackSource`) logs it and uses the
 /// anonymous source for the round.
 public enum HugeTLBRefusal: Error, Hashable, Sendable, CustomStringConvertible {
-    /// No 2 MiB hugetlb pool, or /proc/kpageflags or /proc/kpagecount cannot be read.
-    case unavailable(String)
+    /// This kernel has no 2 MiB hugetlb pool (CONFIG_HUGETLBFS).
+    case noPool
+    /// /proc/kpageflags or /proc/kpagecount cannot be read.
+    case unavailable(GuestMemoryError)
     /// Another mapping holds reservations: it may fault any free pool page, including one
     /// balloond hinted.
     case reservedByOthers(reserved: UInt64)
@@ -19,14 +21,18 @@ public enum HugeTLBRefusal: Error, Hashable, Sendable, CustomStringConvertible {
     case otherInstance(pid: Int32)
     /// The pool changed under balloond during a step (someone else grew, shrank or used it).
     case poolChanged(String)
+    /// Reserving the free pool pages failed (someone else took some of them).
+    case cannotReserve(pages: Int, GuestMemoryError)
     /// The PFN scan does not agree with the counters.
     case scanMismatch(String)
     /// A kernel file or call failed.
-    case system(String)
+    case system(GuestMemoryError)
 
     public var description: String {
         let fallback = "; using anonymous memory for this round"
         switch self {
+        case .noPool:
+            return "the hugetlb pool cannot be used: this kernel has no 2 MiB hugetlb pool (CONFIG_HUGETLBFS)\(fallback)"
         case .unavailable(let why):
             return "the hugetlb pool cannot be used: \(why)\(fallback)"
         case .reservedByOthers(let n):
@@ -40,11 +46,17 @@ public enum HugeTLBRefusal: Error, Hashable, Sendable, CustomStringConvertible {
         case .otherInstance(let pid):
             return "another balloond (pid \(pid)) is using the hugetlb pool\(fallback)"
         case .poolChanged(let what):
-            return "the hugetlb pool changed during a step (\(what)): someone else is changing nr_hugepages or using the pool; balloond stops taking pool pages (those already hinted stay reserved until released)\(fallback)"
+            return Self.poolChangedMessage(what) + fallback
+        case .cannotReserve(let pages, let e):
+            return Self.poolChangedMessage("reserving \(pages) free pool pages failed: \(e)") + fallback
         case .scanMismatch(let what):
             return "the PFN scan of the hugetlb pool disagrees with its counters (\(what)); balloond stops taking pool pages\(fallback)"
-        case .system(let m):
-            return "hugetlb source: \(m)\(fallback)"
+        case .system(let e):
+            return "hugetlb source: \(e)\(fallback)"
         }
+    }
+
+    private static func poolChangedMessage(_ what: String) -> String {
+        "the hugetlb pool changed during a step (\(what)): someone else is changing nr_hugepages or using the pool; balloond stops taking pool pages (those already hinted stay reserved until released)"
     }
 }

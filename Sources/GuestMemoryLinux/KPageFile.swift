@@ -14,7 +14,7 @@ import PlatformLinux
     package init(path: String, chunkEntries: Int) throws(GuestMemoryError) {
         self.path = path
         do { file = try OpenFile(path: path, flags: Sys.openReadOnly) } catch {
-            throw .system("cannot open \(path): \(error). It needs root (CAP_SYS_ADMIN) and a kernel with CONFIG_PROC_PAGE_MONITOR")
+            throw .cannotOpenPageFile(path: path, error)
         }
         unsafe buffer = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(1, chunkEntries))
     }
@@ -36,7 +36,7 @@ import PlatformLinux
             let slice = unsafe UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[got..<want])
             let n: Int
             do { n = try unsafe file.pread(into: slice, offset: Int(startPFN) * 8 + got) } catch {
-                throw .system("reading \(path) at PFN 0x\(String(startPFN, radix: 16)) failed: \(error)")
+                throw .cannotReadPageFile(path: path, pfn: startPFN, error)
             }
             if n == 0 { break }
             got += n

@@ -11,7 +11,8 @@ public enum MemoryBlockOfflineResult: Hashable, Sendable, CustomStringConvertibl
     case invalid
     /// The time bound ran out (EINTR): the kernel undid the isolation and the block is online.
     case timedOut(milliseconds: Int)
-    case failed(String)
+    /// Any other failure of the write.
+    case failed(SystemCallError)
 
     public var description: String {
         switch self {
@@ -60,7 +61,7 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
         let path = root.path("/sys/devices/system/memory/block_size_bytes")
         let text: String
         do { text = try Sys.readAttribute(path) } catch {
-            throw .system("cannot read \(path) (\(error)): the kernel has no memory hotplug (CONFIG_MEMORY_HOTPLUG and CONFIG_MEMORY_HOTREMOVE)")
+            throw .noMemoryHotplug(path: path, error)
         }
         guard let size = UInt64(text, radix: 16), size >= 2 << 20, size & (size - 1) == 0 else {
             throw .malformedFile(path: path, reason: "\(String(text.prefix(40)).debugDescription) is not a power-of-two block size in hex")
@@ -74,7 +75,7 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
 
     public func offlinableBlocks() throws(GuestMemoryError) -> [Int] {
         let names: [String]
-        do { names = try Sys.listDirectory(directory) } catch { throw .system("cannot list \(directory): \(error)") }
+        do { names = try Sys.listDirectory(directory) } catch { throw .cannotList(path: directory, error) }
         var out: [Int] = []
         for name in names where name.hasPrefix("memory") {
             guard let index = Int(name.dropFirst(6)), index >= 0 else { continue }
@@ -101,7 +102,7 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
             case .resourceBusy: return .busy
             case .invalidArgument: return .invalid
             case .interrupted: return .timedOut(milliseconds: timeoutMilliseconds)
-            default: return .failed(error.description)
+            default: return .failed(error)
             }
         }
     }
@@ -111,7 +112,7 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
         do { try Sys.writeAttribute(path, "online") } catch {
             // Already online (someone else onlined it): nothing to do.
             if isOffline(index) == false { return }
-            throw .system("cannot online memory block \(index) (\(path)): \(error)")
+            throw .cannotOnline(block: index, path: path, error)
         }
     }
 }

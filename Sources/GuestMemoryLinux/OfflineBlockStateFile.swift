@@ -65,7 +65,7 @@ public enum OfflineBlockRecovery: Hashable, Sendable, CustomStringConvertible {
     /// Blocks brought back online (those listed and still offline).
     case onlined([Int])
     case otherInstanceRunning(pid: Int32)
-    case setAside(path: String, to: String, reason: String)
+    case setAside(path: String, to: String, reason: StateFileError)
     public var description: String {
         switch self {
         case .nothingToDo: return "no offline memory blocks left behind"
@@ -89,16 +89,16 @@ package func recoverOfflineBlocks(root: SysRoot, stateFile file: OfflineBlockSta
     let blocks: MemoryBlockControl
     if let control { blocks = control } else { blocks = try LinuxMemoryBlocks(root: root) }
     var onlined: [Int] = []
-    var failures: [String] = []
+    var failures: [GuestMemoryError] = []
     for b in contents.blocks where blocks.isOffline(b) == true {
         do {
             try blocks.online(b)
             onlined.append(b)
-        } catch { failures.append(error.description) }
+        } catch { failures.append(error) }
     }
     if !failures.isEmpty {
         // Keep the file: the next start tries the remaining blocks again.
-        throw .system(failures.joined(separator: "; "))
+        throw .several(failures)
     }
     // Remove it only if it is still the dead process's list (a newer balloond may have
     // written its own since).

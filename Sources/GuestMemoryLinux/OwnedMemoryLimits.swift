@@ -53,7 +53,7 @@ public struct MemorySnapshot: Hashable, Sendable {
     /// Reads /proc/meminfo, /proc/pressure/memory and (when `withBuddyInfo`) /proc/buddyinfo.
     public static func read(root: SysRoot = .host, withBuddyInfo: Bool) throws(GuestMemoryError) -> MemorySnapshot {
         let info: MemInfo
-        do { info = try MemInfo.read(root: root) } catch { throw .system("\(error)") }
+        do { info = try MemInfo.read(root: root) } catch { throw .platform(error) }
         guard let total = info.memTotal, let free = info.memFree, let available = info.memAvailable else {
             throw .malformedFile(path: root.path("/proc/meminfo"), reason: "no MemTotal, MemFree or MemAvailable line")
         }
@@ -61,7 +61,7 @@ public struct MemorySnapshot: Hashable, Sendable {
         if withBuddyInfo {
             let path = root.path("/proc/buddyinfo")
             let text: String
-            do { text = try Sys.readTextFile(path) } catch { throw .system("cannot read \(path): \(error)") }
+            do { text = try Sys.readTextFile(path) } catch { throw .cannotRead(path: path, error) }
             buddy = try BuddyInfo(parsing: text)
         }
         var pressure: MemoryPressure?

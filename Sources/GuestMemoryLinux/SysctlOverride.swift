@@ -109,7 +109,7 @@ public enum SysctlRecovery: Hashable, Sendable, CustomStringConvertible {
     case changedByOthers(sysctl: String, value: UInt64, original: UInt64)
     case otherInstanceRunning(pid: Int32)
     /// The state file could not be trusted or parsed: moved to `to` and not acted on.
-    case setAside(path: String, to: String, reason: String)
+    case setAside(path: String, to: String, reason: StateFileError)
 
     public var description: String {
         switch self {
@@ -162,7 +162,7 @@ package final class SysctlOverride {
             logger.warning("found \(stateFile.path) from a balloond that did not exit cleanly; restoring its setting first")
             let outcome = try Self.recoverAfterCrash(root: root, stateFile: stateFile, logger: logger)
             if case .otherInstanceRunning(let pid) = outcome {
-                throw .system("another balloond (pid \(pid)) has changed \(sysctl) (see \(stateFile.path)); stop it first")
+                throw .otherInstanceChanged(sysctl: sysctl, pid: pid, stateFile: stateFile.path)
             }
             logger.notice("\(outcome)")
         }
@@ -182,7 +182,7 @@ package final class SysctlOverride {
         original = contents.original
         lastSet = contents.previous
         do { try Sys.writeAttribute(root.path(sysctl), "\(value)\n") } catch {
-            throw .system("cannot set \(root.path(sysctl)) to \(value): \(error); balloond must run as root")
+            throw .cannotSet(path: root.path(sysctl), value: value, error)
         }
         lastSet = value
     }
@@ -228,7 +228,7 @@ package final class SysctlOverride {
             outcome = .alreadyOriginal(sysctl: c.sysctl, value: current)
         } else if current == c.set || current == c.previous {
             do { try Sys.writeAttribute(path, "\(c.original)\n") } catch {
-                throw .system("restoring \(path) to \(c.original) from \(stateFile.path) failed: \(error)")
+                throw .cannotRestore(path: path, value: c.original, stateFile: stateFile.path, error)
             }
             outcome = .restored(sysctl: c.sysctl, from: current, to: c.original)
         } else {
@@ -241,7 +241,7 @@ package final class SysctlOverride {
 
     package static func readValue(_ path: String) throws(GuestMemoryError) -> UInt64 {
         let text: String
-        do { text = try Sys.readAttribute(path) } catch { throw .system("cannot read \(path): \(error)") }
+        do { text = try Sys.readAttribute(path) } catch { throw .cannotRead(path: path, error) }
         guard let v = UInt64(text) else { throw .malformedFile(path: path, reason: "'\(text)' is not a number") }
         return v
     }

@@ -237,7 +237,7 @@ public final class AnonymousSource: FreePageSource {
             }
         } catch {
             releaseCompactionIfIdle()
-            throw .system("not taking anonymous memory: \(error); without vm.compact_unevictable_allowed=0 compaction could move a hinted page")
+            throw .compactionNotPrevented(error)
         }
         if let oom, let problem = oom.raise() { logger.warning("\(problem)") }
         let t0 = Sys.monotonicNanos()
@@ -261,7 +261,7 @@ public final class AnonymousSource: FreePageSource {
             guard e.present, !e.swapped, e.pfn != 0 else {
                 chunk.release()
                 releaseCompactionIfIdle()
-                throw .system("page \(i) of a populated, locked chunk has no PFN in /proc/self/pagemap (\(e)); balloond needs CAP_SYS_ADMIN for PFNs")
+                throw .noPFN(page: i, entry: e)
             }
             pfns.append(e.pfn)
         }

@@ -60,15 +60,15 @@ public func offlineHintSourceUsable(root: SysRoot = .host) -> Bool {
 public func makeLinuxFreePageSource(_ source: HintSource, environment env: LinuxHintSourceEnvironment) throws(FreePageSourceError) -> FreePageSource {
     func anonymous() throws(FreePageSourceError) -> AnonymousSource {
         guard let pagemap = env.pagemap else {
-            throw FreePageSourceError("the anonymous source needs /proc/self/pagemap opened while privileged")
+            throw .failed(LinuxHintSourceError.noPagemap)
         }
-        guard let arena = env.arena else { throw FreePageSourceError("the anonymous source needs the device memory arena") }
+        guard let arena = env.arena else { throw .failed(LinuxHintSourceError.noArena(source: .anonymous)) }
         return AnonymousSource(root: env.root, pagemap: pagemap, arena: arena, options: AnonymousSource.Options(limits: env.limits),
                                compactionHold: env.compactionHold, holdings: env.holdings, logger: env.logger.withLabel("anonymous"))
     }
     switch source {
     case .hugetlb:
-        guard env.arena != nil else { throw FreePageSourceError("the hugetlb source needs the device memory arena") }
+        guard env.arena != nil else { throw .failed(LinuxHintSourceError.noArena(source: .hugetlb)) }
         let huge = try HugeTLBPoolSource(root: env.root, arena: env.arena, ownHugePages: env.ownHugePages,
                                          options: HugeTLBPoolSource.Options(limits: env.limits), holdings: env.holdings,
                                          logger: env.logger.withLabel("hugetlb"))
@@ -82,7 +82,7 @@ public func makeLinuxFreePageSource(_ source: HintSource, environment env: Linux
     case .kpageflags:
         return try KPageFlagsSource(root: env.root, logger: env.logger.withLabel("kpageflags"))
     case .auto, .simulated:
-        throw FreePageSourceError("no Linux free page source '\(source.rawValue)' (auto is resolved by chooseHintSource; simulated is built with SimulatedBuddyAllocator)")
+        throw .failed(LinuxHintSourceError.notALinuxSource(source))
     }
 }
 

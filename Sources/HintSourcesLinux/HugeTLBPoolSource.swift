@@ -139,10 +139,10 @@ public final class HugeTLBPoolSource: FreePageSource {
         self.stateFile = stateFile ?? HugeTLBPoolStateFile(root: root)
         self.logger = logger
         if control == nil, !HugePagePool(root: root).isSupported() {
-            throw HugeTLBRefusal.unavailable("this kernel has no 2 MiB hugetlb pool (CONFIG_HUGETLBFS)").sourceError
+            throw HugeTLBRefusal.noPool.sourceError
         }
         do { scanner = try HugeTLBFrameScanner(root: root, memoryMap: memoryMap) } catch {
-            throw HugeTLBRefusal.unavailable(error.description).sourceError
+            throw HugeTLBRefusal.unavailable(error).sourceError
         }
         var own: Set<UInt64> = []
         let framePages = HugeTLBFrameScanner.framePages
@@ -241,7 +241,7 @@ public final class HugeTLBPoolSource: FreePageSource {
     // MARK: session
 
     private func counters() throws(HugeTLBRefusal) -> HugePageCounters {
-        do { return try control.counters() } catch { throw .system(error.description) }
+        do { return try control.counters() } catch { throw .system(error) }
     }
 
     /// The pool must be unused by others before balloond takes it.
@@ -273,8 +273,8 @@ public final class HugeTLBPoolSource: FreePageSource {
             // A previous balloond died holding a grown pool and nobody recovered it.
             logger.warning("found \(stateFile.path) from a balloond that did not exit cleanly; restoring the pool first")
             let outcome: RecoveryOutcome
-            do { outcome = try Self.recoverAfterCrash(root: root, stateFile: stateFile, control: control, logger: logger) } catch {
-                throw .system(error.description)
+            do { outcome = try recoverHugeTLBPool(root: root, stateFile: stateFile, control: control, logger: logger) } catch {
+                throw .system(error)
             }
             if case .otherInstanceRunning(let pid) = outcome { throw .otherInstance(pid: pid) }
         }
@@ -283,7 +283,7 @@ public final class HugeTLBPoolSource: FreePageSource {
         holdings.setHugeTLBPoolGrownByHintSource(true)
         do { try stateFile.write(originalPoolSize: c.total) } catch {
             holdings.setHugeTLBPoolGrownByHintSource(false)
-            throw .system(error.description)
+            throw .system(error)
         }
         generation += 1
         let firstStep = max(1, options.firstStepBytes / Self.hugePageBytes)
@@ -317,7 +317,7 @@ public final class HugeTLBPoolSource: FreePageSource {
         try checkHeld(c0, s, allowIdle: true)
 
         let snapshot: MemorySnapshot
-        do { snapshot = try MemorySnapshot.read(root: root, withBuddyInfo: true) } catch { throw .system(error.description) }
+        do { snapshot = try MemorySnapshot.read(root: root, withBuddyInfo: true) } catch { throw .system(error) }
         let allowance = memoryAllowance(.freeMemory, limits: options.limits, now: snapshot, pressureAtStart: s.pressureAtRoundStart,
                                              heldBytes: UInt64(s.reservedPages) * Self.hugePageBytes)
         let growPages = min(s.stepPages, allowance.bytes / Self.hugePageBytes)
@@ -325,7 +325,7 @@ public final class HugeTLBPoolSource: FreePageSource {
         if growPages > 0 {
             let t = Sys.monotonicNanos()
             do { try stateFile.write(originalPoolSize: s.originalPoolSize, setting: c0.total + growPages, previous: c0.total) } catch {
-                throw .system(error.description)
+                throw .system(error)
             }
             do { try control.setPoolSize(c0.total + growPages) } catch {
                 s.growthStopped = true
@@ -337,7 +337,7 @@ public final class HugeTLBPoolSource: FreePageSource {
             lastRound.pagesGrown += grown
             s.expectedPoolSize = c1.total
             do { try stateFile.write(originalPoolSize: s.originalPoolSize, setting: c1.total, previous: c1.total) } catch {
-                throw .system(error.description)
+                throw .system(error)
             }
             if grown < growPages {
                 s.growthStopped = true
@@ -356,7 +356,7 @@ public final class HugeTLBPoolSource: FreePageSource {
         let t = Sys.monotonicNanos()
         let r: HugeTLBReservation
         do { r = try control.reserve(pages: toReserve) } catch {
-            throw .poolChanged("reserving \(toReserve) free pool pages failed: \(error)")
+            throw .cannotReserve(pages: toReserve, error)
         }
         s.reservations.append(r)
         s.reservedPages += toReserve
@@ -366,7 +366,7 @@ public final class HugeTLBPoolSource: FreePageSource {
 
         let ts = Sys.monotonicNanos()
         let frames: [UInt64]
-        do { frames = try scanner.unmappedPoolFrames(excluding: ownFrames) } catch { throw .system(error.description) }
+        do { frames = try scanner.unmappedPoolFrames(excluding: ownFrames) } catch { throw .system(error) }
         lastRound.scanNanos += Sys.monotonicNanos() - ts
         let c3 = try counters()
         if c3 != c2 { throw .poolChanged("the counters changed during the PFN scan: \(c2) → \(c3)") }
@@ -419,8 +419,4 @@ public final class HugeTLBPoolSource: FreePageSource {
         }
         logger.debug("hugetlb pool released", metadata: ["pages": "\(s.reservedPages)", "pool": "\(s.originalPoolSize)"])
     }
-}
-
-extension HugeTLBRefusal {
-    var sourceError: FreePageSourceError { FreePageSourceError(description) }
 }

@@ -113,7 +113,7 @@ public final class OfflineBlockSource: FreePageSource {
             kpageflags = try KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: 4096)
         } catch { throw error.sourceError }
         guard blocks.blockBytes % balloonPageSize == 0, blocks.blockBytes >= 2 << 20 else {
-            throw FreePageSourceError("memory block size \(blocks.blockBytes) is not a multiple of 2 MiB")
+            throw .failed(LinuxHintSourceError.blockSizeNotHugeMultiple(blocks.blockBytes))
         }
     }
 

@@ -19,7 +19,7 @@ public final class RoundFallbackSource: FreePageSource {
     /// The source serving the current round.
     public private(set) var active: FreePageSource?
     /// The primary's refusal this round, if it refused.
-    public private(set) var lastFallbackReason: String?
+    public private(set) var lastFallbackReason: FreePageSourceError?
 
     public init(primary: FreePageSource, fallback: FreePageSource, logger: Logger = Logger(label: "balloond.hint")) {
         self.primary = primary
@@ -61,12 +61,12 @@ public final class RoundFallbackSource: FreePageSource {
         }
     }
 
-    private func switchToFallback(id: UInt32, because error: FreePageSourceError) throws(FreePageSourceError) {
-        lastFallbackReason = error.description
-        logger.warning("\(primary.name) free page source unavailable for round 0x\(String(id, radix: 16)); using \(fallback.name): \(error)")
+    private func switchToFallback(id: UInt32, because refusal: FreePageSourceError) throws(FreePageSourceError) {
+        lastFallbackReason = refusal
+        logger.warning("\(primary.name) free page source unavailable for round 0x\(String(id, radix: 16)); using \(fallback.name): \(refusal)")
         active = nil
         do { try fallback.beginRound(id: id) } catch {
-            throw FreePageSourceError("\(primary.name) refused (\(lastFallbackReason ?? "")) and \(fallback.name) failed too: \(error)")
+            throw .fallbackFailed(primary: primary.name, refusal: refusal, fallback: fallback.name, failure: error)
         }
         active = fallback
     }

@@ -67,7 +67,9 @@ final class FakeAnonymousMemory: AnonymousMemoryBackend {
     }
 
     func pagemap(of chunk: AnonymousChunk) throws(GuestMemoryError) -> [PagemapEntry] {
-        guard let pfns = mapped[chunk.base] else { throw .system("not mapped") }
+        guard let pfns = mapped[chunk.base] else {
+            throw .cannotRead(path: "/proc/self/pagemap", SystemCallError(call: "pread", path: "/proc/self/pagemap", errno: .badAddress))
+        }
         let moved = moves[chunk.base] ?? [:]
         let present: UInt64 = 1 << 63
         let missing = notPresent

@@ -83,9 +83,9 @@ final class FakeHugeTLBPages: HugeTLBBalloonPages {
         let overcommit = UInt64(tree.read(overcommitFile)!.split(separator: "\n")[0])!
         overcommitAtMap.append(overcommit)
         if UInt64(surplus + count) > overcommit {
-            throw BalloonMapFailure(.noMemory, "ENOMEM: surplus \(surplus) + \(count) > nr_overcommit_hugepages \(overcommit)")
+            throw BalloonMapFailure(.hugeTLB, count: count, step: .mmap, SystemCallError(call: "mmap", path: nil, errno: .noMemory))
         }
-        if freeHeads.count < count { throw BalloonMapFailure(.noMemory, "ENOMEM: no free 2 MiB block") }
+        if freeHeads.count < count { throw BalloonMapFailure(.hugeTLB, count: count, step: .mmap, SystemCallError(call: "mmap", path: nil, errno: .noMemory)) }
         let heads = Array(freeHeads.prefix(count))
         freeHeads.removeFirst(count)
         surplus += count
@@ -145,8 +145,8 @@ final class FakeLockedPages: LockedAnonymousPages {
         mapCalls.append(pages)
         compactAtMap.append(tree.read("/proc/sys/vm/compact_unevictable_allowed"))
         if let f = failNext { failNext = nil; throw f }
-        if let m = maxPagesPerMap, pages > m { throw BalloonMapFailure(.noMemory, "ENOMEM: populating \(pages) pages") }
-        guard freeFrames.count >= pages else { throw BalloonMapFailure(.noMemory, "ENOMEM: out of frames") }
+        if let m = maxPagesPerMap, pages > m { throw BalloonMapFailure(.lockedAnonymous, count: pages, step: .populate, SystemCallError(call: "madvise", path: nil, errno: .noMemory)) }
+        guard freeFrames.count >= pages else { throw BalloonMapFailure(.lockedAnonymous, count: pages, step: .populate, SystemCallError(call: "madvise", path: nil, errno: .noMemory)) }
         let frames = Array(freeFrames.prefix(pages))
         freeFrames.removeFirst(pages)
         memory.take(UInt64(pages) * 4096)

@@ -53,7 +53,9 @@ final class FakeHugeTLBKernel: HugeTLBPoolControl {
     }
 
     func reserve(pages: Int) throws(GuestMemoryError) -> HugeTLBReservation {
-        guard UInt64(freePool.count) - reserved >= UInt64(pages) else { throw .system("ENOMEM: not enough free pool pages") }
+        guard UInt64(freePool.count) - reserved >= UInt64(pages) else {
+            throw .cannotReserve(pages: pages, SystemCallError(call: "mmap", path: nil, errno: .noMemory))
+        }
         reserved += UInt64(pages)
         return HugeTLBReservation(pages: pages) { [weak self] in self?.reserved -= UInt64(pages) }
     }

@@ -13,8 +13,9 @@ struct HugeTLBOvercommitFaultInjectionTests {
     func overcommitAtMaximumIsAnError() throws {
         let f = BalloonFixture(overcommit: UInt64.max)
         let m = try f.hugeBackend()
-        #expect { _ = try m.take(maxPages: 4 * 512, hugeOnly: true) } throws: {
-            "\($0)".contains("would overflow")
+        #expect { _ = try m.take(maxPages: 4 * 512, hugeOnly: true) } throws: { e in
+            guard case .overcommitOverflow(_, let value, let raiseBy)? = reason(e, as: LinuxBalloonMemoryError.self) else { return false }
+            return value == UInt64.max && raiseBy == 4 && "\(e)".contains("would overflow")
         }
         #expect(m.heldBytes == 0)
         #expect(f.overcommit == "\(UInt64.max)\n", "left as it was")

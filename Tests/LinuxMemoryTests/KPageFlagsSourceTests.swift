@@ -1,5 +1,6 @@
 import TestSupport
 import FreePages
+import PlatformLinux
 import Testing
 @testable import GuestMemoryLinux
 @testable import HintSourcesLinux
@@ -145,7 +146,8 @@ import VirtioCore
         #expect {
             _ = try KPageFlagsSource(root: t.root)
         } throws: { e in
-            (e as? FreePageSourceError)?.description.contains("CAP_SYS_ADMIN") == true
+            guard case .cannotOpenPageFile(let path, let failure)? = reason(e, as: GuestMemoryError.self) else { return false }
+            return path == t.at("/proc/kpageflags") && failure.errno == .noSuchFileOrDirectory && "\(e)".contains("CAP_SYS_ADMIN")
         }
     }
 }

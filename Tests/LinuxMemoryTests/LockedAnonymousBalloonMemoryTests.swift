@@ -90,7 +90,10 @@ import VirtioCore
         let m = f.smallBackend()
         #expect {
             _ = try m.take(maxPages: 10, hugeOnly: false)
-        } throws: { ($0 as? BalloonMemoryError)?.description.contains("compaction may move locked balloon pages") == true }
+        } throws: { e in
+            guard case .compactionNotPrevented(let path, _)? = reason(e, as: LinuxBalloonMemoryError.self) else { return false }
+            return path == f.tree.at("/proc/sys/vm/compact_unevictable_allowed")
+        }
         #expect(f.small.mapCalls.isEmpty && f.oomScore == "0\n")
     }
 
@@ -169,16 +172,17 @@ import VirtioCore
         f.small.maxPagesPerMap = 0
         let t2 = try m.take(maxPages: 2000, hugeOnly: false)
         #expect(t2.blocks.isEmpty)
-        #expect(t2.limitedBy?.hasPrefix("no memory to be had: ENOMEM") == true)
+        #expect(t2.limitedBy?.hasPrefix("no memory to be had: populating") == true && t2.limitedBy?.contains("errno 12") == true, "ENOMEM")
     }
 
     @Test func unusableMappingThrowsOrKeepsWhatWasTaken() throws {
         let f = BalloonFixture()
         let m = f.smallBackend()
-        f.small.failNext = BalloonMapFailure(.unusable, "mlock failed: EPERM; run balloond as root (CAP_IPC_LOCK)")
+        let failure = BalloonMapFailure(.lockedAnonymous, count: 100, step: .lock, SystemCallError(call: "mlock", path: nil, errno: .notPermitted))
+        f.small.failNext = failure
         #expect {
             _ = try m.take(maxPages: 100, hugeOnly: false)
-        } throws: { ($0 as? BalloonMemoryError)?.description.contains("EPERM") == true }
+        } throws: { reason($0, as: LinuxBalloonMemoryError.self) == .mapFailed(failure) }
         #expect(f.compact == "1\n" && f.compactState == nil, "nothing held: compaction restored")
         #expect(f.oomScore == "0\n")
     }
@@ -188,7 +192,7 @@ import VirtioCore
         f.small.hidePFNs = true
         #expect {
             _ = try f.smallBackend().take(maxPages: 100, hugeOnly: false)
-        } throws: { ($0 as? BalloonMemoryError)?.description.contains("CAP_SYS_ADMIN") == true }
+        } throws: { reason($0, as: LinuxBalloonMemoryError.self) == .pfnsHidden }
         #expect(f.small.mapped.isEmpty, "unmapped again")
     }
 

@@ -78,7 +78,7 @@ import PlatformLinux
         #expect(symlink(tree.at("/elsewhere"), tree.at(Self.pool)) == 0)
         let outcome = try HugeTLBPoolSource.recoverAfterCrash(root: tree.root, control: kernel)
         guard case .setAside(_, _, let reason) = outcome else { Issue.record("expected setAside, got \(outcome)"); return }
-        #expect(reason.contains("symbolic link"))
+        #expect(reason == .fileIsSymlink(path: tree.at(Self.pool)), "\(reason)")
         #expect(kernel.setPoolSizeCalls.isEmpty && kernel.total == 3)
         #expect(tree.read("/elsewhere") == Self.poolState(before: 1, set: 3, previous: 3), "the link's target is untouched")
     }
@@ -89,7 +89,8 @@ import PlatformLinux
         #expect(chmod(tree.at(Self.pool), 0o666) == 0)
         let outcome = try HugeTLBPoolSource.recoverAfterCrash(root: tree.root, control: kernel)
         guard case .setAside(_, _, let reason) = outcome else { Issue.record("expected setAside, got \(outcome)"); return }
-        #expect(reason.contains("mode 0666"))
+        guard case .fileWritableByOthers(tree.at(Self.pool), let mode) = reason else { Issue.record("expected fileWritableByOthers, got \(reason)"); return }
+        #expect(mode & 0o7777 == 0o666)
         #expect(kernel.total == 3)
     }
 
@@ -99,7 +100,7 @@ import PlatformLinux
         #expect(mkfifo(tree.at(Self.pool), 0o600) == 0)
         let outcome = try HugeTLBPoolSource.recoverAfterCrash(root: tree.root, control: kernel)
         guard case .setAside(_, _, let reason) = outcome else { Issue.record("expected setAside, got \(outcome)"); return }
-        #expect(reason.contains("not a regular file"))
+        #expect(reason == .fileNotRegular(path: tree.at(Self.pool)), "\(reason)")
     }
 
     // MARK: the directory
@@ -183,7 +184,10 @@ import PlatformLinux
         guard case .setAside(_, _, let reason) = report.compactUnevictable else {
             Issue.record("expected setAside, got \(report.compactUnevictable)"); return
         }
-        #expect(reason.contains("/proc/sys/vm/compact_unevictable_allowed"), "names what the file may hold")
+        guard case .malformed(tree.at(Self.compact), .badValue(key: "sysctl", value: sysctl, let expected)) = reason else {
+            Issue.record("expected a malformed sysctl line, got \(reason)"); return
+        }
+        #expect(expected.contains("/proc/sys/vm/compact_unevictable_allowed"), "names what the file may hold")
         #expect(tree.read(target) == "5\n", "the named file is not written")
         #expect(tree.read(Self.compactSetting) == "1\n")
         #expect(tree.exists(Self.compact + ".bad"))
@@ -224,6 +228,22 @@ import PlatformLinux
         #expect(kernel.total == 1 && tree.read(Self.compactSetting) == "1\n" && tree.read(Self.overcommitSetting) == "0\n")
         let again = try recoverAfterCrash(root: tree.root, poolControl: kernel)
         #expect(!again.foundAnything)
+    }
+
+    @Test func aRecoveryThatFailsIsReportedWithItsErrno() throws {
+        let (tree, kernel) = Self.setup()
+        tree.remove(Self.compactSetting)
+        try Sys.makeDirectories(tree.at(Self.compactSetting))  // read(2) on it fails with EISDIR
+        tree.stateFile(Self.compact, "sysctl=\(Self.compactSetting)\noriginal=1\nset=0\nprevious=1\npid=999999\ncomm=balloond\n")
+        let report = try recoverAfterCrash(root: tree.root, poolControl: kernel)
+        let failure = try #require(report.failures.first)
+        guard report.failures.count == 1, failure.what == "compact_unevictable_allowed",
+              case .cannotRead(tree.at(Self.compactSetting), let call) = failure.error else {
+            Issue.record("expected one failed read of \(Self.compactSetting), got \(report.failures)"); return
+        }
+        #expect(call.errno == .isDirectory)
+        #expect(report.foundAnything && "\(report)".contains("failed: compact_unevictable_allowed: cannot read \(tree.at(Self.compactSetting)): "))
+        #expect(tree.exists(Self.compact), "kept for the next start")
     }
 
     @Test func recoverAfterCrashWithoutAStateDirectoryDoesNothing() throws {

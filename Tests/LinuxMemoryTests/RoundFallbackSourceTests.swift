@@ -25,13 +25,13 @@ final class ScriptedSource: FreePageSource {
 
     func beginRound(id: UInt32) throws(FreePageSourceError) {
         calls.append("begin \(id)")
-        if let r = refuseBegin { throw FreePageSourceError(r) }
+        if let r = refuseBegin { throw .failed(ScriptedRefusal(r)) }
     }
 
     func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
         calls.append("next")
         if let n = failNextBatchAfter {
-            if n == 0 { throw FreePageSourceError("\(name) broke") }
+            if n == 0 { throw .failed(ScriptedRefusal("\(name) broke")) }
             failNextBatchAfter = n - 1
         }
         return batches.isEmpty ? [] : batches.removeFirst()
@@ -65,7 +65,7 @@ final class ScriptedSource: FreePageSource {
         let s = RoundFallbackSource(primary: p, fallback: f)
         try s.beginRound(id: 3)
         #expect(s.activeName == "anonymous")
-        #expect(s.lastFallbackReason?.contains("reserved") == true)
+        #expect(s.lastFallbackReason?.reason(as: ScriptedRefusal.self) == ScriptedRefusal("another process has 1 hugetlb page(s) reserved"))
         #expect(try s.nextBatch(maxRanges: 8, maxRangeBytes: 4 << 20) == [b])
         s.endRound()
         // The next round tries the primary again.
@@ -100,8 +100,11 @@ final class ScriptedSource: FreePageSource {
         #expect {
             try s.beginRound(id: 1)
         } throws: { e in
-            let t = (e as? FreePageSourceError)?.description ?? ""
-            return t.contains("pool busy") && t.contains("no pagemap")
+            guard case .fallbackFailed(let primary, let refusal, let fallback, let failure)? = e as? FreePageSourceError else { return false }
+            let t = "\(e)"
+            return primary == "hugetlb" && refusal.reason(as: ScriptedRefusal.self) == ScriptedRefusal("pool busy")
+                && fallback == "anonymous" && failure.reason(as: ScriptedRefusal.self) == ScriptedRefusal("no pagemap")
+                && t.contains("pool busy") && t.contains("no pagemap")
         }
         #expect((try? s.nextBatch(maxRanges: 8, maxRangeBytes: 4 << 20)) == [])
     }
