@@ -62,7 +62,7 @@ public final class CompactionHold: MigrationHold {
     }
 
     public func acquire() throws(MigrationHoldError) {
-        do { try hold() } catch { throw MigrationHoldError(reason: error.description) }
+        do { try hold() } catch { throw .holder(error) }
     }
 
     public func release() {

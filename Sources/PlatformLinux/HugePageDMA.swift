@@ -128,33 +128,24 @@ public protocol MigrationHold: AnyObject {
 public enum MigrationHoldError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The holder's own error, kept with its errno (e.g. a `SystemCallError` writing the sysctl).
     case holder(any ErrorReason)
-    /// A reason given only as text (`init(reason:)`, for holders that do not pass their error yet).
-    case refused(reason: String)
-
-    public init(reason: String) { self = .refused(reason: reason) }
-
     /// The message.
     public var reason: String { description }
 
     public var description: String {
         switch self {
         case .holder(let e): return e.description
-        case .refused(let reason): return reason
         }
     }
 
     public static func == (a: MigrationHoldError, b: MigrationHoldError) -> Bool {
         switch (a, b) {
         case let (.holder(e1), .holder(e2)): return AnyHashable(e1) == AnyHashable(e2)
-        case let (.refused(r1), .refused(r2)): return r1 == r2
-        default: return false
         }
     }
 
     public func hash(into hasher: inout Hasher) {
         switch self {
         case let .holder(e): hasher.combine(0); hasher.combine(AnyHashable(e))
-        case let .refused(r): hasher.combine(1); hasher.combine(r)
         }
     }
 }
