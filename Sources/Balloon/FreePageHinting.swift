@@ -176,7 +176,7 @@ extension BalloonDriver {
                     logger.warning("hint ring stayed full for \(hintOptions.fullRingTimeout.whole(.milliseconds(1))) ms; ending round 0x\(String(id, radix: 16))")
                     break
                 }
-                try pollDuringRound(line: line, waitMilliseconds: 1)
+                try pollDuringRound(line: line, wait: .milliseconds(1))
                 continue
             }
             fullSince = nil
@@ -191,7 +191,7 @@ extension BalloonDriver {
             if hintOptions.controlNoHints {
                 hinting.roundBytes += batch.reduce(0) { $0 + $1.length }
                 source.hintsApplied(batch)
-                try pollDuringRound(line: line, waitMilliseconds: 0)
+                try pollDuringRound(line: line, wait: .zero)
                 continue
             }
             for range in batch {
@@ -208,7 +208,7 @@ extension BalloonDriver {
                 hinting.firstHintPosted = true
                 counters.lastRoundFirstHintMicros = (clock.now() - start).whole(.microseconds(1))
             }
-            try pollDuringRound(line: line, waitMilliseconds: 0)
+            try pollDuringRound(line: line, wait: .zero)
         }
         // Linux sends the STOP id after its loop whatever ended it; with a new id QEMU is in
         // REQUESTED and ignores it, with DONE it is ignored too.
@@ -217,11 +217,11 @@ extension BalloonDriver {
 
     /// Mid-round: take used hints, and service a pending interrupt (a config change may
     /// carry STOP, DONE or a new id; the stats queue may want a refill).
-    private func pollDuringRound(line: InterruptLine?, waitMilliseconds: Int) throws(BalloonError) {
+    private func pollDuringRound(line: InterruptLine?, wait: Duration) throws(BalloonError) {
         try processUsed()
         guard let line else { return }
         let fired: Bool
-        do { fired = try line.wait(timeoutMilliseconds: waitMilliseconds) } catch { throw .transport(error) }
+        do { fired = try line.wait(timeoutMilliseconds: Int(wait.roundedUp(to: .milliseconds(1)))) } catch { throw .transport(error) }
         if fired { try handleInterruptCauses(line: line) }
     }
 

@@ -278,6 +278,8 @@ struct RunCommand: ParsableCommand {
         let started = wallClockSeconds()
         var lastPublished: BalloonDriverStatus?
         var lastPublishTime = 0.0
+        // The state file is rewritten at least this often (on the wall clock its times use).
+        let statePublishInterval: Duration = .seconds(5)
         var textfile = metricsTextfile.map { MetricsTextfile(path: $0) }
         defer { textfile?.remove() }
         daemon.onIteration = { snapshot, restarts, force in
@@ -289,7 +291,7 @@ struct RunCommand: ParsableCommand {
             do { try textfile?.update(state, now: now, force: force, version: Balloond.configuration.version) } catch {
                 if !wasFailing { logger.warning("\(error)") }
             }
-            guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
+            guard force || snapshot != lastPublished || now - lastPublishTime >= statePublishInterval / .seconds(1) else { return }
             do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
             lastPublished = snapshot
             lastPublishTime = now
