@@ -16,18 +16,18 @@ public struct BalloonDriverOptions: Sendable {
     /// Largest queue size to program (4 KiB-page DMA can hold at most 256 entries per part).
     public var maxQueueSize: UInt16
     /// How long a reset may take.
-    public var resetTimeoutMilliseconds: Int
+    public var resetTimeout: Duration
     /// Inflate/deflate, memory pressure and free page reporting policies.
     public var sizing = BalloonSizingOptions()
     public var pressure = PressurePolicy()
     public var reporting = ReportingPolicy()
 
     public init(wantedFeatures: FeatureBits = balloonImplementedFeatures,
-                poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeoutMilliseconds: Int = 1000) {
+                poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeout: Duration = .seconds(1)) {
         self.wantedFeatures = wantedFeatures
         self.poisonPolicy = poisonPolicy
         self.maxQueueSize = maxQueueSize
-        self.resetTimeoutMilliseconds = resetTimeoutMilliseconds
+        self.resetTimeout = resetTimeout
     }
 }
 
@@ -147,8 +147,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     public let balloonMemory: BalloonMemory?
     /// MemAvailable/MemFree, for the pressure and reporting policies.
     public let memoryStatus: GuestMemoryStatus?
-    /// Monotonic nanoseconds (tests inject a fake clock).
-    public var clock: () -> UInt64 = monotonicNanos
+    /// Monotonic time (the daemon injects its clock, tests a fake one).
+    public var clock: MonotonicClock = .system
     /// Whether a stop is pending (the event loop wires its signal pipe here). Long work
     /// inside one driver call (a hint round streaming hints, waiting on a full ring) checks
     /// it and ends early, so SIGTERM is honoured promptly.
@@ -222,7 +222,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
             // reach memory: after a SIGKILL the device still holds the dead process's ring
             // addresses, and Bus Master on before the reset would let it act on them.
             try transport.disableDMA()
-            try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds)
+            try transport.reset(timeoutMilliseconds: resetTimeoutMilliseconds)
             try transport.enableDMA()
         } catch { throw .transport(error) }
         // Only after the reset: the device can no longer apply a queued hint, so owned
@@ -332,7 +332,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
             }
             if pages != targetPages {
                 logger.info("balloon target changed", metadata: ["num_pages": "\(pages)", "previous": "\(targetPages)"])
-                sizing.targetChangedNanos = clock()
+                sizing.targetChangedAt = clock.now()
             }
             targetPages = pages
             if let cmd {
@@ -405,6 +405,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         }
     }
 
+    /// The transport's reset timeout: `options.resetTimeout` in whole milliseconds, rounded up.
+    private var resetTimeoutMilliseconds: Int { Int(options.resetTimeout.roundedUp(to: .milliseconds(1))) }
+
     /// Resets the device and forgets every buffer (at shutdown, or before a re-init).
     ///
     /// Memory goes back to the guest only once the device cannot reach it any more: after a
@@ -414,7 +417,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// not hand the memory back either.
     public func shutdown() {
         isRunning = false
-        do { try transport.reset(timeoutMilliseconds: options.resetTimeoutMilliseconds) } catch {
+        do { try transport.reset(timeoutMilliseconds: resetTimeoutMilliseconds) } catch {
             logger.warning("device reset at shutdown failed; clearing Bus Master so the device cannot reach memory", metadata: ["error": "\(error)"])
             do { try transport.disableDMA() } catch let dmaError {
                 memoryKeptAfterShutdown = true

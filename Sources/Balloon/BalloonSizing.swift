@@ -14,8 +14,8 @@ public struct BalloonSizingOptions: Sendable {
     /// Pages taken from the guest per step (keeps the event loop responsive).
     public var takeStepPages = 4096
     /// First and longest wait before retrying a target that could not be reached.
-    public var retryInitialMilliseconds = 1000
-    public var retryMaxMilliseconds = 30_000
+    public var retryInitial: Duration = .seconds(1)
+    public var retryMax: Duration = .seconds(30)
 
     public init() {}
 }
@@ -39,14 +39,14 @@ struct SizingState {
     var bufferUse: [PFNBufferUse?] = []
     var inflatingPages = 0
     var deflatingPages = 0
-    /// Not before this time (monotonic ns) try to inflate again after a shortfall.
-    var retryAtNanos: UInt64?
-    var retryMilliseconds = 0
+    /// Not before this time (on the driver's clock) try to inflate again after a shortfall.
+    var retryAt: Duration?
+    var retryDelay: Duration = .zero
     var shortfallLogged = false
     /// Why the last inflate step fell short.
     var lastShortfall: String?
-    /// When `num_pages` last changed (monotonic ns), until the balloon got there.
-    var targetChangedNanos: UInt64?
+    /// When `num_pages` last changed (on the driver's clock), until the balloon got there.
+    var targetChangedAt: Duration?
 }
 
 extension BalloonDriver {
@@ -66,7 +66,7 @@ extension BalloonDriver {
     /// holds it smaller (deflate on OOM).
     var effectiveTargetPages: Int {
         var t = Int(targetPages)
-        if let cap = pressure.ceilingPages, let until = pressure.holdUntilNanos, clock() < until { t = min(t, cap) }
+        if let cap = pressure.ceilingPages, let until = pressure.holdUntil, clock.now() < until { t = min(t, cap) }
         return t
     }
 
@@ -79,8 +79,8 @@ extension BalloonDriver {
         let target = effectiveTargetPages
         if committedPages < target {
             if sizing.deflatingPages > 0 { return }  // let the deflate finish first
-            if let at = sizing.retryAtNanos, clock() < at { return }
-            sizing.retryAtNanos = nil
+            if let at = sizing.retryAt, clock.now() < at { return }
+            sizing.retryAt = nil
             guard pfnsPerBuffer > 0 else {
                 noteShortfall("the DMA allocator hands out at most \(allocator.largestAllocation) bytes at once, less than the \(balloonPagesPerHugeBlock * 4) bytes one 2 MiB block's PFNs need in one buffer", target: target)
                 return
@@ -101,8 +101,8 @@ extension BalloonDriver {
                 while got < want {
                     let step = min(want - got, options.sizing.takeStepPages)
                     let take: BalloonTake
-                    let t0 = clock()
-                    defer { counters.takeMicroseconds += (clock() - t0) / 1000 }
+                    let t0 = clock.now()
+                    defer { counters.takeMicroseconds += UInt64(clamping: (clock.now() - t0).whole(.microseconds(1))) }
                     do { take = try memory.take(maxPages: step, hugeOnly: false) } catch {
                         shortBy = "\(memory.name): \(error)"
                         break
@@ -164,12 +164,12 @@ extension BalloonDriver {
                 try postPFNs(chosen, slot: slot, inflate: false)
             }
         } else {
-            if let t = sizing.targetChangedNanos, sizing.inflatingPages == 0, sizing.deflatingPages == 0 {
-                sizing.targetChangedNanos = nil
-                counters.lastTargetMilliseconds = Int64((clock() - t) / 1_000_000)
+            if let t = sizing.targetChangedAt, sizing.inflatingPages == 0, sizing.deflatingPages == 0 {
+                sizing.targetChangedAt = nil
+                counters.lastTargetMilliseconds = (clock.now() - t).whole(.milliseconds(1))
                 logger.info("balloon at its target", metadata: ["actual": "\(sizing.inflatedPages)", "ms": "\(counters.lastTargetMilliseconds ?? 0)"])
             }
-            sizing.retryMilliseconds = 0
+            sizing.retryDelay = .zero
             if committedPages == Int(targetPages) {
                 pressure.ceilingPages = nil
                 pressure.reinflateLimited = false
@@ -202,12 +202,12 @@ extension BalloonDriver {
         counters.inflateShortfalls += 1
         sizing.lastShortfall = why
         let s = options.sizing
-        sizing.retryMilliseconds = sizing.retryMilliseconds == 0 ? s.retryInitialMilliseconds : min(sizing.retryMilliseconds * 2, s.retryMaxMilliseconds)
-        sizing.retryAtNanos = clock() + UInt64(sizing.retryMilliseconds) * 1_000_000
+        sizing.retryDelay = sizing.retryDelay == .zero ? s.retryInitial : min(sizing.retryDelay * 2, s.retryMax)
+        sizing.retryAt = clock.now() + sizing.retryDelay
         if !sizing.shortfallLogged {
             logger.warning("cannot reach the balloon target now; retrying with backoff", metadata: [
                 "num_pages": "\(targetPages)", "committed": "\(committedPages)", "aim": "\(target)", "reason": "\(why)",
-                "retry_ms": "\(sizing.retryMilliseconds)",
+                "retry_ms": "\(sizing.retryDelay.whole(.milliseconds(1)))",
             ])
             sizing.shortfallLogged = true
         }
@@ -330,8 +330,8 @@ extension BalloonDriver {
     }
 
     /// When `adjustBalloonSize` wants to be called again (a retry after a shortfall).
-    var sizingDeadlineNanos: UInt64? {
+    var sizingDeadline: Duration? {
         guard committedPages < effectiveTargetPages else { return nil }
-        return sizing.retryAtNanos
+        return sizing.retryAt
     }
 }

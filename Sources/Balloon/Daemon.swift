@@ -4,14 +4,14 @@ import VirtioCore
 /// Timing of the daemon's own decisions (the driver's are in `BalloonDriverOptions`).
 public struct DaemonOptions: Sendable, Equatable {
     /// First wait before re-initialising a device that failed; doubled on each failure
-    /// that follows within `stableNanos` of the last bring-up, up to `maxBackoffNanos`.
-    public var initialBackoffNanos: UInt64 = 1_000_000_000
-    public var maxBackoffNanos: UInt64 = 60_000_000_000
+    /// that follows within `stable` of the last bring-up, up to `maxBackoff`.
+    public var initialBackoff: Duration = .seconds(1)
+    public var maxBackoff: Duration = .seconds(60)
     /// How long the device must run without error before the backoff starts over.
-    public var stableNanos: UInt64 = 120_000_000_000
+    public var stable: Duration = .seconds(120)
     /// A deadline that is still in the past after the driver handled it is a driver bug; the
     /// loop then waits at least this long instead of spinning, and says so once.
-    public var pastDeadlineFloorNanos: UInt64 = 1_000_000_000
+    public var pastDeadlineFloor: Duration = .seconds(1)
     public init() {}
 }
 
@@ -37,7 +37,7 @@ public final class Daemon<Transport: VirtioTransport> {
     public let driver: BalloonDriver<Transport>
     public let line: InterruptLine?
     public let poller: EventPoller
-    public let clock: () -> UInt64
+    public let clock: MonotonicClock
     public let options: DaemonOptions
     public var logger: Logger
     /// Called after every iteration with the driver's state, the restart count and whether
@@ -60,22 +60,22 @@ public final class Daemon<Transport: VirtioTransport> {
     /// Device re-initialisations after an error.
     public private(set) var restarts = 0
     /// The current wait before the next re-initialisation attempt.
-    public private(set) var backoffNanos: UInt64
+    public private(set) var backoff: Duration
     /// Times a deadline was still in the past after the driver handled it (a driver bug the
     /// loop floors instead of spinning on; tests assert it stays 0).
     public private(set) var pastDeadlines = 0
     /// Whether the device is to be (re)initialised.
     public private(set) var needsBringUp = true
 
-    private var retryAtNanos: UInt64?
-    private var runningSinceNanos: UInt64?
+    private var retryAt: Duration?
+    private var runningSince: Duration?
     private var loggedPastDeadline = false
     private var pendingIterations = 0
     /// What the last published snapshot was built from (cheap to compare: no register reads).
     private var lastPublishedKey: PublishKey?
-    private var lastPublishedNanos: UInt64 = 0
+    private var lastPublished: Duration = .zero
     /// How often the state is published when nothing in it changed.
-    public var republishNanos: UInt64 = 5_000_000_000
+    public var republishInterval: Duration = .seconds(5)
 
     private struct PublishKey: Equatable {
         let counters: BalloonCounters
@@ -85,15 +85,15 @@ public final class Daemon<Transport: VirtioTransport> {
     }
 
     /// Publishes the driver's state when its counters, target, size or hint command changed,
-    /// or every `republishNanos`. A status snapshot reads device registers (each an exit to
+    /// or every `republishInterval`. A status snapshot reads device registers (each an exit to
     /// the hypervisor), so a wakeup that changed nothing does not build one.
     private func publishIfChanged() {
         guard let onIteration else { return }
         let key = PublishKey(counters: driver.counters, target: driver.targetPages, actual: driver.actualPages, command: driver.hintCommand)
-        let now = clock()
-        guard key != lastPublishedKey || now &- lastPublishedNanos >= republishNanos else { return }
+        let now = clock.now()
+        guard key != lastPublishedKey || now - lastPublished >= republishInterval else { return }
         lastPublishedKey = key
-        lastPublishedNanos = now
+        lastPublished = now
         onIteration(driver.statusSnapshot(), restarts, false)
     }
 
@@ -102,9 +102,9 @@ public final class Daemon<Transport: VirtioTransport> {
         if driver.hintCommandPending { try driver.serviceHintCommand(line: line) }
     }
 
-    /// - Parameter clock: monotonic nanoseconds; also becomes the driver's clock, so every
-    ///   timed decision runs on one clock.
-    public init(driver: BalloonDriver<Transport>, line: InterruptLine?, poller: EventPoller, clock: @escaping () -> UInt64,
+    /// - Parameter clock: also becomes the driver's clock, so every timed decision runs on
+    ///   one clock.
+    public init(driver: BalloonDriver<Transport>, line: InterruptLine?, poller: EventPoller, clock: MonotonicClock,
                 options: DaemonOptions = DaemonOptions(), logger: Logger = Logger(label: "balloond")) {
         self.driver = driver
         self.line = line
@@ -112,7 +112,7 @@ public final class Daemon<Transport: VirtioTransport> {
         self.clock = clock
         self.options = options
         self.logger = logger
-        self.backoffNanos = options.initialBackoffNanos
+        self.backoff = options.initialBackoff
         driver.clock = clock
         let p = poller
         driver.shouldStop = { p.stopSignal != 0 }
@@ -130,8 +130,8 @@ public final class Daemon<Transport: VirtioTransport> {
         while true {
             let signal = poller.stopSignal
             if signal != 0 { return .stopSignal(signal) }
-            let now = clock()
-            if needsBringUp, retryAtNanos.map({ now >= $0 }) ?? true {
+            let now = clock.now()
+            if needsBringUp, retryAt.map({ now >= $0 }) ?? true {
                 setUrgent(false)
                 bringUp(now: now)
             }
@@ -139,7 +139,7 @@ public final class Daemon<Transport: VirtioTransport> {
             let timeout = waitTimeout(now: now)
             setUrgent(true)
             let ready: Readiness
-            do { ready = try poller.wait(timeoutNanos: timeout) } catch {
+            do { ready = try poller.wait(timeoutNanos: timeout.map(pollTimeoutNanos)) } catch {
                 logger.critical("\(error)")
                 return .waitFailed(error)
             }
@@ -162,40 +162,40 @@ public final class Daemon<Transport: VirtioTransport> {
                 try serviceHintCommandIfPending()
                 publishIfChanged()
             } catch {
-                deviceFailed(error, now: clock())
+                deviceFailed(error, now: clock.now())
             }
         }
     }
 
     /// How long to wait: until the re-initialisation retry or the driver's next deadline;
     /// without either, until an event (an idle daemon does not wake).
-    private func waitTimeout(now: UInt64) -> UInt64? {
+    private func waitTimeout(now: Duration) -> Duration? {
         // Hint commands left over from a call that hit its bound are handled next, without
         // waiting; a driver that stays pending without progress is floored like a deadline.
         if !needsBringUp, driver.hintCommandPending {
             pendingIterations += 1
-            if pendingIterations <= 64 { return 0 }
+            if pendingIterations <= 64 { return .zero }
         } else {
             pendingIterations = 0
         }
-        let deadline = needsBringUp ? retryAtNanos : driver.nextDeadlineNanos
+        let deadline = needsBringUp ? retryAt : driver.nextDeadline
         guard let deadline else { return nil }
         if deadline > now {
             loggedPastDeadline = false
             return deadline - now
         }
-        if needsBringUp { return 0 }
+        if needsBringUp { return .zero }
         // The driver has just been ticked (or brought up) and still asks to be called in the
         // past: waiting zero would spin. Floor it and say so once.
         pastDeadlines += 1
         if !loggedPastDeadline {
-            logger.error("internal: the driver's next deadline is \((now - deadline) / 1_000_000) ms in the past after it was handled; waiting \(options.pastDeadlineFloorNanos / 1_000_000) ms instead of spinning")
+            logger.error("internal: the driver's next deadline is \((now - deadline).whole(.milliseconds(1))) ms in the past after it was handled; waiting \(options.pastDeadlineFloor.whole(.milliseconds(1))) ms instead of spinning")
             loggedPastDeadline = true
         }
-        return options.pastDeadlineFloorNanos
+        return options.pastDeadlineFloor
     }
 
-    private func bringUp(now: UInt64) {
+    private func bringUp(now: Duration) {
         do {
             try beforeBringUp?()
             try driver.bringUp()
@@ -205,33 +205,39 @@ public final class Daemon<Transport: VirtioTransport> {
             // A cmd id read at bring-up is acted on now, as Linux does at probe.
             try serviceHintCommandIfPending()
             needsBringUp = false
-            retryAtNanos = nil
-            runningSinceNanos = now
+            retryAt = nil
+            runningSince = now
             onIteration?(driver.statusSnapshot(), restarts, true)
         } catch {
-            logger.error("device bring-up failed: \(error); retrying in \(secondsText(backoffNanos))")
+            logger.error("device bring-up failed: \(error); retrying in \(secondsText(backoff))")
             scheduleRetry(now: now)
         }
     }
 
-    private func deviceFailed(_ error: Error, now: UInt64) {
+    private func deviceFailed(_ error: Error, now: Duration) {
         // A device that ran long enough starts the backoff over; one that fails again soon
         // after a re-initialisation keeps backing off.
-        if let since = runningSinceNanos, now - since >= options.stableNanos { backoffNanos = options.initialBackoffNanos }
-        logger.error("device error: \(error); resetting and re-initialising the device in \(secondsText(backoffNanos))")
+        if let since = runningSince, now - since >= options.stable { backoff = options.initialBackoff }
+        logger.error("device error: \(error); resetting and re-initialising the device in \(secondsText(backoff))")
         needsBringUp = true
-        runningSinceNanos = nil
+        runningSince = nil
         scheduleRetry(now: now)
     }
 
-    private func scheduleRetry(now: UInt64) {
+    private func scheduleRetry(now: Duration) {
         restarts += 1
-        retryAtNanos = now + backoffNanos
-        backoffNanos = min(backoffNanos * 2, options.maxBackoffNanos)
+        retryAt = now + backoff
+        backoff = min(backoff * 2, options.maxBackoff)
         onIteration?(driver.statusSnapshot(), restarts, true)
     }
 }
 
-private func secondsText(_ nanos: UInt64) -> String {
-    nanos % 1_000_000_000 == 0 ? "\(nanos / 1_000_000_000) s" : "\(nanos / 1_000_000) ms"
+private func secondsText(_ d: Duration) -> String {
+    d.attoseconds % Duration.seconds(1).attoseconds == 0 ? "\(d.whole(.seconds(1))) s" : "\(d.whole(.milliseconds(1))) ms"
+}
+
+/// The poller's timeout for a wait of `d`: whole nanoseconds, rounded up (the poller rounds
+/// up again to its own unit, so a wait that is not yet over never becomes a zero timeout).
+func pollTimeoutNanos(_ d: Duration) -> UInt64 {
+    UInt64(d.roundedUp(to: .nanoseconds(1)))
 }

@@ -13,8 +13,8 @@ struct HintRoundState {
     var idBufferInFlight: [Bool] = []
     /// Hint ranges posted in the active round and not yet used.
     var outstandingHints = 0
-    /// When the active round's cmd id was read (monotonic ns).
-    var roundStartNanos: UInt64 = 0
+    /// When the active round's cmd id was read (on the driver's clock).
+    var roundStart: Duration = .zero
     var firstHintPosted = false
     var roundBytes: UInt64 = 0
 }
@@ -28,7 +28,7 @@ public struct HintOptions: Sendable {
     public var maxRangeBytes: UInt64 = 4 << 20
     /// How long a round may wait for the device to return descriptors when the ring is full
     /// before it sends STOP and ends the round (the device keeps its hints; nothing hangs).
-    public var fullRingTimeoutMilliseconds = 2000
+    public var fullRingTimeout: Duration = .seconds(2)
     /// A control experiment (`balloond run --hint-control`): take memory from the source
     /// exactly as a real round would (same churn in the guest) but post no hint; each batch
     /// is handed back as if applied. A migration that still goes wrong with this on was not
@@ -39,16 +39,6 @@ public struct HintOptions: Sendable {
     public var maxCommandChangesPerCall = 4
     public init() {}
 }
-
-/// Monotonic nanoseconds since the first call (the driver's default clock; `balloond run`
-/// injects the platform's CLOCK_MONOTONIC through the daemon, tests a virtual clock).
-public func monotonicNanos() -> UInt64 {
-    let epoch = processClockEpoch  // initialised (lazily) before `now` is read
-    let d = ContinuousClock.now - epoch
-    return UInt64(max(0, d.components.seconds)) * 1_000_000_000 + UInt64(max(0, d.components.attoseconds / 1_000_000_000))
-}
-
-private let processClockEpoch = ContinuousClock.now
 
 extension BalloonDriver {
     /// Reacts to the cached cmd id (Linux `report_free_page_func`): DONE releases
@@ -152,14 +142,14 @@ extension BalloonDriver {
     /// always kept free for the STOP buffer.
     private func runRound(id: UInt32, source: FreePageSource, line: InterruptLine?) throws(BalloonError) {
         guard let q = queues[.freePageHint] else { return }
-        let startNanos = clock()
+        let start = clock.now()
         try processUsed()
         hinting.activeRound = id
         hinting.stopSent = false
         hinting.outstandingHints = 0
         hinting.firstHintPosted = false
         hinting.roundBytes = 0
-        hinting.roundStartNanos = startNanos
+        hinting.roundStart = start
         counters.hintRounds += 1
         try postID(id, queue: q)
         do {
@@ -169,7 +159,7 @@ extension BalloonDriver {
             try finishRound(sendStop: true)
             return
         }
-        var fullSince: UInt64?
+        var fullSince: Duration?
         while hintCommand == .round(id) && isRunning {
             if shouldStop() {
                 logger.info("stop requested: ending free page hint round 0x\(String(id, radix: 16))")
@@ -179,14 +169,14 @@ extension BalloonDriver {
             if room <= 0 {
                 // The device has not returned enough descriptors yet; QEMU's iothread polls
                 // the queue during START, so wait briefly, watching for STOP/DONE meanwhile.
-                let now = clock()
+                let now = clock.now()
                 if fullSince == nil { fullSince = now }
-                if now - fullSince! > UInt64(hintOptions.fullRingTimeoutMilliseconds) * 1_000_000 {
+                if now - fullSince! > hintOptions.fullRingTimeout {
                     counters.hintRoundsTimedOut += 1
-                    logger.warning("hint ring stayed full for \(hintOptions.fullRingTimeoutMilliseconds) ms; ending round 0x\(String(id, radix: 16))")
+                    logger.warning("hint ring stayed full for \(hintOptions.fullRingTimeout.whole(.milliseconds(1))) ms; ending round 0x\(String(id, radix: 16))")
                     break
                 }
-                try pollDuringRound(line: line, waitMilliseconds: 1)
+                try pollDuringRound(line: line, wait: .milliseconds(1))
                 continue
             }
             fullSince = nil
@@ -201,7 +191,7 @@ extension BalloonDriver {
             if hintOptions.controlNoHints {
                 hinting.roundBytes += batch.reduce(0) { $0 + $1.length }
                 source.hintsApplied(batch)
-                try pollDuringRound(line: line, waitMilliseconds: 0)
+                try pollDuringRound(line: line, wait: .zero)
                 continue
             }
             for range in batch {
@@ -216,9 +206,9 @@ extension BalloonDriver {
             try kick(.freePageHint)
             if !hinting.firstHintPosted {
                 hinting.firstHintPosted = true
-                counters.lastRoundFirstHintMicros = Int64((clock() - startNanos) / 1000)
+                counters.lastRoundFirstHintMicros = (clock.now() - start).whole(.microseconds(1))
             }
-            try pollDuringRound(line: line, waitMilliseconds: 0)
+            try pollDuringRound(line: line, wait: .zero)
         }
         // Linux sends the STOP id after its loop whatever ended it; with a new id QEMU is in
         // REQUESTED and ignores it, with DONE it is ignored too.
@@ -227,11 +217,11 @@ extension BalloonDriver {
 
     /// Mid-round: take used hints, and service a pending interrupt (a config change may
     /// carry STOP, DONE or a new id; the stats queue may want a refill).
-    private func pollDuringRound(line: InterruptLine?, waitMilliseconds: Int) throws(BalloonError) {
+    private func pollDuringRound(line: InterruptLine?, wait: Duration) throws(BalloonError) {
         try processUsed()
         guard let line else { return }
         let fired: Bool
-        do { fired = try line.wait(timeoutMilliseconds: waitMilliseconds) } catch { throw .transport(error) }
+        do { fired = try line.wait(timeoutMilliseconds: Int(wait.roundedUp(to: .milliseconds(1)))) } catch { throw .transport(error) }
         if fired { try handleInterruptCauses(line: line) }
     }
 
@@ -247,7 +237,7 @@ extension BalloonDriver {
         hinting.stopSent = true
         hintSource?.endRound()
         guard firstFinish else { return }
-        counters.lastRoundStopMicros = Int64((clock() - hinting.roundStartNanos) / 1000)
+        counters.lastRoundStopMicros = (clock.now() - hinting.roundStart).whole(.microseconds(1))
         counters.lastRoundBytes = hinting.roundBytes
         logger.info("free page hint round ended", metadata: [
             "round": "0x\(String(round, radix: 16))", "hinted_mib": "\(hinting.roundBytes >> 20)",

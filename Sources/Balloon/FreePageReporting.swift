@@ -7,7 +7,7 @@ import VirtioQueue
 /// blocks while MemFree stays above `keepFreeBytes`, reports them (QEMU discards them on the
 /// host), and holds them, so they cannot be reused while reported. When MemFree falls below
 /// `releaseBelowFreeBytes` (or PSI fires) it gives back `releaseStepBytes` and waits
-/// `cooldownNanos` before reporting again. Held blocks are also the first source for
+/// `cooldown` before reporting again. Held blocks are also the first source for
 /// inflating: they are already discarded on the host. QEMU ignores reports when
 /// `poison_val` is non-zero, so then nothing is reported.
 public struct ReportingPolicy: Sendable, Equatable {
@@ -16,10 +16,10 @@ public struct ReportingPolicy: Sendable, Equatable {
     public var releaseStepBytes: UInt64 = 64 << 20
     public var maxHeldBytes: UInt64?
     /// Time between passes; each pass that reports nothing doubles it, up to
-    /// `restingIntervalNanos` (an idle guest is not woken every couple of seconds).
-    public var intervalNanos: UInt64 = 2_000_000_000
-    public var restingIntervalNanos: UInt64 = 30_000_000_000
-    public var cooldownNanos: UInt64 = 10_000_000_000
+    /// `restingInterval` (an idle guest is not woken every couple of seconds).
+    public var interval: Duration = .seconds(2)
+    public var restingInterval: Duration = .seconds(30)
+    public var cooldown: Duration = .seconds(10)
     public init() {}
 }
 
@@ -28,9 +28,9 @@ struct ReportingState {
     var held: [BalloonBlock] = []
     /// The one report buffer in flight.
     var inFlight: [BalloonBlock]?
-    var nextPassNanos: UInt64 = 0
+    var nextPass: Duration = .zero
     /// The current wait between passes (grows while passes find nothing to report).
-    var passIntervalNanos: UInt64 = 0
+    var passInterval: Duration = .zero
     var disabledReason: String?
     var loggedDisabled = false
 
@@ -58,8 +58,8 @@ extension BalloonDriver {
         }
         guard !blocks.isEmpty else { return }
         balloonMemory?.release(blocks)
-        reporting.nextPassNanos = clock() + options.reporting.cooldownNanos
-        reporting.passIntervalNanos = 0
+        reporting.nextPass = clock.now() + options.reporting.cooldown
+        reporting.passInterval = .zero
         logger.info("free page reporting: gave back \(freed >> 20) MiB", metadata: ["why": "\(why)", "still_held_mib": "\(UInt64(reporting.heldPages) >> 8)"])
     }
 
@@ -87,12 +87,12 @@ extension BalloonDriver {
             }
             return
         }
-        let now = clock()
-        guard reporting.inFlight == nil, now >= reporting.nextPassNanos else { return }
+        let now = clock.now()
+        guard reporting.inFlight == nil, now >= reporting.nextPass else { return }
         // Until this pass reports something, the next one waits twice as long as the last.
         let r = options.reporting
-        reporting.passIntervalNanos = reporting.passIntervalNanos == 0 ? r.intervalNanos : min(reporting.passIntervalNanos * 2, max(r.restingIntervalNanos, r.intervalNanos))
-        reporting.nextPassNanos = now + reporting.passIntervalNanos
+        reporting.passInterval = reporting.passInterval == .zero ? r.interval : min(reporting.passInterval * 2, max(r.restingInterval, r.interval))
+        reporting.nextPass = now + reporting.passInterval
         // Not while the balloon is still moving towards its target: the target comes first.
         guard committedPages == effectiveTargetPages, sizing.inflatingPages == 0, sizing.deflatingPages == 0 else { return }
         guard let m = memoryStatus?.read(), m.free > options.reporting.keepFreeBytes else { return }
@@ -118,11 +118,11 @@ extension BalloonDriver {
         }
         reporting.inFlight = ok
         counters.reportsSent += 1
-        reporting.passIntervalNanos = 0
+        reporting.passInterval = .zero
         try kick(.reporting)
         // More to report: the next pass follows the device's acknowledgement (an interrupt)
         // rather than a whole interval; no timer runs while the report is in flight.
-        if ok.count == blocksWanted { reporting.nextPassNanos = now }
+        if ok.count == blocksWanted { reporting.nextPass = now }
     }
 
     /// The device used the report buffer: the blocks are discarded on the host; keep holding.

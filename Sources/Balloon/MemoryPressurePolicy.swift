@@ -50,11 +50,11 @@ public func parseMeminfoAvailableFree(_ text: ArraySlice<UInt8>) -> (available: 
 ///
 /// Linux deflates 1 MiB per OOM-killer invocation, which is after the guest has already
 /// failed. balloond acts earlier: a PSI trigger on /proc/pressure/memory (tasks stalled on
-/// memory for `psiStallMicroseconds` within `psiWindowMicroseconds`) or MemAvailable below
+/// memory for `psiStall` within `psiWindow`) or MemAvailable below
 /// `deflateBelowAvailableBytes` gives back memory: first blocks held for free page
 /// reporting (always), then, when DEFLATE_ON_OOM is negotiated, balloon pages: at least
 /// `deflateStepBytes`, plus whatever MemAvailable is short of the watermark. The balloon then
-/// stays at most that small for `holdNanos`, and afterwards re-inflates only while
+/// stays at most that small for `hold`, and afterwards re-inflates only while
 /// MemAvailable stays above `reinflateAboveAvailableBytes` (hysteresis: no inflate/deflate
 /// ping-pong). Without DEFLATE_ON_OOM the host's target is binding and only reporting backs
 /// off.
@@ -62,42 +62,42 @@ public struct PressurePolicy: Sendable, Equatable {
     public var deflateBelowAvailableBytes: UInt64 = 96 << 20
     public var deflateStepBytes: UInt64 = 64 << 20
     /// How long the balloon stays deflated after a pressure event.
-    public var holdNanos: UInt64 = 60_000_000_000
+    public var hold: Duration = .seconds(60)
     public var reinflateAboveAvailableBytes: UInt64 = 192 << 20
-    public var psiStallMicroseconds = 100_000
-    public var psiWindowMicroseconds = 1_000_000
+    public var psiStall: Duration = .milliseconds(100)
+    public var psiWindow: Duration = .seconds(1)
     /// How often MemAvailable is checked while balloond holds memory and it is moving (or
     /// PSI fired), or while balloond holds more than the guest has left above the deflate
     /// watermark. Otherwise each check that finds it moved less than `movementBytes` doubles
-    /// the interval, up to `restingCheckIntervalNanos`: a guest at rest with headroom costs a
+    /// the interval, up to `restingCheckInterval`: a guest at rest with headroom costs a
     /// few wakeups a minute, one whose memory is draining or short is watched closely (and
     /// PSI wakes at once).
-    public var checkIntervalNanos: UInt64 = 250_000_000
+    public var checkInterval: Duration = .milliseconds(250)
     /// The interval while memory is still but balloond holds more than the guest's headroom:
     /// the first check after a sudden allocation comes at most this late; from then on the
-    /// memory moves and checks run every `checkIntervalNanos`.
-    public var exposedCheckIntervalNanos: UInt64 = 500_000_000
-    public var restingCheckIntervalNanos: UInt64 = 15_000_000_000
+    /// memory moves and checks run every `checkInterval`.
+    public var exposedCheckInterval: Duration = .milliseconds(500)
+    public var restingCheckInterval: Duration = .seconds(15)
     /// Whether an early-warning PSI trigger (any stall at all) wakes the daemon: then a
     /// balloon larger than the guest's headroom is not polled every
-    /// `exposedCheckIntervalNanos` but left to that trigger, backing off as at rest.
+    /// `exposedCheckInterval` but left to that trigger, backing off as at rest.
     public var earlyWarningArmed = false
     public var movementBytes: UInt64 = 16 << 20
     public init() {}
 }
 
 struct PressureState {
-    /// While `holdUntilNanos` has not passed, the balloon stays at most `ceilingPages` big.
+    /// While `holdUntil` has not passed, the balloon stays at most `ceilingPages` big.
     var ceilingPages: Int?
-    var holdUntilNanos: UInt64?
+    var holdUntil: Duration?
     /// After a hold expired: re-inflate only while MemAvailable stays above the watermark,
     /// until the balloon is back at the host's target.
     var reinflateLimited = false
     /// The next MemAvailable check, its interval, and what the last one read.
-    var nextCheckNanos: UInt64 = 0
-    var checkIntervalNanos: UInt64 = 0
+    var nextCheck: Duration = .zero
+    var checkInterval: Duration = .zero
     var lastReading: (available: UInt64, free: UInt64)?
-    var lastReadingNanos: UInt64 = 0
+    var lastReadingAt: Duration = .zero
 }
 
 
@@ -113,10 +113,10 @@ extension BalloonDriver {
         // Memory taken just now (inflate, report) is watched from now on, closely at first.
         // The work above can take longer than an interval (releasing memory under pressure):
         // a check that fell due meanwhile runs one interval from now, not in the past.
-        let after = clock()
-        if holdsMemory, pressure.nextCheckNanos <= after {
-            pressure.checkIntervalNanos = options.pressure.checkIntervalNanos
-            pressure.nextCheckNanos = after + pressure.checkIntervalNanos
+        let after = clock.now()
+        if holdsMemory, pressure.nextCheck <= after {
+            pressure.checkInterval = options.pressure.checkInterval
+            pressure.nextCheck = after + pressure.checkInterval
         }
     }
 
@@ -126,15 +126,15 @@ extension BalloonDriver {
     /// gives memory back. Does no bulk work (no inflating, no reporting pass).
     public func tickPressure(psiFired: Bool = false, earlyWarning: Bool = false) throws(BalloonError) {
         guard isRunning else { return }
-        let now = clock()
-        if let until = pressure.holdUntilNanos, now >= until {
+        let now = clock.now()
+        if let until = pressure.holdUntil, now >= until {
             // The hold is over: from now on the balloon may grow again, watermarked.
-            pressure.holdUntilNanos = nil
+            pressure.holdUntil = nil
             pressure.ceilingPages = nil
             pressure.reinflateLimited = true
             logger.info("memory pressure hold ended; re-inflating while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB")
         }
-        if psiFired || (holdsMemory && (earlyWarning || now >= pressure.nextCheckNanos)) {
+        if psiFired || (holdsMemory && (earlyWarning || now >= pressure.nextCheck)) {
             try checkPressure(psiFired: psiFired, earlyWarning: earlyWarning, now: now)
         }
     }
@@ -143,7 +143,7 @@ extension BalloonDriver {
     /// balloon's, or a hint source's held until DONE).
     private var holdsMemory: Bool { (balloonMemory?.heldBytes ?? 0) > 0 || (hintSource?.heldBytes ?? 0) > 0 }
 
-    private func checkPressure(psiFired: Bool, earlyWarning: Bool = false, now: UInt64) throws(BalloonError) {
+    private func checkPressure(psiFired: Bool, earlyWarning: Bool = false, now: Duration) throws(BalloonError) {
         let p = options.pressure
         let m = memoryStatus?.read()
         let moved: Bool
@@ -151,16 +151,16 @@ extension BalloonDriver {
         var drainPerSecond: UInt64 = 0
         if let m, let last = pressure.lastReading {
             moved = absDiff(m.available, last.available) >= p.movementBytes || absDiff(m.free, last.free) >= p.movementBytes
-            let elapsed = now > pressure.lastReadingNanos ? now - pressure.lastReadingNanos : 0
-            if last.available > m.available, elapsed > 0 {
+            let elapsed = now > pressure.lastReadingAt ? now - pressure.lastReadingAt : .zero
+            if last.available > m.available, elapsed > .zero {
                 let fell = Double(last.available - m.available)
-                drainPerSecond = UInt64(min(fell * 1e9 / Double(elapsed), Double(UInt64.max / 4)))
+                drainPerSecond = UInt64(min(fell * 1e9 / Double(elapsed.whole(.nanoseconds(1))), Double(UInt64.max / 4)))
             }
         } else {
             moved = true
         }
         pressure.lastReading = m
-        pressure.lastReadingNanos = now
+        pressure.lastReadingAt = now
         // While balloond holds more than the guest has left above the deflate watermark, one
         // allocation burst can exhaust the guest between two checks. With nothing to reclaim,
         // PSI records only a few ms of stall before the OOM killer acts: only the early-warning
@@ -169,22 +169,22 @@ extension BalloonDriver {
         // there; with it, or with headroom to spare, it backs off.
         let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
         let exposed = !p.earlyWarningArmed && (headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false)
-        if psiFired || earlyWarning || moved || pressure.checkIntervalNanos == 0 {
-            pressure.checkIntervalNanos = p.checkIntervalNanos
+        if psiFired || earlyWarning || moved || pressure.checkInterval == .zero {
+            pressure.checkInterval = p.checkInterval
         } else if exposed {
-            pressure.checkIntervalNanos = max(p.checkIntervalNanos, p.exposedCheckIntervalNanos)
+            pressure.checkInterval = max(p.checkInterval, p.exposedCheckInterval)
         } else {
-            pressure.checkIntervalNanos = min(pressure.checkIntervalNanos * 2, max(p.restingCheckIntervalNanos, p.checkIntervalNanos))
+            pressure.checkInterval = min(pressure.checkInterval * 2, max(p.restingCheckInterval, p.checkInterval))
         }
-        pressure.nextCheckNanos = now + pressure.checkIntervalNanos
+        pressure.nextCheck = now + pressure.checkInterval
         // Memory draining at this rate until the check after next: if that would take the
         // guest below the watermark, act now rather than one interval too late.
-        let horizon = UInt64(Double(drainPerSecond) * Double(2 * pressure.checkIntervalNanos) / 1e9)
+        let horizon = UInt64(Double(drainPerSecond) * Double((pressure.checkInterval * 2).whole(.nanoseconds(1))) / 1e9)
         let low = m.map { $0.available < p.deflateBelowAvailableBytes } ?? false
         let predictedLow = m.map { $0.available < p.deflateBelowAvailableBytes &+ horizon } ?? false
         if psiFired || low || predictedLow {
             let why = psiFired ? "PSI memory trigger" : low ? "MemAvailable below the watermark"
-                : "MemAvailable falling \(drainPerSecond >> 20) MiB/s, below the watermark within \(2 * pressure.checkIntervalNanos / 1_000_000) ms"
+                : "MemAvailable falling \(drainPerSecond >> 20) MiB/s, below the watermark within \((pressure.checkInterval * 2).whole(.milliseconds(1))) ms"
             try relievePressure(available: m?.available, drainBytes: horizon, why: why)
         }
         if let m, !reporting.held.isEmpty, m.free < options.reporting.releaseBelowFreeBytes {
@@ -192,16 +192,16 @@ extension BalloonDriver {
         }
     }
 
-    /// When the event loop should call `tick` next, at the latest (monotonic ns); nil when
+    /// When the event loop should call `tick` next, at the latest (on `clock`); nil when
     /// nothing is timed (only an interrupt or PSI can change anything). Every deadline here
     /// moves past the current time once `tick` has handled it.
-    public var nextDeadlineNanos: UInt64? {
-        var d: [UInt64] = []
-        if let s = sizingDeadlineNanos { d.append(s) }
+    public var nextDeadline: Duration? {
+        var d: [Duration] = []
+        if let s = sizingDeadline { d.append(s) }
         // While a report is in flight the device's interrupt ends it, not a timer.
-        if negotiated.contains(.reporting), reporting.disabledReason == nil, reporting.inFlight == nil { d.append(reporting.nextPassNanos) }
-        if let h = pressure.holdUntilNanos { d.append(h) }
-        if holdsMemory { d.append(pressure.nextCheckNanos) }
+        if negotiated.contains(.reporting), reporting.disabledReason == nil, reporting.inFlight == nil { d.append(reporting.nextPass) }
+        if let h = pressure.holdUntil { d.append(h) }
+        if holdsMemory { d.append(pressure.nextCheck) }
         return d.min()
     }
 
@@ -233,7 +233,7 @@ extension BalloonDriver {
         let pages = min(committedPages, Int((need + balloonPageSize - 1) / balloonPageSize))
         let ceiling = committedPages - pages
         pressure.ceilingPages = min(pressure.ceilingPages ?? Int.max, ceiling)
-        pressure.holdUntilNanos = clock() + p.holdNanos
+        pressure.holdUntil = clock.now() + p.hold
         pressure.reinflateLimited = false
         counters.pressureDeflates += 1
         // Memory first, words after: writing the log line can itself wait for memory (a log
@@ -241,7 +241,7 @@ extension BalloonDriver {
         let deflated = Result { () throws(BalloonError) in try adjustBalloonSize() }
         logger.notice("memory pressure: deflated the balloon", metadata: [
             "why": "\(why)", "available_mib": "\(available.map { String($0 >> 20) } ?? "?")",
-            "deflate_mib": "\(pages >> 8)", "hold_s": "\(p.holdNanos / 1_000_000_000)",
+            "deflate_mib": "\(pages >> 8)", "hold_s": "\(p.hold.whole(.seconds(1)))",
         ])
         try deflated.get()
     }

@@ -33,7 +33,7 @@ enum MetricsTextfileError: Error, Equatable, CustomStringConvertible {
 /// forced iterations (bring-up, device errors).
 struct MetricsTextfile {
     let path: String
-    var interval: Double = 5
+    var interval: Duration = .seconds(5)
     private(set) var lastWrite: Double?
     private var lastRound: RoundMark?
     /// Whether the last write failed (a failure is logged once until a write succeeds).
@@ -74,7 +74,7 @@ struct MetricsTextfile {
     /// do not stop until it catches up.
     func isDue(_ counters: BalloonCounters, now: Double, force: Bool) -> Bool {
         guard let lastWrite else { return true }
-        return force || RoundMark(counters) != lastRound || !(now - lastWrite < interval) || now < lastWrite
+        return force || RoundMark(counters) != lastRound || !(now - lastWrite < interval / .seconds(1)) || now < lastWrite
     }
 
     /// Writes the metrics for `state` when due (see the type). Returns whether it wrote.

@@ -155,10 +155,10 @@ struct RunCommand: ParsableCommand {
         if !freePageReporting { options.wantedFeatures.remove(.reporting) }
         options.pressure.deflateBelowAvailableBytes = deflateBelowMib << 20
         options.pressure.deflateStepBytes = deflateStepMib << 20
-        options.pressure.holdNanos = UInt64(pressureHoldSeconds * 1e9)
+        options.pressure.hold = .nanoseconds(UInt64(pressureHoldSeconds * 1e9))
         options.pressure.reinflateAboveAvailableBytes = reinflateAboveMib << 20
-        options.pressure.psiStallMicroseconds = psiStallMs * 1000
-        options.pressure.psiWindowMicroseconds = psiWindowMs * 1000
+        options.pressure.psiStall = .milliseconds(psiStallMs)
+        options.pressure.psiWindow = .milliseconds(psiWindowMs)
         options.reporting.keepFreeBytes = reportKeepFreeMib << 20
         options.reporting.releaseBelowFreeBytes = reportReleaseBelowMib << 20
         options.reporting.maxHeldBytes = reportMaxMib.map { $0 << 20 }
@@ -237,7 +237,7 @@ struct RunCommand: ParsableCommand {
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
         var psi: PressureTrigger?
         do {
-            psi = try PressureTrigger(stallMicroseconds: options.pressure.psiStallMicroseconds, windowMicroseconds: options.pressure.psiWindowMicroseconds)
+            psi = try PressureTrigger(stallMicroseconds: Int(options.pressure.psiStall.whole(.microseconds(1))), windowMicroseconds: Int(options.pressure.psiWindow.whole(.microseconds(1))))
         } catch {
             logger.warning("no PSI memory trigger (\(error)); memory pressure is watched through MemAvailable only")
         }
@@ -269,13 +269,17 @@ struct RunCommand: ParsableCommand {
 
         let poller = LinuxEventPoller(signals: signals, interruptDescriptor: line.pollDescriptor, pressureDescriptor: psi?.pollDescriptor,
                                       earlyPressureDescriptor: early?.pollDescriptor)
-        let daemon = Daemon(driver: driver, line: line, poller: poller, clock: monotonicNanos, logger: logger)
+        // The platform's CLOCK_MONOTONIC, for the daemon and (through it) the driver.
+        let clock = MonotonicClock { .nanoseconds(Sys.monotonicNanos()) }
+        let daemon = Daemon(driver: driver, line: line, poller: poller, clock: clock, logger: logger)
         daemon.setUrgentPriority = raisePriority
         // Ring pages must still be where the device was told they are (4 KiB pages could move).
         daemon.beforeBringUp = { try allocator.verifyPlacement() }
         let started = wallClockSeconds()
         var lastPublished: BalloonDriverStatus?
         var lastPublishTime = 0.0
+        // The state file is rewritten at least this often (on the wall clock its times use).
+        let statePublishInterval: Duration = .seconds(5)
         var textfile = metricsTextfile.map { MetricsTextfile(path: $0) }
         defer { textfile?.remove() }
         daemon.onIteration = { snapshot, restarts, force in
@@ -287,7 +291,7 @@ struct RunCommand: ParsableCommand {
             do { try textfile?.update(state, now: now, force: force, version: Balloond.configuration.version) } catch {
                 if !wasFailing { logger.warning("\(error)") }
             }
-            guard force || snapshot != lastPublished || now - lastPublishTime >= 5 else { return }
+            guard force || snapshot != lastPublished || now - lastPublishTime >= statePublishInterval / .seconds(1) else { return }
             do { try state.write(to: stateFile) } catch { logger.warning("cannot publish state: \(error)") }
             lastPublished = snapshot
             lastPublishTime = now

@@ -180,7 +180,7 @@ struct BringUpTests {
 
     @Test("a device that never completes reset gives a typed timeout, not a hang")
     func neverResets() throws {
-        let rig = try Rig(options: BalloonDriverOptions(resetTimeoutMilliseconds: 2))
+        let rig = try Rig(options: BalloonDriverOptions(resetTimeout: .milliseconds(2)))
         rig.device.faults.neverResets = true
         try rig.driver.transport.enableDMA()
         rig.driver.transport.setStatus([.acknowledge])

@@ -13,26 +13,26 @@ final class VirtualPoller: EventPoller {
     let clock: FakeClock
     let device: SimulatedBalloonDevice
     private(set) var stopSignal: Int32 = 0
-    var horizonNanos: UInt64
+    var horizon: Duration
     /// Scripted host actions, each at a virtual time, with what they make ready.
-    private var events: [(at: UInt64, ready: Readiness, action: () -> Void)] = []
+    private var events: [(at: Duration, ready: Readiness, action: () -> Void)] = []
     /// From this time on the interrupt source is gone (uio reports POLLERR).
-    var interruptLostAtNanos: UInt64?
+    var interruptLostAt: Duration?
     /// Every wait, with the virtual time it returned at (for per-minute counts).
-    private(set) var wakeTimes: [UInt64] = []
+    private(set) var wakeTimes: [Duration] = []
     /// Safety net so a spinning loop ends the test instead of hanging it.
     let maxWaits = 200_000
 
-    init(clock: FakeClock, device: SimulatedBalloonDevice, runFor nanos: UInt64) {
+    init(clock: FakeClock, device: SimulatedBalloonDevice, runFor duration: Duration) {
         self.clock = clock
         self.device = device
-        self.horizonNanos = clock.nanos + nanos
+        self.horizon = clock.now + duration
     }
 
     func requestStop(_ signal: Int32) { stopSignal = signal }
 
     func at(secondsFromNow s: Double, ready: Readiness = [], _ action: @escaping () -> Void = {}) {
-        events.append((clock.nanos + UInt64(s * 1e9), ready, action))
+        events.append((clock.now + .nanoseconds(UInt64(s * 1e9)), ready, action))
         events.sort { $0.at < $1.at }
     }
 
@@ -41,34 +41,34 @@ final class VirtualPoller: EventPoller {
 
     func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness {
         onWait?()
-        defer { wakeTimes.append(clock.nanos) }
+        defer { wakeTimes.append(clock.now) }
         if wakeTimes.count >= maxWaits {
             stopSignal = 15
             return .stop
         }
-        let deadline = timeoutNanos.map { clock.nanos &+ $0 } ?? UInt64.max
-        if let lost = interruptLostAtNanos, lost <= deadline {
-            clock.nanos = max(clock.nanos, lost)
+        let deadline = timeoutNanos.map { clock.now + .nanoseconds($0) } ?? .seconds(Int64.max)
+        if let lost = interruptLostAt, lost <= deadline {
+            clock.now = max(clock.now, lost)
             throw .interruptSourceLost(revents: 0x8)  // fault injection: POLLERR on the uio descriptor
         }
         if device.interruptAsserted { return .interrupt }
-        if let e = events.first, e.at <= deadline, e.at <= horizonNanos {
+        if let e = events.first, e.at <= deadline, e.at <= horizon {
             events.removeFirst()
-            clock.nanos = max(clock.nanos, e.at)
+            clock.now = max(clock.now, e.at)
             e.action()
             return e.ready.union(device.interruptAsserted ? .interrupt : [])
         }
-        if deadline >= horizonNanos {
-            clock.nanos = horizonNanos
+        if deadline >= horizon {
+            clock.now = horizon
             stopSignal = 15
             return .stop
         }
-        clock.nanos = deadline
+        clock.now = deadline
         return []
     }
 
     /// Wakeups in the virtual interval [from, to).
-    func wakeups(fromNanos from: UInt64, toNanos to: UInt64) -> Int { wakeTimes.filter { $0 >= from && $0 < to }.count }
+    func wakeups(from: Duration, to: Duration) -> Int { wakeTimes.filter { $0 >= from && $0 < to }.count }
 }
 
 /// The simulator rig (BringUpTests' `Rig`) with a daemon over the virtual-time poller.
@@ -76,15 +76,14 @@ struct DaemonRig {
     let rig: Rig
     let poller: VirtualPoller
     let daemon: Daemon<ModernPCITransport>
-    let start: UInt64
+    let start: Duration
 
     init(_ props: BalloonDeviceProperties = BalloonDeviceProperties(), options: BalloonDriverOptions = BalloonDriverOptions(),
-         daemonOptions: DaemonOptions = DaemonOptions(), runFor nanos: UInt64) throws {
+         daemonOptions: DaemonOptions = DaemonOptions(), runFor duration: Duration) throws {
         rig = try Rig(props, options: options)
-        start = rig.clock.nanos
-        poller = VirtualPoller(clock: rig.clock, device: rig.device, runFor: nanos)
-        let clock = rig.clock
-        daemon = Daemon(driver: rig.driver, line: rig.line, poller: poller, clock: { clock.nanos }, options: daemonOptions)
+        start = rig.clock.now
+        poller = VirtualPoller(clock: rig.clock, device: rig.device, runFor: duration)
+        daemon = Daemon(driver: rig.driver, line: rig.line, poller: poller, clock: rig.clock.monotonic, options: daemonOptions)
     }
 
     /// Runs the daemon, and checks it never had to floor a deadline the driver left in the past.
@@ -97,14 +96,16 @@ struct DaemonRig {
 
     /// Wakeups per minute over the last `minutes` minutes of the run.
     func wakeupsPerMinute(lastMinutes minutes: UInt64) -> Double {
-        let end = poller.horizonNanos
-        let from = end - minutes * 60_000_000_000
-        return Double(poller.wakeups(fromNanos: from, toNanos: end)) / Double(minutes)
+        let end = poller.horizon
+        let from = end - minute * Int(minutes)
+        return Double(poller.wakeups(from: from, to: end)) / Double(minutes)
     }
 }
 
-let minute: UInt64 = 60_000_000_000
-let hour: UInt64 = 60 * minute
+let minute: Duration = .seconds(60)
+let hour: Duration = minute * 60
+/// `30 * minute` reads as the tests mean it (the standard library has only `minute * 30`).
+func * (count: Int, unit: Duration) -> Duration { unit * count }
 
 /// "A few wakeups per minute at most when nothing changes" (issue: a daemon you can leave running).
 let idleWakeupsPerMinute = 6.0
@@ -201,7 +202,7 @@ struct DaemonTests {
         // 1, 2, 4, ... 60 s: about 7 attempts in the first two minutes, then one a minute.
         #expect(r.daemon.restarts >= 5)
         #expect(r.daemon.restarts <= 40)
-        #expect(r.daemon.backoffNanos == DaemonOptions().maxBackoffNanos)
+        #expect(r.daemon.backoff == DaemonOptions().maxBackoff)
         #expect(r.wakeupsPerMinute(lastMinutes: 20) <= 2)
     }
 
@@ -231,7 +232,7 @@ struct DaemonTests {
     @Test("POLLERR from the uio descriptor ends the daemon with a reason instead of retrying (M2)")
     func interruptSourceLost() throws {
         let r = try DaemonRig(runFor: 10 * minute)
-        r.poller.interruptLostAtNanos = r.start + 5_000_000_000
+        r.poller.interruptLostAt = r.start + .seconds(5)
         let exit = r.run()
         guard case .waitFailed(.interruptSourceLost(let revents)) = exit else {
             Issue.record("expected interruptSourceLost, got \(exit)")
@@ -250,7 +251,7 @@ struct DaemonTests {
         r.poller.at(secondsFromNow: 3) { r.rig.device.setTarget(bytes: (1 << 30) - (16 << 20)) }
         let exit = r.run()
         #expect(exit == .stopSignal(15))
-        #expect(r.rig.clock.nanos == r.poller.horizonNanos)
+        #expect(r.rig.clock.now == r.poller.horizon)
     }
 
     @Test("a host that answers every config interrupt with a new hint round: the loop keeps serving, and settles when the host does")
@@ -286,8 +287,8 @@ struct DaemonTests {
     @Test("the driver runs on the daemon's clock")
     func oneClock() throws {
         let r = try DaemonRig(runFor: minute)
-        r.rig.clock.nanos = 42_000_000_000
-        #expect(r.rig.driver.clock() == 42_000_000_000)
+        r.rig.clock.now = .seconds(42)
+        #expect(r.rig.driver.clock.now() == .seconds(42))
     }
 }
 
@@ -302,14 +303,14 @@ struct DaemonExposedBalloonTests {
         // 64 MiB inflated; only 150 MiB available, 54 MiB above the 96 MiB watermark.
         status.available = 150 << 20 + 64 << 20
         r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (64 << 20)) }
-        var droppedAt: UInt64 = 0
-        r.poller.at(secondsFromNow: 200) { status.available = 60 << 20 + 64 << 20; droppedAt = r.rig.clock.nanos }
+        var droppedAt: Duration = .zero
+        r.poller.at(secondsFromNow: 200) { status.available = 60 << 20 + 64 << 20; droppedAt = r.rig.clock.now }
         r.run()
         // Before the drop: every 500 ms (120 a minute), not backing off to 15 s.
-        let before = Double(r.poller.wakeups(fromNanos: r.start + 60_000_000_000, toNanos: r.start + 180_000_000_000)) / 2
+        let before = Double(r.poller.wakeups(from: r.start + .seconds(60), to: r.start + .seconds(180))) / 2
         #expect(before >= 100 && before <= 130, "wakeups per minute while exposed: \(before)")
         #expect(r.rig.driver.counters.pressureDeflates >= 1)
-        #expect(droppedAt > 0)
+        #expect(droppedAt > .zero)
     }
 }
 
@@ -330,7 +331,7 @@ struct DaemonEarlyWarningTests {
         var deflatesJustAfter = -1
         r.poller.at(secondsFromNow: 200.01) { deflatesJustAfter = Int(r.rig.driver.counters.pressureDeflates) }
         r.run()
-        let before = Double(r.poller.wakeups(fromNanos: r.start + 60_000_000_000, toNanos: r.start + 180_000_000_000)) / 2
+        let before = Double(r.poller.wakeups(from: r.start + .seconds(60), to: r.start + .seconds(180))) / 2
         #expect(before <= idleWakeupsPerMinute, "wakeups per minute while exposed, with the early trigger armed: \(before)")
         #expect(deflatesJustAfter == 1, "the early-warning event did not deflate at once (deflates 10 ms later: \(deflatesJustAfter))")
     }

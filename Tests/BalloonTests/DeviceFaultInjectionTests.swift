@@ -76,7 +76,7 @@ struct DeviceFaultInjectionTests {
     func stopEndsFullRingWait() throws {
         let rig = try Rig.hinting()
         rig.driver.hintOptions.maxRangeBytes = 4096
-        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 300
+        rig.driver.hintOptions.fullRingTimeout = .milliseconds(300)
         rig.device.processHintsOnNotify = false
         var checks = 0
         rig.driver.shouldStop = {
@@ -168,7 +168,7 @@ struct DeviceFaultInjectionTests {
     /// A running device with inflated balloon pages and owned hint pages still outstanding.
     private func busyRig() throws -> Rig {
         let props = BalloonDeviceProperties(freePageHint: true)
-        let rig = try Rig(props, options: BalloonDriverOptions(resetTimeoutMilliseconds: 1))
+        let rig = try Rig(props, options: BalloonDriverOptions(resetTimeout: .milliseconds(1)))
         try rig.driver.bringUp()
         rig.device.setTarget(bytes: props.ramSize - (16 << 20))
         try rig.serviceAll()
@@ -228,7 +228,7 @@ struct DeviceFaultInjectionTests {
         let memory = SimulatedBalloonMemory(base: limit - (8 << 20), bytes: 16 << 20)
         let clock = FakeClock()
         let driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), balloonMemory: memory)
-        driver.clock = { clock.nanos }
+        driver.clock = clock.monotonic
         let line = device.makeInterruptLine()
         try driver.bringUp()
         device.setTarget(bytes: props.ramSize - (16 << 20))

@@ -139,7 +139,7 @@ struct FreePageHintTests {
     @Test("ring full with a device that does not consume: one slot stays for STOP, the round times out, no hang")
     func ringFull() throws {
         let rig = try Rig.hinting(ramMiB: 8192, usedFraction: 0.1)
-        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
+        rig.driver.hintOptions.fullRingTimeout = .milliseconds(20)
         rig.device.processHintsOnNotify = false
         rig.device.startHintRound()
         try rig.serviceAll()
@@ -153,7 +153,7 @@ struct FreePageHintTests {
     @Test("a device that never answers: bring-up completes, a hint round times out with STOP queued, nothing hangs")
     func neverAnswers() throws {
         let rig = try Rig.hinting(ramMiB: 8192, usedFraction: 0.1)
-        rig.driver.hintOptions.fullRingTimeoutMilliseconds = 20
+        rig.driver.hintOptions.fullRingTimeout = .milliseconds(20)
         rig.device.faults.ignoreNotifications = true
         rig.device.startHintRound()
         try rig.serviceAll()

@@ -143,14 +143,14 @@ struct PressureTests {
         rig.clock.advance(milliseconds: 300)
         // Every clock read during this tick costs 200 ms: the deflate outlasts the 250 ms interval.
         let clock = rig.clock
-        rig.driver.clock = { clock.nanos += 200_000_000; return clock.nanos }
+        rig.driver.clock = MonotonicClock { clock.now += .milliseconds(200); return clock.now }
         try rig.driver.tick()
-        rig.driver.clock = { clock.nanos }
+        rig.driver.clock = clock.monotonic
         #expect(rig.driver.counters.pressureDeflates == 1)
         #expect(rig.memory.heldBytes > 0, "the balloon still holds memory, so MemAvailable stays watched")
-        let next = try #require(rig.driver.nextDeadlineNanos)
-        #expect(next > clock.nanos, "the next deadline is \((clock.nanos - next) / 1_000_000) ms in the past")
-        #expect(next <= clock.nanos + 250_000_000)
+        let next = try #require(rig.driver.nextDeadline)
+        #expect(next > clock.now, "the next deadline is \((clock.now - next).whole(.milliseconds(1))) ms in the past")
+        #expect(next <= clock.now + .milliseconds(250))
     }
 }
 

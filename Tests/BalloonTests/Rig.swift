@@ -1,3 +1,4 @@
+import Synchronization
 import BalloonSimulator
 import BalloonBlocks
 import FreePages
@@ -26,9 +27,15 @@ final class FakeMemoryStatus: GuestMemoryStatus {
 }
 
 /// A clock tests move by hand.
-final class FakeClock {
-    var nanos: UInt64 = 1_000_000_000
-    func advance(milliseconds: Int) { nanos += UInt64(milliseconds) * 1_000_000 }
+final class FakeClock: Sendable {
+    private let time = Mutex<Duration>(.seconds(1))
+    var now: Duration {
+        get { time.withLock { $0 } }
+        set { time.withLock { $0 = newValue } }
+    }
+    func advance(milliseconds: Int) { now += .milliseconds(milliseconds) }
+    /// This clock as the driver's and the daemon's clock.
+    var monotonic: MonotonicClock { MonotonicClock { [self] in now } }
 }
 
 /// Wraps the simulated buddy allocator and records what the device could still do when the
@@ -102,8 +109,7 @@ struct Rig {
         driver = BalloonDriver(transport: try device.makeTransport(), allocator: device.makeDMAAllocator(), options: options, statsSource: stats,
                                hintSource: source, balloonMemory: memory, memoryStatus: memoryStatus)
         if !realClock {
-            let clock = self.clock
-            driver.clock = { clock.nanos }
+            driver.clock = clock.monotonic
         }
         memoryStatus.held = { [memory] in memory.heldBytes }
     }

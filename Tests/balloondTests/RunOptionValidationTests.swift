@@ -50,7 +50,7 @@ struct RunOptionValidationTests {
     func policies() throws {
         let run = try RunCommand.parse(["--pressure-hold-seconds", "1.5", "--deflate-below-mib", "1048576", "--reinflate-above-mib", "1048576"])
         let options = run.driverOptions(poisonPolicy: .none)
-        #expect(options.pressure.holdNanos == 1_500_000_000)
+        #expect(options.pressure.hold == .milliseconds(1500))
         #expect(options.pressure.deflateBelowAvailableBytes == 1 << 40)
     }
 }
