@@ -139,7 +139,7 @@ public final class Daemon<Transport: VirtioTransport> {
             let timeout = waitTimeout(now: now)
             setUrgent(true)
             let ready: Readiness
-            do { ready = try poller.wait(timeoutNanos: timeout.map(pollTimeoutNanos)) } catch {
+            do { ready = try poller.wait(timeout: timeout) } catch {
                 logger.critical("\(error)")
                 return .waitFailed(error)
             }
@@ -236,8 +236,3 @@ private func secondsText(_ d: Duration) -> String {
     d.attoseconds % Duration.seconds(1).attoseconds == 0 ? "\(d.whole(.seconds(1))) s" : "\(d.whole(.milliseconds(1))) ms"
 }
 
-/// The poller's timeout for a wait of `d`: whole nanoseconds, rounded up (the poller rounds
-/// up again to its own unit, so a wait that is not yet over never becomes a zero timeout).
-func pollTimeoutNanos(_ d: Duration) -> UInt64 {
-    UInt64(d.roundedUp(to: .nanoseconds(1)))
-}

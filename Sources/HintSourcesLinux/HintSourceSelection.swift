@@ -3,9 +3,34 @@ import GuestMemoryLinux
 import PlatformLinux
 
 /// Why `--hint-source` cannot be honoured; the description says what to do instead.
-public struct HintSourceSelectionError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+public enum HintSourceSelectionError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// kpageflags where freed pages carry a value the kernel relies on (poisoning, init_on_free).
+    case kpageflagsWithPoisoning(ObservedHintsProblem)
+    /// kpageflags outside TCG without `--unsafe-hints-on-kvm`.
+    case kpageflagsNotTCG(Hypervisor)
+    /// No usable 2 MiB hugetlb pool.
+    case hugetlbUnavailable
+    /// Memory blocks cannot be offlined here.
+    case offlineUnavailable
+    /// The simulated source against a real device.
+    case simulatedOnRealDevice
+
+    static let hugetlbMissing = "there is no usable 2 MiB hugetlb pool (needs CONFIG_HUGETLBFS and readable /proc/kpageflags and /proc/kpagecount)"
+
+    public var description: String {
+        switch self {
+        case .kpageflagsWithPoisoning(let problem):
+            return "--hint-source kpageflags is refused: \(problem.detail). Owned sources (hugetlb, anonymous) are safe with it: their pages are re-poisoned or re-zeroed when released. Use --hint-source hugetlb or anonymous (or auto)."
+        case .kpageflagsNotTCG(let hypervisor):
+            return "--hint-source kpageflags is refused under \(hypervisor): it hints pages it does not own, and on KVM with manual dirty-log protect a write that races the hint is silently lost on the migration destination. It is safe only under QEMU TCG. Use --hint-source hugetlb or anonymous (or auto), or add --unsafe-hints-on-kvm if losing guest data is acceptable"
+        case .hugetlbUnavailable:
+            return "--hint-source hugetlb is unavailable: \(Self.hugetlbMissing). Use --hint-source anonymous or auto"
+        case .offlineUnavailable:
+            return "--hint-source offline is unavailable: memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE, /sys/devices/system/memory and a readable /proc/kpageflags). Use --hint-source hugetlb, anonymous or auto"
+        case .simulatedOnRealDevice:
+            return "--hint-source simulated is only for `balloond simulate` and unit tests: its addresses come from a simulated buddy allocator, not from free guest memory, and hinting them to a real device would make QEMU skip pages in use. Use auto, hugetlb, anonymous, offline or kpageflags"
+        }
+    }
 }
 
 /// A free page source by name (`--hint-source`): `auto` asks `chooseHintSource` to pick.
@@ -79,13 +104,11 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
                             unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
                             simulatedDevice: Bool) -> Result<HintSourceChoice, HintSourceSelectionError> {
     let poisonProblem = memoryDebug.observedHintsProblem
-    let ownedHint = "Owned sources (hugetlb, anonymous) are safe with it: their pages are re-poisoned or re-zeroed when released."
-    let hugetlbMissing = "there is no usable 2 MiB hugetlb pool (needs CONFIG_HUGETLBFS and readable /proc/kpageflags and /proc/kpagecount)"
 
     switch requested {
     case .kpageflags:
         if let poisonProblem {
-            return .failure(HintSourceSelectionError("--hint-source kpageflags is refused: \(poisonProblem.detail). \(ownedHint) Use --hint-source hugetlb or anonymous (or auto)."))
+            return .failure(.kpageflagsWithPoisoning(poisonProblem))
         }
         if hypervisor == .tcg {
             return .success(HintSourceChoice(source: .kpageflags, reason: "--hint-source kpageflags: the guest runs under QEMU TCG (CPUID 0x40000000 reads TCGTCGTCGTCG), where every write after the round's bitmap sync is dirty-logged and re-sent, so observed free pages are safe to hint"))
@@ -93,22 +116,22 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
         if unsafeHintsOnKVM {
             return .success(HintSourceChoice(source: .kpageflags, reason: "--hint-source kpageflags with --unsafe-hints-on-kvm under \(hypervisor): UNSAFE. A page allocated and written between the scan and QEMU applying its hint is lost on KVM with manual dirty-log protect (the destination silently keeps stale contents)"))
         }
-        return .failure(HintSourceSelectionError("--hint-source kpageflags is refused under \(hypervisor): it hints pages it does not own, and on KVM with manual dirty-log protect a write that races the hint is silently lost on the migration destination. It is safe only under QEMU TCG. Use --hint-source hugetlb or anonymous (or auto), or add --unsafe-hints-on-kvm if losing guest data is acceptable"))
+        return .failure(.kpageflagsNotTCG(hypervisor))
     case .hugetlb:
         guard hugetlbAvailable else {
-            return .failure(HintSourceSelectionError("--hint-source hugetlb is unavailable: \(hugetlbMissing). Use --hint-source anonymous or auto"))
+            return .failure(.hugetlbUnavailable)
         }
         return .success(HintSourceChoice(source: .hugetlb, reason: "--hint-source hugetlb: owned hugetlb pool pages (reserved, never faulted, not migrated); rounds in which other processes use the pool fall back to anonymous memory"))
     case .anonymous:
         return .success(HintSourceChoice(source: .anonymous, reason: "--hint-source anonymous: owned anonymous memory (populated, locked), its PFNs read after each cmd id"))
     case .offline:
         guard offlineAvailable else {
-            return .failure(HintSourceSelectionError("--hint-source offline is unavailable: memory blocks cannot be taken offline here (needs CONFIG_MEMORY_HOTREMOVE, /sys/devices/system/memory and a readable /proc/kpageflags). Use --hint-source hugetlb, anonymous or auto"))
+            return .failure(.offlineUnavailable)
         }
         return .success(HintSourceChoice(source: .offline, reason: "--hint-source offline: owned memory blocks, taken offline whole (every page free) and onlined at DONE; nothing is zeroed or written, so it is safe on any host and with page poisoning"))
     case .simulated:
         guard simulatedDevice else {
-            return .failure(HintSourceSelectionError("--hint-source simulated is only for `balloond simulate` and unit tests: its addresses come from a simulated buddy allocator, not from free guest memory, and hinting them to a real device would make QEMU skip pages in use. Use auto, hugetlb, anonymous, offline or kpageflags"))
+            return .failure(.simulatedOnRealDevice)
         }
         return .success(HintSourceChoice(source: .simulated, reason: "--hint-source simulated against the simulated device"))
     case .auto:
@@ -127,6 +150,6 @@ private func pickHintSource(requested: HintSource, hypervisor: Hypervisor, memor
         if hugetlbAvailable {
             return .success(HintSourceChoice(source: .hugetlb, reason: "auto: hugetlb (\(why); hugetlb pool pages are owned and not migrated; rounds in which other processes use the pool fall back to anonymous)"))
         }
-        return .success(HintSourceChoice(source: .anonymous, reason: "auto: anonymous (\(why); \(hugetlbMissing))"))
+        return .success(HintSourceChoice(source: .anonymous, reason: "auto: anonymous (\(why); \(HintSourceSelectionError.hugetlbMissing))"))
     }
 }

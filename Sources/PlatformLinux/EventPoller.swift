@@ -74,15 +74,15 @@ public final class LinuxEventPoller: EventPoller {
 
     public var stopSignal: Int32 { signals.received }
 
-    public func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness {
+    public func wait(timeout: Duration?) throws(PollerError) -> Readiness {
         var pfds = [
             pollfd(fd: signals.readDescriptor, events: Int16(POLLIN), revents: 0),
             pollfd(fd: interruptDescriptor ?? -1, events: Int16(POLLIN), revents: 0),
             pollfd(fd: pressureDescriptor ?? -1, events: Int16(POLLPRI), revents: 0),
             pollfd(fd: earlyPressureDescriptor ?? -1, events: Int16(POLLPRI), revents: 0),
         ]
-        let timeout = pollTimeoutMilliseconds(timeoutNanos)
-        let n = unsafe poll(&pfds, nfds_t(pfds.count), timeout)
+        let milliseconds = pollTimeoutMilliseconds(timeout)
+        let n = unsafe poll(&pfds, nfds_t(pfds.count), milliseconds)
         if n < 0 {
             let e = Glibc.errno
             if e == EINTR { return signals.received != 0 ? .stop : [] }
@@ -104,10 +104,10 @@ public final class LinuxEventPoller: EventPoller {
     }
 }
 
-/// A poll(2) timeout from nanoseconds: rounded up to whole milliseconds (a deadline 0.3 ms away
+/// A poll(2) timeout from a wait: rounded up to whole milliseconds (a deadline 0.3 ms away
 /// must not become a zero-timeout spin), nil and anything beyond Int32 milliseconds mean forever.
-public func pollTimeoutMilliseconds(_ nanos: UInt64?) -> Int32 {
-    guard let nanos else { return -1 }
-    let ms = nanos / 1_000_000 + (nanos % 1_000_000 == 0 ? 0 : 1)
-    return ms > UInt64(Int32.max) ? -1 : Int32(ms)
+public func pollTimeoutMilliseconds(_ timeout: Duration?) -> Int32 {
+    guard let timeout else { return -1 }
+    let ms = timeout.roundedUp(to: .milliseconds(1))
+    return ms > Int64(Int32.max) ? -1 : Int32(ms)
 }

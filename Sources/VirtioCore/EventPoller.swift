@@ -63,9 +63,10 @@ public enum PollerError: Error, Equatable, CustomStringConvertible {
 /// together. Real: `LinuxEventPoller` (PlatformLinux) over poll(2). Fake: a virtual-time
 /// poller in the tests, which moves the clock instead of sleeping.
 public protocol EventPoller: AnyObject {
-    /// Blocks until something in `Readiness` happens or `timeoutNanos` pass (nil: no
-    /// timeout). Returns what is ready (empty: the timeout passed).
-    func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness
+    /// Blocks until something in `Readiness` happens or `timeout` passes (nil: no timeout;
+    /// a real poller rounds it up to its own unit, so a wait not yet over never spins).
+    /// Returns what is ready (empty: the timeout passed).
+    func wait(timeout: Duration?) throws(PollerError) -> Readiness
     /// The stop signal received so far (0: none). Checked between steps and by long work.
     var stopSignal: Int32 { get }
 }

@@ -39,14 +39,14 @@ final class VirtualPoller: EventPoller {
     /// Runs at the start of every wait (tests look at the daemon's state there).
     var onWait: (() -> Void)?
 
-    func wait(timeoutNanos: UInt64?) throws(PollerError) -> Readiness {
+    func wait(timeout: Duration?) throws(PollerError) -> Readiness {
         onWait?()
         defer { wakeTimes.append(clock.now) }
         if wakeTimes.count >= maxWaits {
             stopSignal = 15
             return .stop
         }
-        let deadline = timeoutNanos.map { clock.now + .nanoseconds($0) } ?? .seconds(Int64.max)
+        let deadline = timeout.map { clock.now + $0 } ?? .seconds(Int64.max)
         if let lost = interruptLostAt, lost <= deadline {
             clock.now = max(clock.now, lost)
             throw .interruptSourceLost(revents: 0x8)  // fault injection: POLLERR on the uio descriptor

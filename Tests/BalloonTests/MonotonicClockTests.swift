@@ -1,18 +1,9 @@
 import Testing
 @testable import Balloon
+import VirtioCore
 
 @Suite("One clock, durations converted at the edges")
 struct MonotonicClockTests {
-    @Test("a wait becomes the poller's nanoseconds rounded up: time left never becomes a zero timeout")
-    func pollTimeoutRoundsUp() {
-        #expect(pollTimeoutNanos(.zero) == 0)
-        #expect(pollTimeoutNanos(.nanoseconds(-5)) == 0)
-        #expect(pollTimeoutNanos(Duration(attoseconds: 1)) == 1)
-        #expect(pollTimeoutNanos(.nanoseconds(1500)) == 1500)
-        #expect(pollTimeoutNanos(.milliseconds(250) + Duration(attoseconds: 1)) == 250_000_001)
-        #expect(pollTimeoutNanos(.seconds(60)) == 60_000_000_000)
-    }
-
     @Test("whole units round toward zero, as integer nanoseconds divided by the unit did; rounded up when asked")
     func wholeUnits() {
         #expect(Duration.nanoseconds(1_999_999).whole(.milliseconds(1)) == 1)

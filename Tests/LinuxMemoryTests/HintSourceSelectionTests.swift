@@ -66,6 +66,21 @@ import PlatformLinux
                          simulatedDevice: r.simulated)
     }
 
+    @Test("each refusal is its own case: kpageflags with poisoning (carrying the reason) or outside TCG, hugetlb or offline unavailable, simulated on a real device")
+    func refusalsAreCases() {
+        func refusal(_ r: Row) -> HintSourceSelectionError? {
+            if case .failure(let e) = Self.choose(r) { return e }
+            return nil
+        }
+        let poisoned = GuestMemoryDebugConfig(pagePoisoning: true).observedHintsProblem
+        #expect(poisoned != nil)
+        #expect(refusal(Row(requested: .kpageflags, hv: .tcg, poison: true, expect: nil, says: [])) == poisoned.map { .kpageflagsWithPoisoning($0) })
+        #expect(refusal(Row(requested: .kpageflags, hv: .kvm, expect: nil, says: [])) == .kpageflagsNotTCG(.kvm))
+        #expect(refusal(Row(requested: .hugetlb, hv: .kvm, hugetlb: false, expect: nil, says: [])) == .hugetlbUnavailable)
+        #expect(refusal(Row(requested: .offline, hv: .kvm, offline: false, expect: nil, says: [])) == .offlineUnavailable)
+        #expect(refusal(Row(requested: .simulated, hv: .kvm, expect: nil, says: [])) == .simulatedOnRealDevice)
+    }
+
     @Test(arguments: table)
     func eachRow(_ row: Row) {
         let text: String

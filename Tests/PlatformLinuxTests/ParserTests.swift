@@ -209,3 +209,18 @@ import VirtioCore
         #expect(linuxDeviceNumber(major: 0x1234, minor: 0x56789) == 0x0000_1000_5672_3489)
     }
 }
+
+@Suite struct PollTimeoutTests {
+    @Test("a wait becomes poll's milliseconds rounded up (time left never becomes a zero-timeout spin); nil and waits beyond Int32 milliseconds block")
+    func roundsUpToMilliseconds() {
+        #expect(pollTimeoutMilliseconds(nil) == -1)
+        #expect(pollTimeoutMilliseconds(.zero) == 0)
+        #expect(pollTimeoutMilliseconds(.nanoseconds(-5)) == 0)
+        #expect(pollTimeoutMilliseconds(Duration(attoseconds: 1)) == 1)
+        #expect(pollTimeoutMilliseconds(.microseconds(300)) == 1)
+        #expect(pollTimeoutMilliseconds(.milliseconds(250)) == 250)
+        #expect(pollTimeoutMilliseconds(.milliseconds(250) + Duration(attoseconds: 1)) == 251)
+        #expect(pollTimeoutMilliseconds(.seconds(60)) == 60_000)
+        #expect(pollTimeoutMilliseconds(.seconds(Int64(Int32.max))) == -1)
+    }
+}
