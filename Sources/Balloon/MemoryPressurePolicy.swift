@@ -154,7 +154,7 @@ extension BalloonDriver {
             let elapsed = now > pressure.lastReadingAt ? now - pressure.lastReadingAt : .zero
             if last.available > m.available, elapsed > .zero {
                 let fell = Double(last.available - m.available)
-                drainPerSecond = UInt64(min(fell * 1e9 / Double(elapsed.whole(.nanoseconds(1))), Double(UInt64.max / 4)))
+                drainPerSecond = UInt64(min(fell / (elapsed / .seconds(1)), Double(UInt64.max / 4)))
             }
         } else {
             moved = true

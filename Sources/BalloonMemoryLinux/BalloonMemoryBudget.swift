@@ -10,8 +10,8 @@ import PlatformLinux
 /// no backend holds any. Why: if the guest runs out of memory anyway, the OOM killer then
 /// picks balloond, and killing it gives all balloon memory back at once (hugetlb surplus
 /// pages go straight back to the buddy allocator, locked anonymous memory is freed), which
-/// is what the guest needs, rather than killing a workload. The raise is per process
-/// (`OOMScoreAdjustment` counts every holder, the hint sources' too).
+/// is what the guest needs, rather than killing a workload. The raise is counted on the one
+/// `GuestMemoryHoldings` of this balloond (every holder, the hint sources' too).
 public final class BalloonMemoryBudget {
     public let root: SysRoot
     public let limits: OwnedMemoryLimits
@@ -67,5 +67,13 @@ public final class BalloonMemoryBudget {
     private func restoreIfIdle() {
         guard heldBytes == 0, let oom, oom.isRaised else { return }
         if let problem = oom.restore() { logger.warning("\(problem)") }
+    }
+}
+
+/// Puts back a sysctl a balloon backend of a balloond that was killed had changed, if it left
+/// a state file (the backends' `recoverAfterCrash`).
+func recoverBalloonSysctl(root: SysRoot, stateFile: SysctlStateFile, logger: Logger) throws(BalloonMemoryError) -> SysctlRecovery {
+    do { return try SysctlOverride.recoverAfterCrash(root: root, stateFile: stateFile, logger: logger) } catch {
+        throw .failed(error)
     }
 }

@@ -35,11 +35,11 @@ import VirtioCore
 /// persistent pages that nobody reserved, the kernel uses those first (they go back to the
 /// pool, not the buddy allocator, when released). Growing past free 2 MiB blocks may make
 /// the kernel compact or reclaim, like the in-kernel driver's allocations: that is why the
-/// allowance is MemAvailable − margin (`balloonMemoryAllowance`), re-read before every step,
+/// allowance is MemAvailable − margin (`memoryAllowance(.availableMemory, …)`), re-read before every step,
 /// and why PSI pressure stops taking.
 ///
-/// Not with the hugetlb hint source: while `HugeTLBPoolSource` holds the pool (its state
-/// file exists), `take` takes nothing, because faulting balloon pages could dequeue a free
+/// Not with the hugetlb hint source: while a `HugeTLBPoolSource` holds the pool
+/// (`GuestMemoryHoldings.hugeTLBPoolHeldForHints`), `take` takes nothing, because faulting balloon pages could dequeue a free
 /// pool page it has hinted. That source refuses rounds while surplus pages exist, so it uses
 /// anonymous memory while the balloon holds hugetlb pages.
 public final class HugeTLBBalloonMemory: BalloonMemory {
@@ -111,10 +111,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
     @discardableResult
     public static func recoverAfterCrash(root: SysRoot = .host, stateFile: SysctlStateFile? = nil,
                                          logger: Logger = Logger(label: "balloond.balloon.hugetlb")) throws(BalloonMemoryError) -> SysctlRecovery {
-        let file = stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.hugeTLBOvercommitPath)
-        do { return try SysctlOverride.recoverAfterCrash(root: root, stateFile: file, logger: logger) } catch {
-            throw .failed(error)
-        }
+        try recoverBalloonSysctl(root: root, stateFile: stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.hugeTLBOvercommitPath), logger: logger)
     }
 
     // MARK: BalloonMemory
@@ -126,7 +123,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
             ? "the hugetlb backend takes whole 2 MiB pages (512 4 KiB pages each); the last \(remainder) page(s) asked are less than one"
             : nil
         guard wanted > 0 else { return BalloonTake(blocks: [], limitedBy: wholeOnly) }
-        if budget.holdings.hugeTLBPoolGrownByHintSource {
+        if budget.holdings.hugeTLBPoolHeldForHints {
             return BalloonTake(blocks: [], limitedBy: "the hugetlb hint source holds the hugetlb pool; balloon pages could be faulted from its hinted pages, so none are taken until it is released")
         }
 

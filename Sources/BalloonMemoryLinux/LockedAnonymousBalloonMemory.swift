@@ -29,7 +29,7 @@ import VirtioCore
 ///   pagemap read) right before it sends a block's PFNs. The hugetlb backend, whose pages
 ///   compaction and NUMA balancing never move, is preferred for that reason.
 ///
-/// Memory pressure: each step takes at most `balloonMemoryAllowance` (MemAvailable − margin,
+/// Memory pressure: each step takes at most `memoryAllowance(.availableMemory, …)` (MemAvailable − margin,
 /// stop on PSI pressure), re-read between steps; `oom_score_adj` is raised while memory is
 /// held (`BalloonMemoryBudget`).
 public final class LockedAnonymousBalloonMemory: BalloonMemory {
@@ -89,10 +89,7 @@ public final class LockedAnonymousBalloonMemory: BalloonMemory {
     @discardableResult
     public static func recoverAfterCrash(root: SysRoot = .host, stateFile: SysctlStateFile? = nil,
                                          logger: Logger = Logger(label: "balloond.balloon.anonymous")) throws(BalloonMemoryError) -> SysctlRecovery {
-        let file = stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath)
-        do { return try SysctlOverride.recoverAfterCrash(root: root, stateFile: file, logger: logger) } catch {
-            throw .failed(error)
-        }
+        try recoverBalloonSysctl(root: root, stateFile: stateFile ?? SysctlStateFile(root: root, path: SysctlStateFile.compactUnevictablePath), logger: logger)
     }
 
     // MARK: BalloonMemory

@@ -25,8 +25,18 @@ public final class GuestMemoryHoldings: Sendable {
 
     var oomScorePath: String { root.path("/proc/self/oom_score_adj") }
 
-    /// Whether the hugetlb hint source has grown the pool and not yet put it back.
+    /// Whether this balloond's hugetlb hint source has grown the pool and not yet put it back.
     public var hugeTLBPoolGrownByHintSource: Bool { state.withLock { $0.hugeTLBPoolGrownByHintSource } }
+
+    /// Whether any hugetlb hint source holds a grown pool: this balloond's (told directly), or
+    /// another running balloond's in the same guest, whose pool state file names its live pid
+    /// (the file is the only channel between processes; a dead writer's file is recovery's).
+    public var hugeTLBPoolHeldForHints: Bool {
+        if hugeTLBPoolGrownByHintSource { return true }
+        let file = HugeTLBPoolStateFile(root: root)
+        guard let contents = try? file.read() else { return false }
+        return file.writerIsAlive(contents)
+    }
 
     /// The hugetlb hint source says it grew the pool (before the first growth) or put it back.
     package func setHugeTLBPoolGrownByHintSource(_ grown: Bool) {

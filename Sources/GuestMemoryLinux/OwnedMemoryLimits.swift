@@ -32,7 +32,7 @@ public struct OwnedMemoryLimits: Hashable, Sendable {
     }
 }
 
-/// What the guest's memory looks like now: the inputs to `ownedMemoryAllowance`.
+/// What the guest's memory looks like now: the inputs to `memoryAllowance`.
 public struct MemorySnapshot: Hashable, Sendable {
     public var memTotal: UInt64
     public var memFree: UInt64

@@ -35,7 +35,7 @@ import VirtioCore
 ///   move is logged as an error naming the old frames. On KVM with manual dirty-log protect a
 ///   frame that moved and was rewritten between the re-check and QEMU applying the hint can
 ///   still be lost; the hugetlb source has no such window, which is why it is the default.
-/// - *Memory pressure.* Each chunk is sized by `ownedMemoryAllowance` (margin, MemFree,
+/// - *Memory pressure.* Each chunk is sized by `memoryAllowance(.freeMemory, …)` (margin, MemFree,
 ///   MemAvailable, PSI), and `oom_score_adj` is raised to 1000 while memory is held, so the
 ///   OOM killer takes balloond (freeing all of it at once) rather than a workload.
 public final class AnonymousSource: FreePageSource {

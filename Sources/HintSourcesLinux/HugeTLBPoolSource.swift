@@ -277,6 +277,9 @@ public final class HugeTLBPoolSource: FreePageSource {
                 throw .system(error)
             }
             if case .otherInstanceRunning(let pid) = outcome { throw .otherInstance(pid: pid) }
+            // This process's own file from a release that could not restore the pool: now
+            // restored (the file is gone), so the balloon may take surplus pages again.
+            if !stateFile.file.exists { holdings.setHugeTLBPoolGrownByHintSource(false) }
         }
         let c = try counters()
         try checkUnusedByOthers(c)

@@ -119,8 +119,6 @@ public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
     case arenaExhausted(wanted: Int, free: Int, size: Int)
     /// More bytes than the allocator can ever hand out in one physically contiguous piece.
     case tooLarge(byteCount: Int, largestAllocation: Int)
-    /// The heap had no aligned block (`posix_memalign` returned `errno`).
-    case outOfMemory(byteCount: Int, errno: Int32)
     /// The platform allocator failed; its own error (e.g. PlatformLinux's `DMAMemoryError`)
     /// says why and keeps the underlying errno.
     case platform(any ErrorReason)
@@ -131,8 +129,6 @@ public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
             return "DMA arena exhausted: \(wanted) bytes wanted, \(free) of \(size) left"
         case .tooLarge(let byteCount, let largest):
             return "\(byteCount) bytes of physically contiguous DMA memory wanted, but at most \(largest) bytes can be had in one piece"
-        case .outOfMemory(let byteCount, let errno):
-            return "posix_memalign(\(byteCount)) failed (errno \(errno))"
         case .platform(let e):
             return e.description
         }
@@ -142,7 +138,6 @@ public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
         switch (a, b) {
         case let (.arenaExhausted(w1, f1, s1), .arenaExhausted(w2, f2, s2)): return w1 == w2 && f1 == f2 && s1 == s2
         case let (.tooLarge(b1, l1), .tooLarge(b2, l2)): return b1 == b2 && l1 == l2
-        case let (.outOfMemory(b1, e1), .outOfMemory(b2, e2)): return b1 == b2 && e1 == e2
         case let (.platform(e1), .platform(e2)): return AnyHashable(e1) == AnyHashable(e2)
         default: return false
         }
@@ -152,8 +147,7 @@ public enum DMAError: Error, Hashable, CustomStringConvertible, Sendable {
         switch self {
         case let .arenaExhausted(w, f, s): hasher.combine(0); hasher.combine(w); hasher.combine(f); hasher.combine(s)
         case let .tooLarge(b, l): hasher.combine(1); hasher.combine(b); hasher.combine(l)
-        case let .outOfMemory(b, e): hasher.combine(2); hasher.combine(b); hasher.combine(e)
-        case let .platform(e): hasher.combine(3); hasher.combine(AnyHashable(e))
+        case let .platform(e): hasher.combine(2); hasher.combine(AnyHashable(e))
         }
     }
 }

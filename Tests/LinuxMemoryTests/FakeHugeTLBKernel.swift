@@ -45,8 +45,12 @@ final class FakeHugeTLBKernel: HugeTLBPoolControl {
         return HugePageCounters(total: total, free: UInt64(freePool.count), reserved: reserved, surplus: surplus, overcommit: overcommit)
     }
 
+    /// When set, `setPoolSize` fails with it (and changes nothing).
+    var setPoolSizeFailure: GuestMemoryError?
+
     func setPoolSize(_ pages: UInt64) throws(GuestMemoryError) {
         setPoolSizeCalls.append(pages)
+        if let setPoolSizeFailure { throw setPoolSizeFailure }
         while total < pages, let f = buddyFrames.popLast() { freePool.append(f) }
         while total > pages, UInt64(freePool.count) > reserved, let f = freePool.popLast() { buddyFrames.append(f) }
         sync()

@@ -189,6 +189,19 @@ import VirtioCore
         #expect(try m.take(maxPages: 512, hugeOnly: true).blocks.count == 1, "the pool is back: surplus pages are taken again")
     }
 
+    @Test("another running balloond's hugetlb hint source (its pool state file names a live balloond) also keeps surplus pages from being taken; a stale file does not")
+    func takesNothingWhileAnotherBalloondHoldsThePool() throws {
+        let f = BalloonFixture()
+        let m = try f.hugeBackend()
+        f.tree.stateFile("/run/balloond/hugetlb-pool", "nr_hugepages_before=0\nnr_hugepages_set=1\nnr_hugepages_previous=1\npid=4242\ncomm=balloond\n")
+        f.tree.file("/proc/4242/comm", "balloond\n")
+        let t = try m.take(maxPages: 512, hugeOnly: true)
+        #expect(t.blocks.isEmpty && f.huge.mapCalls.isEmpty)
+        #expect(t.limitedBy?.contains("hint source holds the hugetlb pool") == true)
+        f.tree.file("/proc/4242/comm", "bash\n")   // the pid now runs something else: the file is stale
+        #expect(try m.take(maxPages: 512, hugeOnly: true).blocks.count == 1)
+    }
+
     @Test func prefersThePerSizeSysfsSetting() throws {
         let f = BalloonFixture()
         let perSize = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_overcommit_hugepages"

@@ -250,6 +250,26 @@ import VirtioCore
         #expect(!holdings.hugeTLBPoolGrownByHintSource, "DONE: the pool is back to its size")
     }
 
+    @Test("a release that could not restore the pool keeps the balloon out until a later start restores it, even when that start then refuses a session")
+    func holdingsClearedWhenALaterStartRestoresThePool() throws {
+        let tree = FakeTree()
+        let holdings = GuestMemoryHoldings(root: tree.root)
+        let s = try Self.setup(holdings: holdings)
+        try s.source.beginRound(id: 5)
+        let hints = try drainHints(s.source)
+        s.source.endRound()
+        s.kernel.setPoolSizeFailure = .cannotSetPoolSize(path: "/proc/sys/vm/nr_hugepages", pages: 1,
+                                                          .system(SystemCallError(call: "write", path: nil, errno: .ioError)))
+        s.source.hintsApplied(hints)
+        #expect(s.tree.read("/run/balloond/hugetlb-pool") != nil, "kept so the pool is restored later")
+        #expect(holdings.hugeTLBPoolGrownByHintSource, "the pool is still grown")
+        s.kernel.setPoolSizeFailure = nil
+        s.kernel.overcommit = 1   // someone else now allows surplus pages: the next session is refused
+        #expect(throws: FreePageSourceError.self) { try s.source.beginRound(id: 7) }
+        #expect(s.kernel.total == 1, "the start restored the pool first")
+        #expect(!holdings.hugeTLBPoolGrownByHintSource, "restored: the balloon may take surplus pages again")
+    }
+
     @Test func recoversAfterACrash() throws {
         let s = try Self.setup()
         try s.source.beginRound(id: 5)
