@@ -75,7 +75,9 @@ func expectDestinationsVerified(_ results: [MigrationResult]) {
 
 @Suite("Live migration with free page hinting", .serialized)
 struct MigrationTests {
-    @Test("kpageflags hints (the TCG default) send fewer bytes than no driver; the destination verifies")
+    @Test("kpageflags hints (the TCG default) send fewer bytes than no driver; the destination verifies",
+          .enabled(if: GuestPlatform.current.qemuVersion == "10.0",
+                   "judged on QEMU 10.0; on 7.2 hint rounds run in the migrate_cancel test and the page_poison migration verifies its destination"))
     func kpageflagsSavesBytes() throws {
         let results = try migrate(modes: ["none", "balloond:kpageflags"], name: "kpageflags")
         let none = try #require(results.first { $0.mode == "none" })
