@@ -145,7 +145,9 @@ install -m 0755 "$MEMHOG" usr/bin/memhog
 # shellcheck disable=SC2206 # GUEST_MODULES is a space-separated list on purpose
 # zram: a compressed swap device, so a stats test can drive the guest into reclaim, swap
 # and an OOM kill (the 6.12 stats tags: scans, reclaims, stalls, OOM kills).
-WANT=(uio uio_pci_generic virtio_pci virtio_balloon zram ${GUEST_MODULES:-})
+# vfio_pci (pulling in vfio, vfio_iommu_type1, vfio_pci_core, irqbypass): balloond's vfio
+# backend behind a virtual IOMMU (run-guest.sh VIOMMU=1).
+WANT=(uio uio_pci_generic virtio_pci virtio_balloon zram vfio_pci vfio_iommu_type1 ${GUEST_MODULES:-})
 declare -A path_of=() done_mod=() builtin=()
 # Module names treat '-' and '_' as the same character; keys are normalised to '_'.
 # (Parameter expansion, not a $(function): this loop sees ~4000 modules.)

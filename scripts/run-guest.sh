@@ -25,6 +25,11 @@
 #                  "disable-legacy=on,free-page-reporting=on" or "free-page-hint=off"
 #   MODERN_ONLY=1  put the balloon behind a pcie-root-port, so it is modern-only (1af4:1045)
 #   BALLOON=0      no balloon device at all
+#   VIOMMU=1       a virtual Intel IOMMU (intel-iommu with interrupt remapping, first among
+#                  the devices; intel_iommu=on on the kernel command line) and the balloon
+#                  behind it with iommu_platform=on: every address it uses is an IOVA, which
+#                  is what balloond's vfio backend needs. VIOMMU_PLATFORM=0 keeps the vIOMMU
+#                  but leaves the balloon's iommu_platform off.
 #   CONSOLE=stdio  console on this terminal (with a shell in the guest; quit with Ctrl-A x)
 #                  instead of only console.log (default CONSOLE=file)
 #   QEMU_EXTRA     extra QEMU arguments, split on whitespace (or pass them as arguments)
@@ -85,9 +90,19 @@ esac
 # the host connects whenever it likes (after the ready marker).
 args+=(-chardev "socket,id=agent0,path=$AGENT_SOCK,server=on,wait=off" -serial chardev:agent0)
 
+if [ "${VIOMMU:-0}" = 1 ]; then
+  # intremap=on: vfio's type1 IOMMU refuses a container without interrupt remapping (it is
+  # QEMU's default under TCG anyway; spelled out so a KVM run fails loudly instead).
+  args+=(-device "intel-iommu,intremap=on")
+  APPEND+=" intel_iommu=on"
+fi
+
 if [ "${BALLOON:-1}" != 0 ]; then
   # free-page-hint needs an iothread (QEMU refuses it without one).
-  props="id=balloon0,iothread=io0,free-page-hint=on${BALLOON_PROPS:+,$BALLOON_PROPS}"
+  props="id=balloon0,iothread=io0,free-page-hint=on"
+  # iommu_platform=on needs a modern-only device (QEMU refuses it on a transitional one).
+  if [ "${VIOMMU:-0}" = 1 ] && [ "${VIOMMU_PLATFORM:-1}" = 1 ]; then props+=",iommu_platform=on"; fi
+  props+="${BALLOON_PROPS:+,$BALLOON_PROPS}"
   args+=(-object "iothread,id=io0")
   if [ "${MODERN_ONLY:-0}" = 1 ]; then
     # On q35's pcie.0 (the root bus) disable-legacy=auto means "off", so the function is

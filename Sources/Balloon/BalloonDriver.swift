@@ -21,6 +21,13 @@ public struct BalloonDriverOptions: Sendable {
     public var sizing = BalloonSizingOptions()
     public var pressure = PressurePolicy()
     public var reporting = ReportingPolicy()
+    /// How the device reaches memory. `.guestPhysical` (uio): descriptors carry guest-physical
+    /// addresses and ACCESS_PLATFORM is never accepted. `.iommu` (vfio): every address
+    /// balloond gives the device is mapped in the IOMMU at that address (IOVA = GPA), so
+    /// ACCESS_PLATFORM is accepted when offered; hint and report ranges then have to be
+    /// mapped as well, which only `ownedMemoryMapped` sources do, else those features are
+    /// left out.
+    public var deviceAddressing: DeviceAddressing = .guestPhysical
 
     public init(wantedFeatures: FeatureBits = balloonImplementedFeatures,
                 poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeout: Duration = .seconds(1)) {
@@ -29,6 +36,15 @@ public struct BalloonDriverOptions: Sendable {
         self.maxQueueSize = maxQueueSize
         self.resetTimeout = resetTimeout
     }
+}
+
+/// How the device reaches the memory balloond gives it (`BalloonDriverOptions.deviceAddressing`).
+public enum DeviceAddressing: Hashable, Sendable {
+    /// Descriptors carry guest-physical addresses (uio; no IOMMU in the way).
+    case guestPhysical
+    /// Descriptors carry IOVAs that balloond mapped at the guest-physical address (vfio).
+    /// `ownedMemoryMapped`: the hint source and the reporting memory map what they hand out.
+    case iommu(ownedMemoryMapped: Bool)
 }
 
 /// Counters the driver keeps (shown by `balloond status`).
@@ -201,11 +217,22 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     // MARK: bring-up
 
     /// The features to ask for, from what the device offers and how the guest poisons pages
-    /// (`PagePoisonPolicy.wantedFeatures`), never ACCESS_PLATFORM (the uio backend programs
-    /// guest-physical addresses).
-    public static func wantedFeatures(offered: FeatureBits, implemented: FeatureBits, poison: PagePoisonPolicy) -> FeatureBits {
+    /// (`PagePoisonPolicy.wantedFeatures`). ACCESS_PLATFORM only with IOMMU addressing (the
+    /// uio backend programs guest-physical addresses), and then free page hinting and
+    /// reporting only where their memory is mapped in the IOMMU too: QEMU translates every
+    /// descriptor address through the vIOMMU, and an unmapped one breaks the device.
+    public static func wantedFeatures(offered: FeatureBits, implemented: FeatureBits, poison: PagePoisonPolicy,
+                                      addressing: DeviceAddressing = .guestPhysical) -> FeatureBits {
         var want = poison.wantedFeatures(implemented: implemented, offered: offered)
-        want.remove(.accessPlatform)
+        switch addressing {
+        case .guestPhysical:
+            want.remove(.accessPlatform)
+        case .iommu(let ownedMemoryMapped):
+            if offered.contains(.accessPlatform) {
+                want.insert(.accessPlatform)
+                if !ownedMemoryMapped { want.subtract([.freePageHint, .reporting]) }
+            }
+        }
         return want
     }
 
@@ -237,7 +264,14 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         transport.addStatus(.acknowledge)
         transport.addStatus(.driver)
         offered = transport.deviceFeatures()
-        var want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy)
+        var want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy,
+                                       addressing: options.deviceAddressing)
+        if want.contains(.accessPlatform), !isRunning, negotiated == [] {
+            let dropped = options.wantedFeatures.intersection(offered).intersection([.freePageHint, .reporting]).subtracting(want)
+            if !dropped.isEmpty {
+                logger.warning("the device translates every address through the IOMMU (ACCESS_PLATFORM), and this hint source and balloon memory are not mapped there: leaving out \(dropped)")
+            }
+        }
         if hintSource == nil { want.remove(.freePageHint) }
         if balloonMemory == nil { want.remove(.reporting) }
         do {
@@ -248,6 +282,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         }
         logger.info("features negotiated", metadata: ["offered": "\(offered)", "accepted": "\(negotiated)"])
         indices = BalloonQueueIndices(offered: offered)
+        do { try transport.setUpInterrupts() } catch {
+            transport.addStatus(.failed)
+            throw .transport(error)
+        }
         do {
             try setUpQueues()
         } catch {
@@ -360,7 +398,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// The ISR, config and used-ring part of servicing an interrupt (also used mid-round).
     func handleInterruptCauses(line: InterruptLine?) throws(BalloonError) {
         counters.interrupts += 1
-        let isr = transport.readISR()
+        let isr = transport.readISR().union(line?.takeCauses() ?? [])
         let s = transport.status()
         if s.contains(.needsReset) {
             counters.errors += 1

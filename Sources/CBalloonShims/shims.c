@@ -113,3 +113,8 @@ int bs_memfd_create(const char *name, unsigned int flags) { return memfd_create(
 int bs_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
+
+#include <sys/ioctl.h>
+
+int bs_ioctl_pointer(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+int bs_ioctl_value(int fd, unsigned long request, unsigned long value) { return ioctl(fd, request, value); }

@@ -24,6 +24,19 @@ public struct UIOBinding: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+/// A balloon bound to vfio-pci, and its IOMMU group.
+public struct VFIOBinding: Hashable, Sendable, CustomStringConvertible {
+    public let address: PCIAddress
+    /// The IOMMU group number (`/dev/vfio/<group>`).
+    public let group: Int
+    /// The driver the device had before balloond bound it, as in `UIOBinding`.
+    public let previousDriver: String?
+
+    public var description: String {
+        "\(address) bound to \(vfioPCIDriver) in IOMMU group \(group) (previous driver: \(previousDriver ?? "none"))"
+    }
+}
+
 /// Moves a virtio balloon between its kernel driver and uio_pci_generic, through sysfs
 /// (Documentation/ABI/testing/sysfs-bus-pci: `driver_override`, `drivers_probe`, `unbind`,
 /// `bind`).
@@ -63,8 +76,12 @@ public final class DriverBinder {
 
     /// The drivers `bind` takes a device from without `force`: none, the kernel's virtio
     /// driver, or uio_pci_generic itself. Anything else (vfio-pci for a VM passthrough, say)
-    /// belongs to someone else.
+    /// belongs to someone else, except vfio-pci that balloond bound itself (its state file
+    /// is there).
     public static let acceptedDrivers: Set<String> = ["virtio-pci", uioPCIGenericDriver]
+
+    /// The drivers balloond binds (`bind`: uio_pci_generic; `bindVFIO`: vfio-pci).
+    public static let userspaceDrivers: Set<String> = [uioPCIGenericDriver, vfioPCIDriver]
 
     /// Whether `name` can be a kernel driver name written into a sysfs path: 1-64 characters
     /// from [A-Za-z0-9_.-], not "." or "..".
@@ -122,31 +139,52 @@ public final class DriverBinder {
     /// - Parameter force: take the device from any driver. Without it, a device bound to
     ///   anything but none, virtio-pci or uio_pci_generic is refused before anything changes.
     public func bind(_ address: PCIAddress, force: Bool = false) throws(PlatformError) -> UIOBinding {
+        let previous = try bind(address, to: uioPCIGenericDriver, modules: ["uio", uioPCIGenericDriver], force: force)
+        return try uioBinding(address, previousDriver: previous)
+    }
+
+    /// Binds the balloon at `address` to vfio-pci (loading vfio, vfio_iommu_type1 and
+    /// vfio_pci), the same way `bind` binds uio_pci_generic. The device must be in an IOMMU
+    /// group (vfio-pci refuses devices no IOMMU translates).
+    public func bindVFIO(_ address: PCIAddress, force: Bool = false) throws(PlatformError) -> VFIOBinding {
+        guard let group = try IOMMUGroup.of(address, root: root) else {
+            throw .bindFailed(bdf: address.bdf, expected: vfioPCIDriver, found: try currentDriver(of: address), detail: .noIOMMUGroup)
+        }
+        let previous = try bind(address, to: vfioPCIDriver, modules: ["vfio", "vfio_iommu_type1", "vfio_pci"], force: force)
+        return VFIOBinding(address: address, group: group.number, previousDriver: previous)
+    }
+
+    /// The binding steps shared by both drivers; returns the previous driver.
+    private func bind(_ address: PCIAddress, to target: String, modules wanted: [String], force: Bool) throws(PlatformError) -> String? {
         try requireVirtioBalloon(address)
         let dir = address.sysfsDirectory(in: root)
         if let driver = try currentDriver(of: address), !Self.acceptedDrivers.contains(driver) {
-            guard force else { throw .foreignDriver(bdf: address.bdf, driver: driver) }
-            logger.warning("\(address) is bound to \(driver); taking it anyway (--force)")
+            // A userspace driver's binding is ours when our state file is there.
+            let ours = Self.userspaceDrivers.contains(driver) && (try? savedPreviousDriver(for: address)) != nil
+            if !ours {
+                guard force else { throw .foreignDriver(bdf: address.bdf, driver: driver) }
+                logger.warning("\(address) is bound to \(driver); taking it anyway (--force)")
+            }
         }
         do { try state.prepare() } catch { throw .stateFile(error) }
         guard Sys.exists(dir + "/driver_override") else {
-            throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: try currentDriver(of: address),
+            throw .bindFailed(bdf: address.bdf, expected: target, found: try currentDriver(of: address),
                               detail: .noDriverOverride(path: dir + "/driver_override"))
         }
-        try modules.ensureLoaded("uio")
-        try modules.ensureLoaded(uioPCIGenericDriver)
+        for module in wanted { try modules.ensureLoaded(module) }
 
         let current = try currentDriver(of: address)
-        if current == uioPCIGenericDriver {
+        if current == target {
             let saved = (try loadSavedDriver(address)) ?? nil
-            logger.info("\(address) is already bound to \(uioPCIGenericDriver)")
-            return try uioBinding(address, previousDriver: saved)
+            logger.info("\(address) is already bound to \(target)")
+            return saved
         }
 
         // The driver to give the device back to. An unbound device with a state file is one
-        // an earlier bind left half-done (crash after unbind): keep what that bind saved.
+        // an earlier bind left half-done (crash after unbind): keep what that bind saved;
+        // likewise a device still bound to the other userspace driver by an earlier run.
         let saved = (try loadSavedDriver(address)) ?? nil
-        let previous = current ?? saved
+        let previous = current.map { Self.userspaceDrivers.contains($0) && saved != nil ? saved : $0 } ?? saved
         if let previous, !Self.isValidDriverName(previous) {
             throw .malformedFile(path: dir + "/driver", reason: .badDriverName(previous))
         }
@@ -157,7 +195,7 @@ public final class DriverBinder {
             logger.info("unbinding \(address) from \(current)")
             try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(current)/unbind"), address.bdf)
         }
-        try kernel.writeAttribute(dir + "/driver_override", uioPCIGenericDriver)
+        try kernel.writeAttribute(dir + "/driver_override", target)
         do {
             try kernel.writeAttribute(root.path("/sys/bus/pci/drivers_probe"), address.bdf)
         } catch {
@@ -166,12 +204,12 @@ public final class DriverBinder {
             logger.warning("drivers_probe for \(address) failed: \(error)")
         }
         let now = try currentDriver(of: address)
-        guard now == uioPCIGenericDriver else {
+        guard now == target else {
             let rollback = rollBack(address, previous: previous)
-            throw .bindFailed(bdf: address.bdf, expected: uioPCIGenericDriver, found: now, detail: rollback)
+            throw .bindFailed(bdf: address.bdf, expected: target, found: now, detail: rollback)
         }
-        logger.info("bound \(address) to \(uioPCIGenericDriver) (was \(current ?? "unbound"))")
-        return try uioBinding(address, previousDriver: previous)
+        logger.info("bound \(address) to \(target) (was \(current ?? "unbound"))")
+        return previous
     }
 
     /// Gives the device back: unbinds uio_pci_generic, clears `driver_override`, binds the
@@ -184,21 +222,25 @@ public final class DriverBinder {
     public func restore(_ address: PCIAddress) throws(PlatformError) -> String? {
         try requireVirtioBalloon(address)
         let dir = address.sysfsDirectory(in: root)
+        let hasStateFile = (try? savedPreviousDriver(for: address)) != nil
         let saved = (try loadSavedDriver(address)) ?? nil
         let current = try currentDriver(of: address)
-        if let current, current != uioPCIGenericDriver {
+        // uio_pci_generic is always balloond's; vfio-pci only with balloond's state file (else
+        // it is a VM's passthrough).
+        let ours = current == uioPCIGenericDriver || (current == vfioPCIDriver && hasStateFile)
+        if let current, !ours {
             logger.info("\(address) is bound to \(current), not \(uioPCIGenericDriver); nothing to restore")
             try clearOverrideIfOurs(address)
             removeStateFile(address)
             return current
         }
-        if current == uioPCIGenericDriver {
-            logger.info("unbinding \(address) from \(uioPCIGenericDriver)")
-            try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(uioPCIGenericDriver)/unbind"), address.bdf)
+        if let current {
+            logger.info("unbinding \(address) from \(current)")
+            try kernel.writeAttribute(root.path("/sys/bus/pci/drivers/\(current)/unbind"), address.bdf)
         }
         try kernel.writeAttribute(dir + "/driver_override", "\n")
         var bound = false
-        if let saved, saved != uioPCIGenericDriver {
+        if let saved, !Self.userspaceDrivers.contains(saved) {
             let bindPath = root.path("/sys/bus/pci/drivers/\(saved)/bind")
             if Sys.exists(bindPath) {
                 do {
@@ -261,7 +303,7 @@ public final class DriverBinder {
 
     private func clearOverrideIfOurs(_ address: PCIAddress) throws(PlatformError) {
         let path = address.sysfsDirectory(in: root) + "/driver_override"
-        guard let value = try? Sys.readAttribute(path), value == uioPCIGenericDriver else { return }
+        guard let value = try? Sys.readAttribute(path), Self.userspaceDrivers.contains(value) else { return }
         try kernel.writeAttribute(path, "\n")
     }
 

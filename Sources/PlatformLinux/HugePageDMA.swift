@@ -24,7 +24,10 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
     /// - Parameters:
     ///   - pagemap: opened while privileged (see `PagemapResolver`).
     ///   - arena: where the page comes from (its hugetlbfs memfd).
-    public init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
+    ///   - deviceMapper: with vfio, maps the page in the IOMMU at its guest-physical address
+    ///     (IOVA = GPA, so ring addresses mean the same to the device with or without
+    ///     ACCESS_PLATFORM), and unmaps it before the page is freed.
+    public init(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena, deviceMapper: DeviceAddressMapper? = nil,
                 logger: Logger = Logger(label: "balloond.dma")) throws(DMAError) {
         let pool = HugePagePool(root: root)
         guard pool.isSupported() else {
@@ -64,10 +67,37 @@ public final class HugePageDMAAllocator: DMAAllocator, DMAPlacementCheck {
             undo()
             throw .platform(DMAMemoryError.hugePageSetupFailed(error))
         }
+        if let deviceMapper {
+            do throws(DMAMemoryError) {
+                do { try deviceMapper.map(virtualAddress: mapping.address, length: size, at: physical.value) } catch { throw .iommuMapFailed(error) }
+                // Pinning may migrate a page first (out of ZONE_MOVABLE); then its IOVA would
+                // no longer be its address, and another page could claim that IOVA later.
+                let now: PhysicalAddress
+                do { now = try unsafe Self.resolve(base, size: size, pagemap: pagemap) } catch {
+                    try? deviceMapper.unmap(deviceAddress: physical.value, length: size)
+                    throw .hugePageSetupFailed(error)
+                }
+                guard now == physical else {
+                    try? deviceMapper.unmap(deviceAddress: physical.value, length: size)
+                    throw .hugePageMoved(from: physical, to: now)
+                }
+            } catch {
+                mapping.unmapAll()
+                undo()
+                throw .platform(error)
+            }
+        }
         grewPool = grew
         pagemapResolver = pagemap
         virtualBase = mapping.address
         let giveBack: () -> Void = {
+            // The device loses its way in before the page can go back to the kernel.
+            if let deviceMapper {
+                do { try deviceMapper.unmap(deviceAddress: physical.value, length: size) } catch {
+                    logger.critical("\(error); keeping the ring hugepage (its IOMMU mapping is still live)")
+                    return
+                }
+            }
             mapping.unmapAll()
             if grew {
                 arena.poolChangeObserver?(false)
@@ -161,6 +191,8 @@ public enum DMAMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
     case hugePageMapFailed(SystemCallError)
     /// Locking the hugepage or reading its physical address failed.
     case hugePageSetupFailed(PlatformError)
+    /// Mapping DMA memory in the IOMMU (vfio) failed.
+    case iommuMapFailed(VFIOError)
     /// The ring hugepage is no longer at the physical address the device was given.
     case hugePageMoved(from: PhysicalAddress, to: PhysicalAddress)
     /// Re-reading the ring hugepage's PFN failed.
@@ -194,6 +226,8 @@ public enum DMAMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
             return "mmap of a 2 MiB hugepage failed: \(e); check HugePages_Free in /proc/meminfo"
         case .hugePageSetupFailed(let e):
             return "hugepage DMA setup failed: \(e)"
+        case .iommuMapFailed(let e):
+            return "cannot map DMA memory for the device: \(e)"
         case .hugePageMoved(let from, let to):
             return "the ring hugepage moved from \(from) to \(to) (memory offlining or CMA?): stop balloond and restart it"
         case .hugePagePlacementUnreadable(let e):
@@ -254,7 +288,11 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
 
     /// - Parameters:
     ///   - arena: where the pages come from (its shmem memfd).
-    public init(pagemap: PagemapReading, migrationHold: MigrationHold, arena: DeviceMemoryArena) {
+    ///   - deviceMapper: with vfio, maps each page in the IOMMU at its guest-physical address.
+    private let deviceMapper: DeviceAddressMapper?
+
+    public init(pagemap: PagemapReading, migrationHold: MigrationHold, arena: DeviceMemoryArena, deviceMapper: DeviceAddressMapper? = nil) {
+        self.deviceMapper = deviceMapper
         self.pagemap = pagemap
         self.pageSize = pagemap.pageSize
         self.hold = migrationHold
@@ -304,6 +342,15 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
                 }
                 physical = try physicalAddress(from: entry, virtualAddress: address, pageSize: pageSize)
             } catch { throw .pageSetupFailed(error) }
+            if let deviceMapper {
+                do { try deviceMapper.map(virtualAddress: address, length: pageSize, at: physical.value) } catch { throw .iommuMapFailed(error) }
+                // Pinned now; if pinning moved it first, its IOVA is not its address any more.
+                let entry = try? pagemap.entries(forVirtual: address, count: 1).first
+                guard let entry, entry.present, entry.pfn == physical.value / UInt64(pageSize) else {
+                    try? deviceMapper.unmap(deviceAddress: physical.value, length: pageSize)
+                    throw .pageMoved(fromPFN: physical.value / UInt64(pageSize), to: entry ?? nil)
+                }
+            }
         } catch {
             unmap()
             hold.release()
@@ -313,7 +360,13 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
         let live = self.live
         let hold = self.hold
         live.pages[address] = physical.value / UInt64(pageSize)
+        let deviceMapper = self.deviceMapper
+        let pageSize = self.pageSize
         let region = unsafe DMARegion(unsafeBase: base, physicalAddress: physical, size: byteCount, release: {
+            if let deviceMapper {
+                // Keep the page (mapped and locked) if the device could still reach it.
+                guard (try? deviceMapper.unmap(deviceAddress: physical.value, length: pageSize)) != nil else { return }
+            }
             unmap()
             live.pages[address] = nil
             hold.release()
@@ -342,15 +395,16 @@ public final class PageDMAAllocator: DMAAllocator, DMAPlacementCheck {
 /// - Returns: the allocator and a one-line description for logs and `balloond status`. Call
 ///   `verifyPlacement()` before every bring-up: a reused ring page must still be where the
 ///   device will be told it is.
-public func makeDMAAllocator(root: SysRoot = .host, arena: DeviceMemoryArena, migrationHold: MigrationHold, logger: Logger) throws(DMAError)
+public func makeDMAAllocator(root: SysRoot = .host, arena: DeviceMemoryArena, migrationHold: MigrationHold, deviceMapper: DeviceAddressMapper? = nil,
+                             logger: Logger) throws(DMAError)
     -> (allocator: DMAAllocator & DMAPlacementCheck, description: String) {
     let pagemap: PagemapResolver
     do { pagemap = try PagemapResolver(root: root) } catch { throw .platform(error) }
     do {
-        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, arena: arena, logger: logger)
+        let huge = try HugePageDMAAllocator(root: root, pagemap: pagemap, arena: arena, deviceMapper: deviceMapper, logger: logger)
         return (huge, "one 2 MiB hugepage at \(huge.region.physicalAddress)\(huge.grewPool ? " (nr_hugepages raised by one)" : "")")
     } catch {
         logger.warning("no hugepage for DMA memory (\(error)); falling back to locked 4 KiB pages: queues are limited to 256 entries, PFN buffers to 1024 PFNs, and vm.compact_unevictable_allowed is held at 0 while they are in use")
-        return (PageDMAAllocator(pagemap: pagemap, migrationHold: migrationHold, arena: arena), "locked 4 KiB pages (no hugepage: \(error))")
+        return (PageDMAAllocator(pagemap: pagemap, migrationHold: migrationHold, arena: arena, deviceMapper: deviceMapper), "locked 4 KiB pages (no hugepage: \(error))")
     }
 }

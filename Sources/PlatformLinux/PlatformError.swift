@@ -71,6 +71,9 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
             return p.description
         case .moduleUnavailable(let name, let attempts):
             let tried = attempts.isEmpty ? "" : " Tried: " + attempts.map(\.description).joined(separator: "; ") + "."
+            if name.hasPrefix("vfio") {
+                return "kernel module \(name) is not loaded and could not be loaded.\(tried) Install the modules for the running kernel (Debian: linux-image-$(uname -r)) or use a kernel built with CONFIG_VFIO_PCI=m and CONFIG_VFIO_IOMMU_TYPE1=m (or =y); or use --backend uio"
+            }
             return "kernel module \(name) is not loaded and could not be loaded.\(tried) Install the modules for the running kernel (Debian: linux-image-$(uname -r), which ships \(name).ko) or use a kernel built with CONFIG_UIO=m and CONFIG_UIO_PCI_GENERIC=m (or =y)"
         case .bindFailed(let bdf, let expected, let found, let detail):
             return "binding \(bdf) to \(expected) failed: its driver is \(found ?? "none") afterwards. \(detail) Check `dmesg` (uio_pci_generic refuses devices without INTx masking support)"
@@ -116,6 +119,8 @@ public enum ModuleLoadAttempt: Hashable, Sendable, CustomStringConvertible {
 public indirect enum BindFailureDetail: Hashable, Sendable, CustomStringConvertible {
     /// The kernel has no driver_override (older than 3.16); nothing was changed.
     case noDriverOverride(path: String)
+    /// vfio-pci was asked for a device that no IOMMU translates.
+    case noIOMMUGroup
     /// driver_override was cleared and the device handed back to `previous` (nil: the kernel).
     case rolledBack(previous: String?)
     /// Rolling back failed as well.
@@ -125,6 +130,8 @@ public indirect enum BindFailureDetail: Hashable, Sendable, CustomStringConverti
         switch self {
         case .noDriverOverride(let path):
             return "\(path) does not exist (the kernel is older than 3.16)."
+        case .noIOMMUGroup:
+            return "It has no IOMMU group: no IOMMU translates its DMA, and vfio-pci only takes devices behind one (boot the guest with a virtual IOMMU and intel_iommu=on, or use --backend uio)."
         case .rolledBack(let previous):
             return "Rolled back: driver_override cleared and the device handed back to \(previous ?? "the kernel")."
         case .rollbackFailed(let e, let address):

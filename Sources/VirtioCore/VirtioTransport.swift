@@ -31,6 +31,9 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
     case configGenerationUnstable(attempts: Int)
     /// Bus Master still reads set after the driver cleared it (the device may still DMA).
     case busMasterDidNotClear(command: UInt16)
+    /// The device read back `got` (NO_VECTOR: it could not map it) after the driver wrote
+    /// MSI-X vector `vector` for `source` ("config" or "queue N").
+    case msixVectorRejected(source: String, vector: UInt16, got: UInt16)
 
     public var description: String {
         switch self {
@@ -50,6 +53,8 @@ public enum TransportError: Error, Hashable, CustomStringConvertible {
         case .notifyOutOfRange(let q, let o): return "notify address for queue \(q) (offset 0x\(String(o, radix: 16))) is outside the notify structure"
         case .configGenerationUnstable(let n):
             return "device config_generation changed during each of \(n) reads of its config: the device is broken or hostile; balloond will reset it"
+        case .msixVectorRejected(let source, let vector, let got):
+            return "the device did not take MSI-X vector \(vector) for \(source) (read back 0x\(String(got, radix: 16))\(got == virtioNoVector ? ", NO_VECTOR" : "")): its MSI-X table has fewer vectors than vfio enabled"
         case .busMasterDidNotClear(let c):
             return "PCI Command still has Bus Master set after clearing it (Command 0x\(String(c, radix: 16))): the device may still access memory"
         }
@@ -91,6 +96,13 @@ public protocol VirtioTransport: AnyObject {
     func disableDMA() throws(TransportError)
     /// Waits a little between polls of a register (e.g. while a reset completes).
     func pause(microseconds: Int)
+    /// Routes the device's interrupts where the platform listens (virtio-pci with MSI-X:
+    /// writes `msix_config` and checks it read back). After FEATURES_OK, before the queues.
+    func setUpInterrupts() throws(TransportError)
+}
+
+extension VirtioTransport {
+    public func setUpInterrupts() throws(TransportError) {}
 }
 
 extension VirtioTransport {
@@ -165,6 +177,45 @@ public protocol InterruptLine: AnyObject {
     /// A file descriptor that becomes readable when an interrupt arrives, if there is one
     /// (lets the event loop poll it together with the signal pipe).
     var pollDescriptor: Int32? { get }
+    /// What the interrupts taken by `wait` since the last call said by themselves: with
+    /// MSI-X the vector tells a config change from a queue notification (the ISR is for
+    /// INTx). Empty for a single line, whose causes are in the ISR.
+    func takeCauses() -> ISRStatus
+}
+
+extension InterruptLine {
+    public func takeCauses() -> ISRStatus { [] }
+}
+
+/// `VIRTIO_MSI_NO_VECTOR`: no vector for this source (virtio 1.2 §4.1.5.1.2.1); also what the
+/// device reads back when it could not map a vector.
+public let virtioNoVector: UInt16 = 0xffff
+
+/// Which MSI-X vector each virtio interrupt source uses: vector 0 for config changes, then
+/// one per queue when the table has room for all, else one vector shared by every queue
+/// (and with a single vector, everything on vector 0).
+public struct MSIXVectorPlan: Hashable, Sendable {
+    /// Vectors to enable (table entries 0..<vectorCount).
+    public let vectorCount: Int
+    /// The config-change vector.
+    public let configVector: UInt16 = 0
+    private let perQueue: Bool
+
+    public init(tableSize: Int, queueCount: Int) {
+        if tableSize >= 1 + queueCount {
+            vectorCount = 1 + queueCount
+            perQueue = true
+        } else {
+            vectorCount = min(2, max(1, tableSize))
+            perQueue = false
+        }
+    }
+
+    /// The vector of queue `index`.
+    public func vector(forQueue index: UInt16) -> UInt16 {
+        if perQueue { return 1 + index }
+        return vectorCount >= 2 ? 1 : 0
+    }
 }
 
 /// An error another layer keeps as the reason for its own (`PCIError`, `DMAError`,

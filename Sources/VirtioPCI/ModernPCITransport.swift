@@ -41,6 +41,8 @@ public final class ModernPCITransport: VirtioTransport {
     /// `queue_notify_off × multiplier` per queue, cached at enable (SPDK/DPDK do the same).
     private var notifyOffsets: [UInt16: Int] = [:]
     private let pauseMicroseconds: (Int) -> Void
+    /// The MSI-X vectors to program (vfio with MSI-X enabled); nil: INTx, vectors left alone.
+    public var msixVectors: MSIXVectorPlan?
 
     /// Parses the capabilities and builds register windows.
     ///
@@ -146,6 +148,12 @@ public final class ModernPCITransport: VirtioTransport {
         let offset = notifyOff * Int(capabilities.notifyOffMultiplier)
         guard offset + 2 <= notifyRegion.length else { throw .notifyOutOfRange(queue: queue, offset: offset) }
         notifyOffsets[queue] = offset
+        if let plan = msixVectors {
+            let vector = plan.vector(forQueue: queue)
+            common.write16(vector, at: CommonConfig.queueMSIXVector)
+            let got = common.read16(at: CommonConfig.queueMSIXVector)
+            guard got == vector else { throw .msixVectorRejected(source: "queue \(queue)", vector: vector, got: got) }
+        }
         // Only ever write 1: QEMU marks the device broken for any other value.
         common.write16(1, at: CommonConfig.queueEnable)
         guard common.read16(at: CommonConfig.queueEnable) == 1 else { throw .queueEnableDidNotStick(queue: queue) }
@@ -160,6 +168,17 @@ public final class ModernPCITransport: VirtioTransport {
         guard let offset = notifyOffsets[queue] else { throw .queueUnavailable(queue: queue) }
         // QEMU decodes the queue from the address; the value is the queue index by convention.
         notifyRegion.write16(queue, at: offset)
+    }
+
+    // MARK: interrupts
+
+    /// With MSI-X: the config vector into `msix_config`, read back (a device reset sets it to
+    /// NO_VECTOR, so this runs at every bring-up).
+    public func setUpInterrupts() throws(TransportError) {
+        guard let plan = msixVectors else { return }
+        common.write16(plan.configVector, at: CommonConfig.msixConfig)
+        let got = common.read16(at: CommonConfig.msixConfig)
+        guard got == plan.configVector else { throw .msixVectorRejected(source: "config", vector: plan.configVector, got: got) }
     }
 
     // MARK: ISR and device config

@@ -13,10 +13,12 @@ import VirtioQueue
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Find the balloon, bind it to uio_pci_generic, and drive it in the foreground until SIGTERM/SIGINT.",
+        abstract: "Find the balloon, bind it to vfio-pci or uio_pci_generic, and drive it in the foreground until SIGTERM/SIGINT.",
         discussion: """
-        Needs root. Loads uio and uio_pci_generic if needed, unbinds the current driver (normally \
-        virtio-pci), maps BAR4, puts the virtqueues in one locked 2 MiB hugepage (reserving one \
+        Needs root. Picks a backend (--backend): vfio-pci when the device is behind an IOMMU \
+        and vfio-pci is available, else uio_pci_generic. Loads the backend's modules if needed, \
+        unbinds the current driver (normally virtio-pci), maps BAR4 (through sysfs, or through \
+        the vfio device, whose DMA goes through IOMMU mappings), puts the virtqueues in one locked 2 MiB hugepage (reserving one \
         through nr_hugepages if none is free; falling back to locked 4 KiB pages with queues of at \
         most 256 entries), negotiates features and page poisoning from the guest's configuration, \
         and serves the device. Logs go to stderr. On SIGTERM/SIGINT it resets the device, frees its \
@@ -28,7 +30,18 @@ struct RunCommand: ParsableCommand {
     )
 
     @OptionGroup var device: DeviceOption
-    @Flag(help: "Leave the device bound to uio_pci_generic at exit instead of restoring the previous driver.")
+    @Option(help: ArgumentHelp("How to reach the device: auto, uio or vfio.", discussion: """
+        vfio (vfio-pci) needs the device behind an IOMMU (a virtual one in a VM: QEMU -device \
+        intel-iommu,intremap=on, guest intel_iommu=on): every address the device uses is then \
+        mapped by balloond, it gets MSI-X interrupts where the device has them, and it works \
+        under kernel lockdown. uio (uio_pci_generic) needs no IOMMU, or a passthrough one \
+        (iommu=pt). auto picks vfio when the device has an IOMMU group and vfio-pci is \
+        available, else uio, and logs why. With a device that translates its addresses \
+        (iommu_platform=on, VIRTIO_F_ACCESS_PLATFORM), vfio leaves free page hinting and \
+        reporting off: their memory is not mapped in the IOMMU yet.
+        """))
+    var backend: DeviceBackend = .auto
+    @Flag(help: "Leave the device bound to uio_pci_generic or vfio-pci at exit instead of restoring the previous driver.")
     var keepBound = false
     @Flag(help: ArgumentHelp("Take the device even from a driver other than virtio-pci or uio_pci_generic (e.g. vfio-pci).", discussion: """
         Without it, balloond refuses a device another driver holds, before changing anything: \
@@ -169,9 +182,21 @@ struct RunCommand: ParsableCommand {
         let logger = try logging.makeLogger()
         let preflight = Preflight()
         try preflight.checkRoot()
-        try preflight.checkLockdown()
         let function = try device.select()
-        try preflight.run(for: function.address)
+        let backendChoice: BackendChoice
+        switch chooseBackend(requested: backend, facts: try BackendFacts.read(function.address), bdf: function.bdf) {
+        case .failure(let e): throw e
+        case .success(let c): backendChoice = c
+        }
+        if backendChoice.backend == .vfio {
+            // vfio needs no BAR access through sysfs (so lockdown does not matter) and takes
+            // translated devices; it still reads guest-physical addresses for inflate PFNs.
+            try preflight.checkPagemap()
+        } else {
+            try preflight.checkLockdown()
+            try preflight.run(for: function.address)
+        }
+        logger.notice("backend: \(backendChoice.backend.rawValue): \(backendChoice.reason)")
         // Decided before anything changes: a refused --hint-source stops here.
         let debugSources = KernelMemoryDebugSources.read()
         let memoryConfig = GuestMemoryDebugConfig.detect(cmdline: debugSources.cmdline, kernelConfig: debugSources.kernelConfig,
@@ -186,8 +211,17 @@ struct RunCommand: ParsableCommand {
         let recovery = try recoverAfterCrash(root: .host, logger: logger, offlineBlocks: false)
         logger.debug("crash recovery: \(recovery)")
         let binder = DriverBinder(logger: logger)
-        let binding = try binder.bind(function.address, force: force)
-        logger.info("device bound", metadata: ["binding": "\(binding)"])
+        let binding: DeviceBinding
+        switch backendChoice.backend {
+        case .vfio:
+            let b = try binder.bindVFIO(function.address, force: force)
+            logger.info("device bound", metadata: ["binding": "\(b)"])
+            binding = .vfio(b)
+        case .uio, .auto:
+            let b = try binder.bind(function.address, force: force)
+            logger.info("device bound", metadata: ["binding": "\(b)"])
+            binding = .uio(b)
+        }
 
         var exitError: Error?
         do {
@@ -197,7 +231,7 @@ struct RunCommand: ParsableCommand {
         }
         DaemonState.remove(at: stateFile)
         if keepBound {
-            logger.info("leaving the device bound to uio_pci_generic (--keep-bound); `balloond unbind` restores \(binding.previousDriver ?? "the kernel's choice")")
+            logger.info("leaving the device bound to \(binding.driver) (--keep-bound); `balloond unbind` restores \(binding.previousDriver ?? "the kernel's choice")")
         } else {
             do {
                 let now = try binder.restore(function.address)
@@ -212,28 +246,28 @@ struct RunCommand: ParsableCommand {
 
     /// Everything that holds the device open lives in here, so it is all closed (uio fd, BAR
     /// mapping, DMA memory after the device reset) before the driver is restored.
-    private func serve(function: PCIFunction, binding: UIOBinding, memoryConfig: GuestMemoryDebugConfig,
+    private func serve(function: PCIFunction, binding: DeviceBinding, memoryConfig: GuestMemoryDebugConfig,
                        hintChoice: (source: HintSource, reason: String)?, logger: Logger) throws {
         // Issue 9 H2: all memory the device may touch comes from these memfds, which the
         // guardian also holds until the device is stopped, even if this process is killed.
         let arena = try DeviceMemoryArena()
         let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel)
         let signals = try SignalPipe()
-        let config = try SysfsConfigSpace(address: function.address)
-        let line = try UIOInterruptLine(devicePath: binding.devicePath, config: config)
-        let mapper = BARMapper(address: function.address)
-        let transport = try ModernPCITransport(config: config, barSizes: function.barSizes, mapBAR: { (i) throws(PCIError) -> MMIORegion in try mapper.map(i) },
-                                                pause: Sys.sleep(microseconds:))
+        let access = try DeviceAccess.open(binding, function: function, logger: logger)
+        let config = access.config
+        let transport = try ModernPCITransport(config: config, barSizes: access.barSizes, mapBAR: access.mapBAR, pause: Sys.sleep(microseconds:))
+        let line = try access.interruptLine(transport: transport, logger: logger)
         defer { guardian.markQuiescedIfStopped(deviceStatus: transport.status().rawValue, config: config) }  // after driver.shutdown()
         let compaction = CompactionHold(logger: logger)
         // What balloond holds, shared by the hint source and the balloon memory.
         let holdings = GuestMemoryHoldings()
-        let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, logger: logger)
+        let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, deviceMapper: access.deviceMapper, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
         let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, holdings: holdings, logger: logger)) }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
+        options.deviceAddressing = access.addressing
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
         var psi: PressureTrigger?
         do {
@@ -285,7 +319,7 @@ struct RunCommand: ParsableCommand {
         daemon.onIteration = { snapshot, restarts, force in
             let now = wallClockSeconds()
             let state = DaemonState(pid: Sys.processID, device: function.bdf, pciID: "\(hex4(function.vendorID)):\(hex4(function.deviceID))",
-                                    previousDriver: binding.previousDriver, uioDevice: binding.devicePath, dmaMemory: dmaDescription,
+                                    previousDriver: binding.previousDriver, uioDevice: access.interruptPath, dmaMemory: dmaDescription,
                                     hintSource: hints?.name, startedAt: started, updatedAt: now, restarts: restarts, driver: snapshot)
             let wasFailing = textfile?.failing ?? false
             do { try textfile?.update(state, now: now, force: force, version: Balloond.configuration.version) } catch {
@@ -377,3 +411,6 @@ extension RunCommand {
         return memory
     }
 }
+
+/// `--backend`.
+extension DeviceBackend: ExpressibleByArgument {}

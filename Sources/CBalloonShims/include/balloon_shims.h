@@ -70,4 +70,32 @@ int bs_memfd_create(const char *name, unsigned int flags);
 /// fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); -1 and errno.
 int bs_punch_hole(int fd, int64_t offset, int64_t length);
 
+// MARK: vfio (the Linux uapi header; its ioctl numbers are macros Swift cannot import)
+
+#include <linux/vfio.h>
+// eventfd and epoll, for vfio's interrupt eventfds (Swift's Glibc module leaves them out).
+#include <sys/eventfd.h>
+#include <sys/epoll.h>
+
+static inline unsigned long bs_vfio_get_api_version(void) { return VFIO_GET_API_VERSION; }
+static inline unsigned long bs_vfio_check_extension(void) { return VFIO_CHECK_EXTENSION; }
+static inline unsigned long bs_vfio_set_iommu(void) { return VFIO_SET_IOMMU; }
+static inline unsigned long bs_vfio_group_get_status(void) { return VFIO_GROUP_GET_STATUS; }
+static inline unsigned long bs_vfio_group_set_container(void) { return VFIO_GROUP_SET_CONTAINER; }
+static inline unsigned long bs_vfio_group_get_device_fd(void) { return VFIO_GROUP_GET_DEVICE_FD; }
+static inline unsigned long bs_vfio_device_get_info(void) { return VFIO_DEVICE_GET_INFO; }
+static inline unsigned long bs_vfio_device_get_region_info(void) { return VFIO_DEVICE_GET_REGION_INFO; }
+static inline unsigned long bs_vfio_device_get_irq_info(void) { return VFIO_DEVICE_GET_IRQ_INFO; }
+static inline unsigned long bs_vfio_device_set_irqs(void) { return VFIO_DEVICE_SET_IRQS; }
+static inline unsigned long bs_vfio_device_reset(void) { return VFIO_DEVICE_RESET; }
+static inline unsigned long bs_vfio_iommu_get_info(void) { return VFIO_IOMMU_GET_INFO; }
+static inline unsigned long bs_vfio_iommu_map_dma(void) { return VFIO_IOMMU_MAP_DMA; }
+static inline unsigned long bs_vfio_iommu_unmap_dma(void) { return VFIO_IOMMU_UNMAP_DMA; }
+
+/// ioctl(fd, request, arg) with a pointer argument; -1 and errno on failure.
+int bs_ioctl_pointer(int fd, unsigned long request, void *arg);
+/// ioctl(fd, request, value) with an integer argument (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU);
+/// -1 and errno on failure.
+int bs_ioctl_value(int fd, unsigned long request, unsigned long value);
+
 #endif
