@@ -172,6 +172,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()
+    /// Whether the features left out under ACCESS_PLATFORM were logged (once per run).
+    private var loggedTranslatedFeatures = false
     public private(set) var indices = BalloonQueueIndices(offered: [])
     public private(set) var poisonValue: UInt32?
     public internal(set) var counters = BalloonCounters()
@@ -266,10 +268,11 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         offered = transport.deviceFeatures()
         var want = Self.wantedFeatures(offered: offered, implemented: options.wantedFeatures, poison: options.poisonPolicy,
                                        addressing: options.deviceAddressing)
-        if want.contains(.accessPlatform), !isRunning, negotiated == [] {
+        if want.contains(.accessPlatform) {
             let dropped = options.wantedFeatures.intersection(offered).intersection([.freePageHint, .reporting]).subtracting(want)
-            if !dropped.isEmpty {
-                logger.warning("the device translates every address through the IOMMU (ACCESS_PLATFORM), and this hint source and balloon memory are not mapped there: leaving out \(dropped)")
+            if !dropped.isEmpty, !loggedTranslatedFeatures {
+                loggedTranslatedFeatures = true
+                logger.warning("the device translates every address through the IOMMU (ACCESS_PLATFORM), and this hint source and balloon memory are not mapped there: leaving out \(dropped.names.joined(separator: ", "))")
             }
         }
         if hintSource == nil { want.remove(.freePageHint) }

@@ -39,15 +39,26 @@ struct FeatureNegotiationTests {
         }
     }
 
-    @Test("ACCESS_PLATFORM is never accepted, and the error says why")
+    @Test("ACCESS_PLATFORM offered but not wanted (uio) is refused, and the error says why and names --backend vfio")
     func accessPlatformMessage() {
+        let allButAccessPlatform = FeatureBits(rawValue: ~0).subtracting(.accessPlatform)
         do {
-            _ = try negotiateFeatures(offered: Self.qemuDefault.union(.accessPlatform), wanted: FeatureBits(rawValue: ~0))
+            _ = try negotiateFeatures(offered: Self.qemuDefault.union(.accessPlatform), wanted: allButAccessPlatform)
             Issue.record("expected a refusal")
         } catch {
             #expect(error == .accessPlatformRequired)
             #expect(error.description.contains("iommu_platform"))
+            #expect(error.description.contains("--backend vfio"))
         }
+    }
+
+    @Test("ACCESS_PLATFORM is accepted only when offered and wanted (vfio maps what the device reaches)")
+    func accessPlatformWanted() throws {
+        let offered = Self.qemuDefault.union(.accessPlatform)
+        let accepted = try negotiateFeatures(offered: offered, wanted: [.statsVQ, .accessPlatform])
+        #expect(accepted == [.statsVQ, .accessPlatform, .version1])
+        // Wanted but not offered: not accepted (and no error).
+        #expect(try negotiateFeatures(offered: Self.qemuDefault, wanted: [.statsVQ, .accessPlatform]).contains(.accessPlatform) == false)
     }
 
     @Test("feature halves round-trip and names are readable")
