@@ -46,7 +46,7 @@ scripts/test-package.sh
 # during a hint round; on 10.0 TCG destinations stay clean, docs/virtio-balloon.md §11).
 # The harness's own command-channel test and the bad-input cases (balloond's own checks, the
 # same on both kernels) run once, on 7.2.
-PLATFORM10_TESTS='GuestBootTests/(transitionalDevice|modernOnlyDevice)|BalloondGuestTests/(transitionalLifecycle|modernOnly)|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|offlineSourceSavesBytes|killDuringRound)'
+PLATFORM10_TESTS='GuestBootTests/(transitionalDevice|modernOnlyDevice)|BalloondGuestTests/(transitionalLifecycle|modernOnly)|BalloonSizingTests/(inKernelInflateDeflate|balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|offlineSourceSavesBytes|killDuringRound)|VFIOBackendTests/lifecycle'
 
 # CI time: 12 kill trials (4 of each kind, ~17 s each) instead of the test's default 30;
 # BALLOOND_KILL_TRIALS=30 scripts/test.sh --filter KillTrialsTests runs the full set.

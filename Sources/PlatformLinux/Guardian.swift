@@ -42,6 +42,10 @@ public indirect enum GuardianDeviceError: Error, Hashable, Sendable, CustomStrin
     case resetTimedOut(address: PCIAddress, milliseconds: Int)
     /// Bus Master still reads as set after clearing it.
     case busMasterStillSet(address: PCIAddress)
+    /// The device is bound to vfio-pci: its BARs are not the guardian's to map (the kernel
+    /// revokes a sysfs BAR mapping once vfio-pci claims the BAR), so the device is stopped
+    /// through Bus Master alone (vfio-pci's own release clears it too).
+    case noBARAccessUnderVFIO(address: PCIAddress)
     /// `prepare` could not resolve device_status, config space, or both (nil: that part worked).
     case notPrepared(deviceStatus: GuardianDeviceError?, configSpace: PlatformError?)
 
@@ -59,6 +63,8 @@ public indirect enum GuardianDeviceError: Error, Hashable, Sendable, CustomStrin
             return "device_status of \(address) did not read 0 within \(milliseconds) ms after the reset"
         case .busMasterStillSet(let address):
             return "Bus Master of \(address) is still set after clearing it"
+        case .noBARAccessUnderVFIO(let address):
+            return "\(address) is bound to vfio-pci: the guardian stops it through Bus Master only"
         case .notPrepared(let deviceStatus, let configSpace):
             return [deviceStatus.map { "device_status: \($0)" }, configSpace.map { "config space: \($0)" }]
                 .compactMap { $0 }.joined(separator: "; ")
@@ -150,18 +156,23 @@ public final class SysfsGuardedDevice: GuardedDevice {
     public let root: SysRoot
     /// device_status reads of at most this many milliseconds (QEMU resets synchronously).
     public var resetTimeoutMilliseconds = 100
+    /// false under vfio: BAR4 is never mapped through sysfs (see `noBARAccessUnderVFIO`).
+    public let barAccess: Bool
     private var statusWindow: (bar: MMIOWindow, offset: Int)?
     private var config: SysfsConfigSpace?
 
-    public init(address: PCIAddress, root: SysRoot = .host) {
+    public init(address: PCIAddress, root: SysRoot = .host, barAccess: Bool = true) {
         self.address = address
         self.root = root
+        self.barAccess = barAccess
     }
 
     public func prepare() throws(GuardianDeviceError) {
         var statusError: GuardianDeviceError?
         var configError: PlatformError?
-        do { statusWindow = try resolveStatus() } catch { statusError = error }
+        if barAccess {
+            do { statusWindow = try resolveStatus() } catch { statusError = error }
+        }
         do { config = try SysfsConfigSpace(address: address, root: root) } catch { configError = error }
         if statusError != nil || configError != nil { throw .notPrepared(deviceStatus: statusError, configSpace: configError) }
     }
@@ -186,6 +197,7 @@ public final class SysfsGuardedDevice: GuardedDevice {
     }
 
     public func reset() throws(GuardianDeviceError) {
+        guard barAccess else { throw .noBARAccessUnderVFIO(address: address) }
         let window: (bar: MMIOWindow, offset: Int)
         if let prepared = statusWindow { window = prepared } else { window = try resolveStatus() }
         let (bar, status) = window
@@ -327,8 +339,11 @@ public final class GuardianLink {
     /// the channel, the ready pipe and the memfds as descriptors 3–6, and returns once the
     /// guardian said it is ready (within `readyTimeoutMilliseconds`). Call it before the first
     /// DMA allocation.
+    ///
+    /// - Parameter vfio: the device is bound to vfio-pci: the guardian stops it through Bus
+    ///   Master only and never maps its BARs.
     public static func start(arena: DeviceMemoryArena, device: PCIAddress, root: SysRoot = .host, executable: String = "/proc/self/exe",
-                             readyTimeoutMilliseconds: Int32 = 5000, logLevel: String = "info") throws(GuardianStartError) -> GuardianLink {
+                             readyTimeoutMilliseconds: Int32 = 5000, logLevel: String = "info", vfio: Bool = false) throws(GuardianStartError) -> GuardianLink {
         func pipeCloexec() throws(GuardianStartError) -> (read: OpenFile, write: OpenFile) {
             var fds: [Int32] = [0, 0]
             guard unsafe pipe(&fds) == 0 else { throw .system(SystemCallError(call: "pipe", path: nil, errno: Errno(rawValue: errno))) }
@@ -340,6 +355,7 @@ public final class GuardianLink {
         var arguments = ["balloond-guardian", "guardian", "--device", device.bdf, "--log-level", logLevel]
         if !root.isHost { arguments += ["--sys-root", root.prefix] }
         if arena.huge != nil { arguments.append("--huge-memfd") }
+        if vfio { arguments.append("--vfio") }
 
         var actions = unsafe posix_spawn_file_actions_t()
         unsafe posix_spawn_file_actions_init(&actions)

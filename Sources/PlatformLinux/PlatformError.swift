@@ -64,7 +64,7 @@ public enum PlatformError: Error, Hashable, Sendable, CustomStringConvertible {
         case .kernelLockdown(let mode):
             return "the kernel is in lockdown mode '\(mode)' (usually enforced by UEFI Secure Boot): it forbids userspace access to PCI BARs, so uio cannot work. Disable Secure Boot in the VM firmware, or boot a kernel that is not locked down (lockdown cannot be lifted at run time)"
         case .iommuTranslating(let bdf, let group, let type):
-            return "PCI function \(bdf) is in IOMMU group \(group) with domain type '\(type)': the guest IOMMU translates its DMA, so the guest-physical ring addresses balloond programs would be wrong. Boot the guest with iommu=pt (or intel_iommu=off / amd_iommu=off)"
+            return "PCI function \(bdf) is in IOMMU group \(group) with domain type '\(type)': the guest IOMMU translates its DMA, so the guest-physical ring addresses the uio backend programs would be wrong. Use --backend vfio (it maps balloond's memory in the IOMMU), or boot the guest with iommu=pt (or intel_iommu=off / amd_iommu=off)"
         case .pagemap(let p):
             return p.description
         case .hugePages(let p):

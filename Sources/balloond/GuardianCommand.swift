@@ -20,6 +20,8 @@ struct GuardianCommand: ParsableCommand {
     var sysRoot: String = "/"
     @Flag(help: "Descriptor 6 is the hugetlbfs memfd.")
     var hugeMemfd = false
+    @Flag(help: "The device is bound to vfio-pci: stop it through Bus Master only (its BARs belong to vfio).")
+    var vfio = false
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
@@ -27,7 +29,7 @@ struct GuardianCommand: ParsableCommand {
         guard let address = PCIAddress(device) else { throw ValidationError("'\(device)' is not a PCI address") }
         let root = SysRoot(sysRoot)
         let worker = Sys.parentProcessID
-        let status = GuardianProcess.run(device: SysfsGuardedDevice(address: address, root: root), hasHugeMemfd: hugeMemfd,
+        let status = GuardianProcess.run(device: SysfsGuardedDevice(address: address, root: root, barAccess: !vfio), hasHugeMemfd: hugeMemfd,
                                          pool: HugePagePool(root: root), root: root, logger: logger) { quiesced in
             guard !quiesced else { return }
             // A killed worker may have grown the hugetlb pool for a hint round or changed

@@ -183,10 +183,16 @@ struct RunCommand: ParsableCommand {
         let preflight = Preflight()
         try preflight.checkRoot()
         let function = try device.select()
+        let facts = try BackendFacts.read(function.address)
         let backendChoice: BackendChoice
-        switch chooseBackend(requested: backend, facts: try BackendFacts.read(function.address), bdf: function.bdf) {
+        switch chooseBackend(requested: backend, facts: facts, bdf: function.bdf) {
         case .failure(let e): throw e
         case .success(let c): backendChoice = c
+        }
+        if backendChoice.backend == .vfio, let group = facts.group {
+            // vfio owns whole groups: refuse before unbinding anything.
+            let blockers = group.blockers(besides: function.address)
+            if !blockers.isEmpty { throw VFIOError.groupNotViable(group: group.number, blockers: blockers) }
         }
         if backendChoice.backend == .vfio {
             // vfio needs no BAR access through sysfs (so lockdown does not matter) and takes
@@ -251,7 +257,9 @@ struct RunCommand: ParsableCommand {
         // Issue 9 H2: all memory the device may touch comes from these memfds, which the
         // guardian also holds until the device is stopped, even if this process is killed.
         let arena = try DeviceMemoryArena()
-        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel)
+        var isVFIO = false
+        if case .vfio = binding { isVFIO = true }
+        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel, vfio: isVFIO)
         let signals = try SignalPipe()
         let access = try DeviceAccess.open(binding, function: function, logger: logger)
         let config = access.config

@@ -47,6 +47,12 @@ final class GuestVM {
         var modernOnly: Bool
         /// false: no balloon device at all.
         var balloon: Bool
+        /// A virtual Intel IOMMU with interrupt remapping (run-guest.sh VIOMMU=1), the guest
+        /// booted with intel_iommu=on: what balloond's vfio backend needs.
+        var viommu: Bool
+        /// With `viommu`: the balloon gets iommu_platform=on (ACCESS_PLATFORM; needs
+        /// `modernOnly`), so QEMU translates every address it uses through the vIOMMU.
+        var iommuPlatform: Bool
         /// Appended to the QEMU command line verbatim (e.g. ["-trace", "virtio_balloon_*"]).
         var extraQEMUArgs: [String]
         /// How long to wait for the ready marker.
@@ -64,7 +70,7 @@ final class GuestVM {
 
         init(name: String = #function, memory: String = "1G", cpus: Int = 1, cpuModel: String? = nil,
              kernelArgs: [String] = [], balloonProperties: [String] = [], modernOnly: Bool = false,
-             balloon: Bool = true, extraQEMUArgs: [String] = [],
+             balloon: Bool = true, viommu: Bool = false, iommuPlatform: Bool = false, extraQEMUArgs: [String] = [],
              bootTimeout: TimeInterval = environmentNumber("BALLOOND_BOOT_TIMEOUT") ?? 90,
              qemuVersion: String? = nil, guestKernel: String? = nil) {
             self.name = name
@@ -75,6 +81,8 @@ final class GuestVM {
             self.balloonProperties = balloonProperties
             self.modernOnly = modernOnly
             self.balloon = balloon
+            self.viommu = viommu
+            self.iommuPlatform = iommuPlatform
             self.extraQEMUArgs = extraQEMUArgs
             self.bootTimeout = bootTimeout
             self.qemuVersion = qemuVersion
@@ -177,6 +185,8 @@ final class GuestVM {
         env["BALLOON_PROPS"] = options.balloonProperties.joined(separator: ",")
         env["MODERN_ONLY"] = options.modernOnly ? "1" : "0"
         env["BALLOON"] = options.balloon ? "1" : "0"
+        env["VIOMMU"] = options.viommu ? "1" : "0"
+        env["VIOMMU_PLATFORM"] = options.iommuPlatform ? "1" : "0"
         env["CONSOLE"] = "file"
         env["QEMU_EXTRA"] = ""
         env["PARENT_PID"] = String(getpid())
