@@ -25,8 +25,7 @@ public struct BalloonDriverOptions: Sendable {
     /// addresses and ACCESS_PLATFORM is never accepted. `.iommu` (vfio): every address
     /// balloond gives the device is mapped in the IOMMU at that address (IOVA = GPA), so
     /// ACCESS_PLATFORM is accepted when offered; hint and report ranges then have to be
-    /// mapped as well, which only `ownedMemoryMapped` sources do, else those features are
-    /// left out.
+    /// mapped as well, else those features are left out.
     public var deviceAddressing: DeviceAddressing = .guestPhysical
 
     public init(wantedFeatures: FeatureBits = balloonImplementedFeatures,
@@ -43,8 +42,9 @@ public enum DeviceAddressing: Hashable, Sendable {
     /// Descriptors carry guest-physical addresses (uio; no IOMMU in the way).
     case guestPhysical
     /// Descriptors carry IOVAs that balloond mapped at the guest-physical address (vfio).
-    /// `ownedMemoryMapped`: the hint source and the reporting memory map what they hand out.
-    case iommu(ownedMemoryMapped: Bool)
+    /// `hintsMapped`: the hint source maps what it hands out; `reportsMapped`: the balloon
+    /// memory maps the blocks it reports.
+    case iommu(hintsMapped: Bool, reportsMapped: Bool)
 }
 
 /// Counters the driver keeps (shown by `balloond status`).
@@ -229,10 +229,11 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         switch addressing {
         case .guestPhysical:
             want.remove(.accessPlatform)
-        case .iommu(let ownedMemoryMapped):
+        case .iommu(let hintsMapped, let reportsMapped):
             if offered.contains(.accessPlatform) {
                 want.insert(.accessPlatform)
-                if !ownedMemoryMapped { want.subtract([.freePageHint, .reporting]) }
+                if !hintsMapped { want.remove(.freePageHint) }
+                if !reportsMapped { want.remove(.reporting) }
             }
         }
         return want
@@ -272,7 +273,7 @@ public final class BalloonDriver<Transport: VirtioTransport> {
             let dropped = options.wantedFeatures.intersection(offered).intersection([.freePageHint, .reporting]).subtracting(want)
             if !dropped.isEmpty, !loggedTranslatedFeatures {
                 loggedTranslatedFeatures = true
-                logger.warning("the device translates every address through the IOMMU (ACCESS_PLATFORM), and this hint source and balloon memory are not mapped there: leaving out \(dropped.names.joined(separator: ", "))")
+                logger.warning("the device translates every address through the IOMMU (ACCESS_PLATFORM), and the memory behind these features is not mapped there: leaving out \(dropped.names.joined(separator: ", "))")
             }
         }
         if hintSource == nil { want.remove(.freePageHint) }

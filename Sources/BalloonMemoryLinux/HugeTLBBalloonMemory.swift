@@ -68,6 +68,12 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
     private let logger: Logger
     private var held: [UInt64: Held] = [:]
     private var nextHandle: UInt64 = 1
+    /// With vfio and ACCESS_PLATFORM: each 2 MiB page is mapped in the IOMMU at its
+    /// guest-physical address when taken (so a report of it is a valid device address) and
+    /// unmapped before it is given back. Inflate PFNs are guest-physical and need no mapping.
+    public var deviceMapper: DeviceAddressMapper?
+    /// Pages whose IOMMU mapping could not be removed: never given back.
+    private var keptMapped: [Held] = []
 
     public var heldBytes: UInt64 { UInt64(held.count) * Self.blockBytes }
     /// `nr_overcommit_hugepages` for the 2 MiB size (absolute guest path).
@@ -178,6 +184,25 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
             do { heads = try verifiedHeads(of: mapping, count: n) } catch {
                 return try stop(error)
             }
+            if let deviceMapper {
+                var mappedCount = 0
+                var failure: VFIOError?
+                for (i, head) in heads.enumerated() {
+                    do { try deviceMapper.map(virtualAddress: mapping.slotAddress(i), length: Int(Self.blockBytes), at: head * balloonPageSize) } catch {
+                        failure = error
+                        break
+                    }
+                    mappedCount += 1
+                }
+                if let failure {
+                    for (i, head) in heads.prefix(mappedCount).enumerated() {
+                        try? deviceMapper.unmap(deviceAddress: head * balloonPageSize, length: Int(Self.blockBytes))
+                        mapping.release(slot: i)
+                    }
+                    for i in mappedCount..<heads.count { mapping.release(slot: i) }
+                    return try stop(.deviceMappingFailed(failure))
+                }
+            }
             for (i, head) in heads.enumerated() {
                 let handle = nextHandle
                 nextHandle += 1
@@ -200,10 +225,22 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
         return Self.problem(entries, expectedHead: h.headPFN) == nil
     }
 
+    /// Removes the page's IOMMU mapping; false (page kept for good) when that fails.
+    private func unmapForDevice(_ h: Held) -> Bool {
+        guard let deviceMapper else { return true }
+        do { try deviceMapper.unmap(deviceAddress: h.headPFN * balloonPageSize, length: Int(Self.blockBytes)) } catch {
+            logger.critical("\(error); keeping the 2 MiB page at 0x\(String(h.headPFN * balloonPageSize, radix: 16))")
+            keptMapped.append(h)
+            return false
+        }
+        return true
+    }
+
     public func release(_ blocks: [BalloonBlock]) {
         var any = false
         for b in blocks {
             guard let h = held.removeValue(forKey: b.handle) else { continue }
+            guard unmapForDevice(h) else { continue }
             h.mapping.release(slot: h.slot)
             budget.released(Self.blockBytes)
             any = true
@@ -212,7 +249,7 @@ public final class HugeTLBBalloonMemory: BalloonMemory {
     }
 
     public func releaseAll() {
-        for (_, h) in held { h.mapping.release(slot: h.slot) }
+        for (_, h) in held where unmapForDevice(h) { h.mapping.release(slot: h.slot) }
         let bytes = heldBytes
         held = [:]
         if bytes > 0 { budget.released(bytes) }

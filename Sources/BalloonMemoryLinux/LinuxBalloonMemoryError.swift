@@ -5,6 +5,8 @@ import PlatformLinux
 /// Why a Linux balloon backend cannot take or keep memory. The driver sees it inside a
 /// `BalloonMemoryError`.
 public enum LinuxBalloonMemoryError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// Mapping a taken 2 MiB page in the IOMMU (vfio) failed.
+    case deviceMappingFailed(VFIOError)
     /// No `nr_overcommit_hugepages` for 2 MiB pages (`hugePagesDirectory` is the per-size
     /// sysfs directory under the root).
     case noOvercommitSetting(hugePagesDirectory: String)
@@ -35,6 +37,7 @@ public enum LinuxBalloonMemoryError: Error, Hashable, Sendable, CustomStringConv
         switch self {
         case .noOvercommitSetting(let directory):
             return "this kernel has no nr_overcommit_hugepages for 2 MiB hugetlb pages (neither \(directory) nor /proc/sys/vm/nr_overcommit_hugepages with Hugepagesize 2048 kB): it needs CONFIG_HUGETLBFS"
+        case .deviceMappingFailed(let e): return "cannot map a balloon page for the device: \(e)"
         case .cannotReadMemoryState(let e): return "cannot read the guest's memory state: \(e)"
         case .overcommitOverflow(let path, let value, let raiseBy):
             return "\(path) is \(value): raising it by \(raiseBy) would overflow; set it to a sane value (e.g. 0) and restart balloond"

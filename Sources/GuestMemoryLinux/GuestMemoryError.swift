@@ -45,6 +45,8 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
     case noPFN(page: Int, entry: PagemapEntry)
     /// Setting `path` to `value` failed while holding it there (`CompactionHold`).
     indirect case cannotHold(path: String, value: UInt64, GuestMemoryError)
+    /// Mapping owned memory in the IOMMU for the device (vfio) failed.
+    case deviceMappingFailed(VFIOError)
     /// The anonymous hint source cannot keep compaction off its locked pages.
     indirect case compactionNotPrevented(GuestMemoryError)
     /// Crash recovery could not read the hugetlb pool size for `stateFile`.
@@ -84,6 +86,8 @@ public enum GuestMemoryError: Error, Hashable, Sendable, CustomStringConvertible
         case .noPFN(let page, let entry):
             return "page \(page) of a populated, locked chunk has no PFN in /proc/self/pagemap (\(entry)); balloond needs CAP_SYS_ADMIN for PFNs"
         case .cannotHold(let path, let value, let e): return "cannot set \(path) to \(value): \(e)"
+        case .deviceMappingFailed(let e):
+            return "cannot map owned memory for the device: \(e)"
         case .compactionNotPrevented(let e):
             return "not taking anonymous memory: \(e); without vm.compact_unevictable_allowed=0 compaction could move a hinted page"
         case .cannotReadPoolSize(let stateFile, let e): return "reading the hugetlb pool size for \(stateFile) failed: \(e)"

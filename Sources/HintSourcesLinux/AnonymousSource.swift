@@ -77,6 +77,8 @@ public final class AnonymousSource: FreePageSource {
         var verifiedAfterHints = false
         /// Pages already reported as moved (each is counted and logged once).
         var reportedMoves: Set<Int> = []
+        /// IOMMU mappings (vfio): device address and length of each run.
+        var deviceMappings: [(address: UInt64, length: Int)] = []
         init(id: Int, round: Int, chunk: AnonymousChunk, pfns: [UInt64]) {
             self.id = id
             self.round = round
@@ -101,6 +103,13 @@ public final class AnonymousSource: FreePageSource {
     private var pressureAtRoundStart: MemoryPressure?
     private var pending: [(range: GuestPhysicalRange, chunk: Int)] = []
     private var outstanding = OutstandingHints<Int>()
+
+    /// With vfio and ACCESS_PLATFORM: every hinted page is mapped in the IOMMU at its
+    /// guest-physical address (IOVA = GPA) before its ranges are handed out, and unmapped
+    /// before the chunk is released, so the hint ranges are valid device addresses.
+    public var deviceMapper: DeviceAddressMapper?
+    /// Chunks kept because their IOMMU mappings could not be removed (never released).
+    private var keptMapped: [AnonymousChunk] = []
 
     public private(set) var lastRound = RoundStatistics()
     /// Pages found moved (see the safety argument); 0 in a healthy run.
@@ -267,11 +276,40 @@ public final class AnonymousSource: FreePageSource {
         }
         let id = nextChunkID
         nextChunkID += 1
-        held[id] = Held(id: id, round: round, chunk: chunk, pfns: pfns)
+        let h = Held(id: id, round: round, chunk: chunk, pfns: pfns)
+        if let deviceMapper {
+            do { h.deviceMappings = try mapForDevice(chunk: chunk, pfns: pfns, mapper: deviceMapper) } catch {
+                chunk.release()
+                releaseCompactionIfIdle()
+                throw error
+            }
+        }
+        held[id] = h
         lastRound.chunks += 1
         lastRound.bytesTaken += bytes
         let ranges = pfns.sorted().map { GuestPhysicalRange(start: $0 * balloonPageSize, length: balloonPageSize) }
         for r in coalesce(ranges, maxLength: maxRangeBytes) { pending.append((r, id)) }
+    }
+
+    /// Maps the chunk in the IOMMU at IOVA = GPA, one mapping per run of pages that are
+    /// consecutive both in the chunk and in physical memory. On any failure what was mapped
+    /// is unmapped again and the chunk is not used.
+    private func mapForDevice(chunk: AnonymousChunk, pfns: [UInt64], mapper: DeviceAddressMapper) throws(GuestMemoryError) -> [(address: UInt64, length: Int)] {
+        var mapped: [(address: UInt64, length: Int)] = []
+        var i = 0
+        while i < pfns.count {
+            var n = 1
+            while i + n < pfns.count, pfns[i + n] == pfns[i] + UInt64(n) { n += 1 }
+            let address = pfns[i] * balloonPageSize
+            let length = n * Int(balloonPageSize)
+            do { try mapper.map(virtualAddress: chunk.base + UInt(i) * UInt(balloonPageSize), length: length, at: address) } catch {
+                for m in mapped { try? mapper.unmap(deviceAddress: m.address, length: m.length) }
+                throw .deviceMappingFailed(error)
+            }
+            mapped.append((address, length))
+            i += n
+        }
+        return mapped
     }
 
     /// Whether every page of `h` is still present at the PFN read after populating; a moved
@@ -335,6 +373,21 @@ public final class AnonymousSource: FreePageSource {
     private func release(_ id: Int) {
         guard let h = held.removeValue(forKey: id) else { return }
         verify(h, when: "just before release")
+        if let deviceMapper {
+            // The device loses its way in first; a mapping that cannot be removed keeps the
+            // chunk (vfio also keeps its pages pinned, so the kernel could not reuse them).
+            var unmapped = true
+            for m in h.deviceMappings {
+                do { try deviceMapper.unmap(deviceAddress: m.address, length: m.length) } catch {
+                    logger.critical("\(error); keeping the chunk")
+                    unmapped = false
+                }
+            }
+            if !unmapped {
+                keptMapped.append(h.chunk)
+                return
+            }
+        }
         h.chunk.release()
         if held.isEmpty, let oom, let problem = oom.restore() { logger.warning("\(problem)") }
         releaseCompactionIfIdle()

@@ -66,7 +66,7 @@ final class DeviceAccess {
             let device = try VFIODevice(address: function.address, kernel: LinuxVFIOKernel(), logger: logger)
             return DeviceAccess(config: device.configSpace(), barSizes: device.barSizes,
                                 mapBAR: { (i) throws(PCIError) -> MMIORegion in try device.mapBAR(i) },
-                                deviceMapper: device, addressing: .iommu(ownedMemoryMapped: false), interruptPath: "/dev/vfio/\(b.group)",
+                                deviceMapper: device, addressing: .iommu(hintsMapped: false, reportsMapped: false), interruptPath: "/dev/vfio/\(b.group)",
                                 makeLine: { transport, logger in try Self.vfioLine(device, transport: transport, logger: logger) })
         }
     }

@@ -272,11 +272,39 @@ struct RunCommand: ParsableCommand {
         let (allocator, dmaDescription) = try makeDMAAllocator(arena: arena, migrationHold: compaction, deviceMapper: access.deviceMapper, logger: logger)
         logger.info("DMA memory", metadata: ["memory": "\(dmaDescription)"])
         logger.info("guest memory debugging", metadata: ["config": "\(memoryConfig)", "poison": "\(memoryConfig.poisonPolicy)"])
+        // With vfio and a device that translates every address (ACCESS_PLATFORM), hint and
+        // report ranges must be mapped in the IOMMU: only memory balloond owns and has mapped
+        // can be (the anonymous source; the balloon's hugetlb pages).
+        let translated = access.deviceMapper != nil && transport.deviceFeatures().contains(.accessPlatform)
+        var hintChoice = hintChoice
+        if translated, let choice = hintChoice, choice.source != .anonymous {
+            if hintSource == .auto {
+                logger.notice("free page hint source: anonymous instead of \(choice.source.rawValue): the device translates every address through the IOMMU (ACCESS_PLATFORM), and only the anonymous source's pages are mapped there page by page")
+                hintChoice = (.anonymous, "ACCESS_PLATFORM under vfio")
+            } else {
+                logger.warning("--hint-source \(choice.source.rawValue) cannot hint a device that translates every address through the IOMMU (ACCESS_PLATFORM): its pages are not mapped there (only anonymous's are); free page hinting is off")
+                hintChoice = nil
+            }
+        }
         let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, holdings: holdings, logger: logger)) }
+        var hintsMapped = !translated
+        if translated, let anonymous = hints?.source as? AnonymousSource {
+            anonymous.deviceMapper = access.deviceMapper
+            hintsMapped = true
+        }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
-        options.deviceAddressing = access.addressing
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
+        var reportsMapped = !translated
+        if translated, let huge = ((memory as? TieredBalloonMemory)?.huge ?? memory) as? HugeTLBBalloonMemory {
+            huge.deviceMapper = access.deviceMapper
+            reportsMapped = true
+        }
+        if case .iommu = access.addressing {
+            options.deviceAddressing = .iommu(hintsMapped: hintsMapped, reportsMapped: reportsMapped)
+        } else {
+            options.deviceAddressing = access.addressing
+        }
         var psi: PressureTrigger?
         do {
             psi = try PressureTrigger(stallMicroseconds: Int(options.pressure.psiStall.whole(.microseconds(1))), windowMicroseconds: Int(options.pressure.psiWindow.whole(.microseconds(1))))
