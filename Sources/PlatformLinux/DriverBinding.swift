@@ -147,6 +147,7 @@ public final class DriverBinder {
     /// vfio_pci), the same way `bind` binds uio_pci_generic. The device must be in an IOMMU
     /// group (vfio-pci refuses devices no IOMMU translates).
     public func bindVFIO(_ address: PCIAddress, force: Bool = false) throws(PlatformError) -> VFIOBinding {
+        try requireVirtioBalloon(address)
         guard let group = try IOMMUGroup.of(address, root: root) else {
             throw .bindFailed(bdf: address.bdf, expected: vfioPCIDriver, found: try currentDriver(of: address), detail: .noIOMMUGroup)
         }
@@ -230,7 +231,7 @@ public final class DriverBinder {
         let ours = current == uioPCIGenericDriver || (current == vfioPCIDriver && hasStateFile)
         if let current, !ours {
             logger.info("\(address) is bound to \(current), not \(uioPCIGenericDriver); nothing to restore")
-            try clearOverrideIfOurs(address)
+            try clearOverrideIfOurs(address, hasStateFile: hasStateFile)
             removeStateFile(address)
             return current
         }
@@ -301,9 +302,11 @@ public final class DriverBinder {
         }
     }
 
-    private func clearOverrideIfOurs(_ address: PCIAddress) throws(PlatformError) {
+    /// Clears a uio_pci_generic override (only balloond sets one), or a vfio-pci override when
+    /// balloond's state file says it set it (else it is a VM passthrough's).
+    private func clearOverrideIfOurs(_ address: PCIAddress, hasStateFile: Bool) throws(PlatformError) {
         let path = address.sysfsDirectory(in: root) + "/driver_override"
-        guard let value = try? Sys.readAttribute(path), Self.userspaceDrivers.contains(value) else { return }
+        guard let value = try? Sys.readAttribute(path), value == uioPCIGenericDriver || (value == vfioPCIDriver && hasStateFile) else { return }
         try kernel.writeAttribute(path, "\n")
     }
 

@@ -41,12 +41,21 @@ public struct ModuleLoader {
         return false
     }
 
+    /// Where each module balloond loads lives under `kernel/` (its file name as the kernel
+    /// tree spells it: vfio_pci's file is `vfio-pci.ko`).
+    static let moduleFiles: [String: String] = [
+        "uio": "drivers/uio/uio", "uio_pci_generic": "drivers/uio/uio_pci_generic",
+        "vfio": "drivers/vfio/vfio", "vfio_iommu_type1": "drivers/vfio/vfio_iommu_type1",
+        "vfio_pci": "drivers/vfio/pci/vfio-pci", "vfio_pci_core": "drivers/vfio/pci/vfio-pci-core",
+    ]
+
     /// The candidate module files, in the order tried.
     public func moduleFileCandidates(_ name: String) -> [String] {
+        let file = Self.moduleFiles[name] ?? "drivers/uio/\(name)"
         var result: [String] = []
         for base in ["/lib/modules", "/usr/lib/modules"] {
             for ext in [".ko", ".ko.xz", ".ko.zst"] {
-                result.append("\(base)/\(kernelRelease)/kernel/drivers/uio/\(name)\(ext)")
+                result.append("\(base)/\(kernelRelease)/kernel/\(file)\(ext)")
             }
         }
         return result

@@ -44,10 +44,14 @@ public struct IOMMUGroup: Hashable, Sendable, CustomStringConvertible {
         return IOMMUGroup(number: number, domainType: type, members: members)
     }
 
+    /// Drivers whose devices do not keep a group from being viable: vfio's own, pci-stub, and
+    /// pcieport (it manages no DMA: `driver_managed_dma`).
+    static let viableDrivers: Set<String> = [vfioPCIDriver, "pci-stub", "pcieport"]
+
     /// Members other than `address` that keep the group from being viable for vfio: bound
-    /// to a driver other than vfio-pci or pci-stub (unbound ones are fine).
+    /// to a driver other than those (unbound ones are fine).
     public func blockers(besides address: PCIAddress) -> [Member] {
-        members.filter { $0.address != address && $0.driver != nil && $0.driver != vfioPCIDriver && $0.driver != "pci-stub" }
+        members.filter { $0.address != address && $0.driver.map { !Self.viableDrivers.contains($0) } ?? false }
     }
 
     public var description: String {
@@ -269,7 +273,10 @@ public final class VFIODevice: DeviceAddressMapper {
         guard iommu.allows(iova: deviceAddress, size: size) else {
             throw .badMapping(iova: deviceAddress, size: size, reason: "outside the IOMMU's usable IOVA ranges")
         }
-        if let clash = mappings.first(where: { $0.key < deviceAddress + size && deviceAddress < $0.key + $0.value }) {
+        // Inclusive ends (allows() checked that the last byte does not wrap; so did each
+        // earlier mapping's).
+        let last = deviceAddress + (size - 1)
+        if let clash = mappings.first(where: { $0.key <= last && deviceAddress <= $0.key + ($0.value - 1) }) {
             throw .badMapping(iova: deviceAddress, size: size, reason: "it overlaps the mapping at 0x\(String(clash.key, radix: 16)) (+\(clash.value))")
         }
         do { try kernel.mapDMA(container: container, virtualAddress: virtualAddress, iova: deviceAddress, size: size) } catch {

@@ -162,7 +162,11 @@ public final class VFIOMSIXLine: InterruptLine {
     /// A config change when the config vector fired, a queue notification for any other.
     public func takeCauses() -> ISRStatus {
         var causes: ISRStatus = []
-        for v in fired { causes.insert(v == plan.configVector ? .configChange : .queue) }
+        for v in fired {
+            // With a single vector, vector 0 serves the config change and every queue.
+            if plan.vectorCount == 1 { causes.formUnion([.configChange, .queue]); continue }
+            causes.insert(v == plan.configVector ? .configChange : .queue)
+        }
         fired.removeAll()
         return causes
     }

@@ -26,7 +26,7 @@ struct DeviceAddressingTests {
     @Test("IOMMU addressing without owned memory mapped: ACCESS_PLATFORM accepted, free page hinting and reporting left out")
     func iommuUnmappedOwnedMemory() {
         let want = Driver.wantedFeatures(offered: allWithPlatform, implemented: balloonImplementedFeatures, poison: .none,
-                                         addressing: .iommu(ownedMemoryMapped: false))
+                                         addressing: .iommu(hintsMapped: false, reportsMapped: false))
         #expect(want.contains(.accessPlatform))
         #expect(!want.contains(.freePageHint))
         #expect(!want.contains(.reporting))
@@ -39,14 +39,24 @@ struct DeviceAddressingTests {
     @Test("IOMMU addressing with owned memory mapped keeps hinting and reporting beside ACCESS_PLATFORM")
     func iommuMappedOwnedMemory() {
         let want = Driver.wantedFeatures(offered: allWithPlatform, implemented: balloonImplementedFeatures, poison: .none,
-                                         addressing: .iommu(ownedMemoryMapped: true))
+                                         addressing: .iommu(hintsMapped: true, reportsMapped: true))
         #expect(want.isSuperset(of: [.accessPlatform, .freePageHint, .reporting, .statsVQ]))
+    }
+
+    @Test("IOMMU addressing keeps each feature whose memory is mapped and drops the other")
+    func iommuPartlyMapped() {
+        let hintsOnly = Driver.wantedFeatures(offered: allWithPlatform, implemented: balloonImplementedFeatures, poison: .none,
+                                              addressing: .iommu(hintsMapped: true, reportsMapped: false))
+        #expect(hintsOnly.contains(.freePageHint) && !hintsOnly.contains(.reporting) && hintsOnly.contains(.accessPlatform))
+        let reportsOnly = Driver.wantedFeatures(offered: allWithPlatform, implemented: balloonImplementedFeatures, poison: .none,
+                                                addressing: .iommu(hintsMapped: false, reportsMapped: true))
+        #expect(!reportsOnly.contains(.freePageHint) && reportsOnly.contains(.reporting) && reportsOnly.contains(.accessPlatform))
     }
 
     @Test("IOMMU addressing when ACCESS_PLATFORM is not offered changes nothing against guest-physical", arguments: [true, false])
     func iommuNotOffered(mapped: Bool) {
         for poison in [PagePoisonPolicy.none, .poison] {
-            let iommu = Driver.wantedFeatures(offered: all, implemented: balloonImplementedFeatures, poison: poison, addressing: .iommu(ownedMemoryMapped: mapped))
+            let iommu = Driver.wantedFeatures(offered: all, implemented: balloonImplementedFeatures, poison: poison, addressing: .iommu(hintsMapped: mapped, reportsMapped: mapped))
             let plain = Driver.wantedFeatures(offered: all, implemented: balloonImplementedFeatures, poison: poison, addressing: .guestPhysical)
             #expect(iommu == plain)
             #expect(!iommu.contains(.accessPlatform))
@@ -57,7 +67,7 @@ struct DeviceAddressingTests {
     func poisonRuleKept() {
         let offered: FeatureBits = [.statsVQ, .reporting, .version1, .accessPlatform]
         let want = Driver.wantedFeatures(offered: offered, implemented: [.statsVQ, .reporting, .pagePoison], poison: .poison,
-                                         addressing: .iommu(ownedMemoryMapped: true))
+                                         addressing: .iommu(hintsMapped: true, reportsMapped: true))
         #expect(want.contains(.accessPlatform) && !want.contains(.reporting))
     }
 }

@@ -96,7 +96,9 @@ final class FakeKernel: KernelControl {
                 return CommandResult(status: 1, output: "insmod: ERROR: could not insert module")
             }
             let file = path.split(separator: "/").last.map(String.init) ?? ""
-            load(String(file.prefix(while: { $0 != "." })))
+            // The kernel names a module with '_' where its file name has '-' (vfio-pci.ko
+            // is /sys/module/vfio_pci).
+            load(String(file.prefix(while: { $0 != "." }).map { $0 == "-" ? "_" : $0 }))
             return CommandResult(status: 0, output: "")
         default:
             return CommandResult(status: 127, output: "\(program) not found")

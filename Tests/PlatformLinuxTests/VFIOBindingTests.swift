@@ -133,10 +133,8 @@ struct VFIOBindingTests {
         #expect(try b.restore(bdf) == "vfio-pci")
         #expect(try b.currentDriver(of: bdf) == "vfio-pci")
         #expect(!k.writes.contains { $0.path.hasSuffix("/unbind") })
-        withKnownIssue("source bug: restore's clearOverrideIfOurs clears driver_override=vfio-pci of a device balloond never bound (DriverBinding.swift clearOverrideIfOurs)") {
-            #expect(k.writes.isEmpty)
-            #expect(t.read("/sys/bus/pci/devices/0000:00:03.0/driver_override") == "vfio-pci\n")
-        }
+        #expect(k.writes.isEmpty)
+        #expect(t.read("/sys/bus/pci/devices/0000:00:03.0/driver_override") == "vfio-pci\n")
     }
 
     @Test("a device without an IOMMU group: bindFailed with the noIOMMUGroup detail, before anything changes")
@@ -158,9 +156,7 @@ struct VFIOBindingTests {
     func missingDevice() {
         let (_, k, b) = setUp()
         #expect(throws: PlatformError.deviceNotFound(bdf: "0000:00:09.0")) { try b.bind(PCIAddress("0000:00:09.0")!) }
-        withKnownIssue("source bug: bindVFIO looks for the IOMMU group before requireVirtioBalloon, so a mistyped BDF reports 'no IOMMU group' (DriverBinding.swift bindVFIO)") {
-            #expect(throws: PlatformError.deviceNotFound(bdf: "0000:00:09.0")) { try b.bindVFIO(PCIAddress("0000:00:09.0")!) }
-        }
+        #expect(throws: PlatformError.deviceNotFound(bdf: "0000:00:09.0")) { try b.bindVFIO(PCIAddress("0000:00:09.0")!) }
         #expect(k.writes.isEmpty)
     }
 
@@ -179,15 +175,13 @@ struct VFIOBindingTests {
     }
 
     @Test("without modprobe, the vfio modules are insmod'ed from the kernel's vfio directory")
-    func insmodFallback() {
+    func insmodFallback() throws {
         let (t, k, b) = setUp()
         k.inner.modprobeable = []
         t.file("/lib/modules/6.1.0-test/kernel/drivers/vfio/vfio.ko", "ELF")
         t.file("/lib/modules/6.1.0-test/kernel/drivers/vfio/vfio_iommu_type1.ko", "ELF")
         t.file("/lib/modules/6.1.0-test/kernel/drivers/vfio/pci/vfio-pci.ko", "ELF")
-        withKnownIssue("source bug: ModuleLoader.moduleFileCandidates only looks in kernel/drivers/uio/NAME.ko, so the vfio modules (drivers/vfio/, pci/vfio-pci.ko) are never found") {
-            let binding = try b.bindVFIO(bdf)
-            #expect(binding.group == 7)
-        }
+        let binding = try b.bindVFIO(bdf)
+        #expect(binding.group == 7)
     }
 }

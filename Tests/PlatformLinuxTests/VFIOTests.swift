@@ -235,9 +235,7 @@ struct IOMMUGroupTests {
             IOMMUGroup.Member(address: PCIAddress("0000:00:1c.0")!, driver: "pcieport"),
             IOMMUGroup.Member(address: PCIAddress("0000:01:00.0")!, driver: "vfio-pci"),
         ])
-        withKnownIssue("source bug: IOMMUGroup.blockers lists pcieport, which the kernel treats as driver_managed_dma (VFIODevice.swift blockers)") {
-            #expect(g.blockers(besides: PCIAddress("0000:01:00.0")!).isEmpty)
-        }
+        #expect(g.blockers(besides: PCIAddress("0000:01:00.0")!).isEmpty)
     }
 }
 
@@ -889,9 +887,7 @@ struct VFIOMSIXTests {
         #expect(try line.wait(timeoutMilliseconds: 0))
         let causes = line.takeCauses()
         #expect(causes.contains(.configChange))
-        withKnownIssue("source bug: VFIOMSIXLine.takeCauses maps the shared vector 0 to .configChange only (VFIOInterrupts.swift takeCauses)") {
-            #expect(causes.contains(.queue))
-        }
+        #expect(causes.contains(.queue))
     }
 
     @Test("releasing the line disables index 2")
