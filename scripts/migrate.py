@@ -97,6 +97,10 @@ def migrate_once(mode, run_index, cfg, args):
     # run-guest.sh reads QEMU_VERSION/GUEST_KERNEL for both guests; QEMU (an explicit binary)
     # would override them, so main() drops it.
     env = {"QEMU_VERSION": cfg["qemu"], "GUEST_KERNEL": args.guest_kernel}
+    if args.viommu:
+        # Both guests: a virtual IOMMU and the balloon behind it with iommu_platform=on
+        # (modern-only), so balloond picks its vfio backend and maps what it hints.
+        env.update({"VIOMMU": "1", "MODERN_ONLY": "1"})
     runtime = 900 + 2 * cfg["mem"] // 4  # seconds: 4 GiB guests dirty and send more under TCG
     mem = f"{cfg['mem']}M"
     src = Guest(base + "-src", mem, kernel_args, env=env, max_runtime=runtime, agent_prefix="m")
@@ -585,6 +589,8 @@ def main():
                     help="QEMU of both source and destination (default: $QEMU_VERSION, else 7.2); a list compares them")
     ap.add_argument("--guest-kernel", choices=GUEST_KERNELS, default=os.environ.get("GUEST_KERNEL") or "6.1",
                     help="guest kernel and image (default: $GUEST_KERNEL, else 6.1)")
+    ap.add_argument("--viommu", action="store_true",
+                    help="guests with a virtual IOMMU and the balloon behind it with iommu_platform=on (balloond uses vfio)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()

@@ -104,10 +104,13 @@ public final class AnonymousSource: FreePageSource {
     private var pending: [(range: GuestPhysicalRange, chunk: Int)] = []
     private var outstanding = OutstandingHints<Int>()
 
-    /// With vfio and ACCESS_PLATFORM: every hinted page is mapped in the IOMMU at its
-    /// guest-physical address (IOVA = GPA) before its ranges are handed out, and unmapped
-    /// before the chunk is released, so the hint ranges are valid device addresses.
+    /// With vfio and ACCESS_PLATFORM: each chunk is mapped in the IOMMU (one mapping, at a
+    /// device address the mapper picks) before its ranges are handed out, the ranges are
+    /// those device addresses, and the mapping is removed before the chunk is released.
     public var deviceMapper: DeviceAddressMapper?
+    /// Longest hint range through the IOMMU: 256 pages, so QEMU never needs more than 256
+    /// I/O vectors for one descriptor (it refuses more than 1024).
+    public static let maxTranslatedRangeBytes: UInt64 = 1 << 20
     /// Chunks kept because their IOMMU mappings could not be removed (never released).
     private var keptMapped: [AnonymousChunk] = []
 
@@ -277,39 +280,34 @@ public final class AnonymousSource: FreePageSource {
         let id = nextChunkID
         nextChunkID += 1
         let h = Held(id: id, round: round, chunk: chunk, pfns: pfns)
+        var deviceBase: UInt64?
         if let deviceMapper {
-            do { h.deviceMappings = try mapForDevice(chunk: chunk, pfns: pfns, mapper: deviceMapper) } catch {
+            // One IOMMU mapping for the whole chunk, in a window above guest RAM: the device
+            // sees the chunk contiguous, and the hints name its pages by those addresses.
+            do { deviceBase = try deviceMapper.mapWindow(virtualAddress: chunk.base, length: chunk.bytes) } catch {
                 chunk.release()
                 releaseCompactionIfIdle()
-                throw error
+                throw .deviceMappingFailed(error)
             }
+            h.deviceMappings = [(deviceBase!, chunk.bytes)]
         }
         held[id] = h
         lastRound.chunks += 1
         lastRound.bytesTaken += bytes
-        let ranges = pfns.sorted().map { GuestPhysicalRange(start: $0 * balloonPageSize, length: balloonPageSize) }
-        for r in coalesce(ranges, maxLength: maxRangeBytes) { pending.append((r, id)) }
-    }
-
-    /// Maps the chunk in the IOMMU at IOVA = GPA, one mapping per run of pages that are
-    /// consecutive both in the chunk and in physical memory. On any failure what was mapped
-    /// is unmapped again and the chunk is not used.
-    private func mapForDevice(chunk: AnonymousChunk, pfns: [UInt64], mapper: DeviceAddressMapper) throws(GuestMemoryError) -> [(address: UInt64, length: Int)] {
-        var mapped: [(address: UInt64, length: Int)] = []
-        var i = 0
-        while i < pfns.count {
-            var n = 1
-            while i + n < pfns.count, pfns[i + n] == pfns[i] + UInt64(n) { n += 1 }
-            let address = pfns[i] * balloonPageSize
-            let length = n * Int(balloonPageSize)
-            do { try mapper.map(virtualAddress: chunk.base + UInt(i) * UInt(balloonPageSize), length: length, at: address) } catch {
-                for m in mapped { try? mapper.unmap(deviceAddress: m.address, length: m.length) }
-                throw .deviceMappingFailed(error)
+        if let deviceBase {
+            // At most 1 MiB per descriptor: QEMU maps a descriptor into one I/O vector per
+            // physically contiguous piece, and refuses more than 1024 of them.
+            let step = min(max(balloonPageSize, maxRangeBytes), Self.maxTranslatedRangeBytes)
+            var offset: UInt64 = 0
+            while offset < UInt64(chunk.bytes) {
+                let length = min(step, UInt64(chunk.bytes) - offset)
+                pending.append((GuestPhysicalRange(start: deviceBase + offset, length: length), id))
+                offset += length
             }
-            mapped.append((address, length))
-            i += n
+        } else {
+            let ranges = pfns.sorted().map { GuestPhysicalRange(start: $0 * balloonPageSize, length: balloonPageSize) }
+            for r in coalesce(ranges, maxLength: maxRangeBytes) { pending.append((r, id)) }
         }
-        return mapped
     }
 
     /// Whether every page of `h` is still present at the PFN read after populating; a moved

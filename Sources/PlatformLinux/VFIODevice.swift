@@ -154,7 +154,11 @@ public protocol DeviceAddressMapper: AnyObject {
     /// Makes `[virtualAddress, +length)` reachable by the device at `deviceAddress`
     /// (readable and writable). The memory must stay mapped and resident until `unmap`.
     func map(virtualAddress: UInt, length: Int, at deviceAddress: UInt64) throws(VFIOError)
-    /// Undoes one `map` with the same device address and length.
+    /// Makes `[virtualAddress, +length)` reachable by the device at a device address the
+    /// mapper chooses (contiguous for the device even where the memory behind is not), and
+    /// returns it. `unmap` with that address and length undoes it.
+    func mapWindow(virtualAddress: UInt, length: Int) throws(VFIOError) -> UInt64
+    /// Undoes one `map` or `mapWindow` with the same device address and length.
     func unmap(deviceAddress: UInt64, length: Int) throws(VFIOError)
 }
 
@@ -179,6 +183,13 @@ public final class VFIODevice: DeviceAddressMapper {
     private let groupFile: OpenFile
     /// Live IOMMU mappings: IOVA → size.
     public private(set) var mappings: [UInt64: UInt64] = [:]
+    /// Where `mapWindow` places mappings: IOVAs above any guest-physical address (identity
+    /// mappings, IOVA = GPA, stay below), inside the IOMMU's usable ranges; nil until first
+    /// used, and when no such window exists.
+    private var window: (base: UInt64, space: OffsetAllocator)?
+    /// The window: 64 GiB from 256 GiB (below 2^39, the smallest vIOMMU width QEMU gives).
+    public static let windowBase: UInt64 = 1 << 38
+    public static let windowSize: UInt64 = 1 << 36
     let logger: Logger
 
     /// Opens the container, attaches the device's group (which must be viable), selects the
@@ -285,6 +296,24 @@ public final class VFIODevice: DeviceAddressMapper {
         mappings[deviceAddress] = size
     }
 
+    public func mapWindow(virtualAddress: UInt, length: Int) throws(VFIOError) -> UInt64 {
+        if window == nil {
+            guard iommu.allows(iova: Self.windowBase, size: Self.windowSize) else {
+                throw .badMapping(iova: Self.windowBase, size: Self.windowSize, reason: "the IOMMU's usable IOVA ranges do not hold balloond's window for owned memory")
+            }
+            window = (Self.windowBase, OffsetAllocator(capacity: Int(Self.windowSize), granule: Int(iommu.minimumPageSize)))
+        }
+        guard let offset = window!.space.allocate(length) else {
+            throw .badMapping(iova: Self.windowBase, size: UInt64(length), reason: "balloond's IOVA window (\(Self.windowSize >> 30) GiB) is full")
+        }
+        let iova = Self.windowBase + UInt64(offset)
+        do { try map(virtualAddress: virtualAddress, length: length, at: iova) } catch {
+            window!.space.release(offset: offset, length: length)
+            throw error
+        }
+        return iova
+    }
+
     /// Unmaps exactly what `map` mapped and checks the kernel unmapped all of it (a partial
     /// or empty unmap would leave the device a way into memory about to be freed).
     public func unmap(deviceAddress: UInt64, length: Int) throws(VFIOError) {
@@ -298,6 +327,9 @@ public final class VFIODevice: DeviceAddressMapper {
         }
         guard unmapped == size else { throw .unmapFailed(iova: deviceAddress, size: size, unmapped: unmapped, nil) }
         mappings[deviceAddress] = nil
+        if window != nil, deviceAddress >= Self.windowBase, deviceAddress - Self.windowBase < Self.windowSize {
+            window!.space.release(offset: Int(deviceAddress - Self.windowBase), length: length)
+        }
     }
 }
 
