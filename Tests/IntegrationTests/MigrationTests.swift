@@ -75,6 +75,16 @@ func expectDestinationsVerified(_ results: [MigrationResult]) {
 
 @Suite("Live migration with free page hinting", .serialized)
 struct MigrationTests {
+    @Test("vfio behind a virtual IOMMU with ACCESS_PLATFORM: anonymous hints through IOMMU mappings; the destination verifies",
+          .enabled(if: GuestPlatform.current.qemuVersion == "10.0", "judged on QEMU 10.0 (7.2's TCG corrupts destinations under churn)"))
+    func vfioHintsVerified() throws {
+        let results = try migrate(modes: ["balloond"], extra: ["--viommu"], name: "vfio")
+        let r = try #require(results.first)
+        #expect(r.hint_source == "anonymous", "auto must pick the mapped source under ACCESS_PLATFORM: \(r.balloond_log_tail ?? "")")
+        #expect((r.hinted_mib ?? 0) > 0, "no hints: \(r.balloond_log_tail ?? "")")
+        expectDestinationsVerified(results)
+    }
+
     @Test("kpageflags hints (the TCG default) send fewer bytes than no driver; the destination verifies",
           .enabled(if: GuestPlatform.current.qemuVersion == "10.0",
                    "judged on QEMU 10.0; on 7.2 hint rounds run in the migrate_cancel test and the page_poison migration verifies its destination"))
