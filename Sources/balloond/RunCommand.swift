@@ -279,7 +279,7 @@ struct RunCommand: ParsableCommand {
         var hintChoice = hintChoice
         if translated, let choice = hintChoice, choice.source != .anonymous {
             if hintSource == .auto {
-                logger.notice("free page hint source: anonymous instead of \(choice.source.rawValue): the device translates every address through the IOMMU (ACCESS_PLATFORM), and only the anonymous source's pages are mapped there page by page")
+                logger.notice("free page hint source: anonymous instead of \(choice.source.rawValue): the device translates every address through the IOMMU (ACCESS_PLATFORM), and only the anonymous source's memory can be mapped there (its mapping also pins the pages, so they cannot move while hinted)")
                 hintChoice = (.anonymous, "ACCESS_PLATFORM under vfio")
             } else {
                 logger.warning("--hint-source \(choice.source.rawValue) cannot hint a device that translates every address through the IOMMU (ACCESS_PLATFORM): its pages are not mapped there (only anonymous's are); free page hinting is off")

@@ -14,8 +14,13 @@ final class RecordingMapper: DeviceAddressMapper {
     private(set) var events: [String] = []
     var failNextWindow: VFIOError?
     var failUnmaps = false
+    /// `map` fails once this many maps have succeeded (nil: never).
+    var failMapsAfter: Int?
+    private var maps = 0
 
     func map(virtualAddress: UInt, length: Int, at deviceAddress: UInt64) throws(VFIOError) {
+        if let n = failMapsAfter, maps >= n { throw .mapFailed(iova: deviceAddress, size: UInt64(length), SystemCallError(call: "ioctl(VFIO_IOMMU_MAP_DMA)", path: nil, errno: .noSpace)) }
+        maps += 1
         live[deviceAddress] = (virtualAddress, length)
         events.append("map")
     }
