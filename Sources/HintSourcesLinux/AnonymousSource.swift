@@ -77,8 +77,8 @@ public final class AnonymousSource: FreePageSource {
         var verifiedAfterHints = false
         /// Pages already reported as moved (each is counted and logged once).
         var reportedMoves: Set<Int> = []
-        /// IOMMU mappings (vfio): device address and length of each run.
-        var deviceMappings: [(address: UInt64, length: Int)] = []
+        /// The chunk's IOMMU mapping (vfio): its device address (the length is the chunk's).
+        var deviceAddress: UInt64?
         init(id: Int, round: Int, chunk: AnonymousChunk, pfns: [UInt64]) {
             self.id = id
             self.round = round
@@ -280,21 +280,19 @@ public final class AnonymousSource: FreePageSource {
         let id = nextChunkID
         nextChunkID += 1
         let h = Held(id: id, round: round, chunk: chunk, pfns: pfns)
-        var deviceBase: UInt64?
         if let deviceMapper {
             // One IOMMU mapping for the whole chunk, in a window above guest RAM: the device
             // sees the chunk contiguous, and the hints name its pages by those addresses.
-            do { deviceBase = try deviceMapper.mapWindow(virtualAddress: chunk.base, length: chunk.bytes) } catch {
+            do { h.deviceAddress = try deviceMapper.mapWindow(virtualAddress: chunk.base, length: chunk.bytes) } catch {
                 chunk.release()
                 releaseCompactionIfIdle()
                 throw .deviceMappingFailed(error)
             }
-            h.deviceMappings = [(deviceBase!, chunk.bytes)]
         }
         held[id] = h
         lastRound.chunks += 1
         lastRound.bytesTaken += bytes
-        if let deviceBase {
+        if let deviceBase = h.deviceAddress {
             // At most 1 MiB per descriptor: QEMU maps a descriptor into one I/O vector per
             // physically contiguous piece, and refuses more than 1024 of them.
             let step = min(max(balloonPageSize, maxRangeBytes), Self.maxTranslatedRangeBytes)
@@ -371,17 +369,11 @@ public final class AnonymousSource: FreePageSource {
     private func release(_ id: Int) {
         guard let h = held.removeValue(forKey: id) else { return }
         verify(h, when: "just before release")
-        if let deviceMapper {
+        if let deviceMapper, let address = h.deviceAddress {
             // The device loses its way in first; a mapping that cannot be removed keeps the
             // chunk (vfio also keeps its pages pinned, so the kernel could not reuse them).
-            var unmapped = true
-            for m in h.deviceMappings {
-                do { try deviceMapper.unmap(deviceAddress: m.address, length: m.length) } catch {
-                    logger.critical("\(error); keeping the chunk")
-                    unmapped = false
-                }
-            }
-            if !unmapped {
+            do { try deviceMapper.unmap(deviceAddress: address, length: h.chunk.bytes) } catch {
+                logger.critical("\(error); keeping the chunk")
                 keptMapped.append(h.chunk)
                 return
             }

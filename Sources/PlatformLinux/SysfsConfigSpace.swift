@@ -20,6 +20,7 @@ public final class SysfsConfigSpace: PCIConfigSpace {
     /// Size of the config file: 256 (conventional PCI) or 4096 (PCIe extended).
     public let size: Int
     private let file: OpenFile
+    private let registers: ConfigRegisterFile
 
     /// Opens the config file read-write (read-only with `writable: false`).
     public init(address: PCIAddress, root: SysRoot = .host, writable: Bool = true) throws(PlatformError) {
@@ -33,14 +34,37 @@ public final class SysfsConfigSpace: PCIConfigSpace {
             if error.errno == .noSuchFileOrDirectory { throw .deviceNotFound(bdf: address.bdf) }
             throw .system(error)
         }
+        let file = self.file
+        registers = ConfigRegisterFile(address: address, path: path, size: size,
+                                       readBytes: { (offset, count) throws(SystemCallError) in try file.pread(count: count, offset: offset) },
+                                       writeBytes: { (bytes, offset) throws(SystemCallError) in try file.pwrite(bytes, offset: offset) })
     }
+
+    public func read8(at offset: Int) throws(PCIError) -> UInt8 { try registers.read8(at: offset) }
+    public func read16(at offset: Int) throws(PCIError) -> UInt16 { try registers.read16(at: offset) }
+    public func read32(at offset: Int) throws(PCIError) -> UInt32 { try registers.read32(at: offset) }
+    public func write16(_ value: UInt16, at offset: Int) throws(PCIError) { try registers.write16(value, at: offset) }
+}
+
+/// Config-space registers over a byte-addressed file (sysfs `config`, or vfio's config
+/// region): the width, alignment and bounds checks, exact-width reads and writes, and the
+/// little-endian assembly, for both.
+struct ConfigRegisterFile {
+    let address: PCIAddress
+    /// Names the file in errors.
+    let path: String
+    let size: Int
+    /// Reads `count` bytes at a config-space offset (fewer: a short read).
+    let readBytes: (_ offset: Int, _ count: Int) throws(SystemCallError) -> [UInt8]
+    /// Writes the bytes at a config-space offset; returns how many were written.
+    let writeBytes: (_ bytes: [UInt8], _ offset: Int) throws(SystemCallError) -> Int
 
     private func read(_ offset: Int, _ width: Int) throws(PCIError) -> [UInt8] {
         guard offset >= 0, offset % width == 0, offset + width <= size else {
             throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: width, size: size, address: address))
         }
         let bytes: [UInt8]
-        do { bytes = try file.pread(count: width, offset: offset) } catch {
+        do { bytes = try readBytes(offset, width) } catch {
             throw .configAccess(offset: offset, reason: ConfigSpaceProblem.readFailed(error))
         }
         guard bytes.count == width else {
@@ -49,24 +73,24 @@ public final class SysfsConfigSpace: PCIConfigSpace {
         return bytes
     }
 
-    public func read8(at offset: Int) throws(PCIError) -> UInt8 { try read(offset, 1)[0] }
+    func read8(at offset: Int) throws(PCIError) -> UInt8 { try read(offset, 1)[0] }
 
-    public func read16(at offset: Int) throws(PCIError) -> UInt16 {
+    func read16(at offset: Int) throws(PCIError) -> UInt16 {
         let b = try read(offset, 2)
         return UInt16(b[0]) | UInt16(b[1]) << 8
     }
 
-    public func read32(at offset: Int) throws(PCIError) -> UInt32 {
+    func read32(at offset: Int) throws(PCIError) -> UInt32 {
         let b = try read(offset, 4)
         return UInt32(b[0]) | UInt32(b[1]) << 8 | UInt32(b[2]) << 16 | UInt32(b[3]) << 24
     }
 
-    public func write16(_ value: UInt16, at offset: Int) throws(PCIError) {
+    func write16(_ value: UInt16, at offset: Int) throws(PCIError) {
         guard offset >= 0, offset % 2 == 0, offset + 2 <= size else {
             throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: 2, size: size, address: address, write: true))
         }
         let n: Int
-        do { n = try file.pwrite([UInt8(value & 0xff), UInt8(value >> 8)], offset: offset) } catch {
+        do { n = try writeBytes([UInt8(value & 0xff), UInt8(value >> 8)], offset) } catch {
             throw .configAccess(offset: offset, reason: ConfigSpaceProblem.writeFailed(error))
         }
         guard n == 2 else {

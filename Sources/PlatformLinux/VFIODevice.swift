@@ -353,47 +353,24 @@ public enum VFIORegionProblem: Error, Hashable, Sendable, CustomStringConvertibl
 /// Config space through vfio's config region (pread/pwrite; vfio-pci virtualises parts of
 /// it, and passes Command's Memory and Bus Master bits through).
 public final class VFIOConfigSpace: PCIConfigSpace {
-    private let device: VFIODevice
-    public var size: Int { Int(device.configRegion.size) }
+    private let registers: ConfigRegisterFile
+    public var size: Int { registers.size }
 
-    init(device: VFIODevice) { self.device = device }
-
-    private func read(_ offset: Int, _ width: Int) throws(PCIError) -> [UInt8] {
-        guard offset >= 0, offset % width == 0, offset + width <= size else {
-            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: width, size: size, address: device.address))
-        }
-        let bytes: [UInt8]
-        do { bytes = try device.kernel.read(device: device.descriptor, offset: device.configRegion.offset + UInt64(offset), count: width) } catch {
-            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.readFailed(error))
-        }
-        guard bytes.count == width else {
-            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.shortRead(path: device.descriptor.path, got: bytes.count, width: width))
-        }
-        return bytes
+    init(device: VFIODevice) {
+        let base = device.configRegion.offset
+        registers = ConfigRegisterFile(address: device.address, path: device.descriptor.path, size: Int(device.configRegion.size),
+                                       readBytes: { (offset, count) throws(SystemCallError) in
+                                           try device.kernel.read(device: device.descriptor, offset: base + UInt64(offset), count: count)
+                                       },
+                                       writeBytes: { (bytes, offset) throws(SystemCallError) in
+                                           try device.kernel.write(device: device.descriptor, bytes, offset: base + UInt64(offset))
+                                       })
     }
 
-    public func read8(at offset: Int) throws(PCIError) -> UInt8 { try read(offset, 1)[0] }
-
-    public func read16(at offset: Int) throws(PCIError) -> UInt16 {
-        let b = try read(offset, 2)
-        return UInt16(b[0]) | UInt16(b[1]) << 8
-    }
-
-    public func read32(at offset: Int) throws(PCIError) -> UInt32 {
-        let b = try read(offset, 4)
-        return UInt32(b[0]) | UInt32(b[1]) << 8 | UInt32(b[2]) << 16 | UInt32(b[3]) << 24
-    }
-
-    public func write16(_ value: UInt16, at offset: Int) throws(PCIError) {
-        guard offset >= 0, offset % 2 == 0, offset + 2 <= size else {
-            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.outOfRange(width: 2, size: size, address: device.address, write: true))
-        }
-        let n: Int
-        do { n = try device.kernel.write(device: device.descriptor, [UInt8(value & 0xff), UInt8(value >> 8)], offset: device.configRegion.offset + UInt64(offset)) } catch {
-            throw .configAccess(offset: offset, reason: ConfigSpaceProblem.writeFailed(error))
-        }
-        guard n == 2 else { throw .configAccess(offset: offset, reason: ConfigSpaceProblem.shortWrite(path: device.descriptor.path, wrote: n)) }
-    }
+    public func read8(at offset: Int) throws(PCIError) -> UInt8 { try registers.read8(at: offset) }
+    public func read16(at offset: Int) throws(PCIError) -> UInt16 { try registers.read16(at: offset) }
+    public func read32(at offset: Int) throws(PCIError) -> UInt32 { try registers.read32(at: offset) }
+    public func write16(_ value: UInt16, at offset: Int) throws(PCIError) { try registers.write16(value, at: offset) }
 }
 
 /// A BAR through pread/pwrite of its vfio region (for regions vfio does not let us mmap).

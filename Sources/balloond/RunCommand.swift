@@ -257,9 +257,8 @@ struct RunCommand: ParsableCommand {
         // Issue 9 H2: all memory the device may touch comes from these memfds, which the
         // guardian also holds until the device is stopped, even if this process is killed.
         let arena = try DeviceMemoryArena()
-        var isVFIO = false
-        if case .vfio = binding { isVFIO = true }
-        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel, vfio: isVFIO)
+        let guardian = try GuardianLink.start(arena: arena, device: function.address, logLevel: logging.logLevel,
+                                              vfio: binding.driver == vfioPCIDriver)
         let signals = try SignalPipe()
         let access = try DeviceAccess.open(binding, function: function, logger: logger)
         let config = access.config

@@ -35,6 +35,21 @@ func eventually(_ timeout: TimeInterval = 30, _ what: String, _ condition: () th
     Issue.record("timed out after \(Int(timeout)) s waiting for: \(what)")
 }
 
+/// Sets QEMU's stats polling to 1 s, waits for two guest-stats updates (QEMU returned the
+/// buffer and balloond refilled it, twice), and returns the stats.
+func guestStatsAfterTwoUpdates(_ vm: GuestVM) throws -> [String: Any] {
+    _ = try vm.qmp.execute("qom-set", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval", "value": 1])
+    var updates: [Int] = []
+    try eventually(30, "two guest-stats updates") {
+        let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
+        let last = (gs["last-update"] as? NSNumber)?.intValue ?? 0
+        if last != 0 && updates.last != last { updates.append(last) }
+        return updates.count >= 2
+    }
+    let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
+    return try #require(gs["stats"] as? [String: Any])
+}
+
 /// Starts `balloond run` in the guest and waits until it has published DRIVER_OK.
 func startBalloond(_ vm: GuestVM, name: String, arguments: [String] = []) throws -> GuestVM.GuestProcess {
     let p = try vm.spawn(["balloond", "run", "--log-level", "debug"] + arguments, name: name)
@@ -93,16 +108,7 @@ struct BalloondGuestTests {
             try eventually(20, "num_pages 65536 in balloond status") { try vm.run("balloond status").output.contains("num_pages 65536") }
 
             // Stats: with a polling interval QEMU returns the buffer and balloond refills it.
-            _ = try vm.qmp.execute("qom-set", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval", "value": 1])
-            var updates: [Int] = []
-            try eventually(30, "two guest-stats updates") {
-                let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
-                let last = (gs["last-update"] as? NSNumber)?.intValue ?? 0
-                if last != 0 && updates.last != last { updates.append(last) }
-                return updates.count >= 2
-            }
-            let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
-            let stats = try #require(gs["stats"] as? [String: Any])
+            let stats = try guestStatsAfterTwoUpdates(vm)
             for key in ["stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults", "stat-free-memory",
                         "stat-total-memory", "stat-available-memory", "stat-disk-caches", "stat-htlb-pgalloc", "stat-htlb-pgfail"] {
                 let v = (stats[key] as? NSNumber)?.uint64Value

@@ -75,16 +75,7 @@ struct VFIOBackendTests {
             }
 
             // Stats: every tag QEMU knows is filled (10 on 7.2, 16 on 10.0).
-            _ = try vm.qmp.execute("qom-set", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval", "value": 1])
-            var updates: [Int] = []
-            try eventually(30, "two guest-stats updates") {
-                let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
-                let last = (gs["last-update"] as? NSNumber)?.intValue ?? 0
-                if last != 0 && updates.last != last { updates.append(last) }
-                return updates.count >= 2
-            }
-            let gs = try vm.qmp.executeObject("qom-get", arguments: ["path": "/machine/peripheral/balloon0", "property": "guest-stats"])
-            let stats = try #require(gs["stats"] as? [String: Any])
+            let stats = try guestStatsAfterTwoUpdates(vm)
             let filled = stats.values.compactMap { ($0 as? NSNumber)?.uint64Value }.filter { $0 != UInt64.max }
             #expect(filled.count == (vm.platform.qemuVersion == "7.2" ? 10 : 16), "\(stats)")
 
