@@ -20,6 +20,10 @@ Modes:
   balloond:SOURCE-control
                        the same rounds, taking and releasing memory, but no hint sent
                        (tells a wrong hint from the churn of the rounds themselves)
+  balloond:offline+reserve
+                       balloond run --hint-source offline --hint-reserve-mib (guest size):
+                       free memory blocks are kept offline between migrations; the migration
+                       starts once the reserve has stopped growing after the dirty-and-free
   MODE@poison          MODE on a guest booted with page_poison=1 (@initfree: init_on_free=1),
                        on the --poison-mem sizes only
 
@@ -76,7 +80,10 @@ def dirty_command(mode, cfg, args, agent):
         return "sync", 0
     if args.dirty_percent:
         avail_kib = int(re.search(r"MemAvailable:\s+(\d+)", agent.check("cat /proc/meminfo")).group(1))
-        mib = min(cfg["mem"] * args.dirty_percent // 100, avail_kib // 1024 - 64)
+        # A hint reserve (offline blocks) is memory the guest gets back under pressure: the
+        # workload is the same size as in the other modes, and makes it give way.
+        reserve_mib = offline_mib(agent) if mode.split("@")[0].endswith("+reserve") else 0
+        mib = min(cfg["mem"] * args.dirty_percent // 100, avail_kib // 1024 + reserve_mib - 64)
         if mib <= 0:
             raise Fail(f"the guest has only {avail_kib // 1024} MiB available, nothing to dirty")
         return f"memhog -q {mib} | tail -1 | grep -q 'memhog: ok' && sync", mib
@@ -117,9 +124,13 @@ def migrate_once(mode, run_index, cfg, args):
             source = driver.split(":", 1)[1] if ":" in driver else "auto"
             control = source.endswith("-control")
             source = source.removesuffix("-control")
+            reserve = source.endswith("+reserve")
+            source = source.removesuffix("+reserve")
             extra = ""
             if control:
                 extra += " --hint-control"
+            if reserve:
+                extra += f" --hint-reserve-mib {cfg['mem']}"
             a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level info")
             deadline = time.time() + 60
             while "DRIVER_OK" not in a.run("balloond status")[0]:
@@ -132,6 +143,8 @@ def migrate_once(mode, run_index, cfg, args):
         a.check(f"dd if=/dev/urandom of=/dev/shm/keep bs=1M count={args.keep_mib} 2>/dev/null && md5sum /dev/shm/keep > /run/keep.md5", timeout=300)
         command, dirty_mib = dirty_command(mode, cfg, args, a)
         a.check(command, timeout=300 + cfg["mem"] // 4)
+        if driver.endswith("+reserve"):
+            result_reserve = wait_reserve(a, cfg["mem"])
         free_kib = int(re.search(r"MemFree:\s+(\d+)", a.check("cat /proc/meminfo")).group(1))
         params = {"downtime-limit": args.downtime_ms}
         if args.bandwidth_bytes:
@@ -162,6 +175,8 @@ def migrate_once(mode, run_index, cfg, args):
             "transferred_bytes": ram["transferred"], "normal_pages": ram["normal"], "duplicate_pages": ram["duplicate"],
             "guest_free_mib": free_kib // 1024, "dirtied_mib": dirty_mib, "run_dir": base,
         }
+        if driver.endswith("+reserve"):
+            result.update(result_reserve)
         # Destination: it runs now; the agent's serial line continues there.
         d = dst.connect_agent()
         ok = d.check("md5sum -c /run/keep.md5", timeout=120)
@@ -190,9 +205,9 @@ def migrate_once(mode, run_index, cfg, args):
             # (balloond's status JSON leaves hintSource out then).
             result["hint_source"] = m.group(1) if m else ("off" if st_out.lstrip().startswith("{") else None)
             # Memory blocks still offline on the destination once DONE has been handled (the
-            # offline source onlines its blocks at DONE): must be 0.
+            # offline source onlines its blocks at DONE): must be 0. A reserve stays offline.
             deadline = time.time() + 30
-            while True:
+            while not driver.endswith("+reserve"):
                 n = d.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
                 result["dest_offline_blocks"] = int(n) if n.isdigit() else None
                 if result["dest_offline_blocks"] in (0, None) or time.time() > deadline:
@@ -205,6 +220,41 @@ def migrate_once(mode, run_index, cfg, args):
     finally:
         src.stop()
         dst.stop()
+
+
+def offline_mib(agent):
+    """MiB of guest memory in offline memory blocks (balloond's hint reserve)."""
+    block = int(agent.check("cat /sys/devices/system/memory/block_size_bytes").strip(), 16)
+    n = agent.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
+    return (int(n) * block if n.isdigit() else 0) >> 20
+
+
+def wait_reserve(agent, target_mib, timeout=150):
+    """Waits until balloond's hint reserve (offline memory blocks) has taken what it may: it
+    stopped growing (a pass runs every second while it grows) and either reached target_mib or
+    made a pass after the last time memory pressure took some back (balloond refills 60 s
+    after that). Returns its size and how long that took."""
+    t0 = time.time()
+    last, since = None, time.time()
+    log = "/run/bg/balloond/log"
+    while True:
+        held = offline_mib(agent)
+        if held != last:
+            last, since = held, time.time()
+        elif time.time() - since >= 5:
+            if held + 128 > target_mib:
+                break
+            # Line numbers of the last pressure release and of the last reserve pass that took a block.
+            out = agent.run(f"grep -n 'gave back memory held for free page hinting' {log} | tail -1 | cut -d: -f1; echo -; "
+                            f"grep -n 'reserve holds' {log} | tail -1 | cut -d: -f1")[0]
+            released, _, filled = (x.strip() for x in out.partition("-"))
+            if filled and (not released or int(filled) > int(released)):
+                break
+        if time.time() - t0 > timeout:
+            print(f"migrate: the hint reserve stayed at {held} MiB for {timeout} s; migrating anyway", file=sys.stderr)
+            break
+        time.sleep(1)
+    return {"reserve_mib": last, "reserve_wait_s": round(time.time() - t0, 1)}
 
 
 def median_of(rs, key):

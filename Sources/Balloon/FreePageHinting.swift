@@ -17,6 +17,8 @@ struct HintRoundState {
     var roundStart: Duration = .zero
     var firstHintPosted = false
     var roundBytes: UInt64 = 0
+    /// When the source's reserve is to be topped up next (nil: full, or no reserve).
+    var reserveNextPass: Duration?
 }
 
 /// Tunables for hinting.
@@ -37,6 +39,13 @@ public struct HintOptions: Sendable {
     /// Most hint commands (new ids, STOP, DONE) one `actOnHintCommand` call acts on; the
     /// rest waits for the next interrupt or `serviceHintCommand`.
     public var maxCommandChangesPerCall = 4
+    /// A source with a reserve (`FreePageSource.replenishReserve`) is topped up between rounds:
+    /// again after this long while each call still takes memory…
+    public var reserveStepInterval: Duration = .seconds(1)
+    /// …after this long when a call could take nothing…
+    public var reserveRetryInterval: Duration = .seconds(60)
+    /// …and not before this long after memory pressure made it give memory back.
+    public var reserveAfterPressure: Duration = .seconds(60)
     public init() {}
 }
 
@@ -72,10 +81,13 @@ extension BalloonDriver {
             case .done:
                 if hinting.activeRound != nil || source.heldBytes > 0 {
                     try finishRound(sendStop: false)
-                    source.releaseAll()
+                    source.hintingDone()
                     logger.info("free page hinting done: hinted pages released")
                 }
                 hinting.activeRound = nil
+                // The reserve is topped up again for the next migration (not at once: the
+                // migration is still ending).
+                armHintReserve(after: hintOptions.reserveStepInterval)
             case .stop:
                 if hinting.activeRound != nil, !hinting.stopSent { try finishRound(sendStop: true) }
             case .round(let id):
@@ -160,6 +172,9 @@ extension BalloonDriver {
             return
         }
         var fullSince: Duration?
+        // Fewer, longer descriptors where the source gives memory back in larger units: QEMU
+        // applies each under its migration bitmap lock, which its sender holds for up to 50 ms.
+        let maxRangeBytes = max(hintOptions.maxRangeBytes, source.preferredMaxRangeBytes ?? 0)
         while hintCommand == .round(id) && isRunning {
             if shouldStop() {
                 logger.info("stop requested: ending free page hint round 0x\(String(id, radix: 16))")
@@ -182,7 +197,7 @@ extension BalloonDriver {
             fullSince = nil
             let batch: [GuestPhysicalRange]
             do {
-                batch = try source.nextBatch(maxRanges: min(room, hintOptions.batchRanges), maxRangeBytes: hintOptions.maxRangeBytes)
+                batch = try source.nextBatch(maxRanges: min(room, hintOptions.batchRanges), maxRangeBytes: maxRangeBytes)
             } catch {
                 logger.warning("free page source \(source.name) failed mid-round: \(error)")
                 break
@@ -246,6 +261,32 @@ extension BalloonDriver {
         ])
     }
 
+    /// Tops up the hint source's reserve when due (`tick`): between rounds only, each call a
+    /// bounded amount of work, then again after `reserveStepInterval` while it grows, after
+    /// `reserveRetryInterval` when it could take nothing, and not at all once full (DONE, a
+    /// bring-up or memory pressure arm it again).
+    func replenishHintReserveIfDue() {
+        guard let due = hinting.reserveNextPass, let source = hintSource, negotiated.contains(.freePageHint) else { return }
+        let now = clock.now()
+        guard now >= due else { return }
+        if hinting.activeRound != nil, !hinting.stopSent {
+            hinting.reserveNextPass = now + hintOptions.reserveStepInterval
+            return
+        }
+        switch source.replenishReserve() {
+        case .notWanted, .full: hinting.reserveNextPass = nil
+        case .grew: hinting.reserveNextPass = clock.now() + hintOptions.reserveStepInterval
+        case .stuck: hinting.reserveNextPass = clock.now() + hintOptions.reserveRetryInterval
+        }
+    }
+
+    /// Schedules a reserve pass `delay` from now, for a source that keeps a reserve (one
+    /// without never gets a timed wakeup for it).
+    func armHintReserve(after delay: Duration) {
+        guard let source = hintSource, source.reserveTargetBytes > 0 else { return }
+        hinting.reserveNextPass = clock.now() + delay
+    }
+
     /// After a device reset (or at shutdown): the device holds no buffer any more, so every
     /// hinted page can be given back.
     func abandonHinting() {
@@ -256,6 +297,8 @@ extension BalloonDriver {
         hinting.activeRound = nil
         hinting.stopSent = false
         hinting.outstandingHints = 0
+        // A bring-up that follows starts the reserve over.
+        armHintReserve(after: hintOptions.reserveStepInterval)
         for i in hinting.idBufferInFlight.indices { hinting.idBufferInFlight[i] = false }
     }
 }

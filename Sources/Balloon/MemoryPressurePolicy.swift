@@ -110,6 +110,7 @@ extension BalloonDriver {
         try tickPressure(psiFired: psiFired, earlyWarning: earlyWarning)
         try adjustBalloonSize()
         try reportIfDue()
+        replenishHintReserveIfDue()
         // Memory taken just now (inflate, report) is watched from now on, closely at first.
         // The work above can take longer than an interval (releasing memory under pressure):
         // a check that fell due meanwhile runs one interval from now, not in the past.
@@ -202,6 +203,7 @@ extension BalloonDriver {
         if negotiated.contains(.reporting), reporting.disabledReason == nil, reporting.inFlight == nil { d.append(reporting.nextPass) }
         if let h = pressure.holdUntil { d.append(h) }
         if holdsMemory { d.append(pressure.nextCheck) }
+        if let r = hinting.reserveNextPass, hintSource != nil, negotiated.contains(.freePageHint) { d.append(r) }
         return d.min()
     }
 
@@ -217,6 +219,8 @@ extension BalloonDriver {
             let freed = source.releaseUnderPressure(bytes: need)
             if freed > 0 {
                 counters.pressureHintReleases += 1
+                // No refill straight back into the pressure.
+                armHintReserve(after: hintOptions.reserveAfterPressure)
                 logger.notice("memory pressure: gave back memory held for free page hinting", metadata: [
                     "why": "\(why)", "released_mib": "\(freed >> 20)", "still_held_mib": "\(source.heldBytes >> 20)",
                 ])

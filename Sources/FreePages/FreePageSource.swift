@@ -69,8 +69,38 @@ public protocol FreePageSource: AnyObject {
     /// about `bytes` of it (as Linux's balloon shrinker gives back hinted pages before DONE).
     /// Returns the bytes given back. Sources that hold memory only during a round need not.
     func releaseUnderPressure(bytes: UInt64) -> UInt64
+    /// Free page hinting is over for now (DONE): no descriptor can be applied any more. Gives
+    /// back what the source does not keep as its reserve (`releaseAll` for a source without one).
+    func hintingDone()
+    /// Outside a round: takes owned memory ahead of the next round (the reserve), within the
+    /// source's own limits and a bounded amount of work per call. Sources without a reserve
+    /// return `.notWanted`.
+    func replenishReserve() -> ReserveProgress
+    /// How much the reserve holds when full (0: no reserve; the driver then never calls
+    /// `replenishReserve`).
+    var reserveTargetBytes: UInt64 { get }
+    /// The longest range this source wants per descriptor when that is more than the driver's
+    /// default (a source whose memory is taken and given back in larger units); nil: the
+    /// driver's default.
+    var preferredMaxRangeBytes: UInt64? { get }
+}
+
+/// What one `replenishReserve` call achieved: whether, and how soon, the driver should call again.
+public enum ReserveProgress: Equatable, Sendable {
+    /// The source keeps no reserve.
+    case notWanted
+    /// The reserve is at its target.
+    case full
+    /// It took memory and is still below its target (call again soon).
+    case grew
+    /// It could take nothing now (no wholly free memory, limits): try again much later.
+    case stuck
 }
 
 extension FreePageSource {
     public func releaseUnderPressure(bytes: UInt64) -> UInt64 { 0 }
+    public func hintingDone() { releaseAll() }
+    public func replenishReserve() -> ReserveProgress { .notWanted }
+    public var reserveTargetBytes: UInt64 { 0 }
+    public var preferredMaxRangeBytes: UInt64? { nil }
 }

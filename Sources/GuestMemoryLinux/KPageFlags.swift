@@ -50,6 +50,19 @@ public struct KPageFlags: OptionSet, Hashable, Sendable, CustomStringConvertible
     /// A free page in the buddy allocator, and nothing that contradicts it.
     public var isFreeBuddy: Bool { rawValue & Self.buddy.rawValue != 0 && rawValue & Self.notFreeMask == 0 }
 
+    /// `KPF_MLOCKED` (a kernel-hacking flag, bit 33, which kpageflags reports too).
+    public static let mlocked = KPageFlags(rawValue: 1 << 33)
+
+    /// Flags that make an in-use page one memory offlining must not (or cannot) move: it is
+    /// locked in memory (balloond's ring and balloon pages are: the device knows their
+    /// addresses), a hugetlb page (balloond's DMA, balloon and report pages), kernel memory,
+    /// or not a normal page at all.
+    public static let unmovableMask: UInt64 = KPageFlags([.unevictable, .mlocked, .huge, .slab, .pageTable, .hwpoison, .offline, .noPage, .buddy]).rawValue
+
+    /// An in-use page on an evictable LRU list (page cache or a process's anonymous memory):
+    /// memory offlining migrates it (a copy; its owner keeps its contents at a new address).
+    public var isMovableLRU: Bool { rawValue & Self.lru.rawValue != 0 && rawValue & Self.unmovableMask == 0 }
+
     /// The first frame of a hugetlb page.
     public var isHugeTLBHead: Bool { contains([.huge, .compoundHead]) && !contains(.compoundTail) }
 

@@ -22,6 +22,8 @@ public struct LinuxHintSourceEnvironment {
     /// balloond's one record of what it holds (OOM score holders, the grown hugetlb pool),
     /// shared with the balloon memory.
     public var holdings: GuestMemoryHoldings
+    /// The offline source's reserve (`OfflineBlockSource.Options.reserveBytes`; 0: none).
+    public var offlineReserveBytes: UInt64 = 0
     public var logger: Logger
 
     public init(root: SysRoot = .host, pagemap: PagemapResolver?, ownHugePages: [GuestPhysicalRange] = [],
@@ -77,7 +79,7 @@ public func makeLinuxFreePageSource(_ source: HintSource, environment env: Linux
         return try anonymous()
     case .offline:
         let own = env.ownHugePages, more = env.protectedRanges
-        return try OfflineBlockSource(root: env.root, options: OfflineBlockSource.Options(limits: env.limits),
+        return try OfflineBlockSource(root: env.root, options: OfflineBlockSource.Options(limits: env.limits, reserveBytes: env.offlineReserveBytes),
                                       protectedRanges: { own + more() }, logger: env.logger.withLabel("offline"))
     case .kpageflags:
         return try KPageFlagsSource(root: env.root, logger: env.logger.withLabel("kpageflags"))

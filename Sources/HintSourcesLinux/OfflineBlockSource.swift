@@ -26,7 +26,7 @@ import VirtioCore
 ///   kernel migrates them (a copy, written after the round's bitmap sync, so dirty-logged)
 ///   or fails and leaves the block online. Pages nobody may move are the exception:
 ///   balloond's own (the ring's hugepage, the balloon's pages: the device knows their PFNs).
-///   So a block is offlined only when a full `/proc/kpageflags` read of it, right before,
+///   So a round offlines a block only when a full `/proc/kpageflags` read of it, right before,
 ///   finds *every* page a free buddy page (balloond's pages are allocated, so never), and
 ///   balloond takes no memory between the read and the offline (the driver's one event-loop
 ///   thread runs both, and inflating, reporting and DMA allocation run on it too). Blocks
@@ -37,6 +37,17 @@ import VirtioCore
 /// - *Killed.* Each block is listed in `OfflineBlockStateFile` before it is offlined and removed
 ///   after it is online again; the next start onlines what a killed balloond left offline.
 ///   Until then the memory is missing, never reused while the device may act on it.
+/// - *The reserve* (`Options.reserveBytes`, `--hint-reserve-mib`): between migrations blocks are
+///   taken offline ahead of time and kept at DONE, so a round hints them the moment its cmd id
+///   arrives. Hinting a block that went offline before the round's bitmap sync is as safe as
+///   one offlined during the round: what matters is that nobody can write it between the hint
+///   and DONE, and nobody can write an offline page. A reserve pass may also take a block
+///   holding a few in-use pages when every one is a movable LRU page (page cache, a process's
+///   unlocked memory): offlining copies each to a new frame, its owner keeps the contents,
+///   and all of it happens before any round uses the block. Pages balloond itself gave the
+///   device (ring, balloon and report pages) are locked or hugetlb pages, never movable LRU
+///   pages, so they are never moved; nor is kernel memory. Pressure onlines reserve blocks
+///   first (`releaseUnderPressure`), and the driver waits a minute before refilling.
 /// - *Poisoning.* Onlining frees the pages through the allocator, which poisons them again
 ///   under page_poison=1 (and zeroes them under init_on_free): writes after the hint, logged
 ///   and sent, so the destination holds what the kernel expects.
@@ -52,10 +63,35 @@ public final class OfflineBlockSource: FreePageSource {
         public var offlineTimeoutMilliseconds: Int
         /// A block that failed to go offline is not tried again for this many rounds.
         public var skipRoundsAfterFailure: Int
-        public init(limits: OwnedMemoryLimits = OwnedMemoryLimits(), offlineTimeoutMilliseconds: Int = 200, skipRoundsAfterFailure: Int = 8) {
+        /// The reserve (`--hint-reserve-mib`): up to this many bytes of wholly free blocks are
+        /// taken offline between migrations and kept at DONE, so the next round hints them the
+        /// moment its cmd id arrives instead of offlining blocks while QEMU already sends.
+        /// 0: no reserve (blocks are taken only during rounds and all onlined at DONE).
+        public var reserveBytes: UInt64
+        /// The reserve takes a block only while MemFree stays at least this high after it
+        /// (besides `limits`): the guest keeps room for its page cache.
+        public var reserveKeepFreeBytes: UInt64
+        /// Most blocks one `replenishReserve` call offlines (each can take up to
+        /// `offlineTimeoutMilliseconds`), so the event loop stays responsive.
+        public var reserveBlocksPerPass: Int
+        /// Between migrations the reserve also takes blocks with up to this many in-use pages,
+        /// if every one is a movable LRU page (`KPageFlags.isMovableLRU`: page cache or a
+        /// process's unlocked memory, which offlining copies elsewhere). Rounds take wholly free
+        /// blocks only (no copying while QEMU sends).
+        public var reserveMaxMovablePages: Int
+        /// The longest one block's offlining may take in a reserve pass (it may copy pages).
+        public var reserveOfflineTimeoutMilliseconds: Int
+        public init(limits: OwnedMemoryLimits = OwnedMemoryLimits(), offlineTimeoutMilliseconds: Int = 200, skipRoundsAfterFailure: Int = 8,
+                    reserveBytes: UInt64 = 0, reserveKeepFreeBytes: UInt64 = 128 << 20, reserveBlocksPerPass: Int = 8,
+                    reserveMaxMovablePages: Int = 2048, reserveOfflineTimeoutMilliseconds: Int = 1000) {
             self.limits = limits
             self.offlineTimeoutMilliseconds = offlineTimeoutMilliseconds
             self.skipRoundsAfterFailure = skipRoundsAfterFailure
+            self.reserveBytes = reserveBytes
+            self.reserveKeepFreeBytes = reserveKeepFreeBytes
+            self.reserveBlocksPerPass = reserveBlocksPerPass
+            self.reserveMaxMovablePages = reserveMaxMovablePages
+            self.reserveOfflineTimeoutMilliseconds = reserveOfflineTimeoutMilliseconds
         }
     }
 
@@ -123,7 +159,12 @@ public final class OfflineBlockSource: FreePageSource {
         rounds += 1
         roundOpen = true
         lastRound = RoundStatistics()
-        pressureAtRoundStart = (try? MemorySnapshot.read(root: root, withBuddyInfo: false))?.pressure
+        // The round's first hints are the held blocks, and at a high migration bandwidth only
+        // hints QEMU applies in its first ~100 ms count: nothing here but what deciding on them
+        // needs (one /proc/meminfo read, one state read per held block). The other blocks are
+        // listed once those hints are out.
+        let snapshot = try? MemorySnapshot.read(root: root, withBuddyInfo: false)
+        pressureAtRoundStart = snapshot?.pressure
         adoptLeftovers()
         // A held block someone else onlined is no longer ours to hint.
         let lost = held.filter { blocks.isOffline($0) != true }
@@ -132,7 +173,9 @@ public final class OfflineBlockSource: FreePageSource {
             held.removeAll { lost.contains($0) }
             do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
         }
-        if !held.isEmpty, let allowance = allowance(), allowance.bytes == 0 {
+        if !held.isEmpty, let snapshot,
+           case let allowance = memoryAllowance(.freeMemory, limits: options.limits, now: snapshot, pressureAtStart: pressureAtRoundStart, heldBytes: heldBytes),
+           allowance.bytes == 0 {
             // The guest is short of memory: give back what no descriptor still refers to.
             let idle = held.filter { outstanding.outstanding($0) == 0 }
             logger.info("offline source: the guest is short of memory at the start of a round (\(allowance)); onlining \(idle.count) held block(s)")
@@ -140,23 +183,40 @@ public final class OfflineBlockSource: FreePageSource {
         }
         // Held blocks first: re-hinted at once, nothing to take.
         pending = []
-        rehint = held
+        rehint = held.sorted(by: >)
         lastRound.blocksRehinted = held.count
-        let all: [Int]
+        candidates = []
+        candidatesListed = false
+    }
+
+    /// Whether this round's candidate blocks were listed (after the held blocks went out).
+    private var candidatesListed = false
+
+    private func listCandidates() throws(FreePageSourceError) {
+        candidatesListed = true
         let t0 = Sys.monotonicNanos()
-        do { all = try blocks.offlinableBlocks() } catch {
-            roundOpen = false
-            throw error.sourceError
-        }
+        let all: [Int]
+        do { all = try blocks.offlinableBlocks() } catch { throw error.sourceError }
         lastRound.listNanos = Sys.monotonicNanos() - t0
+        candidates = eligible(all)
+    }
+
+    /// The blocks of `all` this source may try to take now, highest address first. QEMU's
+    /// migration thread walks guest RAM upward from offset 0 (on q35 the RAM above 4 GiB
+    /// follows the RAM below), and a hint for a page it has already sent saves nothing: from the
+    /// top down, every block offlined before the sender reaches it is skipped.
+    private func eligible(_ all: [Int]) -> [Int] {
         let protected = protectedRanges()
-        candidates = all.filter { b in
+        return all.filter { b in
             if held.contains(b) { return false }
             if let until = skipUntilRound[b], rounds < until { return false }
             let r = blocks.range(of: b)
             return !protected.contains { $0.start.value < r.end && r.start.value < $0.end }
-        }
+        }.sorted(by: >)
     }
+
+    public var preferredMaxRangeBytes: UInt64? { blocks.blockBytes }
+    public var reserveTargetBytes: UInt64 { options.reserveBytes }
 
     public func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
         guard roundOpen, maxRanges > 0 else { return [] }
@@ -165,6 +225,7 @@ public final class OfflineBlockSource: FreePageSource {
             pending = rehint.flatMap { splitBlock($0) }
             rehint = []
         }
+        if pending.isEmpty, !candidatesListed { try listCandidates() }
         while pending.isEmpty, !candidates.isEmpty {
             let b = candidates.removeFirst()
             if Sys.terminationSignalReceived {
@@ -178,7 +239,7 @@ public final class OfflineBlockSource: FreePageSource {
                 logger.debug("offline source stops taking blocks this round: \(why)")
                 break
             }
-            try take(b)
+            try take(b, movablePages: 0, timeoutMilliseconds: options.offlineTimeoutMilliseconds)
         }
         let n = min(maxRanges, pending.count)
         let out = Array(pending.prefix(n))
@@ -204,6 +265,76 @@ public final class OfflineBlockSource: FreePageSource {
         pending = []
         rehint = []
         candidates = []
+    }
+
+    /// DONE: no hint can be applied any more. The reserve stays offline (the highest blocks,
+    /// the ones QEMU reaches last), the rest goes online.
+    public func hintingDone() {
+        guard options.reserveBytes > 0 else { return releaseAll() }
+        roundOpen = false
+        pending = []
+        rehint = []
+        candidates = []
+        outstanding.retireAll()
+        let keep = Int(options.reserveBytes / blocks.blockBytes)
+        let extra = held.sorted(by: >).dropFirst(keep)
+        if !extra.isEmpty { online(Array(extra)) }
+        logger.info("offline source: hinting done; keeping \(held.count) block(s) (\(heldBytes >> 20) MiB) offline as the reserve, onlined \(extra.count)")
+    }
+
+    /// Between rounds: offlines wholly free blocks, highest first, until the reserve holds
+    /// `reserveBytes`, at most `reserveBlocksPerPass` blocks per call, and only while the
+    /// owned-memory limits allow and MemFree stays above `reserveKeepFreeBytes`. The safety
+    /// argument is the round's: a block is offlined only when every page is a free buddy page,
+    /// and nobody can write it while it is offline.
+    public func replenishReserve() -> ReserveProgress {
+        guard options.reserveBytes > 0 else { return .notWanted }
+        guard !roundOpen else { return .grew }
+        guard heldBytes + blocks.blockBytes <= options.reserveBytes else { return .full }
+        rounds += 1
+        lastRound = RoundStatistics()
+        pressureAtRoundStart = (try? MemorySnapshot.read(root: root, withBuddyInfo: false))?.pressure
+        adoptLeftovers()
+        let all: [Int]
+        do { all = try blocks.offlinableBlocks() } catch {
+            logger.warning("offline source: cannot list memory blocks for the reserve: \(error)")
+            return .stuck
+        }
+        var took = 0
+        var tried = 0
+        for b in eligible(all) {
+            guard heldBytes + blocks.blockBytes <= options.reserveBytes, tried < max(1, options.reserveBlocksPerPass) else { break }
+            if Sys.terminationSignalReceived { break }
+            if let why = reserveStop() {
+                lastRound.stoppedBecause = why
+                break
+            }
+            tried += 1
+            let before = held.count
+            do { try take(b, movablePages: options.reserveMaxMovablePages, timeoutMilliseconds: options.reserveOfflineTimeoutMilliseconds) } catch {
+                logger.warning("offline source: reserve pass stopped: \(error)")
+                break
+            }
+            if held.count > before { took += 1 }
+        }
+        pending = []
+        if took > 0 {
+            logger.info("offline source: reserve holds \(held.count) block(s), \(heldBytes >> 20) MiB (target \(options.reserveBytes >> 20) MiB)", metadata: [
+                "offlined": "\(took)", "offline_ms": "\(lastRound.offlineNanos / 1_000_000)", "scan_ms": "\(lastRound.scanNanos / 1_000_000)",
+            ])
+        }
+        if heldBytes + blocks.blockBytes > options.reserveBytes { return .full }
+        return took > 0 ? .grew : .stuck
+    }
+
+    /// Why the reserve may take no further block now, or nil.
+    private func reserveStop() -> String? {
+        if let why = allowanceStop() { return why }
+        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return "cannot read /proc/meminfo" }
+        guard now.memFree >= options.reserveKeepFreeBytes + blocks.blockBytes else {
+            return "MemFree \(now.memFree >> 20) MiB leaves no block above the reserve's \(options.reserveKeepFreeBytes >> 20) MiB"
+        }
+        return nil
     }
 
     /// DONE, reset or shutdown: no hint can be applied any more; every held block goes online.
@@ -280,10 +411,10 @@ public final class OfflineBlockSource: FreePageSource {
     }
 
     /// Offlines block `b` if every page of it is free, and queues its ranges.
-    private func take(_ b: Int) throws(FreePageSourceError) {
+    private func take(_ b: Int, movablePages: Int, timeoutMilliseconds: Int) throws(FreePageSourceError) {
         let t0 = Sys.monotonicNanos()
         let free: Bool
-        do { free = try wholeBlockFree(b) } catch { throw error.sourceError }
+        do { free = try blockQualifies(b, movablePages: movablePages) } catch { throw error.sourceError }
         let t1 = Sys.monotonicNanos()
         lastRound.scanNanos += t1 - t0
         guard free else {
@@ -291,7 +422,7 @@ public final class OfflineBlockSource: FreePageSource {
             return
         }
         do { try stateFile.write(blocks: held + [b]) } catch { throw error.sourceError }
-        let result = blocks.offline(b, timeoutMilliseconds: options.offlineTimeoutMilliseconds)
+        let result = blocks.offline(b, timeoutMilliseconds: timeoutMilliseconds)
         lastRound.offlineNanos += Sys.monotonicNanos() - t1
         guard result == .offlined else {
             lastRound.blocksFailed += 1
@@ -313,22 +444,32 @@ public final class OfflineBlockSource: FreePageSource {
         coalesce([blocks.range(of: b)], maxLength: lastMaxRangeBytes)
     }
 
-    /// Whether every page of block `b` is a free buddy page: a quick look at one page per
+    /// Whether block `b` may be offlined: every page a free buddy page, except at most
+    /// `movablePages` in-use pages that are all movable LRU pages. A quick look at one page per
     /// 2 MiB first (most used blocks fail it), then every page.
-    private func wholeBlockFree(_ b: Int) throws(GuestMemoryError) -> Bool {
+    private func blockQualifies(_ b: Int, movablePages: Int) throws(GuestMemoryError) -> Bool {
         let pages = blocks.blockBytes / balloonPageSize
         let first = UInt64(b) * pages
-        for pfn in stride(from: first, to: first + pages, by: 512) {
-            guard let e = try kpageflags.entry(pfn: pfn), KPageFlags(rawValue: e).isFreeBuddy else { return false }
+        var used = 0
+        func acceptable(_ raw: UInt64) -> Bool {
+            let f = KPageFlags(rawValue: raw)
+            if f.isFreeBuddy { return true }
+            guard movablePages > 0, f.isMovableLRU else { return false }
+            used += 1
+            return used <= movablePages
         }
+        for pfn in stride(from: first, to: first + pages, by: 512) {
+            guard let e = try kpageflags.entry(pfn: pfn), acceptable(e) else { return false }
+        }
+        used = 0
         var pfn = first
         while pfn < first + pages {
             let want = Int(min(UInt64(kpageflags.chunkEntries), first + pages - pfn))
-            let (n, allFree) = try kpageflags.read(startPFN: pfn, count: want) { entries in
-                for i in entries.indices where !KPageFlags(rawValue: UInt64(littleEndian: entries[i])).isFreeBuddy { return false }
+            let (n, ok) = try kpageflags.read(startPFN: pfn, count: want) { entries in
+                for i in entries.indices where !acceptable(UInt64(littleEndian: entries[i])) { return false }
                 return true
             }
-            if n == 0 || !allFree { return false }
+            if n == 0 || !ok { return false }
             pfn += UInt64(n)
         }
         return true

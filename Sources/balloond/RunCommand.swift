@@ -68,6 +68,15 @@ struct RunCommand: ParsableCommand {
         stale memory. Use only on hosts whose dirty logging you know survives hints.
         """))
     var unsafeHintsOnKVM = false
+    @Option(help: ArgumentHelp("Memory (MiB) the offline hint source keeps offline between migrations (0: none).", discussion: """
+        With --hint-source offline (or auto where it picks offline), wholly free memory blocks are \
+        taken offline ahead of time, highest addresses first, and kept at DONE, so a migration's \
+        first hint round hints them the moment it starts instead of offlining blocks while QEMU is \
+        already sending. The guest cannot use that memory (MemTotal shrinks by it) until memory \
+        pressure or balloond's exit gives it back, and the reserve never takes MemFree below 256 MiB. \
+        Ignored, with a warning, by the other sources.
+        """))
+    var hintReserveMib: UInt64 = 0
     @Flag(help: ArgumentHelp("Control experiment: run hint rounds that take memory from the hint source as usual but send no hint.", discussion: """
         For telling a wrong hint from the guest-side churn of taking and releasing memory during \
         a migration (docs/virtio-balloon.md §9's bench caveat). Nothing is saved with it on.
@@ -131,7 +140,8 @@ struct RunCommand: ParsableCommand {
         if let metricsTextfile { try MetricsTextfile.validate(path: metricsTextfile) }
         for (name, value) in [("--report-keep-free-mib", reportKeepFreeMib), ("--report-release-below-mib", reportReleaseBelowMib),
                               ("--report-max-mib", reportMaxMib ?? 0), ("--deflate-below-mib", deflateBelowMib),
-                              ("--deflate-step-mib", deflateStepMib), ("--reinflate-above-mib", reinflateAboveMib)] where value > Self.maxMib {
+                              ("--deflate-step-mib", deflateStepMib), ("--reinflate-above-mib", reinflateAboveMib),
+                              ("--hint-reserve-mib", hintReserveMib)] where value > Self.maxMib {
             throw ValidationError("\(name) \(value) is more than \(Self.maxMib) MiB (1 TiB)")
         }
         guard reportReleaseBelowMib < reportKeepFreeMib else {
@@ -286,6 +296,9 @@ struct RunCommand: ParsableCommand {
             }
         }
         let hints = try hintChoice.map { (name: $0.source.rawValue, source: try makeHintSource($0.source, allocator: allocator, arena: arena, compaction: compaction, holdings: holdings, logger: logger)) }
+        if hintReserveMib > 0, let h = hints, h.source.reserveTargetBytes == 0 {
+            logger.warning("--hint-reserve-mib \(hintReserveMib) is ignored: only the offline hint source keeps a reserve, and this run hints from \(h.name)")
+        }
         var hintsMapped = !translated
         if translated, let anonymous = hints?.source as? AnonymousSource {
             anonymous.deviceMapper = access.deviceMapper
@@ -430,8 +443,9 @@ extension RunCommand {
     func makeHintSource(_ source: HintSource, allocator: DMAAllocator, arena: DeviceMemoryArena, compaction: CompactionHold,
                         holdings: GuestMemoryHoldings, logger: Logger) throws -> FreePageSource {
         let own = (allocator as? HugePageDMAAllocator).map { [GuestPhysicalRange(start: $0.region.physicalAddress, length: UInt64($0.region.size))] } ?? []
-        let env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction,
+        var env = LinuxHintSourceEnvironment(pagemap: try PagemapResolver(), ownHugePages: own, limits: OwnedMemoryLimits(), arena: arena, compactionHold: compaction,
                                              holdings: holdings, logger: logger)
+        env.offlineReserveBytes = hintReserveMib << 20
         return try makeLinuxFreePageSource(source, environment: env)
     }
 }

@@ -379,3 +379,88 @@ struct DaemonEarlyWarningTests {
         #expect(changes.count <= 2 * r.daemon.wakeups + 2, "\(changes.count) priority changes for \(r.daemon.wakeups) wakeups")
     }
 }
+
+/// The hint source's reserve (`--hint-reserve-mib`): topped up between rounds on a timer that
+/// backs off, never a spin, and no timer at all for a source without one.
+@Suite("Hint reserve passes in virtual time")
+struct HintReserveDaemonTests {
+    static func rig(runFor: Duration) throws -> DaemonRig {
+        try DaemonRig(BalloonDeviceProperties(freePageHint: true), runFor: runFor)
+    }
+
+    /// When each reserve pass ran (virtual time).
+    final class Passes { var times: [Duration] = [] }
+
+    /// A rig whose hint source keeps a reserve whose passes report `script`.
+    static func rig(runFor: Duration, reserve script: [ReserveProgress]) throws -> (DaemonRig, Passes) {
+        let r = try rig(runFor: runFor)
+        r.rig.source.reserveTarget = 1 << 30
+        r.rig.source.reserveScript = script
+        let passes = Passes()
+        r.rig.source.onReplenish = { passes.times.append(r.rig.clock.now) }
+        return (r, passes)
+    }
+
+    @Test("a reserve that cannot grow is retried once a minute, not in a loop")
+    func stuckReserveRetriesSlowly() throws {
+        let (r, _) = try Self.rig(runFor: 30 * minute, reserve: [.stuck])
+        r.run()
+        #expect(r.rig.driver.negotiated.contains(.freePageHint))
+        #expect((29...31).contains(r.rig.source.replenishCalls), "one pass a minute: \(r.rig.source.replenishCalls)")
+        #expect(r.wakeupsPerMinute(lastMinutes: 25) <= idleWakeupsPerMinute)
+    }
+
+    @Test("a reserve that grows is topped up every second until it is full, then no more timed wakeups")
+    func growingReserveStopsWhenFull() throws {
+        let (r, passes) = try Self.rig(runFor: 30 * minute, reserve: [.grew, .grew, .grew, .full])
+        r.run()
+        let times = passes.times
+        #expect(r.rig.source.replenishCalls == 4)
+        #expect(times.count == 4 && zip(times, times.dropFirst()).allSatisfy { $1 - $0 == .seconds(1) }, "\(times)")
+        #expect(r.wakeupsPerMinute(lastMinutes: 25) == 0)
+    }
+
+    @Test("DONE keeps the reserve (hintingDone, not releaseAll) and tops it up a second later")
+    func doneRearmsThePass() throws {
+        let (r, passes) = try Self.rig(runFor: 10 * minute, reserve: [.full])
+        var doneAt: Duration = .zero
+        r.poller.at(secondsFromNow: 120, ready: .interrupt) { r.rig.device.startHintRound() }
+        r.poller.at(secondsFromNow: 121, ready: .interrupt) {
+            doneAt = r.rig.clock.now
+            r.rig.device.finishHinting()
+        }
+        r.run()
+        let times = passes.times
+        #expect(r.rig.source.hintingDoneCalls == 1)
+        #expect(times.count == 2, "one pass after bring-up, one after DONE: \(times)")
+        #expect(times.last == doneAt + .seconds(1))
+        #expect(r.wakeupsPerMinute(lastMinutes: 5) == 0)
+    }
+
+    @Test("memory pressure that takes reserve memory back defers the next pass by a minute")
+    func pressureDefersThePass() throws {
+        let (r, passes) = try Self.rig(runFor: 10 * minute, reserve: [.full])
+        r.rig.source.heldUntilDone = 256 << 20
+        var releases: [Duration] = []
+        r.rig.source.onPressureRelease = { releases.append(r.rig.clock.now) }
+        r.poller.at(secondsFromNow: 180) { r.rig.memoryStatus.available = 40 << 20 }
+        r.poller.at(secondsFromNow: 185) { r.rig.memoryStatus.available = 800 << 20 }
+        r.run()
+        let times = passes.times
+        let released = try #require(releases.first)
+        #expect(r.rig.driver.counters.pressureHintReleases >= 1)
+        #expect(times.count == 2, "one pass after bring-up, one after the pressure: \(times)")
+        #expect(times.last == (releases.last ?? released) + .seconds(60), "passes \(times), releases \(releases)")
+    }
+
+    @Test("a source without a reserve adds no timed wakeup, before or after a migration")
+    func noReserveNoTimer() throws {
+        let r = try Self.rig(runFor: 30 * minute)
+        r.poller.at(secondsFromNow: 60, ready: .interrupt) { r.rig.device.startHintRound() }
+        r.poller.at(secondsFromNow: 61, ready: .interrupt) { r.rig.device.finishHinting() }
+        r.run()
+        #expect(r.rig.driver.counters.hintRounds == 1)
+        #expect(r.rig.source.replenishCalls == 0)
+        #expect(r.wakeupsPerMinute(lastMinutes: 25) == 0)
+    }
+}

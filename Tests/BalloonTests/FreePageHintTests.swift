@@ -31,6 +31,22 @@ struct FreePageHintTests {
         #expect(rig.source.inner.freePages == freeBefore)
     }
 
+    @Test("a source that gives memory back in larger units gets longer descriptors; others the driver's 4 MiB")
+    func preferredRangeLength() throws {
+        let rig = try Rig.hinting()
+        rig.source.preferredMax = 64 << 20
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(!rig.source.maxRangeBytesAsked.isEmpty)
+        #expect(rig.source.maxRangeBytesAsked.allSatisfy { $0 == 64 << 20 })
+        rig.device.finishHinting()
+        try rig.serviceAll()
+        let plain = try Rig.hinting()
+        plain.device.startHintRound()
+        try plain.serviceAll()
+        #expect(plain.source.maxRangeBytesAsked.allSatisfy { $0 == 4 << 20 })
+    }
+
     @Test("the id reads 0 while QEMU is in START, with no interrupt: the driver keeps hinting (it never polls the field)")
     func idReadsZeroInStart() throws {
         let rig = try Rig.hinting()

@@ -55,8 +55,11 @@ final class RecordingSource: FreePageSource {
     /// `releaseUnderPressure`, which records each request).
     var heldUntilDone: UInt64 = 0
     var pressureRequests: [UInt64] = []
+    /// Runs at every `releaseUnderPressure` call.
+    var onPressureRelease: (() -> Void)?
     func releaseUnderPressure(bytes: UInt64) -> UInt64 {
         pressureRequests.append(bytes)
+        onPressureRelease?()
         let n = min(bytes, heldUntilDone)
         heldUntilDone -= n
         return n
@@ -68,7 +71,31 @@ final class RecordingSource: FreePageSource {
         try inner.beginRound(id: id)
     }
     func nextBatch(maxRanges: Int, maxRangeBytes: UInt64) throws(FreePageSourceError) -> [GuestPhysicalRange] {
-        try inner.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+        maxRangeBytesAsked.append(maxRangeBytes)
+        return try inner.nextBatch(maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
+    }
+    /// Every `maxRangeBytes` the driver passed to `nextBatch`.
+    var maxRangeBytesAsked: [UInt64] = []
+    /// `preferredMaxRangeBytes` as a test sets it.
+    var preferredMax: UInt64?
+    var preferredMaxRangeBytes: UInt64? { preferredMax }
+    /// A reserve as a test scripts it: its target (0: none) and what each `replenishReserve`
+    /// call reports, in order (the last one repeats).
+    var reserveTarget: UInt64 = 0
+    var reserveScript: [ReserveProgress] = [.stuck]
+    var reserveTargetBytes: UInt64 { reserveTarget }
+    var replenishCalls = 0
+    /// Runs at every `replenishReserve` call.
+    var onReplenish: (() -> Void)?
+    func replenishReserve() -> ReserveProgress {
+        replenishCalls += 1
+        onReplenish?()
+        return reserveScript.count > 1 ? reserveScript.removeFirst() : reserveScript[0]
+    }
+    var hintingDoneCalls = 0
+    func hintingDone() {
+        hintingDoneCalls += 1
+        releaseAll()
     }
     func hintsApplied(_ ranges: [GuestPhysicalRange]) { appliedRanges += ranges; inner.hintsApplied(ranges) }
     func endRound() { endRounds += 1; inner.endRound() }

@@ -92,8 +92,8 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         let source = try s.source()
         try source.beginRound(id: 1)
         let hinted = try drain(source)
-        #expect(hinted == [range(0), range(2)])
-        #expect(s.blocks.offlineCalls == [0, 2], "a block with a page in use is never offlined (its pages would be migrated)")
+        #expect(hinted == [range(2), range(0)])
+        #expect(s.blocks.offlineCalls == [2, 0], "a block with a page in use is never offlined (its pages would be migrated)")
         #expect(source.heldBytes == 2 * Self.blockBytes)
         #expect(source.lastRound.blocksSkippedNotFree == 2)
     }
@@ -104,7 +104,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         try source.beginRound(id: 1)
         _ = try drain(source)
         #expect(s.blocks.stateAtOffline.count == 2)
-        #expect(s.blocks.stateAtOffline[0]?.contains("blocks=0\n") == true, "a SIGKILL right after the write must leave block 0 listed")
+        #expect(s.blocks.stateAtOffline[0]?.contains("blocks=1\n") == true, "a SIGKILL right after the write must leave block 1 listed")
         #expect(s.blocks.stateAtOffline[1]?.contains("blocks=0,1\n") == true)
         #expect(s.tree.read(Self.statePath)?.contains("blocks=0,1\n") == true)
     }
@@ -120,7 +120,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         try source.beginRound(id: 2)
         let second = try drain(source)
         #expect(second == first, "the next round hints the held blocks again")
-        #expect(s.blocks.offlineCalls == [0, 1], "without offlining them again")
+        #expect(s.blocks.offlineCalls == [1, 0], "without offlining them again")
         source.endRound()
         source.releaseAll()
         #expect(s.blocks.onlineCalls == [0, 1])
@@ -167,7 +167,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         let s = Setup(blocks: 2)
         let source = try s.source()
         try source.beginRound(id: 1)
-        #expect(try drain(source) == [range(0), range(1)])
+        #expect(try drain(source) == [range(1), range(0)])
         source.endRound()
         s.blocks.offline.remove(1)  // an admin onlined it
         s.blocks.refuse[1] = .busy  // and it is in use now
@@ -197,10 +197,10 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         try source.beginRound(id: 2)
         _ = try drain(source)
         source.endRound()
-        #expect(s.blocks.offlineCalls == [0, 1, 2], "round 2 skipped the failed blocks")
+        #expect(s.blocks.offlineCalls == [2, 1, 0], "round 2 skipped the failed blocks")
         try source.beginRound(id: 3)
         _ = try drain(source)
-        #expect(s.blocks.offlineCalls == [0, 1, 2, 1, 2], "round 3 tries them again")
+        #expect(s.blocks.offlineCalls == [2, 1, 0, 2, 1], "round 3 tries them again")
     }
 
     @Test func blocksOverlappingProtectedMemoryAreNeverTouched() throws {
@@ -208,7 +208,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         let ring = GuestPhysicalRange(start: Self.blockBytes + 8192, length: 4096)
         let source = try s.source(protected: [ring])
         try source.beginRound(id: 1)
-        #expect(try drain(source) == [range(0), range(2)])
+        #expect(try drain(source) == [range(2), range(0)])
         #expect(!s.blocks.offlineCalls.contains(1))
     }
 
@@ -246,6 +246,128 @@ final class FakeMemoryBlocks: MemoryBlockControl {
             return
         }
         #expect(s.blocks.onlineCalls.isEmpty)
+    }
+
+    @Test func roundsTakeBlocksFromTheHighestAddressDown() throws {
+        // QEMU sends RAM from offset 0 upward: the top blocks are the ones it reaches last.
+        let s = Setup(blocks: 4)
+        let source = try s.source()
+        try source.beginRound(id: 1)
+        #expect(try drain(source) == [range(3), range(2), range(1), range(0)])
+        #expect(s.blocks.offlineCalls == [3, 2, 1, 0])
+        #expect(source.preferredMaxRangeBytes == Self.blockBytes, "a block is one descriptor when the driver allows it")
+    }
+
+    static let movable = KPageFlags([.lru, .anon, .mmap, .uptodate]).rawValue
+    static let mlockedPage = KPageFlags([.lru, .anon, .mmap, .unevictable, .mlocked]).rawValue
+    static let hugePage = KPageFlags([.huge, .compoundHead]).rawValue
+    static let slabPage = KPageFlags([.slab]).rawValue
+
+    func reserveSetup(blocks: Int = 4, memFreeMiB: Int = 4096) -> Setup {
+        Setup(blocks: blocks, memFreeMiB: memFreeMiB)
+    }
+
+    @Test func theReserveFillsBetweenRoundsHighestFirstUpToItsTarget() throws {
+        let s = reserveSetup()
+        let source = try s.source(options: .init(reserveBytes: 2 * Self.blockBytes, reserveKeepFreeBytes: 0))
+        #expect(source.reserveTargetBytes == 2 * Self.blockBytes)
+        #expect(source.replenishReserve() == .full)
+        #expect(s.blocks.offlineCalls == [3, 2])
+        #expect(source.held == [2, 3])
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=2,3\n") == true, "listed for crash recovery like a round's blocks")
+        #expect(source.replenishReserve() == .full)
+        #expect(s.blocks.offlineCalls == [3, 2], "a full reserve takes nothing more")
+        // The next round hints the reserve at once (no offlining first), then takes more.
+        try source.beginRound(id: 1)
+        let first = try source.nextBatch(maxRanges: 2, maxRangeBytes: Self.blockBytes)
+        #expect(first == [range(3), range(2)])
+        #expect(s.blocks.offlineCalls == [3, 2])
+        #expect(try drain(source) == [range(1), range(0)])
+    }
+
+    @Test func aReservePassIsBoundedAndReportsWhetherItGrew() throws {
+        let s = reserveSetup(blocks: 6)
+        let source = try s.source(options: .init(reserveBytes: 6 * Self.blockBytes, reserveKeepFreeBytes: 0, reserveBlocksPerPass: 2))
+        #expect(source.replenishReserve() == .grew)
+        #expect(s.blocks.offlineCalls == [5, 4])
+        s.blocks.refuse = [3: .busy, 2: .busy, 1: .busy, 0: .busy]
+        #expect(source.replenishReserve() == .stuck, "nothing could be taken: the driver waits long before the next pass")
+        #expect(source.held == [4, 5])
+    }
+
+    @Test func theReserveLeavesMemFreeAboveItsFloor() throws {
+        // MemFree 64 MiB; the floor 62 MiB plus one 4 MiB block does not fit.
+        let s = reserveSetup(memFreeMiB: 64)
+        let source = try s.source(options: .init(limits: OwnedMemoryLimits(marginBytes: 0, marginFractionOfTotal: 0),
+                                                 reserveBytes: 4 * Self.blockBytes, reserveKeepFreeBytes: 62 << 20))
+        #expect(source.replenishReserve() == .stuck)
+        #expect(s.blocks.offlineCalls.isEmpty)
+    }
+
+    @Test func noReservePassWhileARoundIsOpen() throws {
+        let s = reserveSetup()
+        let source = try s.source(options: .init(reserveBytes: 4 * Self.blockBytes, reserveKeepFreeBytes: 0))
+        try source.beginRound(id: 1)
+        #expect(source.replenishReserve() == .grew, "asks to be called again after the round")
+        #expect(s.blocks.offlineCalls.isEmpty)
+    }
+
+    @Test func withoutAReserveNoPassTakesAnything() throws {
+        let s = reserveSetup()
+        let source = try s.source()
+        #expect(source.replenishReserve() == .notWanted)
+        #expect(source.reserveTargetBytes == 0)
+        #expect(s.blocks.offlineCalls.isEmpty)
+    }
+
+    @Test func theReserveTakesBlocksWithAFewMovablePagesButRoundsDoNot() throws {
+        var s = reserveSetup()
+        let p = Self.blockPages
+        // Block 3: two movable LRU pages (one on a 2 MiB sample). Block 2: an mlocked page (like
+        // balloond's ring and balloon pages). Block 1: a hugetlb page. Block 0: a slab page.
+        for (pfn, flags) in [(3 * p + 5, Self.movable), (3 * p + 512, Self.movable), (2 * p + 7, Self.mlockedPage),
+                             (p + 9, Self.hugePage), (11, Self.slabPage)] { s.flags[pfn] = flags }
+        s.tree.u64File("/proc/kpageflags", s.flags)
+        let round = try s.source()
+        try round.beginRound(id: 1)
+        #expect(try drain(round).isEmpty, "a round offlines wholly free blocks only")
+        round.endRound()
+        let reserve = try s.source(options: .init(reserveBytes: 4 * Self.blockBytes, reserveKeepFreeBytes: 0))
+        _ = reserve.replenishReserve()
+        #expect(s.blocks.offlineCalls == [3], "only the block whose in-use pages are all movable")
+        let capped = try s.source(options: .init(reserveBytes: 4 * Self.blockBytes, reserveKeepFreeBytes: 0, reserveMaxMovablePages: 1))
+        s.blocks.offline = []
+        s.blocks.offlineCalls = []
+        _ = capped.replenishReserve()
+        #expect(s.blocks.offlineCalls.isEmpty, "more in-use pages than allowed")
+    }
+
+    @Test func doneKeepsTheReserveHighestBlocksAndOnlinesTheRest() throws {
+        let s = reserveSetup()
+        let source = try s.source(options: .init(reserveBytes: 1 * Self.blockBytes, reserveKeepFreeBytes: 0))
+        try source.beginRound(id: 1)
+        let hinted = try drain(source)
+        #expect(hinted.count == 4)
+        source.endRound()
+        source.hintingDone()
+        #expect(source.held == [3])
+        #expect(Set(s.blocks.onlineCalls) == [0, 1, 2])
+        #expect(s.tree.read(Self.statePath)?.contains("blocks=3\n") == true)
+        // A reset or shutdown still gives everything back.
+        source.releaseAll()
+        #expect(source.held.isEmpty)
+        #expect(s.tree.read(Self.statePath) == nil)
+    }
+
+    @Test func withoutAReserveDoneOnlinesEverything() throws {
+        let s = reserveSetup(blocks: 2)
+        let source = try s.source()
+        try source.beginRound(id: 1)
+        _ = try drain(source)
+        source.endRound()
+        source.hintingDone()
+        #expect(source.held.isEmpty)
+        #expect(Set(s.blocks.onlineCalls) == [0, 1])
     }
 
     @Test func chosenExplicitlyOnAnyHypervisorWithoutTheTCGOwnedSourceWarning() {
