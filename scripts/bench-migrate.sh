@@ -8,11 +8,15 @@
 #   kernel               the in-kernel virtio_balloon driver (the anchor)
 #   balloond:kpageflags  balloond's scan source (the TCG default)
 #   balloond:hugetlb     owned source: hugetlb pool pages (the KVM default)
-#   balloond:anonymous   owned source: anonymous memory
-#   balloond             auto: the table's "source" column shows what it picked
-#   kernel@poison, balloond@poison
-#                        the same on a page_poison=1 guest (auto picks an owned source
-#                        there), on the smallest guest size only (--poison-mem to change)
+#   balloond:offline     owned source: memory blocks taken offline during the round
+#   balloond:offline+reserve
+#                        the same with --hint-reserve-mib (guest size): blocks kept offline
+#                        between migrations, hinted at once; the run waits until the reserve
+#                        has refilled after the workload (a minute after it gave way)
+#   kernel@poison, balloond@poison, balloond:offline+reserve@poison
+#                        the same on a page_poison=1 guest (auto picks offline there), on
+#                        the smallest guest size only (--poison-mem to change)
+# Also: balloond:anonymous, balloond (auto), balloond:SOURCE-control (scripts/migrate.py).
 # Prints one table per guest size (medians, vs none, x floor, hinted MiB, first hint and STOP
 # ms, the source balloond used, owned sources against the in-kernel driver) and writes the
 # per-run JSON and a plot of time and bytes per mode and size to .cache/bench/.
@@ -41,8 +45,8 @@ note() { echo "bench-migrate: $*" >&2; }
 QEMU_VER=10.0
 MEMS=1024,4096
 RUNS=${RUNS:-3}
-MODES=floor,none,kernel,balloond:kpageflags,balloond:hugetlb,balloond:anonymous,balloond
-POISON_MODES=kernel@poison,balloond@poison
+MODES=floor,none,kernel,balloond:kpageflags,balloond:hugetlb,balloond:offline,balloond:offline+reserve
+POISON_MODES=kernel@poison,balloond@poison,balloond:offline+reserve@poison
 rest=()
 while [ $# -gt 0 ]; do
   case $1 in

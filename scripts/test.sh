@@ -49,7 +49,7 @@ scripts/test-package.sh
 # own checks, the same on both kernels), the in-kernel driver's sizing test, the uio
 # modern-only tests (the vfio lifecycle drives a modern-only device on 10.0), and the
 # shared-IOMMU-group refusal.
-PLATFORM10_TESTS='GuestBootTests/transitionalDevice|BalloondGuestTests/transitionalLifecycle|BalloonSizingTests/(balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|offlineSourceSavesBytes|killDuringRound|vfioHintsVerified)|VFIOBackendTests/lifecycle'
+PLATFORM10_TESTS='GuestBootTests/transitionalDevice|BalloondGuestTests/transitionalLifecycle|BalloonSizingTests/(balloondInflateDeflate|balloondStats|balloondDeflateOnPressure)|MigrationTests/(kpageflagsSavesBytes|offlineSourceSavesBytes|offlineReserveHintsAtOnce|killDuringRound|vfioHintsVerified)|VFIOBackendTests/lifecycle'
 
 # CI time: 6 kill trials (2 of each kind, ~17 s each) instead of the test's default 30
 # (MigrationTests/killDuringRound also kills during real hint rounds on 10.0);
