@@ -84,6 +84,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var pressureDeflates = 0
     /// Times memory pressure made the hint source give back memory it held until DONE.
     public var pressureHintReleases = 0
+    /// Times an inflate made the hint source's reserve give memory back.
+    public var inflateHintReserveReleases = 0
     /// Free page reports sent, and bytes reported.
     public var reportsSent = 0
     public var bytesReported: UInt64 = 0

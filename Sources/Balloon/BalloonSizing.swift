@@ -81,6 +81,7 @@ extension BalloonDriver {
             if sizing.deflatingPages > 0 { return }  // let the deflate finish first
             if let at = sizing.retryAt, clock.now() < at { return }
             sizing.retryAt = nil
+            yieldHintReserve(toInflatePages: target - committedPages)
             guard pfnsPerBuffer > 0 else {
                 noteShortfall("the DMA allocator hands out at most \(allocator.largestAllocation) bytes at once, less than the \(balloonPagesPerHugeBlock * 4) bytes one 2 MiB block's PFNs need in one buffer", target: target)
                 return

@@ -280,6 +280,22 @@ extension BalloonDriver {
         }
     }
 
+    /// The host wants memory back (an inflate): a hint reserve only makes a future migration
+    /// cheaper, so it gives way first, as it does under memory pressure, and refills no sooner
+    /// than `reserveAfterPressure` later (from what the guest has left then). Not during a
+    /// round: its blocks may be hinted right now.
+    func yieldHintReserve(toInflatePages pages: Int) {
+        guard pages > 0, let source = hintSource, source.reserveTargetBytes > 0, source.heldBytes > 0,
+              hinting.activeRound == nil || hinting.stopSent else { return }
+        let freed = source.releaseUnderPressure(bytes: UInt64(pages) * balloonPageSize)
+        guard freed > 0 else { return }
+        counters.inflateHintReserveReleases += 1
+        armHintReserve(after: hintOptions.reserveAfterPressure)
+        logger.notice("inflate: the hint reserve gave way", metadata: [
+            "released_mib": "\(freed >> 20)", "still_held_mib": "\(source.heldBytes >> 20)", "inflate_mib": "\(pages >> 8)",
+        ])
+    }
+
     /// Schedules a reserve pass `delay` from now, for a source that keeps a reserve (one
     /// without never gets a timed wakeup for it).
     func armHintReserve(after delay: Duration) {

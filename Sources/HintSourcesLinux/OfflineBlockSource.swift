@@ -71,9 +71,11 @@ public final class OfflineBlockSource: FreePageSource {
         /// The reserve takes a block only while MemFree stays at least this high after it
         /// (besides `limits`): the guest keeps room for its page cache.
         public var reserveKeepFreeBytes: UInt64
-        /// Most blocks one `replenishReserve` call offlines (each can take up to
-        /// `offlineTimeoutMilliseconds`), so the event loop stays responsive.
+        /// Most blocks one `replenishReserve` call offlines, and how long it goes on starting
+        /// new ones (each can take up to `reserveOfflineTimeoutMilliseconds`), so the event
+        /// loop stays responsive to interrupts and memory pressure.
         public var reserveBlocksPerPass: Int
+        public var reservePassBudgetMilliseconds: Int
         /// Between migrations the reserve also takes blocks with up to this many in-use pages,
         /// if every one is a movable LRU page (`KPageFlags.isMovableLRU`: page cache or a
         /// process's unlocked memory, which offlining copies elsewhere). Rounds take wholly free
@@ -83,13 +85,15 @@ public final class OfflineBlockSource: FreePageSource {
         public var reserveOfflineTimeoutMilliseconds: Int
         public init(limits: OwnedMemoryLimits = OwnedMemoryLimits(), offlineTimeoutMilliseconds: Int = 200, skipRoundsAfterFailure: Int = 8,
                     reserveBytes: UInt64 = 0, reserveKeepFreeBytes: UInt64 = 128 << 20, reserveBlocksPerPass: Int = 8,
-                    reserveMaxMovablePages: Int = 2048, reserveOfflineTimeoutMilliseconds: Int = 1000) {
+                    reservePassBudgetMilliseconds: Int = 300, reserveMaxMovablePages: Int = 2048,
+                    reserveOfflineTimeoutMilliseconds: Int = 500) {
             self.limits = limits
             self.offlineTimeoutMilliseconds = offlineTimeoutMilliseconds
             self.skipRoundsAfterFailure = skipRoundsAfterFailure
             self.reserveBytes = reserveBytes
             self.reserveKeepFreeBytes = reserveKeepFreeBytes
             self.reserveBlocksPerPass = reserveBlocksPerPass
+            self.reservePassBudgetMilliseconds = reservePassBudgetMilliseconds
             self.reserveMaxMovablePages = reserveMaxMovablePages
             self.reserveOfflineTimeoutMilliseconds = reserveOfflineTimeoutMilliseconds
         }
@@ -302,8 +306,11 @@ public final class OfflineBlockSource: FreePageSource {
         }
         var took = 0
         var tried = 0
+        let start = Sys.monotonicNanos()
+        let budget = UInt64(max(0, options.reservePassBudgetMilliseconds)) * 1_000_000
         for b in eligible(all) {
             guard heldBytes + blocks.blockBytes <= options.reserveBytes, tried < max(1, options.reserveBlocksPerPass) else { break }
+            if tried > 0, Sys.monotonicNanos() - start >= budget { break }
             if Sys.terminationSignalReceived { break }
             if let why = reserveStop() {
                 lastRound.stoppedBecause = why

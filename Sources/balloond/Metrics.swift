@@ -65,6 +65,7 @@ enum BalloondMetrics {
         counter("balloond_inflate_shortfalls_total", "Inflate steps that fell short of the target because the guest could not spare the memory.", c.inflateShortfalls)
         counter("balloond_pressure_deflates_total", "Deflates caused by guest memory pressure (MemAvailable or PSI, with DEFLATE_ON_OOM).", c.pressureDeflates)
         counter("balloond_pressure_hint_releases_total", "Times guest memory pressure made the free page hint source give back memory it held until DONE.", c.pressureHintReleases)
+        counter("balloond_inflate_hint_reserve_releases_total", "Times an inflate made the free page hint source's reserve (--hint-reserve-mib) give memory back.", c.inflateHintReserveReleases)
         counter("balloond_balloon_blocks_moved_total", "Balloon blocks given back before sending because their frames had moved.", c.balloonBlocksMoved)
         let take: any FloatingPointCounterHandler = registry.makeCounter(descriptor: descriptor(
             "balloond_take_memory_seconds_total", "Time spent taking balloon memory from the guest (zeroing pages), in seconds."))

@@ -54,7 +54,7 @@ struct StatusCommand: ParsableCommand {
         }
         let c = d.counters
         print("counters     interrupts \(c.interrupts), config changes \(c.configChanges), stats sent \(c.statsBuffersSent), device resets \(c.deviceResets), restarts \(s.restarts), errors \(c.errors)")
-        print("sizing       inflated \(c.pagesInflated >> 8) MiB in \(c.inflateBuffers) buffers, deflated \(c.pagesDeflated >> 8) MiB in \(c.deflateBuffers), taking memory \(c.takeMicroseconds / 1000) ms, last target reached in \(c.lastTargetMilliseconds.map { "\($0) ms" } ?? "-"), shortfalls \(c.inflateShortfalls), pressure deflates \(c.pressureDeflates), hint memory given back under pressure \(c.pressureHintReleases)x, moved blocks \(c.balloonBlocksMoved)")
+        print("sizing       inflated \(c.pagesInflated >> 8) MiB in \(c.inflateBuffers) buffers, deflated \(c.pagesDeflated >> 8) MiB in \(c.deflateBuffers), taking memory \(c.takeMicroseconds / 1000) ms, last target reached in \(c.lastTargetMilliseconds.map { "\($0) ms" } ?? "-"), shortfalls \(c.inflateShortfalls), pressure deflates \(c.pressureDeflates), hint memory given back under pressure \(c.pressureHintReleases)x and to inflates \(c.inflateHintReserveReleases)x, moved blocks \(c.balloonBlocksMoved)")
         print("hinting      rounds \(c.hintRounds), hinted \(c.bytesHinted >> 20) MiB in \(c.hintsSent) hints; reports \(c.reportsSent), reported \(c.bytesReported >> 20) MiB")
     }
 }

@@ -47,6 +47,34 @@ struct FreePageHintTests {
         #expect(plain.source.maxRangeBytesAsked.allSatisfy { $0 == 4 << 20 })
     }
 
+    @Test("an inflate makes a hint reserve give way first, and the reserve refills no sooner than a minute later")
+    func inflateYieldsTheReserve() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
+        rig.source.reserveTarget = 1 << 30
+        rig.source.reserveScript = [.full]
+        rig.source.heldUntilDone = 256 << 20
+        try rig.driver.bringUp()
+        rig.setTarget(pages: 16 << 8)
+        try rig.serviceAll()
+        #expect(rig.driver.actualPages == 16 << 8)
+        #expect(rig.source.pressureRequests == [16 << 20], "the reserve gives back what the inflate needs")
+        #expect(rig.source.heldUntilDone == 240 << 20)
+        #expect(rig.driver.counters.inflateHintReserveReleases == 1)
+        #expect(rig.driver.hinting.reserveNextPass == rig.clock.now + .seconds(60))
+    }
+
+    @Test("an inflate leaves memory a source holds for a round alone when the source keeps no reserve")
+    func inflateWithoutReserve() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
+        rig.source.heldUntilDone = 256 << 20
+        try rig.driver.bringUp()
+        rig.setTarget(pages: 16 << 8)
+        try rig.serviceAll()
+        #expect(rig.driver.actualPages == 16 << 8)
+        #expect(rig.source.pressureRequests.isEmpty)
+        #expect(rig.driver.hinting.reserveNextPass == nil)
+    }
+
     @Test("the id reads 0 while QEMU is in START, with no interrupt: the driver keeps hinting (it never polls the field)")
     func idReadsZeroInStart() throws {
         let rig = try Rig.hinting()

@@ -295,6 +295,13 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(source.held == [4, 5])
     }
 
+    @Test func aReservePassStartsNoNewBlockOnceItsTimeBudgetIsSpent() throws {
+        let s = reserveSetup(blocks: 6)
+        let source = try s.source(options: .init(reserveBytes: 6 * Self.blockBytes, reserveKeepFreeBytes: 0, reservePassBudgetMilliseconds: 0))
+        #expect(source.replenishReserve() == .grew)
+        #expect(s.blocks.offlineCalls == [5], "one block, then the spent budget ends the pass")
+    }
+
     @Test func theReserveLeavesMemFreeAboveItsFloor() throws {
         // MemFree 64 MiB; the floor 62 MiB plus one 4 MiB block does not fit.
         let s = reserveSetup(memFreeMiB: 64)

@@ -23,7 +23,7 @@ import Testing
                     "counters": {"interrupts": 0, "configChanges": 0, "queueInterrupts": 0, "statsBuffersSent": 0, "deviceResets": 0,
                                  "errors": 0, "hintRounds": 0, "hintsSent": 0, "bytesHinted": 0, "lastRoundBytes": 0,
                                  "hintRoundsTimedOut": 0, "inflateBuffers": 0, "deflateBuffers": 0, "pagesInflated": 0,
-                                 "pagesDeflated": 0, "inflateShortfalls": 0, "balloonBlocksMoved": 0, "pressureDeflates": 0, "pressureHintReleases": 0,
+                                 "pagesDeflated": 0, "inflateShortfalls": 0, "balloonBlocksMoved": 0, "pressureDeflates": 0, "pressureHintReleases": 0, "inflateHintReserveReleases": 0,
                                  "reportsSent": 0, "bytesReported": 0, "takeMicroseconds": 0,
                                  "hintCommandsDeferred": 0, "balloonBlocksUnaddressable": 0}}}
         """

@@ -19,7 +19,7 @@ struct MetricsTests {
                                  "errors": 4, "hintRounds": 5, "hintsSent": 600, "bytesHinted": 1288490188, "lastRoundBytes": 268435456,
                                  "lastRoundFirstHintMicros": 1500, "lastRoundStopMicros": 2500000,
                                  "hintRoundsTimedOut": 1, "inflateBuffers": 40, "deflateBuffers": 12, "pagesInflated": 30000,
-                                 "pagesDeflated": 4400, "inflateShortfalls": 6, "balloonBlocksMoved": 7, "pressureDeflates": 8, "pressureHintReleases": 5,
+                                 "pagesDeflated": 4400, "inflateShortfalls": 6, "balloonBlocksMoved": 7, "pressureDeflates": 8, "pressureHintReleases": 5, "inflateHintReserveReleases": 3,
                                  "reportsSent": 9, "bytesReported": 37748736, "takeMicroseconds": 2750000, "lastTargetMilliseconds": 1234,
                                  "hintCommandsDeferred": 0, "balloonBlocksUnaddressable": 0}}}
         """
@@ -55,6 +55,7 @@ struct MetricsTests {
             "balloond_inflate_shortfalls_total": 6,
             "balloond_pressure_deflates_total": 8,
             "balloond_pressure_hint_releases_total": 5,
+            "balloond_inflate_hint_reserve_releases_total": 3,
             "balloond_balloon_blocks_moved_total": 7,
             "balloond_take_memory_seconds_total": 2.75,
             "balloond_last_target_seconds": 1.234,
