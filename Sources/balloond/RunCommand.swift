@@ -53,7 +53,7 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Where free pages for hints come from: auto, hugetlb, anonymous, offline, kpageflags.", discussion: """
         hugetlb and anonymous hint memory balloond owns (safe on any host). offline takes whole \
         memory blocks whose pages are all free offline (/sys/devices/system/memory, needs \
-        CONFIG_MEMORY_HOTREMOVE) and onlines them at DONE: owned too, and nothing is zeroed. kpageflags hints pages the \
+        CONFIG_MEMORY_HOTREMOVE) and onlines them at DONE (all but a --hint-reserve-mib reserve): owned too, and nothing is zeroed. kpageflags hints pages the \
         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG, \
         where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else \
         anonymous) elsewhere, and logs why; under TCG it never picks hugetlb or anonymous (their memory \
