@@ -72,6 +72,9 @@ public struct HintSourceChoice: Hashable, Sendable {
 ///   allowed with a warning.
 /// - `offline` (explicit, or auto as above): owned, safe on any host and with poisoning;
 ///   refused when memory blocks cannot be offlined (`offlineAvailable`).
+/// - `auto` with `reserveRequested` (`--hint-reserve-mib`): `offline` wherever blocks can be
+///   offlined, because only it keeps a reserve (and it is safe on any host); otherwise the
+///   usual choice, and the caller warns that the reserve is ignored.
 /// - `simulated` only against the simulated device: its addresses are not free guest memory.
 ///
 /// - Parameter simulatedDevice: the driver runs against the BalloonSimulator (`balloond
@@ -80,7 +83,10 @@ public struct HintSourceChoice: Hashable, Sendable {
 ///   decides kpageflags (an unknown init_on_free counts as on).
 public func chooseHintSource(requested: HintSource, hypervisor: Hypervisor, memoryDebug: GuestMemoryDebugConfig,
                              unsafeHintsOnKVM: Bool, hugetlbAvailable: Bool, offlineAvailable: Bool,
-                             simulatedDevice: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
+                             simulatedDevice: Bool = false, reserveRequested: Bool = false) -> Result<HintSourceChoice, HintSourceSelectionError> {
+    if requested == .auto, reserveRequested, offlineAvailable, !simulatedDevice {
+        return .success(HintSourceChoice(source: .offline, reason: "auto: offline, because --hint-reserve-mib asks for a reserve of memory blocks kept offline between migrations, which only the offline source keeps (owned, nothing written: safe on any host and with page poisoning)"))
+    }
     let picked = pickHintSource(requested: requested, hypervisor: hypervisor, memoryDebug: memoryDebug,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbAvailable, offlineAvailable: offlineAvailable,
                                 simulatedDevice: simulatedDevice)

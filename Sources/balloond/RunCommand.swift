@@ -73,8 +73,9 @@ struct RunCommand: ParsableCommand {
         taken offline ahead of time, highest addresses first, and kept at DONE, so a migration's \
         first hint round hints them the moment it starts instead of offlining blocks while QEMU is \
         already sending. The guest cannot use that memory (MemTotal shrinks by it) until memory \
-        pressure or balloond's exit gives it back, and the reserve never takes MemFree below 256 MiB. \
-        Ignored, with a warning, by the other sources.
+        pressure, an inflate or balloond's exit gives it back, and the reserve never takes MemFree \
+        below 128 MiB. With it, auto picks offline wherever memory blocks can be offlined; an \
+        explicit other source ignores it, with a warning.
         """))
     var hintReserveMib: UInt64 = 0
     @Flag(help: ArgumentHelp("Control experiment: run hint rounds that take memory from the hint source as usual but send no hint.", discussion: """
@@ -402,7 +403,7 @@ extension RunCommand {
         switch chooseHintSource(requested: hintSource, hypervisor: detectHypervisor(),
                                 memoryDebug: memoryConfig,
                                 unsafeHintsOnKVM: unsafeHintsOnKVM, hugetlbAvailable: hugetlbHintSourceUsable(),
-                                offlineAvailable: offlineHintSourceUsable()) {
+                                offlineAvailable: offlineHintSourceUsable(), reserveRequested: hintReserveMib > 0) {
         case .failure(let e): throw Failure.hintSource(e)
         case .success(let c): choice = c
         }

@@ -377,6 +377,27 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(Set(s.blocks.onlineCalls) == [0, 1])
     }
 
+    @Test func autoPicksOfflineWhenAReserveIsAskedForAndBlocksCanBeOfflined() throws {
+        for hv in [Hypervisor.tcg, .kvm] {
+            let withReserve = try chooseHintSource(requested: .auto, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(),
+                                                   unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true,
+                                                   reserveRequested: true).get()
+            #expect(withReserve.source == .offline, "\(hv)")
+            #expect(withReserve.reason.contains("--hint-reserve-mib"))
+            let without = try chooseHintSource(requested: .auto, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(),
+                                               unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true).get()
+            #expect(without.source == (hv == .tcg ? .kpageflags : .hugetlb), "without a reserve auto keeps its usual choice on \(hv)")
+            let noBlocks = try chooseHintSource(requested: .auto, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(),
+                                                unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: false,
+                                                reserveRequested: true).get()
+            #expect(noBlocks.source == without.source, "no offlinable blocks: the usual choice (the reserve is then ignored)")
+        }
+        let explicit = try chooseHintSource(requested: .hugetlb, hypervisor: .kvm, memoryDebug: GuestMemoryDebugConfig(),
+                                            unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true,
+                                            reserveRequested: true).get()
+        #expect(explicit.source == .hugetlb, "an explicit source is never overridden")
+    }
+
     @Test func chosenExplicitlyOnAnyHypervisorWithoutTheTCGOwnedSourceWarning() {
         for hv in [Hypervisor.tcg, .kvm] {
             for poison in [false, true] {
