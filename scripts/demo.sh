@@ -5,12 +5,15 @@
 # QEMU guest (TCG) between two QEMUs on 127.0.0.1 at the seed's configuration
 # (max-bandwidth 100 Gbit/s, downtime limit 2 s; the guest dirties about 75 % of its RAM and
 # frees it first): once with nothing dirtied (floor), once with no balloon driver, once with
-# the in-kernel virtio_balloon driver and once with balloond, on every QEMU version that
+# the in-kernel virtio_balloon driver, once with balloond (auto) and once with balloond's
+# offline source keeping a reserve (--hint-reserve-mib: free memory blocks held offline
+# between migrations and hinted at once; that run waits about a minute for the reserve to
+# refill after the workload), on every QEMU version that
 # scripts/setup.sh set up (7.2, and 10.0 from bookworm-backports). It ends with the table
 # (QEMU's own query-migrate numbers, one per version) and a PNG plot of time and bytes per
 # mode and version, and prints the plot's path.
 # Runs are interleaved: 3 per mode on the first version (the table shows medians), 1 on the
-# second, so the whole migration part takes a few minutes (about 12 s per migration here).
+# second, so the whole migration part takes about 15 minutes.
 #   scripts/demo.sh                     # the comparison
 #   scripts/demo.sh --runs 1            # one run per mode and version
 #   scripts/demo.sh --runs 5,3          # 5 runs on QEMU 7.2, 3 on 10.0
@@ -36,7 +39,7 @@ rm -f "$OUT/migrate.png" "$OUT/migrate.json"
 status=0
 python3 scripts/bench-balloon.py --drivers kernel,balloond --runs 1 || status=$?
 echo "demo: migrating on QEMU ${versions/,/ and } (max-bandwidth 100 Gbit/s, downtime limit 2 s)" >&2
-python3 scripts/migrate.py --modes floor,none,kernel,balloond --qemu-version "$versions" --runs 3,1 \
+python3 scripts/migrate.py --modes floor,none,kernel,balloond,balloond:offline+reserve --qemu-version "$versions" --runs 3,1 \
   --bandwidth-gbit 100 --downtime-ms 2000 --dirty-percent 75 \
   --json "$OUT/migrate.json" --plot "$OUT/migrate.png" "$@" || status=$?
 echo
