@@ -69,7 +69,8 @@ struct RunCommand: ParsableCommand {
         """))
     var unsafeHintsOnKVM = false
     @Option(help: ArgumentHelp("Memory (MiB) the offline hint source keeps offline between migrations (0: none).", discussion: """
-        With --hint-source offline (or auto where it picks offline), wholly free memory blocks are \
+        With --hint-source offline (or auto, which then picks offline), free memory blocks (at most 8 MiB \
+        of movable pages in use) are \
         taken offline ahead of time, highest addresses first, and kept at DONE, so a migration's \
         first hint round hints them the moment it starts instead of offlining blocks while QEMU is \
         already sending. The guest cannot use that memory (MemTotal shrinks by it) until memory \
