@@ -208,15 +208,14 @@ def migrate_once(mode, run_index, cfg, args):
             # offline source onlines its blocks at DONE): must be 0. A reserve stays offline.
             deadline = time.time() + 30
             while not driver.endswith("+reserve"):
-                n = d.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
-                result["dest_offline_blocks"] = int(n) if n.isdigit() else None
+                result["dest_offline_blocks"] = offline_blocks(d)
                 if result["dest_offline_blocks"] in (0, None) or time.time() > deadline:
                     break
                 time.sleep(0.5)
             if driver.endswith("+reserve"):
                 # The reserve stays offline on the destination (balloond runs on there); a
                 # SIGTERM gives it back: every block online again once balloond has exited.
-                result["dest_offline_blocks"] = offline_mib(d) // 128
+                result["dest_offline_blocks"] = offline_blocks(d)
                 d.run("kill -TERM $(cat /run/bg/balloond/pid)")
                 deadline = time.time() + 60
                 while not d.run("cat /run/bg/balloond/rc 2>/dev/null")[0].strip() and time.time() < deadline:
@@ -231,11 +230,16 @@ def migrate_once(mode, run_index, cfg, args):
         dst.stop()
 
 
+def offline_blocks(agent):
+    """How many of the guest's memory blocks are offline (None: unreadable)."""
+    n = agent.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
+    return int(n) if n.isdigit() else None
+
+
 def offline_mib(agent):
     """MiB of guest memory in offline memory blocks (balloond's hint reserve)."""
     block = int(agent.check("cat /sys/devices/system/memory/block_size_bytes").strip(), 16)
-    n = agent.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
-    return (int(n) * block if n.isdigit() else 0) >> 20
+    return ((offline_blocks(agent) or 0) * block) >> 20
 
 
 def wait_reserve(agent, target_mib, timeout=150):

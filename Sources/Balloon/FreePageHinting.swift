@@ -269,7 +269,7 @@ extension BalloonDriver {
         guard let due = hinting.reserveNextPass, let source = hintSource, negotiated.contains(.freePageHint) else { return }
         let now = clock.now()
         guard now >= due else { return }
-        if hinting.activeRound != nil, !hinting.stopSent {
+        if hintRoundOpen {
             hinting.reserveNextPass = now + hintOptions.reserveStepInterval
             return
         }
@@ -285,8 +285,7 @@ extension BalloonDriver {
     /// than `reserveAfterPressure` later (from what the guest has left then). Not during a
     /// round: its blocks may be hinted right now.
     func yieldHintReserve(toInflatePages pages: Int) {
-        guard pages > 0, let source = hintSource, source.reserveTargetBytes > 0, source.heldBytes > 0,
-              hinting.activeRound == nil || hinting.stopSent else { return }
+        guard pages > 0, let source = hintSource, source.reserveTargetBytes > 0, source.heldBytes > 0, !hintRoundOpen else { return }
         let freed = source.releaseUnderPressure(bytes: UInt64(pages) * balloonPageSize)
         guard freed > 0 else { return }
         counters.inflateHintReserveReleases += 1
@@ -295,6 +294,9 @@ extension BalloonDriver {
             "released_mib": "\(freed >> 20)", "still_held_mib": "\(source.heldBytes >> 20)", "inflate_mib": "\(pages >> 8)",
         ])
     }
+
+    /// A round is running: START sent and no STOP yet (its hints may be applied right now).
+    private var hintRoundOpen: Bool { hinting.activeRound != nil && !hinting.stopSent }
 
     /// Schedules a reserve pass `delay` from now, for a source that keeps a reserve (one
     /// without never gets a timed wakeup for it).

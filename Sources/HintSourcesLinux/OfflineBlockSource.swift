@@ -177,9 +177,7 @@ public final class OfflineBlockSource: FreePageSource {
             held.removeAll { lost.contains($0) }
             do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
         }
-        if !held.isEmpty, let snapshot,
-           case let allowance = memoryAllowance(.freeMemory, limits: options.limits, now: snapshot, pressureAtStart: pressureAtRoundStart, heldBytes: heldBytes),
-           allowance.bytes == 0 {
+        if !held.isEmpty, let snapshot, case let allowance = allowance(now: snapshot), allowance.bytes == 0 {
             // The guest is short of memory: give back what no descriptor still refers to.
             let idle = held.filter { outstanding.outstanding($0) == 0 }
             logger.info("offline source: the guest is short of memory at the start of a round (\(allowance)); onlining \(idle.count) held block(s)")
@@ -237,7 +235,7 @@ public final class OfflineBlockSource: FreePageSource {
                 candidates = []
                 break
             }
-            if let why = allowanceStop() {
+            if let why = takeStop(reserve: false) {
                 lastRound.stoppedBecause = why
                 candidates = []
                 logger.debug("offline source stops taking blocks this round: \(why)")
@@ -286,15 +284,15 @@ public final class OfflineBlockSource: FreePageSource {
         logger.info("offline source: hinting done; keeping \(held.count) block(s) (\(heldBytes >> 20) MiB) offline as the reserve, onlined \(extra.count)")
     }
 
-    /// Between rounds: offlines wholly free blocks, highest first, until the reserve holds
-    /// `reserveBytes`, at most `reserveBlocksPerPass` blocks per call, and only while the
-    /// owned-memory limits allow and MemFree stays above `reserveKeepFreeBytes`. The safety
-    /// argument is the round's: a block is offlined only when every page is a free buddy page,
-    /// and nobody can write it while it is offline.
+    /// Between rounds: offlines free blocks (up to `reserveMaxMovablePages` movable LRU pages
+    /// in use, which offlining copies away), highest first, until the reserve holds
+    /// `reserveBytes`, within `reserveBlocksPerPass` blocks and `reservePassBudgetMilliseconds`
+    /// per call, and only while the owned-memory limits allow and MemFree stays above
+    /// `reserveKeepFreeBytes`. Safety: the type's argument (nobody can write an offline block).
     public func replenishReserve() -> ReserveProgress {
         guard options.reserveBytes > 0 else { return .notWanted }
         guard !roundOpen else { return .grew }
-        guard heldBytes + blocks.blockBytes <= options.reserveBytes else { return .full }
+        guard reserveHasRoom else { return .full }
         rounds += 1
         lastRound = RoundStatistics()
         pressureAtRoundStart = (try? MemorySnapshot.read(root: root, withBuddyInfo: false))?.pressure
@@ -309,10 +307,10 @@ public final class OfflineBlockSource: FreePageSource {
         let start = Sys.monotonicNanos()
         let budget = UInt64(max(0, options.reservePassBudgetMilliseconds)) * 1_000_000
         for b in eligible(all) {
-            guard heldBytes + blocks.blockBytes <= options.reserveBytes, tried < max(1, options.reserveBlocksPerPass) else { break }
+            guard reserveHasRoom, tried < max(1, options.reserveBlocksPerPass) else { break }
             if tried > 0, Sys.monotonicNanos() - start >= budget { break }
             if Sys.terminationSignalReceived { break }
-            if let why = reserveStop() {
+            if let why = takeStop(reserve: true) {
                 lastRound.stoppedBecause = why
                 break
             }
@@ -330,18 +328,8 @@ public final class OfflineBlockSource: FreePageSource {
                 "offlined": "\(took)", "offline_ms": "\(lastRound.offlineNanos / 1_000_000)", "scan_ms": "\(lastRound.scanNanos / 1_000_000)",
             ])
         }
-        if heldBytes + blocks.blockBytes > options.reserveBytes { return .full }
+        if !reserveHasRoom { return .full }
         return took > 0 ? .grew : .stuck
-    }
-
-    /// Why the reserve may take no further block now, or nil.
-    private func reserveStop() -> String? {
-        if let why = allowanceStop() { return why }
-        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return "cannot read /proc/meminfo" }
-        guard now.memFree >= options.reserveKeepFreeBytes + blocks.blockBytes else {
-            return "MemFree \(now.memFree >> 20) MiB leaves no block above the reserve's \(options.reserveKeepFreeBytes >> 20) MiB"
-        }
-        return nil
     }
 
     /// DONE, reset or shutdown: no hint can be applied any more; every held block goes online.
@@ -391,16 +379,24 @@ public final class OfflineBlockSource: FreePageSource {
     // MARK: taking blocks
 
     /// What the owned-memory limits allow now (nil: /proc/meminfo unreadable).
-    private func allowance() -> MemoryAllowance? {
-        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return nil }
-        return memoryAllowance(.freeMemory, limits: options.limits, now: now, pressureAtStart: pressureAtRoundStart, heldBytes: heldBytes)
+    private func allowance(now: MemorySnapshot) -> MemoryAllowance {
+        memoryAllowance(.freeMemory, limits: options.limits, now: now, pressureAtStart: pressureAtRoundStart, heldBytes: heldBytes)
     }
 
-    /// Why no further block may be taken now (the owned-memory limits), or nil.
-    private func allowanceStop() -> String? {
-        guard let a = allowance() else { return "cannot read /proc/meminfo" }
-        return a.bytes >= blocks.blockBytes ? nil : "\(a)"
+    /// Why no further block may be taken now (the owned-memory limits; for the reserve also its
+    /// MemFree floor), or nil. One /proc/meminfo read.
+    private func takeStop(reserve: Bool) -> String? {
+        guard let now = try? MemorySnapshot.read(root: root, withBuddyInfo: false) else { return "cannot read /proc/meminfo" }
+        let a = allowance(now: now)
+        if a.bytes < blocks.blockBytes { return "\(a)" }
+        if reserve, now.memFree < options.reserveKeepFreeBytes + blocks.blockBytes {
+            return "MemFree \(now.memFree >> 20) MiB leaves no block above the reserve's \(options.reserveKeepFreeBytes >> 20) MiB"
+        }
+        return nil
     }
+
+    /// Whether the reserve has room for one more block.
+    private var reserveHasRoom: Bool { heldBytes + blocks.blockBytes <= options.reserveBytes }
 
     /// Blocks a killed balloond left offline and listed, which crash recovery could not online:
     /// taken over as held (offline, so nobody uses them; this session's device was reset
@@ -417,7 +413,8 @@ public final class OfflineBlockSource: FreePageSource {
         do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
     }
 
-    /// Offlines block `b` if every page of it is free, and queues its ranges.
+    /// Offlines block `b` if `blockQualifies` (every page free, or up to `movablePages` movable
+    /// LRU pages in use), and queues its ranges.
     private func take(_ b: Int, movablePages: Int, timeoutMilliseconds: Int) throws(FreePageSourceError) {
         let t0 = Sys.monotonicNanos()
         let free: Bool
