@@ -19,6 +19,8 @@ struct HintRoundState {
     var roundBytes: UInt64 = 0
     /// When the source's reserve is to be topped up next (nil: full, or no reserve).
     var reserveNextPass: Duration?
+    /// The wait after the last pass that could take nothing (doubles while passes stay stuck).
+    var reserveRetry: Duration?
 }
 
 /// Tunables for hinting.
@@ -42,8 +44,10 @@ public struct HintOptions: Sendable {
     /// A source with a reserve (`FreePageSource.replenishReserve`) is topped up between rounds:
     /// again after this long while each call still takes memory…
     public var reserveStepInterval: Duration = .seconds(1)
-    /// …after this long when a call could take nothing…
+    /// …after this long when a call could take nothing, doubling while they stay stuck up to
+    /// `reserveMaxRetryInterval` (each stuck pass reads the candidate blocks' page flags)…
     public var reserveRetryInterval: Duration = .seconds(60)
+    public var reserveMaxRetryInterval: Duration = .seconds(600)
     /// …and not before this long after memory pressure made it give memory back.
     public var reserveAfterPressure: Duration = .seconds(60)
     public init() {}
@@ -263,7 +267,7 @@ extension BalloonDriver {
 
     /// Tops up the hint source's reserve when due (`tick`): between rounds only, each call a
     /// bounded amount of work, then again after `reserveStepInterval` while it grows, after
-    /// `reserveRetryInterval` when it could take nothing, and not at all once full (DONE, a
+    /// `reserveRetryInterval` (doubling) when it could take nothing, and not at all once full (DONE, a
     /// bring-up or memory pressure arm it again).
     func replenishHintReserveIfDue() {
         guard let due = hinting.reserveNextPass, let source = hintSource, negotiated.contains(.freePageHint) else { return }
@@ -274,9 +278,16 @@ extension BalloonDriver {
             return
         }
         switch source.replenishReserve() {
-        case .notWanted, .full: hinting.reserveNextPass = nil
-        case .grew: hinting.reserveNextPass = clock.now() + hintOptions.reserveStepInterval
-        case .stuck: hinting.reserveNextPass = clock.now() + hintOptions.reserveRetryInterval
+        case .notWanted, .full:
+            hinting.reserveNextPass = nil
+            hinting.reserveRetry = nil
+        case .grew:
+            hinting.reserveNextPass = clock.now() + hintOptions.reserveStepInterval
+            hinting.reserveRetry = nil
+        case .stuck:
+            let wait = min(hinting.reserveRetry.map { $0 * 2 } ?? hintOptions.reserveRetryInterval, max(hintOptions.reserveRetryInterval, hintOptions.reserveMaxRetryInterval))
+            hinting.reserveRetry = wait
+            hinting.reserveNextPass = clock.now() + wait
         }
     }
 
@@ -303,6 +314,7 @@ extension BalloonDriver {
     func armHintReserve(after delay: Duration) {
         guard let source = hintSource, source.reserveTargetBytes > 0 else { return }
         hinting.reserveNextPass = clock.now() + delay
+        hinting.reserveRetry = nil
     }
 
     /// After a device reset (or at shutdown): the device holds no buffer any more, so every
