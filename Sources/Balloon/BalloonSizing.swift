@@ -47,6 +47,10 @@ struct SizingState {
     var lastShortfall: String?
     /// When `num_pages` last changed (on the driver's clock), until the balloon got there.
     var targetChangedAt: Duration?
+    /// Acknowledged blocks a deflate must still send because another block of their group
+    /// went (`BalloonMemory.releaseGroup`): out of `inflated`, still counted in `inflatedPages`.
+    var deflateCarry: [BalloonBlock] = []
+    var deflateCarryPages: Int { deflateCarry.reduce(0) { $0 + $1.pageCount } }
 }
 
 extension BalloonDriver {
@@ -77,7 +81,7 @@ extension BalloonDriver {
     public func adjustBalloonSize() throws(BalloonError) {
         guard isRunning, let memory = balloonMemory, queues[.inflate] != nil, queues[.deflate] != nil else { return }
         let target = effectiveTargetPages
-        if committedPages < target {
+        if committedPages < target, sizing.deflateCarry.isEmpty {
             if sizing.deflatingPages > 0 { return }  // let the deflate finish first
             if let at = sizing.retryAt, clock.now() < at { return }
             sizing.retryAt = nil
@@ -95,10 +99,17 @@ extension BalloonDriver {
                 let recycled = refusingUnaddressable(takeReportedForInflate(maxPages: want), from: memory)
                 blocks += recycled
                 got += recycled.reduce(0) { $0 + $1.pageCount }
-                if let floor = reinflateFloorPages() , want - got > floor {
-                    shortBy = "memory pressure earlier: re-inflating only while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB"
-                    want = got + floor
+                var plan = target - committedPages - got
+                if let floor = reinflateFloorPages() {
+                    if want - got > floor {
+                        shortBy = "memory pressure earlier: re-inflating only while MemAvailable stays above \(options.pressure.reinflateAboveAvailableBytes >> 20) MiB"
+                        want = got + floor
+                    }
+                    plan = min(plan, floor)
                 }
+                // What the rest of this inflate wants, so memory taken in large units (whole
+                // offline blocks) is taken only when all of it will be sent.
+                memory.planInflate(pages: plan)
                 while got < want {
                     let step = min(want - got, options.sizing.takeStepPages)
                     let take: BalloonTake
@@ -134,16 +145,23 @@ extension BalloonDriver {
                     break
                 }
             }
-        } else if committedPages > target {
+        } else if committedPages > target || !sizing.deflateCarry.isEmpty {
+            memory.planInflate(pages: 0)
             if sizing.inflatingPages > 0 { return }  // only acknowledged pages may be deflated
-            while committedPages > target, let slot = freePFNBuffer() {
-                var excess = committedPages - target
+            while committedPages - sizing.deflateCarryPages > target || !sizing.deflateCarry.isEmpty, let slot = freePFNBuffer() {
                 var chosen: [BalloonBlock] = []
                 var chosenPages = 0
+                // First what earlier deflates owe their groups.
+                while let b = sizing.deflateCarry.first, chosenPages + b.pageCount <= pfnsPerBuffer {
+                    chosen.append(b)
+                    chosenPages += b.pageCount
+                    sizing.deflateCarry.removeFirst()
+                }
+                var excess = committedPages - sizing.deflateCarryPages - chosenPages - target
                 // Newest first; skip blocks larger than what is left unless nothing fits, so
                 // a small excess does not give back a whole 2 MiB block when 4 KiB pages exist.
                 var i = sizing.inflated.count - 1
-                while i >= 0, excess > 0, chosenPages + sizing.inflated[i].pageCount <= pfnsPerBuffer {
+                while sizing.deflateCarry.isEmpty, i >= 0, excess > 0, chosenPages + sizing.inflated[i].pageCount <= pfnsPerBuffer {
                     let b = sizing.inflated[i]
                     if b.pageCount <= excess {
                         chosen.append(b)
@@ -153,7 +171,7 @@ extension BalloonDriver {
                     }
                     i -= 1
                 }
-                if chosen.isEmpty, let b = sizing.inflated.last {
+                if chosen.isEmpty, sizing.deflateCarry.isEmpty, let b = sizing.inflated.last {
                     // Only blocks larger than the excess are left: give one back whole; the
                     // next step inflates the difference with smaller pages.
                     chosen = [b]
@@ -161,10 +179,24 @@ extension BalloonDriver {
                     sizing.inflated.removeLast()
                 }
                 guard !chosen.isEmpty else { break }
+                // A block that goes back to the guest only with its group (an offline memory
+                // block's pieces) takes the rest of the group along, in this buffer or the next.
+                let groups = Set(chosen.compactMap { memory.releaseGroup(of: $0) })
+                if !groups.isEmpty {
+                    let (members, others) = partition(sizing.inflated) { b in memory.releaseGroup(of: b).map(groups.contains) ?? false }
+                    sizing.inflated = others
+                    sizing.deflateCarry += members
+                    while let b = sizing.deflateCarry.first, chosenPages + b.pageCount <= pfnsPerBuffer {
+                        chosen.append(b)
+                        chosenPages += b.pageCount
+                        sizing.deflateCarry.removeFirst()
+                    }
+                }
                 sizing.inflatedPages -= chosenPages
                 try postPFNs(chosen, slot: slot, inflate: false)
             }
         } else {
+            memory.planInflate(pages: 0)
             if let t = sizing.targetChangedAt, sizing.inflatingPages == 0, sizing.deflatingPages == 0 {
                 sizing.targetChangedAt = nil
                 counters.lastTargetMilliseconds = (clock.now() - t).whole(.milliseconds(1))
@@ -313,6 +345,9 @@ extension BalloonDriver {
     /// QEMU does not need to be told, MUST_TELL_HOST is never offered). Acknowledged blocks
     /// stay held: they are still the balloon, and `actual` is rewritten at bring-up.
     func abandonPFNBuffers() {
+        // Still acknowledged balloon blocks: back among the inflated ones.
+        sizing.inflated += sizing.deflateCarry
+        sizing.deflateCarry = []
         for i in sizing.bufferUse.indices {
             if case .inflate(let blocks) = sizing.bufferUse[i] { balloonMemory?.release(blocks) }
             sizing.bufferUse[i] = nil

@@ -114,4 +114,18 @@ public protocol BalloonMemory: AnyObject {
     func release(_ blocks: [BalloonBlock])
     /// Gives everything back (shutdown).
     func releaseAll()
+    /// Before the driver takes memory to inflate: how many more pages it wants now (the rest of
+    /// the way to the target). A backend that takes memory in units larger than one `take`
+    /// (whole memory blocks) takes a new unit only while the plan covers all of it, so nothing
+    /// taken is left over once the target is reached.
+    func planInflate(pages: Int)
+    /// The group `block` belongs to, nil when it stands alone: blocks of one group go back to
+    /// the guest only together (the pieces of one offline memory block), so the driver
+    /// deflates all of a group's blocks once it deflates one.
+    func releaseGroup(of block: BalloonBlock) -> UInt64?
+}
+
+extension BalloonMemory {
+    public func planInflate(pages: Int) {}
+    public func releaseGroup(of block: BalloonBlock) -> UInt64? { nil }
 }

@@ -108,4 +108,19 @@ public final class SimulatedBalloonMemory: BalloonMemory {
     }
 
     public func releaseAll() { release(Array(held.values).sorted { $0.handle < $1.handle }) }
+
+    /// Huge blocks in one `groupBytes`-aligned range form one release group, as an offline
+    /// memory block's pieces do (nil: no groups).
+    public var groupBytes: UInt64?
+    /// Every `planInflate` the driver made, in order.
+    public private(set) var plans: [Int] = []
+
+    public func planInflate(pages: Int) {
+        if plans.last != pages { plans.append(pages) }
+    }
+
+    public func releaseGroup(of block: BalloonBlock) -> UInt64? {
+        guard let g = groupBytes, block.isHuge, held[block.handle] != nil else { return nil }
+        return (block.ranges[0].start.value - base) / g
+    }
 }

@@ -32,16 +32,18 @@ public func hugeTLBBalloonUnavailableReason(root: SysRoot = .host, effectiveUID:
 ///   - arena: the memfds every page comes from (the guardian holds them too).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, pagemap: PagemapResolver, arena: DeviceMemoryArena,
                                    limits: OwnedMemoryLimits = OwnedMemoryLimits(), compactionHold: CompactionHold, holdings: GuestMemoryHoldings,
+                                   offlineBlocks: Bool = false,
                                    effectiveUID: UInt32 = Sys.effectiveUserID, logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let pages = LinuxBalloonPages(pagemap: pagemap, arena: arena)
     return makeLinuxBalloonMemory(root: root, hugePages: pages, smallPages: pages, limits: limits, compactionHold: compactionHold,
-                                  holdings: holdings, effectiveUID: effectiveUID, logger: logger)
+                                  holdings: holdings, offlineBlocks: offlineBlocks, effectiveUID: effectiveUID, logger: logger)
 }
 
 /// The same with the kernel side injected (tests).
 public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBalloonPages, smallPages: LockedAnonymousPages,
                                    limits: OwnedMemoryLimits = OwnedMemoryLimits(), oomScoreAdj: Int? = 1000,
                                    compactionHold: CompactionHold? = nil, holdings: GuestMemoryHoldings? = nil,
+                                   offlineBlocks: Bool = false, blockControl: MemoryBlockControl? = nil,
                                    effectiveUID: UInt32 = Sys.effectiveUserID, logger: Logger = Logger(label: "balloond.balloon")) -> BalloonMemory {
     let compaction = compactionHold ?? CompactionHold(root: root, logger: logger)
     func recover(_ what: String, _ body: () throws(BalloonMemoryError) -> SysctlRecovery) {
@@ -61,6 +63,27 @@ public func makeLinuxBalloonMemory(root: SysRoot = .host, hugePages: HugeTLBBall
     }
 
     let budget = BalloonMemoryBudget(root: root, limits: limits, oomScoreAdj: oomScoreAdj, holdings: holdings, logger: logger)
+    let rest = makePageBalloonMemory(root: root, hugePages: hugePages, smallPages: smallPages, budget: budget, compaction: compaction,
+                                     effectiveUID: effectiveUID, logger: logger)
+    guard offlineBlocks else { return rest }
+    if effectiveUID != 0 {
+        logger.notice("balloon memory: no offline memory blocks: balloond is not root (effective uid \(effectiveUID))")
+        return rest
+    }
+    do {
+        let offline = try OfflineBalloonMemory(root: root, control: blockControl, budget: budget, logger: logger)
+        logger.info("balloon memory: whole free memory blocks taken offline (no zeroing) while an inflate wants one or more, then \(rest.name)")
+        return OfflineFirstBalloonMemory(offline: offline, rest: rest, logger: logger)
+    } catch {
+        logger.notice("balloon memory: no offline memory blocks: \(error)")
+        return rest
+    }
+}
+
+/// Balloon memory from the page allocator: hugetlb surplus pages then locked anonymous pages,
+/// or the latter alone (with the reason logged).
+private func makePageBalloonMemory(root: SysRoot, hugePages: HugeTLBBalloonPages, smallPages: LockedAnonymousPages, budget: BalloonMemoryBudget,
+                                   compaction: CompactionHold, effectiveUID: UInt32, logger: Logger) -> BalloonMemory {
     let small = LockedAnonymousBalloonMemory(root: root, pages: smallPages, budget: budget, compactionHold: compaction, logger: logger)
     if let why = hugeTLBBalloonUnavailableReason(root: root, effectiveUID: effectiveUID) {
         logger.notice("balloon memory: locked anonymous 4 KiB pages only (no 2 MiB blocks for hugepage-backed hosts or free page reporting): \(why)")

@@ -85,7 +85,7 @@ public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(lab
     }
     let blocks = !offlineBlocks ? OfflineBlockRecovery.nothingToDo
         : try attempt("offline memory blocks", fallback: OfflineBlockRecovery.nothingToDo) { () throws(GuestMemoryError) in
-            try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
+            try recoverAllOfflineBlocks(root: root, control: nil, logger: logger)
         }
     var report = RecoveryReport(hugeTLBPool: pool, hugeTLBOvercommit: overcommit, compactUnevictable: compact, failures: failures)
     report.offlineBlocks = blocks
@@ -98,7 +98,7 @@ public func recoverAfterCrash(root: SysRoot = .host, logger: Logger = Logger(lab
 /// Failures are logged; the state file then stays for the next start.
 public func recoverOfflineBlocksAfterReset(root: SysRoot = .host, logger: Logger) {
     do {
-        let outcome = try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root), control: nil, logger: logger)
+        let outcome = try recoverAllOfflineBlocks(root: root, control: nil, logger: logger)
         if outcome != .nothingToDo { logger.notice("crash recovery after the device reset: \(outcome)") }
     } catch {
         logger.error("onlining memory blocks a killed balloond left offline failed: \(error); the offline hint source keeps them listed")

@@ -116,3 +116,39 @@ public final class LinuxMemoryBlocks: MemoryBlockControl {
         }
     }
 }
+
+extension MemoryBlockControl {
+    /// Whether block `index` may be offlined without copying more than `movablePages` pages:
+    /// every page a free buddy page, except at most `movablePages` in-use pages that are all
+    /// movable LRU pages (`KPageFlags.isMovableLRU`: page cache or a process's unlocked memory,
+    /// which offlining copies to a new frame). Pages balloond gave the device (its ring, balloon
+    /// and report pages) are mlocked or hugetlb pages, so a block holding one never qualifies.
+    /// A quick look at one page per 2 MiB first (most used blocks fail it), then every page.
+    package func qualifiesForOffline(_ index: Int, kpageflags: KPageFile, movablePages: Int) throws(GuestMemoryError) -> Bool {
+        let pages = blockBytes / balloonPageSize
+        let first = UInt64(index) * pages
+        var used = 0
+        func acceptable(_ raw: UInt64) -> Bool {
+            let f = KPageFlags(rawValue: raw)
+            if f.isFreeBuddy { return true }
+            guard movablePages > 0, f.isMovableLRU else { return false }
+            used += 1
+            return used <= movablePages
+        }
+        for pfn in stride(from: first, to: first + pages, by: 512) {
+            guard let e = try kpageflags.entry(pfn: pfn), acceptable(e) else { return false }
+        }
+        used = 0
+        var pfn = first
+        while pfn < first + pages {
+            let want = Int(min(UInt64(kpageflags.chunkEntries), first + pages - pfn))
+            let (n, ok) = try kpageflags.read(startPFN: pfn, count: want) { entries in
+                for i in entries.indices where !acceptable(UInt64(littleEndian: entries[i])) { return false }
+                return true
+            }
+            if n == 0 || !ok { return false }
+            pfn += UInt64(n)
+        }
+        return true
+    }
+}

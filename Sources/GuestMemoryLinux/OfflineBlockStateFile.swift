@@ -2,7 +2,7 @@ import Logging
 import PlatformLinux
 
 /// `/run/balloond/offline-blocks`: the memory blocks the `offline` hint source took offline
-/// and has not onlined yet. A block is added *before* balloond writes `offline` to it and
+/// and has not onlined yet (`balloon-offline-blocks`: the same for the balloon's memory). A block is added *before* balloond writes `offline` to it and
 /// removed after it is online again, so a balloond killed with SIGKILL leaves every block it
 /// may have offlined listed; the next start's `recoverAfterCrash` onlines the listed blocks
 /// that are still offline (a block an admin offlined is never listed, so never touched).
@@ -15,6 +15,11 @@ import PlatformLinux
 /// `comm=NAME`.
 public struct OfflineBlockStateFile: Hashable, Sendable {
     public static let defaultPath = "/run/balloond/offline-blocks"
+    /// The balloon's offline memory blocks (`OfflineBalloonMemory`): the same format and the
+    /// same recovery, a file of its own so that neither owner rewrites the other's list.
+    public static let balloonPath = "/run/balloond/balloon-offline-blocks"
+    /// Every file crash recovery onlines blocks from.
+    public static let allPaths = [defaultPath, balloonPath]
     public let file: StateFile
     public let root: SysRoot
     public var path: String { file.path }
@@ -77,6 +82,26 @@ public enum OfflineBlockRecovery: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// Onlines the blocks a killed balloond's offline source left offline (listed in its state file).
+/// `recoverOfflineBlocks` for every state file (the hint source's and the balloon's): all are
+/// tried; the blocks onlined are reported together, and the first failure is thrown after.
+package func recoverAllOfflineBlocks(root: SysRoot, control: MemoryBlockControl?, logger: Logger,
+                                     paths: [String] = OfflineBlockStateFile.allPaths) throws(GuestMemoryError) -> OfflineBlockRecovery {
+    var onlined: [Int] = []
+    var other: OfflineBlockRecovery = .nothingToDo
+    var failure: GuestMemoryError?
+    for path in paths {
+        do {
+            switch try recoverOfflineBlocks(root: root, stateFile: OfflineBlockStateFile(root: root, path: path), control: control, logger: logger) {
+            case .onlined(let b): onlined += b
+            case .nothingToDo: break
+            case let outcome: if other == .nothingToDo { other = outcome }
+            }
+        } catch { failure = failure ?? error }
+    }
+    if let failure { throw failure }
+    return onlined.isEmpty ? other : .onlined(onlined.sorted())
+}
+
 package func recoverOfflineBlocks(root: SysRoot, stateFile file: OfflineBlockStateFile, control: MemoryBlockControl?,
                           logger: Logger) throws(GuestMemoryError) -> OfflineBlockRecovery {
     let contents: OfflineBlockStateFile.Contents

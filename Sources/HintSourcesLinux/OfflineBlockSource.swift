@@ -413,12 +413,12 @@ public final class OfflineBlockSource: FreePageSource {
         do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
     }
 
-    /// Offlines block `b` if `blockQualifies` (every page free, or up to `movablePages` movable
+    /// Offlines block `b` if it `qualifiesForOffline` (every page free, or up to `movablePages` movable
     /// LRU pages in use), and queues its ranges.
     private func take(_ b: Int, movablePages: Int, timeoutMilliseconds: Int) throws(FreePageSourceError) {
         let t0 = Sys.monotonicNanos()
         let free: Bool
-        do { free = try blockQualifies(b, movablePages: movablePages) } catch { throw error.sourceError }
+        do { free = try blocks.qualifiesForOffline(b, kpageflags: kpageflags, movablePages: movablePages) } catch { throw error.sourceError }
         let t1 = Sys.monotonicNanos()
         lastRound.scanNanos += t1 - t0
         guard free else {
@@ -446,36 +446,5 @@ public final class OfflineBlockSource: FreePageSource {
 
     private func splitBlock(_ b: Int) -> [GuestPhysicalRange] {
         coalesce([blocks.range(of: b)], maxLength: lastMaxRangeBytes)
-    }
-
-    /// Whether block `b` may be offlined: every page a free buddy page, except at most
-    /// `movablePages` in-use pages that are all movable LRU pages. A quick look at one page per
-    /// 2 MiB first (most used blocks fail it), then every page.
-    private func blockQualifies(_ b: Int, movablePages: Int) throws(GuestMemoryError) -> Bool {
-        let pages = blocks.blockBytes / balloonPageSize
-        let first = UInt64(b) * pages
-        var used = 0
-        func acceptable(_ raw: UInt64) -> Bool {
-            let f = KPageFlags(rawValue: raw)
-            if f.isFreeBuddy { return true }
-            guard movablePages > 0, f.isMovableLRU else { return false }
-            used += 1
-            return used <= movablePages
-        }
-        for pfn in stride(from: first, to: first + pages, by: 512) {
-            guard let e = try kpageflags.entry(pfn: pfn), acceptable(e) else { return false }
-        }
-        used = 0
-        var pfn = first
-        while pfn < first + pages {
-            let want = Int(min(UInt64(kpageflags.chunkEntries), first + pages - pfn))
-            let (n, ok) = try kpageflags.read(startPFN: pfn, count: want) { entries in
-                for i in entries.indices where !acceptable(UInt64(littleEndian: entries[i])) { return false }
-                return true
-            }
-            if n == 0 || !ok { return false }
-            pfn += UInt64(n)
-        }
-        return true
     }
 }

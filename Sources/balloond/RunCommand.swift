@@ -90,6 +90,15 @@ struct RunCommand: ParsableCommand {
         memory: MemTotal does not shrink.
         """))
     var balloon = true
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate with whole free memory blocks taken offline where it can.", discussion: """
+        While an inflate still wants 128 MiB or more, balloond takes a memory block whose pages are \
+        free (at most 8 MiB of movable pages in use, which the kernel copies away) offline through \
+        /sys/devices/system/memory and sends it as 2 MiB pieces: no page is zeroed, where every other \
+        way to take memory zeroes it (init_on_alloc). The rest comes from hugetlb or locked anonymous \
+        pages. A block comes back online once all of it is deflated (a deflate that touches one piece \
+        gives back the whole block); after a SIGKILL the guardian or the next start onlines it.
+        """))
+    var offlineBalloon = true
     @Flag(inversion: .prefixedNo, help: "Negotiate REPORTING when offered: hold free 2 MiB blocks above --report-keep-free-mib and report them to the host.")
     var freePageReporting = true
     @Option(help: "Free page reporting keeps at least this much MemFree (MiB) for the guest.")
@@ -310,7 +319,8 @@ struct RunCommand: ParsableCommand {
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
         var reportsMapped = !translated
-        if translated, let huge = ((memory as? TieredBalloonMemory)?.huge ?? memory) as? HugeTLBBalloonMemory {
+        let pageMemory = (memory as? OfflineFirstBalloonMemory)?.rest ?? memory
+        if translated, let huge = ((pageMemory as? TieredBalloonMemory)?.huge ?? pageMemory) as? HugeTLBBalloonMemory {
             huge.deviceMapper = access.deviceMapper
             reportsMapped = true
         }
@@ -453,11 +463,12 @@ extension RunCommand {
 }
 
 extension RunCommand {
-    /// The balloon's memory (inflate and reporting): hugetlb surplus pages, else locked
+    /// The balloon's memory (inflate and reporting): whole offline memory blocks for inflates
+    /// that want one (unless --no-offline-balloon), hugetlb surplus pages, else locked
     /// anonymous memory.
     func makeBalloonMemory(arena: DeviceMemoryArena, compaction: CompactionHold, holdings: GuestMemoryHoldings, logger: Logger) throws -> BalloonMemory? {
         let memory = makeLinuxBalloonMemory(pagemap: try PagemapResolver(), arena: arena, limits: OwnedMemoryLimits(), compactionHold: compaction,
-                                            holdings: holdings, logger: logger)
+                                            holdings: holdings, offlineBlocks: offlineBalloon, logger: logger)
         logger.info("balloon memory: \(memory.name)")
         return memory
     }

@@ -190,4 +190,83 @@ struct BalloonSizingTests {
         #expect(rig.memory.heldBytes == 0)
         #expect(rig.device.status == [])
     }
+
+    // MARK: memory taken and given back in groups (offline memory blocks)
+
+    /// A rig whose balloon memory groups 2 MiB blocks by 16 MiB (8 blocks, 4096 pages), with
+    /// buffers of 1024 PFNs, two in flight: one group's deflate spans four buffers.
+    func groupedRig() throws -> Rig {
+        var options = BalloonDriverOptions()
+        options.sizing.pagesPerBuffer = 1024
+        options.sizing.buffersInFlight = 2
+        let rig = try Rig(options: options)
+        rig.memory.groupBytes = 16 << 20
+        return rig
+    }
+
+    /// The handles the deflates gave back, and the memory's groups they belong to.
+    func released(_ rig: Rig, after events: Int) -> [UInt64] {
+        rig.memory.events.dropFirst(events).flatMap { e -> [UInt64] in if case .release(let h) = e { return h }; return [] }
+    }
+
+    @Test("a deflate that gives back one block of a group gives back the whole group, across buffers, and the balloon then re-inflates to its target")
+    func deflateCompletesGroups() throws {
+        let rig = try groupedRig().running(target: 16384)  // 64 MiB: four groups
+        #expect(rig.device.actual == 16384)
+        let before = rig.memory.held
+        let groupOf = { (h: UInt64) in (before[h]!.ranges[0].start.value - rig.memory.base) / (16 << 20) }
+        let events = rig.memory.events.count
+        rig.setTarget(pages: 16384 - 512)  // one 2 MiB block too many
+        try rig.serviceAll()
+        let gone = released(rig, after: events)
+        #expect(gone.count == 8, "the block's seven group mates went with it (an offline block only comes back online whole)")
+        #expect(Set(gone.map(groupOf)).count == 1)
+        #expect(rig.device.deflateBuffers.flatMap { $0 }.count == 4096, "four buffers of 1024 PFNs with two in flight: the rest of the group waited for an ack")
+        // The overshoot is inflated again with other memory, up to the target exactly.
+        #expect(rig.device.actual == 16384 - 512)
+        #expect(rig.memory.heldBytes == UInt64(16384 - 512) * 4096)
+    }
+
+    @Test("a pressure-size deflate smaller than a group still gives the guest a whole group back at once")
+    func partialDeflateReleasesWholeGroup() throws {
+        let rig = try groupedRig().running(target: 8192)
+        rig.device.processPFNsOnNotify = false
+        let events = rig.memory.events.count
+        rig.setTarget(pages: 8192 - 1024)
+        try rig.serviceAll()
+        // Only two buffers may be in flight: the third and fourth wait; the blocks of the
+        // group not yet posted are still held (the device may not have seen their PFNs).
+        #expect(released(rig, after: events).count == 4)
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(released(rig, after: events).count == 8)
+        rig.device.processPFNsOnNotify = true
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 8192 - 1024)
+    }
+
+    @Test("a device reset while a group's deflate is owed keeps the owed blocks as balloon (they are still inflated on the host)")
+    func resetKeepsOwedGroupBlocks() throws {
+        let rig = try groupedRig().running(target: 4096)
+        rig.device.processPFNsOnNotify = false
+        rig.setTarget(pages: 4096 - 512)
+        try rig.serviceAll()
+        #expect(rig.memory.heldBytes == 8 << 20, "two buffers (4 blocks) posted and given back, 4 owed")
+        try rig.driver.bringUp()
+        #expect(rig.device.actual == 2048, "the owed blocks are acknowledged balloon: actual counts them")
+        rig.device.processPFNsOnNotify = true
+        rig.device.drainPFNQueues()
+        try rig.serviceAll()
+        #expect(rig.device.actual == 4096 - 512)
+    }
+
+    @Test("before taking memory to inflate, the driver tells the memory how much the rest of the inflate wants")
+    func inflatePlans() throws {
+        var options = BalloonDriverOptions()
+        options.sizing.pagesPerBuffer = 1024
+        let rig = try Rig(options: options).running(target: 3072)
+        #expect(Array(rig.memory.plans.drop { $0 == 0 }.prefix(3)) == [3072, 2048, 1024], "one plan per buffer: what is left of the way to the target")
+        #expect(rig.memory.plans.last == 0, "at the target nothing more is planned")
+    }
 }

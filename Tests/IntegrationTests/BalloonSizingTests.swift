@@ -39,6 +39,11 @@ enum BalloonSizingChecks {
             }
             let actualInflated = try b.actual()
             #expect(before - inflated >= 400, "\(driver): MemAvailable \(before) -> \(inflated) MiB after balloon 512M (actual \(actualInflated / mib) MiB)")
+            let offlineInflated = try offlineBlocks(b)
+            if driver == .balloond {
+                // balloond inflates by whole free memory blocks taken offline where it can.
+                #expect(offlineInflated >= 1, "balloond: no memory block offline after balloon 512M")
+            }
 
             try b.setTarget(guestRAM)
             let deflateSeconds = try b.waitForActual(180, "== 1024 MiB") { $0 == guestRAM }
@@ -49,8 +54,15 @@ enum BalloonSizingChecks {
             }
             #expect(deflated >= before - 64, "\(driver): MemAvailable \(before) MiB before, \(deflated) MiB after deflating")
             #expect(try b.actual() == guestRAM)
-            print("sizing-inflate (\(driver)): MemAvailable \(before) -> \(inflated) -> \(deflated) MiB; inflate to 512 MiB in \(String(format: "%.1f", inflateSeconds)) s, deflate in \(String(format: "%.1f", deflateSeconds)) s")
+            #expect(try offlineBlocks(b) == 0, "\(driver): memory blocks still offline after deflating to 1024M")
+            print("sizing-inflate (\(driver)): MemAvailable \(before) -> \(inflated) -> \(deflated) MiB; inflate to 512 MiB in \(String(format: "%.1f", inflateSeconds)) s (\(offlineInflated) memory blocks offline), deflate in \(String(format: "%.1f", deflateSeconds)) s")
         }
+    }
+
+    /// How many of the guest's memory blocks are offline.
+    static func offlineBlocks(_ b: BalloonUnderTest) throws -> Int {
+        let out = try b.vm.check("cat /sys/devices/system/memory/memory*/state", timeout: 30)
+        return out.split(separator: "\n").filter { $0 == "offline" }.count
     }
 
     /// After ~500 MiB are dirtied in the guest (resident on the host) and freed, inflating
@@ -231,6 +243,9 @@ enum BalloonSizingChecks {
                 return released - inflated >= 200
             }
             #expect(released - inflated >= 200, "\(driver): MemAvailable \(inflated) MiB inflated, \(released) MiB after the driver was killed")
+            // The guardian onlines the memory blocks a killed balloond inflated with.
+            _ = try b.poll(30, "no memory block offline after the kill") { try offlineBlocks(b) == 0 }
+            #expect(try offlineBlocks(b) == 0, "\(driver): memory blocks still offline after the driver was killed")
 
             try b.start()
             var again = released
