@@ -23,8 +23,11 @@ private let guestRAM: Int64 = 1 << 30
 enum BalloonSizingChecks {
     /// `balloon 512M` is reached (actual ≤ 514 MiB) and MemAvailable drops by ≥ 400 MiB;
     /// `balloon 1024M` gives it all back (actual == 1 GiB, MemAvailable within 64 MiB).
-    static func inflateDeflate(_ driver: SizingDriver) throws {
-        try BalloonUnderTest.with(driver, name: "sizing-inflate") { b in
+    /// With `--offline-balloon` balloond inflates by whole memory blocks taken offline (at least
+    /// one here), and deflating brings every one back online; without it none goes offline.
+    static func inflateDeflate(_ driver: SizingDriver, balloondArgs: [String] = []) throws {
+        let offline = driver == .balloond && balloondArgs.contains("--offline-balloon")
+        try BalloonUnderTest.with(driver, name: offline ? "sizing-inflate-offline" : "sizing-inflate", balloondArgs: balloondArgs) { b in
             #expect(try b.actual() == guestRAM)
             let before = try b.memAvailable()
 
@@ -40,9 +43,10 @@ enum BalloonSizingChecks {
             let actualInflated = try b.actual()
             #expect(before - inflated >= 400, "\(driver): MemAvailable \(before) -> \(inflated) MiB after balloon 512M (actual \(actualInflated / mib) MiB)")
             let offlineInflated = try offlineBlocks(b)
-            if driver == .balloond {
-                // balloond inflates by whole free memory blocks taken offline where it can.
-                #expect(offlineInflated >= 1, "balloond: no memory block offline after balloon 512M")
+            if offline {
+                #expect(offlineInflated >= 1, "balloond --offline-balloon: no memory block offline after balloon 512M")
+            } else {
+                #expect(offlineInflated == 0, "\(driver): \(offlineInflated) memory blocks offline after balloon 512M without --offline-balloon")
             }
 
             try b.setTarget(guestRAM)
@@ -224,8 +228,10 @@ enum BalloonSizingChecks {
     /// Inflated to 768M, the driver is killed (balloond: SIGKILL; kernel: rmmod): the guest
     /// gets the balloon's memory back (nothing leaks). Started again, the driver re-inflates:
     /// actual ≤ 770 MiB and MemAvailable back within 64 MiB of the inflated value.
-    static func restartReinflates(_ driver: SizingDriver) throws {
-        try BalloonUnderTest.with(driver, name: "sizing-restart") { b in
+    /// With `--offline-balloon`, the memory blocks it inflated with are back online after the
+    /// kill (the guardian onlines them).
+    static func restartReinflates(_ driver: SizingDriver, balloondArgs: [String] = []) throws {
+        try BalloonUnderTest.with(driver, name: balloondArgs.isEmpty ? "sizing-restart" : "sizing-restart-offline", balloondArgs: balloondArgs) { b in
             let before = try b.memAvailable()
             try b.setTarget(768 * mib)
             try b.waitForActual(180, "≤ 770 MiB") { $0 <= 770 * mib }
@@ -235,6 +241,7 @@ enum BalloonSizingChecks {
                 return before - inflated >= 200
             }
             #expect(before - inflated >= 200, "\(driver): MemAvailable \(before) -> \(inflated) MiB at 768M")
+            let offlineAtKill = try offlineBlocks(b)
 
             try b.kill()
             var released = try b.memAvailable()
@@ -254,7 +261,7 @@ enum BalloonSizingChecks {
                 again = try b.memAvailable()
                 return try b.actual() <= 770 * mib && again <= inflated + 64
             }
-            print("sizing-restart (\(driver)): MemAvailable \(before) -> \(inflated) (768M) -> \(released) (killed) -> \(again) MiB (restarted, re-inflated in \(String(format: "%.1f", Date().timeIntervalSince(seconds))) s)")
+            print("sizing-restart (\(driver) \(balloondArgs.joined(separator: " "))): MemAvailable \(before) -> \(inflated) (768M, \(offlineAtKill) memory blocks offline) -> \(released) (killed) -> \(again) MiB (restarted, re-inflated in \(String(format: "%.1f", Date().timeIntervalSince(seconds))) s)")
         }
     }
 }
@@ -294,5 +301,12 @@ struct BalloonSizingTests {
     @Test("balloond: SIGKILL at 768M returns the memory to the guest; restarted, balloond re-inflates to ≤ 770 MiB")
     func balloondRestartReinflates() throws {
         try BalloonSizingChecks.restartReinflates(SizingDriver.forBalloondTests)
+    }
+
+    @Test("balloond --offline-balloon: balloon 512M takes whole memory blocks offline and 1024M brings every one back online; SIGKILL at 768M gives them back too (the guardian onlines them), and a restart re-inflates")
+    func balloondOfflineBlocks() throws {
+        guard SizingDriver.forBalloondTests == .balloond else { return }
+        try BalloonSizingChecks.inflateDeflate(.balloond, balloondArgs: ["--offline-balloon"])
+        try BalloonSizingChecks.restartReinflates(.balloond, balloondArgs: ["--offline-balloon"])
     }
 }

@@ -38,6 +38,8 @@ enum SizingDriver: String, CustomStringConvertible {
 final class BalloonUnderTest {
     let vm: GuestVM
     let driver: SizingDriver
+    /// More arguments of `balloond run` (each start).
+    var balloondArgs: [String] = []
     /// balloond's process, while it runs.
     private(set) var balloond: GuestVM.GuestProcess?
     /// QEMU's pid (RUN_DIR/qemu.pid).
@@ -59,11 +61,12 @@ final class BalloonUnderTest {
     /// Boots a 1 GiB guest for `driver`, starts the driver, runs `body`, then checks the
     /// guest kernel log (`checkKernelLog`) and that the driver is still alive. Harness
     /// errors thrown in here get the run directory from `GuestVM.with`.
-    static func with(_ driver: SizingDriver, name: String, balloonProperties: [String] = [],
+    static func with(_ driver: SizingDriver, name: String, balloonProperties: [String] = [], balloondArgs: [String] = [],
                      _ body: (BalloonUnderTest) throws -> Void) throws {
         try GuestVM.with(.init(name: "\(name)-\(driver)", memory: "1G", kernelArgs: driver.kernelArgs,
                                balloonProperties: balloonProperties)) { vm in
             let b = try BalloonUnderTest(vm, driver: driver)
+            b.balloondArgs = balloondArgs
             try b.start()
             try body(b)
             try b.checkKernelLog()
@@ -81,7 +84,7 @@ final class BalloonUnderTest {
             try vm.check("grep -q '^virtio_balloon ' /proc/modules || modprobe virtio_balloon", timeout: 60)
             try waitFor(60, "the in-kernel virtio_balloon driver reaches DRIVER_OK") { try VirtioStatus(vm).driverOK }
         case .balloond:
-            let p = try vm.spawn(["balloond", "run", "--log-level", "info"], name: "balloond")
+            let p = try vm.spawn(["balloond", "run", "--log-level", "info"] + balloondArgs, name: "balloond")
             balloond = p
             try waitFor(90, "balloond reaches DRIVER_OK") {
                 if let rc = try vm.exitStatus(of: p) {
