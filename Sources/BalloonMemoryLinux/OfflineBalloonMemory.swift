@@ -162,7 +162,15 @@ public final class OfflineBalloonMemory: BalloonMemory {
             let start = Sys.monotonicNanos()
             let pressureAtStart = (try? budget.snapshot())?.pressure
             while room > 0, planned >= pagesPerBlock {
-                if let why = try offlineOneBlock(startedAt: start, pressureAtStart: pressureAtStart) {
+                let stop: String?
+                do { stop = try offlineOneBlock(startedAt: start, pressureAtStart: pressureAtStart) } catch {
+                    // Pieces already handed out are the caller's: return them, throw next time.
+                    if out.isEmpty { throw error }
+                    logger.error("offline balloon memory: \(error)")
+                    limitedBy = error.description
+                    break
+                }
+                if let why = stop {
                     limitedBy = why
                     break
                 }
@@ -301,7 +309,8 @@ public final class OfflineFirstBalloonMemory: BalloonMemory {
     public var heldBytes: UInt64 { offline.heldBytes + rest.heldBytes }
 
     public func planInflate(pages: Int) {
-        if offlineDisabledBecause == nil { offline.planInflate(pages: pages) }
+        // Even once it failed: a block none of whose pieces went out goes back online.
+        offline.planInflate(pages: pages)
         rest.planInflate(pages: pages)
     }
 
@@ -309,9 +318,10 @@ public final class OfflineFirstBalloonMemory: BalloonMemory {
         var blocks: [BalloonBlock] = []
         if !hugeOnly, offlineDisabledBecause == nil {
             do { blocks = try offline.take(maxPages: maxPages, hugeOnly: false).blocks.map(Self.tagOffline) } catch {
+                // Blocks it already gave stay the driver's (the device may hold their PFNs):
+                // they go back through `release` as usual; only new takes stop.
                 offlineDisabledBecause = error
                 logger.error("offline balloon memory cannot be used, using \(rest.name) only from now on: \(error)")
-                offline.releaseAll()
             }
         }
         let got = blocks.reduce(0) { $0 + $1.pageCount }

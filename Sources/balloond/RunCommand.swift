@@ -90,7 +90,7 @@ struct RunCommand: ParsableCommand {
         memory: MemTotal does not shrink.
         """))
     var balloon = true
-    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate with whole free memory blocks taken offline where it can (3-5x faster under TCG).", discussion: """
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Inflate with whole free memory blocks taken offline where it can (about 3x faster under TCG).", discussion: """
         While an inflate still wants 128 MiB or more, balloond takes a memory block whose pages are \
         free (at most 8 MiB of movable pages in use, which the kernel copies away) offline through \
         /sys/devices/system/memory and sends it as 2 MiB pieces: no page is zeroed, where every other \
@@ -100,7 +100,7 @@ struct RunCommand: ParsableCommand {
         Off by default: a block the guest never touched is not resident on the host, so inflating it \
         frees no host memory now (it still caps what the guest can use); the page allocator hands out \
         recently freed, resident memory first. Measured on a fresh 1 GiB guest that dirtied and freed \
-        500 MiB: QEMU's RSS fell by 262 MiB of 512 with it, by about 510 without.
+        500 MiB: QEMU's RSS fell by 262 MiB of 512 with it, by 494 without.
         """))
     var offlineBalloon = false
     @Flag(inversion: .prefixedNo, help: "Negotiate REPORTING when offered: hold free 2 MiB blocks above --report-keep-free-mib and report them to the host.")

@@ -225,4 +225,31 @@ import VirtioCore
         m.releaseAll()
         #expect(m.heldBytes == 0)
     }
+
+    @Test func anErrorAfterPiecesWereHandedOutReturnsThemAndThrowsNextTime() throws {
+        let s = Setup(blocks: 2)
+        let m = try s.memory()
+        m.planInflate(pages: 2 * Self.blockPages)
+        _ = try m.take(maxPages: 1024, hugeOnly: false)
+        s.blocks.listError = .malformedFile(path: "/sys/devices/system/memory", reason: "test")
+        let rest = try m.take(maxPages: 4096, hugeOnly: false)
+        #expect(rest.pageCount == 1024, "the block's last two pieces were already the caller's when listing failed")
+        #expect(rest.limitedBy != nil)
+        #expect(throws: BalloonMemoryError.self) { try m.take(maxPages: 4096, hugeOnly: false) }
+    }
+
+    @Test func offlineFirstKeepsGivingBackOfflinePiecesAfterTheOfflineMemoryFailed() throws {
+        let s = Setup(blocks: 2)
+        let rest = SimulatedBalloonMemory(base: 1 << 30, bytes: 64 << 20)
+        let m = OfflineFirstBalloonMemory(offline: try s.memory(), rest: rest)
+        m.planInflate(pages: 2 * Self.blockPages)
+        let a = try m.take(maxPages: Self.blockPages, hugeOnly: false)
+        s.blocks.listError = .malformedFile(path: "/sys/devices/system/memory", reason: "test")
+        let b = try m.take(maxPages: Self.blockPages, hugeOnly: false)
+        #expect(m.offlineDisabledBecause != nil)
+        #expect(b.pageCount == Self.blockPages && rest.heldBytes == Self.blockBytes, "the rest of the inflate came from page memory")
+        #expect(s.blocks.onlineCalls.isEmpty, "the inflated block stays offline: the device may hold its PFNs")
+        m.release(a.blocks)
+        #expect(s.blocks.onlineCalls == [0], "and comes back online when the driver deflates it")
+    }
 }

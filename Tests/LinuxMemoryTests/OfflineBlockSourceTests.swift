@@ -28,7 +28,13 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         self.present = present
     }
 
-    func offlinableBlocks() throws(GuestMemoryError) -> [Int] { present.filter { !offline.contains($0) } }
+    /// Thrown by `offlinableBlocks` when set.
+    var listError: GuestMemoryError?
+
+    func offlinableBlocks() throws(GuestMemoryError) -> [Int] {
+        if let listError { throw listError }
+        return present.filter { !offline.contains($0) }
+    }
     func isOffline(_ index: Int) -> Bool? { present.contains(index) ? offline.contains(index) : nil }
     func offline(_ index: Int, timeoutMilliseconds: Int) -> MemoryBlockOfflineResult {
         offlineCalls.append(index)
