@@ -197,6 +197,21 @@ extension BalloonDriver {
             }
         } else {
             memory.planInflate(pages: 0)
+            if sizing.inflatingPages == 0, sizing.deflatingPages == 0, case let stranded = Set(memory.strandedGroups()), !stranded.isEmpty {
+                // At the target with part of an offline block unused (the inflate ended early:
+                // recycled reported blocks, a lowered target, a reset): the guest gets nothing
+                // of that block back until the sent part is deflated. Deflate it; the
+                // difference (less than a block) comes from page memory.
+                let (members, others) = partition(sizing.inflated) { b in memory.releaseGroup(of: b).map(stranded.contains) ?? false }
+                if !members.isEmpty {
+                    sizing.inflated = others
+                    sizing.deflateCarry += members
+                    logger.info("deflating the used part of memory blocks the inflate did not use whole, so they can go back to the guest", metadata: [
+                        "groups": "\(stranded.count)", "pages": "\(members.reduce(0) { $0 + $1.pageCount })",
+                    ])
+                    return try adjustBalloonSize()
+                }
+            }
             if let t = sizing.targetChangedAt, sizing.inflatingPages == 0, sizing.deflatingPages == 0 {
                 sizing.targetChangedAt = nil
                 counters.lastTargetMilliseconds = (clock.now() - t).whole(.milliseconds(1))

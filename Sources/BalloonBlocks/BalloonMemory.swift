@@ -123,9 +123,15 @@ public protocol BalloonMemory: AnyObject {
     /// the guest only together (the pieces of one offline memory block), so the driver
     /// deflates all of a group's blocks once it deflates one.
     func releaseGroup(of block: BalloonBlock) -> UInt64?
+    /// Groups some of whose blocks the driver holds while the rest were never handed out (an
+    /// inflate that ended before it used a whole offline block): they cannot go back to the
+    /// guest until the driver deflates the blocks it holds, which it does once the balloon is
+    /// at its target (the difference is inflated again with smaller pages).
+    func strandedGroups() -> [UInt64]
 }
 
 extension BalloonMemory {
     public func planInflate(pages: Int) {}
     public func releaseGroup(of block: BalloonBlock) -> UInt64? { nil }
+    public func strandedGroups() -> [UInt64] { [] }
 }

@@ -90,6 +90,7 @@ public final class SimulatedBalloonMemory: BalloonMemory {
     public func release(_ blocks: [BalloonBlock]) {
         guard !blocks.isEmpty else { return }
         for block in blocks {
+            if let g = releaseGroup(of: block) { stranded.remove(g) }
             precondition(held.removeValue(forKey: block.handle) != nil, "released a block that is not held")
             for r in block.ranges {
                 let first = Int((r.start.value - base) / balloonPageSize)
@@ -112,6 +113,8 @@ public final class SimulatedBalloonMemory: BalloonMemory {
     /// Huge blocks in one `groupBytes`-aligned range form one release group, as an offline
     /// memory block's pieces do (nil: no groups).
     public var groupBytes: UInt64?
+    /// Groups `strandedGroups` reports until a block of theirs is released.
+    public var stranded: Set<UInt64> = []
     /// Every `planInflate` the driver made, in order.
     public private(set) var plans: [Int] = []
 
@@ -123,4 +126,6 @@ public final class SimulatedBalloonMemory: BalloonMemory {
         guard let g = groupBytes, block.isHuge, held[block.handle] != nil else { return nil }
         return (block.ranges[0].start.value - base) / g
     }
+
+    public func strandedGroups() -> [UInt64] { stranded.sorted() }
 }

@@ -209,6 +209,10 @@ public final class OfflineBalloonMemory: BalloonMemory {
         return UInt64(b)
     }
 
+    public func strandedGroups() -> [UInt64] {
+        held.filter { !$0.value.handedOut.isEmpty && !$0.value.spares.isEmpty }.keys.sorted().map { UInt64($0) }
+    }
+
     // MARK: blocks
 
     private func piece(_ p: Int, of b: Int) -> BalloonBlock {
@@ -355,6 +359,10 @@ public final class OfflineFirstBalloonMemory: BalloonMemory {
         // Groups of `offline` only (bit 62 set, like its handles); `rest`'s never collide.
         if let own = Self.untagOffline(block) { return offline.releaseGroup(of: own).map { $0 | Self.offlineTag } }
         return rest.releaseGroup(of: block)
+    }
+
+    public func strandedGroups() -> [UInt64] {
+        offline.strandedGroups().map { $0 | Self.offlineTag } + rest.strandedGroups()
     }
 
     private static func tagOffline(_ b: BalloonBlock) -> BalloonBlock { BalloonBlock(handle: b.handle | offlineTag, ranges: b.ranges) }

@@ -227,7 +227,22 @@ struct BalloonSizingTests {
         #expect(rig.memory.heldBytes == UInt64(16384 - 512) * 4096)
     }
 
-    @Test("a pressure-size deflate smaller than a group still gives the guest a whole group back at once")
+    @Test("at its target with a group only partly used (the inflate ended early), the driver deflates the used part so the group can go back to the guest, then re-inflates with other memory")
+    func strandedGroupIsDeflated() throws {
+        let rig = try groupedRig().running(target: 2048)  // 4 blocks, half of one group
+        let group = rig.memory.held.values.compactMap { rig.memory.releaseGroup(of: $0) }
+        #expect(Set(group).count == 1)
+        rig.memory.stranded = Set(group)
+        let events = rig.memory.events.count
+        rig.setTarget(pages: 2048)  // a config interrupt: the driver looks again
+        try rig.serviceAll()
+        #expect(released(rig, after: events).count == 4, "the four blocks of the partly used group were deflated")
+        #expect(rig.memory.stranded.isEmpty)
+        #expect(rig.device.actual == 2048, "and the balloon is back at its target")
+        #expect(rig.device.deflateBuffers.flatMap { $0 }.count == 2048)
+    }
+
+    @Test("a pressure-size deflate smaller than a group gives the guest the whole group back once all of it is posted")
     func partialDeflateReleasesWholeGroup() throws {
         let rig = try groupedRig().running(target: 8192)
         rig.device.processPFNsOnNotify = false

@@ -121,6 +121,7 @@ import VirtioCore
         m.planInflate(pages: Self.blockPages)
         let t = try m.take(maxPages: 1024, hugeOnly: false)
         #expect(t.pageCount == 1024)
+        #expect(m.strandedGroups() == [0], "half the block is the driver's, half was never handed out")
         // The target fell: the rest of the block is spare; the next inflate gets it first.
         m.planInflate(pages: 512)
         let again = try m.take(maxPages: 512, hugeOnly: false)
@@ -220,6 +221,7 @@ import VirtioCore
         #expect(m.stillInPlace(a.blocks[0]) && m.stillInPlace(b.blocks[0]))
         #expect(m.releaseGroup(of: a.blocks[0]) != nil && m.releaseGroup(of: b.blocks[0]) == nil)
         #expect(Set(a.blocks.compactMap { m.releaseGroup(of: $0) }).count == 1)
+        #expect(m.strandedGroups().isEmpty, "the block went out whole")
         m.release(a.blocks + b.blocks)
         #expect(s.blocks.onlineCalls == [0] && rest.heldBytes == 512 * 4096)
         m.releaseAll()
