@@ -152,11 +152,7 @@ extension BalloonDriver {
                 var chosen: [BalloonBlock] = []
                 var chosenPages = 0
                 // First what earlier deflates owe their groups.
-                while let b = sizing.deflateCarry.first, chosenPages + b.pageCount <= pfnsPerBuffer {
-                    chosen.append(b)
-                    chosenPages += b.pageCount
-                    sizing.deflateCarry.removeFirst()
-                }
+                takeFromDeflateCarry(into: &chosen, pages: &chosenPages)
                 var excess = committedPages - sizing.deflateCarryPages - chosenPages - target
                 // Newest first; skip blocks larger than what is left unless nothing fits, so
                 // a small excess does not give back a whole 2 MiB block when 4 KiB pages exist.
@@ -183,14 +179,8 @@ extension BalloonDriver {
                 // block's pieces) takes the rest of the group along, in this buffer or the next.
                 let groups = Set(chosen.compactMap { memory.releaseGroup(of: $0) })
                 if !groups.isEmpty {
-                    let (members, others) = partition(sizing.inflated) { b in memory.releaseGroup(of: b).map(groups.contains) ?? false }
-                    sizing.inflated = others
-                    sizing.deflateCarry += members
-                    while let b = sizing.deflateCarry.first, chosenPages + b.pageCount <= pfnsPerBuffer {
-                        chosen.append(b)
-                        chosenPages += b.pageCount
-                        sizing.deflateCarry.removeFirst()
-                    }
+                    _ = moveGroupsToDeflateCarry(groups, memory: memory)
+                    takeFromDeflateCarry(into: &chosen, pages: &chosenPages)
                 }
                 sizing.inflatedPages -= chosenPages
                 try postPFNs(chosen, slot: slot, inflate: false)
@@ -202,10 +192,8 @@ extension BalloonDriver {
                 // recycled reported blocks, a lowered target, a reset): the guest gets nothing
                 // of that block back until the sent part is deflated. Deflate it; the
                 // difference (less than a block) comes from page memory.
-                let (members, others) = partition(sizing.inflated) { b in memory.releaseGroup(of: b).map(stranded.contains) ?? false }
+                let members = moveGroupsToDeflateCarry(stranded, memory: memory)
                 if !members.isEmpty {
-                    sizing.inflated = others
-                    sizing.deflateCarry += members
                     logger.info("deflating the used part of memory blocks the inflate did not use whole, so they can go back to the guest", metadata: [
                         "groups": "\(stranded.count)", "pages": "\(members.reduce(0) { $0 + $1.pageCount })",
                     ])
@@ -226,6 +214,23 @@ extension BalloonDriver {
                 logger.info("balloon target reached", metadata: ["actual": "\(sizing.inflatedPages)", "num_pages": "\(targetPages)"])
                 sizing.shortfallLogged = false
             }
+        }
+    }
+
+    /// Moves every inflated block of `groups` into the deflate carry; returns them.
+    private func moveGroupsToDeflateCarry(_ groups: Set<UInt64>, memory: BalloonMemory) -> [BalloonBlock] {
+        let (members, others) = partition(sizing.inflated) { b in memory.releaseGroup(of: b).map(groups.contains) ?? false }
+        sizing.inflated = others
+        sizing.deflateCarry += members
+        return members
+    }
+
+    /// Adds blocks from the deflate carry to a deflate buffer's `chosen` while they fit.
+    private func takeFromDeflateCarry(into chosen: inout [BalloonBlock], pages chosenPages: inout Int) {
+        while let b = sizing.deflateCarry.first, chosenPages + b.pageCount <= pfnsPerBuffer {
+            chosen.append(b)
+            chosenPages += b.pageCount
+            sizing.deflateCarry.removeFirst()
         }
     }
 

@@ -249,7 +249,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
             let qualifies: Bool
             do { qualifies = try blocks.qualifiesForOffline(b, kpageflags: kpageflags, movablePages: options.maxMovablePages) } catch { throw .failed(error) }
             guard qualifies else {
-                retryBlockAt[b] = now + UInt64(options.retryBlockAfterSeconds) * 1_000_000_000
+                retryBlockAt[b] = now + retryBlockNanos
                 continue
             }
             do { try stateFile.write(blocks: Array(held.keys) + leftovers + [b]) } catch { throw .failed(error) }
@@ -258,7 +258,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
             offlineNanos += Sys.monotonicNanos() - t0
             guard result == .offlined else {
                 logger.debug("memory block \(b) not taken for the balloon: \(result)")
-                retryBlockAt[b] = now + UInt64(options.retryBlockAfterSeconds) * 1_000_000_000
+                retryBlockAt[b] = now + retryBlockNanos
                 do { try stateFile.write(blocks: Array(held.keys) + leftovers) } catch { throw .failed(error) }
                 continue
             }
@@ -270,6 +270,8 @@ public final class OfflineBalloonMemory: BalloonMemory {
         retrySearchAt = now + UInt64(options.retryAfterNoBlockSeconds) * 1_000_000_000
         return "no memory block has only free and at most \(options.maxMovablePages) movable pages and goes offline"
     }
+
+    private var retryBlockNanos: UInt64 { UInt64(max(0, options.retryBlockAfterSeconds)) * 1_000_000_000 }
 
     /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed.
     private func online(_ which: [Int]) {
