@@ -5,8 +5,15 @@ import PlatformLinux
 import VirtioCore
 
 /// Observed free pages: runs of `KPF_BUDDY` pages from `/proc/kpageflags`, read in large
-/// chunks after the round's cmd id and streamed batch by batch. Touches nothing
-/// (`--hint-source kpageflags`).
+/// chunks after the round's cmd id and streamed batch by batch, **highest address first**.
+/// Touches nothing (`--hint-source kpageflags`).
+///
+/// Why top-down: QEMU's migration thread sends RAM from offset 0 upwards and on q35 a
+/// higher guest-physical address is a higher `pc.ram` offset (GPA [4 GiB, …) is offset
+/// [2 GiB, …) above 2 GiB of RAM), so a hint is worth something only while the sender has
+/// not passed it. Scanning from the top hints what the sender reaches last first; where the
+/// two meet, everything above is saved. Scanning from the bottom chases the sender and, when
+/// slower than it, saves nothing.
 ///
 /// Safety argument. balloond does not own these pages: any task may allocate and write one
 /// between the scan and QEMU applying its hint. That write is safe only if it is dirty-logged
@@ -20,7 +27,8 @@ import VirtioCore
 /// next allocation reports "pagealloc: memory corruption" or hands out dirty "zeroed" memory.
 /// The scan starts only in `beginRound` (after the new id, i.e. after the round's bitmap
 /// sync): a page read as free before that sync may have been written before it, and that
-/// write would be lost even under TCG.
+/// write would be lost even under TCG. The order of the scan changes none of this: each page
+/// is hinted only after its own entry, read after the sync, showed it free.
 public final class KPageFlagsSource: FreePageSource {
     public let name = "kpageflags"
     public let ownership = FreePageOwnership.observed
@@ -28,16 +36,18 @@ public final class KPageFlagsSource: FreePageSource {
 
     public let root: SysRoot
     private let file: KPageFile
-    /// PFN ranges to scan; nil: from PFN 0 to the end of the file.
-    private let scanRanges: [Range<UInt64>]?
+    /// PFN ranges to scan, sorted ascending (scanned from the last one down).
+    private let scanRanges: [Range<UInt64>]
     private let logger: Logger
 
-    // Scan state of the current round.
+    // Scan state of the current round: ranges are scanned from `scanRanges[rangeIndex]`'s
+    // top down to its bottom, then the range below. `cursor` is the exclusive upper end of
+    // what is still to read; the open run is `[runTop - runPages, runTop)`.
     private var roundActive = false
     private var rangeIndex = 0
     private var cursor: UInt64 = 0
     private var scanDone = true
-    private var runStart: UInt64?
+    private var runTop: UInt64?
     private var runPages: UInt64 = 0
     private var pending: [GuestPhysicalRange] = []
     private var roundStartNanos: UInt64 = 0
@@ -62,21 +72,46 @@ public final class KPageFlagsSource: FreePageSource {
     ///   - root: where /proc is (tests use a fake tree).
     ///   - chunkEntries: entries per pread (65536 = 512 KiB of flags = 256 MiB of RAM).
     ///   - memoryMap: the RAM to scan; nil reads /proc/iomem, and without usable addresses
-    ///     there scans every PFN up to the end of /proc/kpageflags.
+    ///     there scans every PFN up to the end of /proc/kpageflags (found by probing reads:
+    ///     the file reports no size).
     public init(root: SysRoot = .host, chunkEntries: Int = 65536, memoryMap: PhysicalMemoryMap? = nil,
                 logger: Logger = Logger(label: "balloond.hint.kpageflags")) throws(FreePageSourceError) {
         self.root = root
         self.logger = logger
         do { file = try KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: chunkEntries) } catch { throw error.sourceError }
-        scanRanges = (memoryMap ?? PhysicalMemoryMap.read(root: root))?.ramFrames
+        if let ranges = (memoryMap ?? PhysicalMemoryMap.read(root: root))?.ramFrames {
+            scanRanges = ranges.sorted { $0.lowerBound < $1.lowerBound }.filter { !$0.isEmpty }
+        } else {
+            let end: UInt64
+            do { end = try Self.endOfFile(file) } catch { throw error.sourceError }
+            scanRanges = end > 0 ? [0..<end] : []
+        }
+    }
+
+    /// The first PFN past the end of the file: a read there returns nothing.
+    private static func endOfFile(_ file: KPageFile) throws(GuestMemoryError) -> UInt64 {
+        guard try file.entry(pfn: 0) != nil else { return 0 }
+        var present: UInt64 = 0  // known to have an entry
+        var step: UInt64 = 1
+        var absent = UInt64.max  // known to have none (or beyond any file)
+        while absent == UInt64.max {
+            let probe = present + step
+            if probe >= 1 << 52 { absent = probe; break }  // 2^52 frames: beyond any address space
+            if try file.entry(pfn: probe) != nil { present = probe; step *= 2 } else { absent = probe }
+        }
+        while absent - present > 1 {
+            let mid = present + (absent - present) / 2
+            if try file.entry(pfn: mid) != nil { present = mid } else { absent = mid }
+        }
+        return absent
     }
 
     public func beginRound(id: UInt32) throws(FreePageSourceError) {
         roundActive = true
-        rangeIndex = 0
-        cursor = scanRanges?.first?.lowerBound ?? 0
-        scanDone = scanRanges?.isEmpty ?? false
-        runStart = nil
+        rangeIndex = scanRanges.count - 1
+        cursor = scanRanges.last?.upperBound ?? 0
+        scanDone = scanRanges.isEmpty
+        runTop = nil
         runPages = 0
         pending = []
         lastScan = ScanStatistics()
@@ -88,64 +123,71 @@ public final class KPageFlagsSource: FreePageSource {
         let maxRunPages = max(1, maxRangeBytes / balloonPageSize)
         let started = Sys.monotonicNanos()
         defer { lastScan.scanNanos += Sys.monotonicNanos() - started }
-        var out: [GuestPhysicalRange] = []
 
         func emitRun() {
-            if let s = runStart, runPages > 0 {
-                pending.append(GuestPhysicalRange(start: s * balloonPageSize, length: runPages * balloonPageSize))
+            if let top = runTop, runPages > 0 {
+                pending.append(GuestPhysicalRange(start: (top - runPages) * balloonPageSize, length: runPages * balloonPageSize))
             }
-            runStart = nil
+            runTop = nil
             runPages = 0
         }
 
         while !scanDone && pending.count < maxRanges {
-            let end = scanRanges.map { $0[rangeIndex].upperBound } ?? UInt64.max
-            let want = Int(min(UInt64(file.chunkEntries), end - cursor))
-            let base = cursor
+            let bottom = scanRanges[rangeIndex].lowerBound
+            let want = Int(min(UInt64(file.chunkEntries), cursor - bottom))
+            let base = cursor - UInt64(want)
             let n: Int
-            // The hot loop: plain masks and locals (this runs once per 4 KiB of RAM).
+            // The hot loop: plain masks and locals (this runs once per 4 KiB of RAM), walking
+            // the chunk from its last entry down.
             let buddyMask = KPageFlags.buddy.rawValue
             let excludeMask = KPageFlags.notFreeMask
-            var start = runStart
+            var top = runTop
             var pages = runPages
             var free: UInt64 = 0
             var found: [GuestPhysicalRange] = []
             do {
                 (n, _) = try file.read(startPFN: base, count: want) { entries in
-                    var pfn = base
-                    for i in entries.indices {
+                    // A short read (the file ended early) leaves the missing top entries unread:
+                    // the run cannot continue across them.
+                    if entries.count < want, top != nil {
+                        found.append(GuestPhysicalRange(start: (top! - pages) * balloonPageSize, length: pages * balloonPageSize))
+                        top = nil
+                        pages = 0
+                    }
+                    var i = entries.count
+                    while i > 0 {
+                        i -= 1
                         let v = UInt64(littleEndian: entries[i])
                         if v & buddyMask != 0 && v & excludeMask == 0 {
-                            if start == nil { start = pfn }
+                            if top == nil { top = base + UInt64(i) + 1 }
                             pages += 1
                             free += 1
                             if pages == maxRunPages {
-                                found.append(GuestPhysicalRange(start: start! * balloonPageSize, length: pages * balloonPageSize))
-                                start = nil
+                                found.append(GuestPhysicalRange(start: (top! - pages) * balloonPageSize, length: pages * balloonPageSize))
+                                top = nil
                                 pages = 0
                             }
-                        } else if let s = start {
-                            found.append(GuestPhysicalRange(start: s * balloonPageSize, length: pages * balloonPageSize))
-                            start = nil
+                        } else if let t = top {
+                            found.append(GuestPhysicalRange(start: (t - pages) * balloonPageSize, length: pages * balloonPageSize))
+                            top = nil
                             pages = 0
                         }
-                        pfn += 1
                     }
                 }
             } catch { throw error.sourceError }
-            runStart = start
+            runTop = top
             runPages = pages
             pending += found
             lastScan.freeFrames += free
             lastScan.reads += 1
             lastScan.framesScanned += UInt64(n)
-            cursor += UInt64(n)
-            if n == 0 || cursor >= end {
-                // The end of a RAM range (or of the file): a run never continues past a hole.
+            cursor = base
+            if cursor <= bottom {
+                // The bottom of a RAM range: a run never continues across a hole.
                 emitRun()
-                if let ranges = scanRanges, n > 0, rangeIndex + 1 < ranges.count {
-                    rangeIndex += 1
-                    cursor = ranges[rangeIndex].lowerBound
+                if rangeIndex > 0 {
+                    rangeIndex -= 1
+                    cursor = scanRanges[rangeIndex].upperBound
                 } else {
                     scanDone = true
                 }
@@ -155,7 +197,7 @@ public final class KPageFlagsSource: FreePageSource {
         }
         if scanDone { emitRun() }
         let take = min(maxRanges, pending.count)
-        out = Array(pending.prefix(take))
+        let out = Array(pending.prefix(take))
         pending.removeFirst(take)
         if scanDone && pending.isEmpty && !lastScan.finished {
             lastScan.finished = true

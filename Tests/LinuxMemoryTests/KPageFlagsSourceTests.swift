@@ -22,20 +22,21 @@ import VirtioCore
         return v
     }
 
-    /// Reference: runs of free pages, split at RAM range ends and at `maxPages`.
+    /// Reference: runs of free pages, highest address first (RAM ranges from the top, each
+    /// from its last frame down), split at RAM range ends and every `maxPages` from a run's top.
     static func expected(_ v: [UInt64], ram: [Range<UInt64>], maxPages: UInt64) -> [GuestPhysicalRange] {
         var out: [GuestPhysicalRange] = []
-        for r in ram {
-            var start: UInt64?
+        for r in ram.reversed() {
+            var top: UInt64?
             var n: UInt64 = 0
             func close() {
-                if let s = start { out.append(GuestPhysicalRange(start: s * 4096, length: n * 4096)) }
-                start = nil
+                if let t = top { out.append(GuestPhysicalRange(start: (t - n) * 4096, length: n * 4096)) }
+                top = nil
                 n = 0
             }
-            for pfn in r where pfn < UInt64(v.count) {
+            for pfn in r.reversed() where pfn < UInt64(v.count) {
                 if KPageFlags(rawValue: v[Int(pfn)]).isFreeBuddy {
-                    if start == nil { start = pfn }
+                    if top == nil { top = pfn + 1 }
                     n += 1
                     if n == maxPages { close() }
                 } else { close() }
@@ -72,11 +73,11 @@ import VirtioCore
         try s.beginRound(id: 0x8000_0001)
         let (ranges, batches) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
         #expect(ranges == [
-            GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096),
-            GuestPhysicalRange(start: 100 * 4096, length: 1000 * 4096),
-            GuestPhysicalRange(start: 2000 * 4096, length: 4096),
-            GuestPhysicalRange(start: 2047 * 4096, length: 2 * 4096),
             GuestPhysicalRange(start: 4000 * 4096, length: 96 * 4096),
+            GuestPhysicalRange(start: 2047 * 4096, length: 2 * 4096),
+            GuestPhysicalRange(start: 2000 * 4096, length: 4096),
+            GuestPhysicalRange(start: 100 * 4096, length: 1000 * 4096),
+            GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096),
         ])
         #expect(batches > 1, "streams chunk by chunk")
         #expect(s.lastScan.framesScanned == 4096)
@@ -135,10 +136,51 @@ import VirtioCore
         #expect(!(try s.nextBatch(maxRanges: 1, maxRangeBytes: 4 << 20)).isEmpty)
         s.endRound()
         #expect(try s.nextBatch(maxRanges: 8, maxRangeBytes: 4 << 20).isEmpty)
-        // A new round rescans from the start (free memory is read after each new id).
+        // A new round rescans from the top (free memory is read after each new id).
         try s.beginRound(id: 8)
         let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
-        #expect(ranges.first == GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096))
+        #expect(ranges.first == GuestPhysicalRange(start: 4000 * 4096, length: 96 * 4096))
+        #expect(ranges.last == GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096))
+    }
+
+    /// QEMU's migration thread sends from the bottom up, so the scan hints the top first:
+    /// every batch lies below the one before, and the first read is the top chunk of the
+    /// highest RAM range (4 GiB q35: GPA 6 GiB down to 4 GiB, then 2 GiB down to 0).
+    @Test func hintsTheHighestAddressesFirst() throws {
+        let v = Self.pattern()
+        let t = makeTree(v)
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 256, memoryMap: PhysicalMemoryMap(ramFrames: [0..<1000, 1050..<4096]))
+        try s.beginRound(id: 7)
+        let first = try s.nextBatch(maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(first == [GuestPhysicalRange(start: 4000 * 4096, length: 96 * 4096)])
+        #expect(s.lastScan.reads == 1 && s.lastScan.framesScanned == 256, "streams after the top chunk")
+        var previousStart = first[0].start.value
+        while true {
+            let b = try s.nextBatch(maxRanges: 2, maxRangeBytes: 64 << 10)
+            if b.isEmpty { break }
+            for r in b {
+                #expect(r.start.value + r.length <= previousStart, "\(r) lies below the range hinted before it")
+                previousStart = r.start.value
+            }
+        }
+        #expect(s.lastScan.finished && s.lastScan.framesScanned == 1000 + 3046)
+    }
+
+    /// Without /proc/iomem the file's end is found by probing reads (the file reports no
+    /// size), and a map that runs past the file's end stops at it.
+    @Test(arguments: [0, 1, 4095, 4096, 4097])
+    func findsTheEndOfTheFileWithoutAMap(entries: Int) throws {
+        let v = Array(Self.pattern().prefix(entries)) + [UInt64](repeating: Self.buddy, count: max(0, entries - 4096))
+        let t = makeTree(v)
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 300)
+        try s.beginRound(id: 7)
+        let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        #expect(ranges == Self.expected(v, ram: [0..<UInt64(entries)], maxPages: 1024))
+        #expect(s.lastScan.framesScanned == UInt64(entries))
+
+        let beyond = try KPageFlagsSource(root: t.root, chunkEntries: 300, memoryMap: PhysicalMemoryMap(ramFrames: [0..<UInt64(entries) + 1000]))
+        try beyond.beginRound(id: 8)
+        #expect(try drain(beyond, maxRanges: 64, maxRangeBytes: 4 << 20).ranges == ranges)
     }
 
     @Test func missingFileIsAnActionableError() {
