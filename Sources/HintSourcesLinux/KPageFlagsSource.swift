@@ -4,9 +4,14 @@ import Logging
 import PlatformLinux
 import VirtioCore
 
-/// Observed free pages: runs of `KPF_BUDDY` pages from `/proc/kpageflags`, read in large
-/// chunks after the round's cmd id and streamed batch by batch, **highest address first**.
+/// Observed free pages: runs of `KPF_BUDDY` pages from `/proc/kpageflags`, read in chunks
+/// after the round's cmd id and streamed chunk by chunk, **highest address first**.
 /// Touches nothing (`--hint-source kpageflags`).
+///
+/// Each chunk's free runs leave as soon as it is read (a run is cut at the chunk's end, so
+/// no hint waits for the next read), each as one descriptor of up to a chunk's size: QEMU
+/// applies a descriptor under one take of its migration bitmap lock, so fewer, longer
+/// descriptors land sooner than many 4 MiB ones.
 ///
 /// Why top-down: QEMU's migration thread sends RAM from offset 0 upwards and on q35 a
 /// higher guest-physical address is a higher `pc.ram` offset (GPA [4 GiB, …) is offset
@@ -42,13 +47,11 @@ public final class KPageFlagsSource: FreePageSource {
 
     // Scan state of the current round: ranges are scanned from `scanRanges[rangeIndex]`'s
     // top down to its bottom, then the range below. `cursor` is the exclusive upper end of
-    // what is still to read; the open run is `[runTop - runPages, runTop)`.
+    // what is still to read. No run is open between reads (each is cut at its chunk's end).
     private var roundActive = false
     private var rangeIndex = 0
     private var cursor: UInt64 = 0
     private var scanDone = true
-    private var runTop: UInt64?
-    private var runPages: UInt64 = 0
     private var pending: [GuestPhysicalRange] = []
     private var roundStartNanos: UInt64 = 0
 
@@ -70,11 +73,12 @@ public final class KPageFlagsSource: FreePageSource {
 
     /// - Parameters:
     ///   - root: where /proc is (tests use a fake tree).
-    ///   - chunkEntries: entries per pread (65536 = 512 KiB of flags = 256 MiB of RAM).
+    ///   - chunkEntries: entries per pread (8192 = 64 KiB of flags = 32 MiB of RAM): the
+    ///     longest hint, and how much scanned memory at most waits unhinted.
     ///   - memoryMap: the RAM to scan; nil reads /proc/iomem, and without usable addresses
     ///     there scans every PFN up to the end of /proc/kpageflags (found by probing reads:
     ///     the file reports no size).
-    public init(root: SysRoot = .host, chunkEntries: Int = 65536, memoryMap: PhysicalMemoryMap? = nil,
+    public init(root: SysRoot = .host, chunkEntries: Int = 8192, memoryMap: PhysicalMemoryMap? = nil,
                 logger: Logger = Logger(label: "balloond.hint.kpageflags")) throws(FreePageSourceError) {
         self.root = root
         self.logger = logger
@@ -111,8 +115,6 @@ public final class KPageFlagsSource: FreePageSource {
         rangeIndex = scanRanges.count - 1
         cursor = scanRanges.last?.upperBound ?? 0
         scanDone = scanRanges.isEmpty
-        runTop = nil
-        runPages = 0
         pending = []
         lastScan = ScanStatistics()
         roundStartNanos = Sys.monotonicNanos()
@@ -124,14 +126,6 @@ public final class KPageFlagsSource: FreePageSource {
         let started = Sys.monotonicNanos()
         defer { lastScan.scanNanos += Sys.monotonicNanos() - started }
 
-        func emitRun() {
-            if let top = runTop, runPages > 0 {
-                pending.append(GuestPhysicalRange(start: (top - runPages) * balloonPageSize, length: runPages * balloonPageSize))
-            }
-            runTop = nil
-            runPages = 0
-        }
-
         while !scanDone && pending.count < maxRanges {
             let bottom = scanRanges[rangeIndex].lowerBound
             let want = Int(min(UInt64(file.chunkEntries), cursor - bottom))
@@ -141,19 +135,12 @@ public final class KPageFlagsSource: FreePageSource {
             // the chunk from its last entry down.
             let buddyMask = KPageFlags.buddy.rawValue
             let excludeMask = KPageFlags.notFreeMask
-            var top = runTop
-            var pages = runPages
+            var top: UInt64?  // the open run is [top - pages, top)
+            var pages: UInt64 = 0
             var free: UInt64 = 0
             var found: [GuestPhysicalRange] = []
             do {
                 (n, _) = try file.read(startPFN: base, count: want) { entries in
-                    // A short read (the file ended early) leaves the missing top entries unread:
-                    // the run cannot continue across them.
-                    if entries.count < want, top != nil {
-                        found.append(GuestPhysicalRange(start: (top! - pages) * balloonPageSize, length: pages * balloonPageSize))
-                        top = nil
-                        pages = 0
-                    }
                     var i = entries.count
                     while i > 0 {
                         i -= 1
@@ -175,16 +162,17 @@ public final class KPageFlagsSource: FreePageSource {
                     }
                 }
             } catch { throw error.sourceError }
-            runTop = top
-            runPages = pages
+            // The chunk's end: what it found leaves now rather than after the next read.
+            if let t = top {
+                found.append(GuestPhysicalRange(start: (t - pages) * balloonPageSize, length: pages * balloonPageSize))
+            }
             pending += found
             lastScan.freeFrames += free
             lastScan.reads += 1
             lastScan.framesScanned += UInt64(n)
             cursor = base
             if cursor <= bottom {
-                // The bottom of a RAM range: a run never continues across a hole.
-                emitRun()
+                // The bottom of a RAM range: the next read starts at the top of the one below.
                 if rangeIndex > 0 {
                     rangeIndex -= 1
                     cursor = scanRanges[rangeIndex].upperBound
@@ -195,7 +183,6 @@ public final class KPageFlagsSource: FreePageSource {
             // Stream: hand out what this chunk found rather than scanning on.
             if !pending.isEmpty { break }
         }
-        if scanDone { emitRun() }
         let take = min(maxRanges, pending.count)
         let out = Array(pending.prefix(take))
         pending.removeFirst(take)
@@ -209,6 +196,9 @@ public final class KPageFlagsSource: FreePageSource {
         }
         return out
     }
+
+    /// A chunk's worth: a free run is never longer (it is cut at each chunk's end).
+    public var preferredMaxRangeBytes: UInt64? { UInt64(file.chunkEntries) * balloonPageSize }
 
     /// Nothing is held: the pages were only observed.
     public func hintsApplied(_ ranges: [GuestPhysicalRange]) {}

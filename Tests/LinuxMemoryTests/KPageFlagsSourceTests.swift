@@ -23,25 +23,31 @@ import VirtioCore
     }
 
     /// Reference: runs of free pages, highest address first (RAM ranges from the top, each
-    /// from its last frame down), split at RAM range ends and every `maxPages` from a run's top.
-    static func expected(_ v: [UInt64], ram: [Range<UInt64>], maxPages: UInt64) -> [GuestPhysicalRange] {
+    /// read in chunks of `chunk` frames from its top down, each chunk from its last frame
+    /// down), cut at chunk ends and every `maxPages` from a run's top.
+    static func expected(_ v: [UInt64], ram: [Range<UInt64>], chunk: UInt64, maxPages: UInt64 = 1 << 40) -> [GuestPhysicalRange] {
         var out: [GuestPhysicalRange] = []
         for r in ram.reversed() {
-            var top: UInt64?
-            var n: UInt64 = 0
-            func close() {
-                if let t = top { out.append(GuestPhysicalRange(start: (t - n) * 4096, length: n * 4096)) }
-                top = nil
-                n = 0
+            var hi = r.upperBound
+            while hi > r.lowerBound {
+                let lo = max(r.lowerBound, hi >= chunk ? hi - chunk : 0)
+                var top: UInt64?
+                var n: UInt64 = 0
+                func close() {
+                    if let t = top { out.append(GuestPhysicalRange(start: (t - n) * 4096, length: n * 4096)) }
+                    top = nil
+                    n = 0
+                }
+                for pfn in (lo..<hi).reversed() where pfn < UInt64(v.count) {
+                    if KPageFlags(rawValue: v[Int(pfn)]).isFreeBuddy {
+                        if top == nil { top = pfn + 1 }
+                        n += 1
+                        if n == maxPages { close() }
+                    } else { close() }
+                }
+                close()
+                hi = lo
             }
-            for pfn in r.reversed() where pfn < UInt64(v.count) {
-                if KPageFlags(rawValue: v[Int(pfn)]).isFreeBuddy {
-                    if top == nil { top = pfn + 1 }
-                    n += 1
-                    if n == maxPages { close() }
-                } else { close() }
-            }
-            close()
         }
         return out
     }
@@ -64,25 +70,45 @@ import VirtioCore
         return t
     }
 
-    @Test func findsBuddyRunsAcrossChunkBoundaries() throws {
+    @Test func findsBuddyRunsAndCutsThemAtChunkEnds() throws {
         let v = Self.pattern()
         let t = makeTree(v)
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 256, memoryMap: PhysicalMemoryMap(ramFrames: [0..<4096]))
         #expect(s.ownership == .observed)
         #expect(s.name == "kpageflags")
+        #expect(s.preferredMaxRangeBytes == 256 * 4096, "a descriptor as long as a chunk")
         try s.beginRound(id: 0x8000_0001)
-        let (ranges, batches) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
+        let (ranges, batches) = try drain(s, maxRanges: 64, maxRangeBytes: 1 << 30)
         #expect(ranges == [
             GuestPhysicalRange(start: 4000 * 4096, length: 96 * 4096),
-            GuestPhysicalRange(start: 2047 * 4096, length: 2 * 4096),
+            GuestPhysicalRange(start: 2048 * 4096, length: 4096),      // chunk [2048, 2304)
+            GuestPhysicalRange(start: 2047 * 4096, length: 4096),      // chunk [1792, 2048)
             GuestPhysicalRange(start: 2000 * 4096, length: 4096),
-            GuestPhysicalRange(start: 100 * 4096, length: 1000 * 4096),
+            GuestPhysicalRange(start: 1024 * 4096, length: 76 * 4096),
+            GuestPhysicalRange(start: 768 * 4096, length: 256 * 4096),
+            GuestPhysicalRange(start: 512 * 4096, length: 256 * 4096),
+            GuestPhysicalRange(start: 256 * 4096, length: 256 * 4096),
+            GuestPhysicalRange(start: 100 * 4096, length: 156 * 4096),
             GuestPhysicalRange(start: 10 * 4096, length: 10 * 4096),
         ])
         #expect(batches > 1, "streams chunk by chunk")
         #expect(s.lastScan.framesScanned == 4096)
         #expect(s.lastScan.freeFrames == 10 + 1000 + 1 + 2 + 96)
         #expect(s.heldBytes == 0)
+    }
+
+    /// A free run longer than a chunk is not held back until the read below ends it: each
+    /// read's part leaves at once, so at most one chunk of scanned memory waits unhinted.
+    @Test func aLongRunLeavesChunkByChunk() throws {
+        var v = Self.pattern()
+        for i in 3500..<4096 { v[i] = Self.buddy }
+        let t = makeTree(v)
+        let s = try KPageFlagsSource(root: t.root, chunkEntries: 256, memoryMap: PhysicalMemoryMap(ramFrames: [0..<4096]))
+        try s.beginRound(id: 7)
+        #expect(try s.nextBatch(maxRanges: 64, maxRangeBytes: 1 << 30) == [GuestPhysicalRange(start: 3840 * 4096, length: 256 * 4096)])
+        #expect(s.lastScan.reads == 1)
+        #expect(try s.nextBatch(maxRanges: 64, maxRangeBytes: 1 << 30) == [GuestPhysicalRange(start: 3584 * 4096, length: 256 * 4096)])
+        #expect(s.lastScan.reads == 2)
     }
 
     @Test(arguments: [(1, 64 << 10), (3, 4 << 20), (64, 4096), (2, 40 << 10)] as [(Int, UInt64)])
@@ -92,7 +118,7 @@ import VirtioCore
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 100, memoryMap: PhysicalMemoryMap(ramFrames: [0..<4096]))
         try s.beginRound(id: 7)
         let (ranges, _) = try drain(s, maxRanges: maxRanges, maxRangeBytes: maxRangeBytes)
-        #expect(ranges == Self.expected(v, ram: [0..<4096], maxPages: maxRangeBytes / 4096))
+        #expect(ranges == Self.expected(v, ram: [0..<4096], chunk: 100, maxPages: maxRangeBytes / 4096))
         #expect(ranges.allSatisfy { $0.start.value % 4096 == 0 && $0.length % 4096 == 0 && $0.length <= maxRangeBytes })
     }
 
@@ -103,9 +129,10 @@ import VirtioCore
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 64, memoryMap: PhysicalMemoryMap(ramFrames: ram))
         try s.beginRound(id: 7)
         let (ranges, _) = try drain(s, maxRanges: 8, maxRangeBytes: 4 << 20)
-        #expect(ranges == Self.expected(v, ram: ram, maxPages: 1024))
-        #expect(ranges.contains(GuestPhysicalRange(start: 100 * 4096, length: 900 * 4096)))
-        #expect(ranges.contains(GuestPhysicalRange(start: 1050 * 4096, length: 50 * 4096)))
+        #expect(ranges == Self.expected(v, ram: ram, chunk: 64, maxPages: 1024))
+        #expect(ranges.allSatisfy { r in ram.contains { $0.lowerBound * 4096 <= r.start.value && r.start.value + r.length <= $0.upperBound * 4096 } })
+        #expect(ranges.contains { $0.start.value == 1050 * 4096 }, "the run [100, 1100) restarts above the hole")
+        #expect(ranges.contains { $0.start.value + $0.length == 1000 * 4096 }, "and ends below it")
         #expect(!ranges.contains { $0.start.value >= 3500 * 4096 })
     }
 
@@ -115,7 +142,7 @@ import VirtioCore
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 1000)
         try s.beginRound(id: 7)
         let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
-        #expect(ranges == Self.expected(v, ram: [0..<4096], maxPages: 1024))
+        #expect(ranges == Self.expected(v, ram: [0..<4096], chunk: 1000, maxPages: 1024))
     }
 
     @Test func readsIomemFromTheTree() throws {
@@ -125,7 +152,7 @@ import VirtioCore
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 128)
         try s.beginRound(id: 7)
         let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
-        #expect(ranges == Self.expected(v, ram: [1..<1000], maxPages: 1024))
+        #expect(ranges == Self.expected(v, ram: [1..<1000], chunk: 128, maxPages: 1024))
     }
 
     @Test func onlyScansInsideARound() throws {
@@ -175,12 +202,14 @@ import VirtioCore
         let s = try KPageFlagsSource(root: t.root, chunkEntries: 300)
         try s.beginRound(id: 7)
         let (ranges, _) = try drain(s, maxRanges: 64, maxRangeBytes: 4 << 20)
-        #expect(ranges == Self.expected(v, ram: [0..<UInt64(entries)], maxPages: 1024))
+        #expect(ranges == Self.expected(v, ram: [0..<UInt64(entries)], chunk: 300, maxPages: 1024))
         #expect(s.lastScan.framesScanned == UInt64(entries))
 
-        let beyond = try KPageFlagsSource(root: t.root, chunkEntries: 300, memoryMap: PhysicalMemoryMap(ramFrames: [0..<UInt64(entries) + 1000]))
+        let ram = [0..<UInt64(entries) + 1000]
+        let beyond = try KPageFlagsSource(root: t.root, chunkEntries: 300, memoryMap: PhysicalMemoryMap(ramFrames: ram))
         try beyond.beginRound(id: 8)
-        #expect(try drain(beyond, maxRanges: 64, maxRangeBytes: 4 << 20).ranges == ranges)
+        #expect(try drain(beyond, maxRanges: 64, maxRangeBytes: 4 << 20).ranges == Self.expected(v, ram: ram, chunk: 300, maxPages: 1024))
+        #expect(beyond.lastScan.framesScanned == UInt64(entries))
     }
 
     @Test func missingFileIsAnActionableError() {
