@@ -55,11 +55,11 @@ struct RunCommand: ParsableCommand {
         memory blocks whose pages are all free offline (/sys/devices/system/memory, needs \
         CONFIG_MEMORY_HOTREMOVE) and onlines them at DONE (all but a --hint-reserve-mib reserve): owned too, and nothing is zeroed. kpageflags hints pages the \
         kernel's buddy allocator reports free without owning them: fastest, but safe only under TCG, \
-        where QEMU dirty-logs every later write. auto picks kpageflags on TCG and hugetlb (else \
-        anonymous) elsewhere, and logs why; under TCG it never picks hugetlb or anonymous (their memory \
-        churn during a migration corrupts TCG destinations even with no hint sent), so on a TCG guest \
-        with page poisoning or init_on_free it picks offline, or turns hinting off where memory blocks \
-        cannot be offlined.
+        where QEMU dirty-logs every later write. auto picks kpageflags on TCG guests without page \
+        poisoning or init_on_free, else offline where memory blocks can be offlined (measured faster \
+        than hugetlb: nothing is zeroed), else hugetlb, else anonymous, and logs why; under TCG it \
+        never picks hugetlb or anonymous (their memory churn during a migration corrupts TCG \
+        destinations even with no hint sent) and turns hinting off instead.
         """))
     var hintSource: HintSource = .auto
     @Flag(help: ArgumentHelp("Allow --hint-source kpageflags on KVM.", discussion: """

@@ -392,11 +392,11 @@ final class FakeMemoryBlocks: MemoryBlockControl {
             #expect(withReserve.reason.contains("--hint-reserve-mib"))
             let without = try chooseHintSource(requested: .auto, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(),
                                                unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true).get()
-            #expect(without.source == (hv == .tcg ? .kpageflags : .hugetlb), "without a reserve auto keeps its usual choice on \(hv)")
+            #expect(without.source == (hv == .tcg ? .kpageflags : .offline), "without a reserve auto keeps its usual choice on \(hv)")
             let noBlocks = try chooseHintSource(requested: .auto, hypervisor: hv, memoryDebug: GuestMemoryDebugConfig(),
                                                 unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: false,
                                                 reserveRequested: true).get()
-            #expect(noBlocks.source == without.source, "no offlinable blocks: the usual choice (the reserve is then ignored)")
+            #expect(noBlocks.source == (hv == .tcg ? .kpageflags : .hugetlb), "no offlinable blocks: the usual choice (the reserve is then ignored)")
         }
         let explicit = try chooseHintSource(requested: .hugetlb, hypervisor: .kvm, memoryDebug: GuestMemoryDebugConfig(),
                                             unsafeHintsOnKVM: false, hugetlbAvailable: true, offlineAvailable: true,
