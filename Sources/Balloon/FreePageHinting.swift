@@ -51,6 +51,14 @@ public struct HintOptions: Sendable {
     /// …and not before this long after memory pressure made it give memory back.
     public var reserveAfterPressure: Duration = .seconds(60)
     public init() {}
+
+    /// The longest descriptor a round posts for `source`: the longer of `maxRangeBytes` and
+    /// the source's own unit (`FreePageSource.preferredMaxRangeBytes`). Fewer, longer
+    /// descriptors where the source gives memory back in larger units: QEMU applies each
+    /// under its migration bitmap lock, which its sender holds for up to 50 ms.
+    public func maxRangeBytes(for source: any FreePageSource) -> UInt64 {
+        max(maxRangeBytes, source.preferredMaxRangeBytes ?? 0)
+    }
 }
 
 extension BalloonDriver {
@@ -176,9 +184,7 @@ extension BalloonDriver {
             return
         }
         var fullSince: Duration?
-        // Fewer, longer descriptors where the source gives memory back in larger units: QEMU
-        // applies each under its migration bitmap lock, which its sender holds for up to 50 ms.
-        let maxRangeBytes = max(hintOptions.maxRangeBytes, source.preferredMaxRangeBytes ?? 0)
+        let maxRangeBytes = hintOptions.maxRangeBytes(for: source)
         while hintCommand == .round(id) && isRunning {
             if shouldStop() {
                 logger.info("stop requested: ending free page hint round 0x\(String(id, radix: 16))")

@@ -40,15 +40,15 @@ struct ScanCommand: ParsableCommand {
         let logger = try logging.makeLogger()
         try Preflight().checkRoot()
         let source = try KPageFlagsSource(root: .host, logger: logger)
-        // The driver's range limit for this source (FreePageHinting: the longer of the two).
-        let maxRangeBytes = max(HintOptions().maxRangeBytes, source.preferredMaxRangeBytes ?? 0)
+        let hintOptions = HintOptions()
+        let maxRangeBytes = hintOptions.maxRangeBytes(for: source)
         var perGiB: [Double] = []
         for i in 0..<max(1, min(runs, Self.maxRuns)) {
             try source.beginRound(id: Self.roundID(forRun: i))
             var ranges = 0
             var bytes: UInt64 = 0
             while true {
-                let batch = try source.nextBatch(maxRanges: HintOptions().batchRanges, maxRangeBytes: maxRangeBytes)
+                let batch = try source.nextBatch(maxRanges: hintOptions.batchRanges, maxRangeBytes: maxRangeBytes)
                 if batch.isEmpty { break }
                 ranges += batch.count
                 bytes += batch.reduce(0) { $0 + $1.length }

@@ -47,6 +47,22 @@ struct FreePageHintTests {
         #expect(plain.source.maxRangeBytesAsked.allSatisfy { $0 == 4 << 20 })
     }
 
+    @Test("the range limit is the longer of the driver's and the source's, for rounds and for balloond scan alike")
+    func rangeLimitRule() throws {
+        let rig = try Rig.hinting()
+        let options = HintOptions()
+        rig.source.preferredMax = 1 << 20
+        #expect(options.maxRangeBytes(for: rig.source) == 4 << 20, "a shorter unit does not shorten descriptors")
+        rig.source.preferredMax = nil
+        #expect(options.maxRangeBytes(for: rig.source) == 4 << 20)
+        rig.source.preferredMax = 32 << 20
+        #expect(options.maxRangeBytes(for: rig.source) == 32 << 20)
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        #expect(!rig.source.maxRangeBytesAsked.isEmpty)
+        #expect(rig.source.maxRangeBytesAsked.allSatisfy { $0 == options.maxRangeBytes(for: rig.source) })
+    }
+
     @Test("an inflate makes a hint reserve give way first, and the reserve refills no sooner than a minute later")
     func inflateYieldsTheReserve() throws {
         let rig = try Rig(BalloonDeviceProperties(freePageHint: true))
