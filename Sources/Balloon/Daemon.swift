@@ -12,6 +12,11 @@ public struct DaemonOptions: Sendable, Equatable {
     /// A deadline that is still in the past after the driver handled it is a driver bug; the
     /// loop then waits at least this long instead of spinning, and says so once.
     public var pastDeadlineFloor: Duration = .seconds(1)
+    /// A deadline that was in the future when the driver's `tick` returned but has passed by
+    /// the next wait fell due meanwhile: during the work after the tick (a hint command), or
+    /// while the guest was paused (a live migration's downtime makes the guest's clock jump
+    /// by the pause). The loop runs again at once, at most this many times in a row.
+    public var maxLateDeadlineIterations = 8
     public init() {}
 }
 
@@ -64,6 +69,9 @@ public final class Daemon<Transport: VirtioTransport> {
     /// Times a deadline was still in the past after the driver handled it (a driver bug the
     /// loop floors instead of spinning on; tests assert it stays 0).
     public private(set) var pastDeadlines = 0
+    /// Times a deadline fell due between the driver's tick and the next wait (a paused guest,
+    /// slow work after the tick): handled at once, not a bug.
+    public private(set) var lateDeadlines = 0
     /// Whether the device is to be (re)initialised.
     public private(set) var needsBringUp = true
 
@@ -71,6 +79,9 @@ public final class Daemon<Transport: VirtioTransport> {
     private var runningSince: Duration?
     private var loggedPastDeadline = false
     private var pendingIterations = 0
+    /// When the driver's last `tick` returned (nil before the first, and while re-initialising).
+    private var tickedAt: Duration?
+    private var lateIterations = 0
     /// What the last published snapshot was built from (cheap to compare: no register reads).
     private var lastPublishedKey: PublishKey?
     private var lastPublished: Duration = .zero
@@ -159,6 +170,7 @@ public final class Daemon<Transport: VirtioTransport> {
                     try driver.serviceInterrupt(line: line)
                 }
                 try driver.tick()
+                tickedAt = clock.now()
                 try serviceHintCommandIfPending()
                 publishIfChanged()
             } catch {
@@ -182,9 +194,17 @@ public final class Daemon<Transport: VirtioTransport> {
         guard let deadline else { return nil }
         if deadline > now {
             loggedPastDeadline = false
+            lateIterations = 0
             return deadline - now
         }
         if needsBringUp { return .zero }
+        // Due since the tick that set it returned: the guest was paused or work after the tick
+        // took long. Tick again now (bounded, so a driver that keeps doing so cannot spin).
+        if let tickedAt, deadline > tickedAt, lateIterations < options.maxLateDeadlineIterations {
+            lateIterations += 1
+            lateDeadlines += 1
+            return .zero
+        }
         // The driver has just been ticked (or brought up) and still asks to be called in the
         // past: waiting zero would spin. Floor it and say so once.
         pastDeadlines += 1
@@ -202,6 +222,7 @@ public final class Daemon<Transport: VirtioTransport> {
             // The policies run once before the first wait, so every deadline they set is
             // already in the future when the loop computes its timeout.
             try driver.tick()
+            tickedAt = clock.now()
             // A cmd id read at bring-up is acted on now, as Linux does at probe.
             try serviceHintCommandIfPending()
             needsBringUp = false
@@ -221,6 +242,7 @@ public final class Daemon<Transport: VirtioTransport> {
         logger.error("device error: \(error); resetting and re-initialising the device in \(secondsText(backoff))")
         needsBringUp = true
         runningSince = nil
+        tickedAt = nil
         scheduleRetry(now: now)
     }
 

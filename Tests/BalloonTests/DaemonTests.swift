@@ -151,6 +151,30 @@ struct DaemonTests {
         #expect(r.rig.driver.actualPages == 48 << 8)
     }
 
+    @Test("the guest's clock jumps after a tick (a migration's downtime): the due check runs at once, no internal error, no spin")
+    func clockJumpAfterTick() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let r = try DaemonRig(props, runFor: 10 * minute)
+        r.poller.at(secondsFromNow: 1) { r.rig.device.setTarget(bytes: (1 << 30) - (48 << 20)) }
+        // Publishing runs after the tick: the guest pauses there for 20 s (longer than any
+        // MemAvailable check interval; a migration's downtime, a suspended guest), once, 20 s in.
+        var jumpedAt: Duration?
+        r.daemon.onIteration = { _, _, _ in
+            guard jumpedAt == nil, r.rig.clock.now >= r.start + .seconds(20) else { return }
+            r.rig.clock.now += .seconds(20)
+            jumpedAt = r.rig.clock.now
+        }
+        var waitsAtJump: [Duration] = []
+        r.poller.onWait = { if let j = jumpedAt, r.rig.clock.now == j { waitsAtJump.append(r.rig.clock.now) } }
+        _ = r.run()
+        #expect(jumpedAt != nil)
+        #expect(r.daemon.lateDeadlines >= 1, "the deadline that fell due during the pause was counted as late")
+        #expect(waitsAtJump.count >= 2, "the loop ticked again at the moment the guest resumed, without waiting")
+        #expect(r.rig.driver.actualPages == 48 << 8)
+        #expect(r.wakeupsPerMinute(lastMinutes: 5) <= idleWakeupsPerMinute)
+    }
+
     @Test("a report buffer the device never returns: no timer while it is in flight (H1's short version)")
     func reportNeverReturned() throws {
         var props = BalloonDeviceProperties()
