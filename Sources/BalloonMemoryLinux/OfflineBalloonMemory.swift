@@ -49,18 +49,28 @@ public final class OfflineBalloonMemory: BalloonMemory {
         public var offlineTimeoutMilliseconds: Int
         /// The longest one `take` goes on trying blocks (it may try several).
         public var takeBudgetMilliseconds: Int
-        /// A block that failed to go offline, or did not qualify, is not tried again for this long.
+        /// A block that failed to go offline, or did not qualify, is not tried again for this
+        /// long; each further failure of the same block doubles the wait, up to
+        /// `maxRetryBlockAfterSeconds` (a block that went offline starts over). Each try reads
+        /// the block's page flags, so a guest whose blocks stay unsuitable (while the balloon
+        /// is short of its target after memory pressure) is not re-read every minute.
         public var retryBlockAfterSeconds: Int
+        public var maxRetryBlockAfterSeconds: Int
         /// After no block could be taken, none is looked for again for this long (the other
-        /// balloon memory serves meanwhile).
+        /// balloon memory serves meanwhile), doubling while searches keep finding none, up to
+        /// `maxRetryAfterNoBlockSeconds`.
         public var retryAfterNoBlockSeconds: Int
+        public var maxRetryAfterNoBlockSeconds: Int
         public init(maxMovablePages: Int = 2048, offlineTimeoutMilliseconds: Int = 500, takeBudgetMilliseconds: Int = 300,
-                    retryBlockAfterSeconds: Int = 60, retryAfterNoBlockSeconds: Int = 30) {
+                    retryBlockAfterSeconds: Int = 60, maxRetryBlockAfterSeconds: Int = 1800,
+                    retryAfterNoBlockSeconds: Int = 30, maxRetryAfterNoBlockSeconds: Int = 600) {
             self.maxMovablePages = maxMovablePages
             self.offlineTimeoutMilliseconds = offlineTimeoutMilliseconds
             self.takeBudgetMilliseconds = takeBudgetMilliseconds
             self.retryBlockAfterSeconds = retryBlockAfterSeconds
+            self.maxRetryBlockAfterSeconds = maxRetryBlockAfterSeconds
             self.retryAfterNoBlockSeconds = retryAfterNoBlockSeconds
+            self.maxRetryAfterNoBlockSeconds = maxRetryAfterNoBlockSeconds
         }
     }
 
@@ -71,6 +81,8 @@ public final class OfflineBalloonMemory: BalloonMemory {
     private let kpageflags: KPageFile
     private let budget: BalloonMemoryBudget
     private let logger: Logger
+    /// Monotonic nanoseconds (injected by tests, which run in virtual time).
+    private let now: () -> UInt64
 
     /// One offline block: its 2 MiB pieces handed to the driver, and the others (spares).
     private struct Held {
@@ -82,8 +94,11 @@ public final class OfflineBalloonMemory: BalloonMemory {
     private var leftovers: [Int] = []
     /// Pages the driver still wants in this inflate (`planInflate`).
     private var planned = 0
+    /// When each block that failed may be tried again, and the wait after its next failure.
     private var retryBlockAt: [Int: UInt64] = [:]
+    private var retryBlockDelay: [Int: UInt64] = [:]
     private var retrySearchAt: UInt64 = 0
+    private var retrySearchDelay: UInt64?
     /// Blocks offlined since start, and their offlining time (for status and the benchmark).
     public private(set) var blocksOfflined = 0
     public private(set) var offlineNanos: UInt64 = 0
@@ -100,8 +115,10 @@ public final class OfflineBalloonMemory: BalloonMemory {
     ///   - control: the memory blocks (default: `/sys/devices/system/memory` under `root`).
     ///   - budget: the limits and held bytes shared with the other balloon memory.
     public init(root: SysRoot = .host, control: MemoryBlockControl? = nil, budget: BalloonMemoryBudget, options: Options = Options(),
-                stateFile: OfflineBlockStateFile? = nil, logger: Logger = Logger(label: "balloond.balloon.offline")) throws(BalloonMemoryError) {
+                stateFile: OfflineBlockStateFile? = nil, logger: Logger = Logger(label: "balloond.balloon.offline"),
+                now: @escaping () -> UInt64 = { Sys.monotonicNanos() }) throws(BalloonMemoryError) {
         self.root = root
+        self.now = now
         self.budget = budget
         self.options = options
         self.stateFile = stateFile ?? OfflineBlockStateFile(root: root, path: OfflineBlockStateFile.balloonPath)
@@ -159,7 +176,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
         if room > 0, planned >= pagesPerBlock {
             budget.beginTaking()
             defer { budget.endTaking() }
-            let start = Sys.monotonicNanos()
+            let start = now()
             let pressureAtStart = (try? budget.snapshot())?.pressure
             while room > 0, planned >= pagesPerBlock {
                 let stop: String?
@@ -233,7 +250,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
     /// memory back at once, where a never-touched block gives it nothing now), and the hint
     /// reserve keeps the top blocks, which QEMU's migration sends last.
     private func offlineOneBlock(startedAt start: UInt64, pressureAtStart: MemoryPressure?) throws(BalloonMemoryError) -> String? {
-        let now = Sys.monotonicNanos()
+        let now = self.now()
         if now < retrySearchAt { return "no memory block could be taken offline a moment ago" }
         adoptLeftovers()
         let snapshot: MemorySnapshot
@@ -244,12 +261,12 @@ public final class OfflineBalloonMemory: BalloonMemory {
         do { candidates = try blocks.offlinableBlocks() } catch { throw .failed(error) }
         let budgetNanos = UInt64(max(0, options.takeBudgetMilliseconds)) * 1_000_000
         for b in candidates.sorted() where held[b] == nil && !leftovers.contains(b) && (retryBlockAt[b] ?? 0) <= now {
-            if Sys.monotonicNanos() - start >= budgetNanos { return "out of time for offlining memory blocks in this step" }
+            if self.now() - start >= budgetNanos { return "out of time for offlining memory blocks in this step" }
             if Sys.terminationSignalReceived { return "a termination signal arrived" }
             let qualifies: Bool
             do { qualifies = try blocks.qualifiesForOffline(b, kpageflags: kpageflags, movablePages: options.maxMovablePages) } catch { throw .failed(error) }
             guard qualifies else {
-                retryBlockAt[b] = now + retryBlockNanos
+                backOff(block: b, now: now)
                 continue
             }
             do { try stateFile.write(blocks: Array(held.keys) + leftovers + [b]) } catch { throw .failed(error) }
@@ -258,20 +275,35 @@ public final class OfflineBalloonMemory: BalloonMemory {
             offlineNanos += Sys.monotonicNanos() - t0
             guard result == .offlined else {
                 logger.debug("memory block \(b) not taken for the balloon: \(result)")
-                retryBlockAt[b] = now + retryBlockNanos
+                backOff(block: b, now: now)
                 do { try stateFile.write(blocks: Array(held.keys) + leftovers) } catch { throw .failed(error) }
                 continue
             }
             held[b] = Held(spares: Array((0..<piecesPerBlock).reversed()))
             budget.took(blocks.blockBytes)
             blocksOfflined += 1
+            retryBlockAt[b] = nil
+            retryBlockDelay[b] = nil
+            retrySearchDelay = nil
             return nil
         }
-        retrySearchAt = now + UInt64(options.retryAfterNoBlockSeconds) * 1_000_000_000
+        let first = UInt64(max(0, options.retryAfterNoBlockSeconds)) * 1_000_000_000
+        let wait = retrySearchDelay.map { min($0 * 2, max(first, UInt64(max(0, options.maxRetryAfterNoBlockSeconds)) * 1_000_000_000)) } ?? first
+        retrySearchDelay = wait
+        retrySearchAt = now + wait
         return "no memory block has only free and at most \(options.maxMovablePages) movable pages and goes offline"
     }
 
-    private var retryBlockNanos: UInt64 { UInt64(max(0, options.retryBlockAfterSeconds)) * 1_000_000_000 }
+    /// Block `b` failed (did not qualify, or did not go offline): not tried again for
+    /// `retryBlockAfterSeconds`, twice as long after each further failure, up to
+    /// `maxRetryBlockAfterSeconds`.
+    private func backOff(block b: Int, now: UInt64) {
+        let first = UInt64(max(0, options.retryBlockAfterSeconds)) * 1_000_000_000
+        let cap = max(first, UInt64(max(0, options.maxRetryBlockAfterSeconds)) * 1_000_000_000)
+        let wait = retryBlockDelay[b] ?? first
+        retryBlockAt[b] = now + wait
+        retryBlockDelay[b] = min(wait * 2, cap)
+    }
 
     /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed.
     private func online(_ which: [Int]) {

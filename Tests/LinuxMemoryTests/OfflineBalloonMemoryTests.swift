@@ -160,6 +160,28 @@ import VirtioCore
         #expect(s.blocks.offlineCalls == [0, 1, 2, 2], "the failed blocks wait before they are tried again")
     }
 
+    @Test func aBlockThatKeepsFailingIsTriedLessAndLessOftenButNotGivenUp() throws {
+        let s = Setup(blocks: 2)
+        s.blocks.refuse = [0: .busy, 1: .busy]
+        var clock: UInt64 = 1_000_000_000
+        let m = try OfflineBalloonMemory(root: s.tree.root, control: s.blocks, budget: s.budget, now: { clock })
+        m.planInflate(pages: 4 * Self.blockPages)
+        // The driver retries its target every 10 s for an hour (a balloon short of its target
+        // after memory pressure); every try of a block reads all its page flags.
+        for _ in 0..<360 {
+            _ = try m.take(maxPages: 4 * Self.blockPages, hugeOnly: false)
+            clock += 10_000_000_000
+        }
+        let tries = s.blocks.offlineCalls.filter { $0 == 0 }.count
+        #expect(tries >= 4, "the block is still tried now and then (it may become free)")
+        #expect(tries <= 8, "backing off: \(tries) tries in an hour (every minute would be 60)")
+        // Once a block goes offline, the next failure of another starts the backoff over.
+        s.blocks.refuse = [1: .busy]
+        clock += 3_600_000_000_000
+        let t = try m.take(maxPages: 4 * Self.blockPages, hugeOnly: false)
+        #expect(t.pageCount == Self.blockPages, "block 0 went offline at its next try")
+    }
+
     @Test func noBlockAtAllLeavesTheInflateToTheOtherMemoryAndDoesNotSearchAgainAtOnce() throws {
         let s = Setup(blocks: 2)
         s.blocks.refuse = [0: .busy, 1: .invalid]
