@@ -98,6 +98,8 @@ struct PressureState {
     var checkInterval: Duration = .zero
     var lastReading: (available: UInt64, free: UInt64)?
     var lastReadingAt: Duration = .zero
+    /// What balloond itself held at that reading (`ownHeldBytes`).
+    var lastReadingHeld: UInt64 = 0
 }
 
 
@@ -144,17 +146,27 @@ extension BalloonDriver {
     /// balloon's, or a hint source's held until DONE).
     private var holdsMemory: Bool { (balloonMemory?.heldBytes ?? 0) > 0 || (hintSource?.heldBytes ?? 0) > 0 }
 
+    /// Guest memory balloond itself holds: the balloon's, a hint source's, reported pages.
+    /// Taking it lowers MemAvailable exactly as much, and pressure can make balloond give it
+    /// back, so a fall in MemAvailable that this grew by is balloond's own doing, not a drain.
+    private var ownHeldBytes: UInt64 {
+        (balloonMemory?.heldBytes ?? 0) &+ (hintSource?.heldBytes ?? 0) &+ UInt64(reporting.heldPages) * balloonPageSize
+    }
     private func checkPressure(psiFired: Bool, earlyWarning: Bool = false, now: Duration) throws(BalloonError) {
         let p = options.pressure
         let m = memoryStatus?.read()
         let moved: Bool
-        // How fast MemAvailable fell since the last reading (bytes per second; 0 if it rose).
+        // How fast MemAvailable fell since the last reading (bytes per second; 0 if it rose),
+        // not counting what balloond itself took meanwhile (an inflate of offline memory blocks
+        // takes hundreds of MiB a second: read as a drain, it would deflate what it just took).
         var drainPerSecond: UInt64 = 0
+        let held = ownHeldBytes
         if let m, let last = pressure.lastReading {
             moved = absDiff(m.available, last.available) >= p.movementBytes || absDiff(m.free, last.free) >= p.movementBytes
             let elapsed = now > pressure.lastReadingAt ? now - pressure.lastReadingAt : .zero
-            if last.available > m.available, elapsed > .zero {
-                let fell = Double(last.available - m.available)
+            let before = last.available &+ pressure.lastReadingHeld, after = m.available &+ held
+            if before > after, elapsed > .zero {
+                let fell = Double(before - after)
                 drainPerSecond = UInt64(min(fell / (elapsed / .seconds(1)), Double(UInt64.max / 4)))
             }
         } else {
@@ -162,6 +174,7 @@ extension BalloonDriver {
         }
         pressure.lastReading = m
         pressure.lastReadingAt = now
+        pressure.lastReadingHeld = held
         // While balloond holds more than the guest has left above the deflate watermark, one
         // allocation burst can exhaust the guest between two checks. With nothing to reclaim,
         // PSI records only a few ms of stall before the OOM killer acts: only the early-warning

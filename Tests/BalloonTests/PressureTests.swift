@@ -134,6 +134,35 @@ struct PressureTests {
         #expect(rig.memory.heldBytes <= (512 - 364) << 20)
     }
 
+    @Test("the balloon's own inflate is not a drain: inflating 504 MiB in one step leaves MemAvailable well above the watermark, and nothing deflates")
+    func ownInflateIsNotPressure() throws {
+        var props = BalloonDeviceProperties()
+        props.deflateOnOOM = true
+        let rig = try Rig(props, balloonBytes: 512 << 20).running(target: 2048)
+        rig.memoryStatus.available = 900 << 20  // 892 MiB read with 8 MiB held; 388 MiB at 512 MiB
+        rig.memoryStatus.free = 800 << 20
+        rig.clock.advance(milliseconds: 300)
+        try rig.driver.tick()
+        // The host asks for 512 MiB; offline memory blocks inflate that in well under a second.
+        rig.setTarget(pages: 131_072)
+        try rig.serviceAll()
+        for _ in 0..<8 {
+            rig.clock.advance(milliseconds: 250)
+            try rig.driver.tick()
+            try rig.serviceAll()
+        }
+        #expect(rig.driver.counters.pressureDeflates == 0, "balloond took its own inflate for memory pressure and deflated")
+        #expect(rig.device.actual == 131_072)
+        // Someone else's allocation at that speed still counts (two checks 250 ms apart).
+        try rig.driver.tick(earlyWarning: true)
+        rig.memoryStatus.available -= 150 << 20
+        rig.memoryStatus.free -= 150 << 20
+        rig.clock.advance(milliseconds: 250)
+        try rig.driver.tick(earlyWarning: true)
+        try rig.serviceAll()
+        #expect(rig.driver.counters.pressureDeflates == 1, "150 MiB gone in 250 ms towards the watermark: deflate early")
+    }
+
     @Test("a memory check that fell due while a slow deflate ran is next due one interval later, not in the past")
     func slowDeflateDoesNotLeaveACheckInThePast() throws {
         var props = BalloonDeviceProperties()
