@@ -109,6 +109,12 @@ public final class OfflineBlockSource: FreePageSource {
         public var scanNanos: UInt64 = 0
         /// Listing the blocks at the start of the round.
         public var listNanos: UInt64 = 0
+        /// `beginRound` itself; from its start until the first block taken this round was
+        /// queued (nil: none); the owned-memory checks before each block; state file writes.
+        public var beginNanos: UInt64 = 0
+        public var firstBlockNanos: UInt64?
+        public var stopCheckNanos: UInt64 = 0
+        public var stateNanos: UInt64 = 0
         public var stoppedBecause: String?
     }
 
@@ -160,6 +166,9 @@ public final class OfflineBlockSource: FreePageSource {
     // MARK: FreePageSource
 
     public func beginRound(id: UInt32) throws(FreePageSourceError) {
+        let t0 = Sys.monotonicNanos()
+        defer { lastRound.beginNanos = Sys.monotonicNanos() - t0 }
+        roundStartNanos = t0
         rounds += 1
         roundOpen = true
         lastRound = RoundStatistics()
@@ -193,6 +202,7 @@ public final class OfflineBlockSource: FreePageSource {
 
     /// Whether this round's candidate blocks were listed (after the held blocks went out).
     private var candidatesListed = false
+    private var roundStartNanos: UInt64 = 0
 
     private func listCandidates() throws(FreePageSourceError) {
         candidatesListed = true
@@ -235,7 +245,10 @@ public final class OfflineBlockSource: FreePageSource {
                 candidates = []
                 break
             }
-            if let why = takeStop(reserve: false) {
+            let c0 = Sys.monotonicNanos()
+            let stop = takeStop(reserve: false)
+            lastRound.stopCheckNanos += Sys.monotonicNanos() - c0
+            if let why = stop {
                 lastRound.stoppedBecause = why
                 candidates = []
                 logger.debug("offline source stops taking blocks this round: \(why)")
@@ -260,6 +273,8 @@ public final class OfflineBlockSource: FreePageSource {
                 "held_mib": "\(heldBytes >> 20)", "offlined": "\(lastRound.blocksOfflined)", "rehinted": "\(lastRound.blocksRehinted)",
                 "not_free": "\(lastRound.blocksSkippedNotFree)", "failed": "\(lastRound.blocksFailed)", "left": "\(candidates.count)",
                 "list_ms": "\(lastRound.listNanos / 1_000_000)", "scan_ms": "\(lastRound.scanNanos / 1_000_000)",
+                "begin_ms": "\(lastRound.beginNanos / 1_000_000)", "first_block_ms": "\(lastRound.firstBlockNanos.map { String($0 / 1_000_000) } ?? "-")",
+                "check_ms": "\(lastRound.stopCheckNanos / 1_000_000)", "state_ms": "\(lastRound.stateNanos / 1_000_000)",
                 "offline_ms": "\(lastRound.offlineNanos / 1_000_000)", "stopped": "\(lastRound.stoppedBecause ?? "-")",
             ])
         }
@@ -426,18 +441,23 @@ public final class OfflineBlockSource: FreePageSource {
             return
         }
         do { try stateFile.write(blocks: held + [b]) } catch { throw error.sourceError }
+        let t2 = Sys.monotonicNanos()
+        lastRound.stateNanos += t2 - t1
         let result = blocks.offline(b, timeoutMilliseconds: timeoutMilliseconds)
-        lastRound.offlineNanos += Sys.monotonicNanos() - t1
+        let t3 = Sys.monotonicNanos()
+        lastRound.offlineNanos += t3 - t2
         guard result == .offlined else {
             lastRound.blocksFailed += 1
             skipUntilRound[b] = rounds + max(1, options.skipRoundsAfterFailure)
             logger.debug("memory block \(b) not taken: \(result)")
             do { try stateFile.write(blocks: held) } catch { throw error.sourceError }
+            lastRound.stateNanos += Sys.monotonicNanos() - t3
             return
         }
         held.append(b)
         held.sort()
         lastRound.blocksOfflined += 1
+        if roundOpen, lastRound.firstBlockNanos == nil { lastRound.firstBlockNanos = t3 - roundStartNanos }
         pending += splitBlock(b)
     }
 

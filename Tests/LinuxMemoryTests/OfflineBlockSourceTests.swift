@@ -102,6 +102,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(s.blocks.offlineCalls == [2, 0], "a block with a page in use is never offlined (its pages would be migrated)")
         #expect(source.heldBytes == 2 * Self.blockBytes)
         #expect(source.lastRound.blocksSkippedNotFree == 2)
+        #expect(source.lastRound.firstBlockNanos != nil, "the time to the round's first block is recorded")
     }
 
     @Test func eachBlockIsInTheStateFileBeforeItsOfflineWrite() throws {
@@ -226,6 +227,7 @@ final class FakeMemoryBlocks: MemoryBlockControl {
         #expect(try drain(source).isEmpty)
         #expect(s.blocks.offlineCalls.isEmpty)
         #expect(source.lastRound.stoppedBecause?.contains("margin") == true)
+        #expect(source.lastRound.firstBlockNanos == nil, "no block taken: no time to the first one")
     }
 
     @Test func recoveryOnlinesOnlyListedBlocksThatAreStillOffline() throws {
