@@ -94,11 +94,11 @@ public final class OfflineBalloonMemory: BalloonMemory {
     private var leftovers: [Int] = []
     /// Pages the driver still wants in this inflate (`planInflate`).
     private var planned = 0
-    /// When each block that failed may be tried again, and the wait after its next failure.
+    /// When each block that failed may be tried again, and the wait its last failure set.
     private var retryBlockAt: [Int: UInt64] = [:]
-    private var retryBlockDelay: [Int: UInt64] = [:]
+    private var retryBlockWait: [Int: UInt64] = [:]
     private var retrySearchAt: UInt64 = 0
-    private var retrySearchDelay: UInt64?
+    private var retrySearchWait: UInt64?
     /// Blocks offlined since start, and their offlining time (for status and the benchmark).
     public private(set) var blocksOfflined = 0
     public private(set) var offlineNanos: UInt64 = 0
@@ -283,13 +283,12 @@ public final class OfflineBalloonMemory: BalloonMemory {
             budget.took(blocks.blockBytes)
             blocksOfflined += 1
             retryBlockAt[b] = nil
-            retryBlockDelay[b] = nil
-            retrySearchDelay = nil
+            retryBlockWait[b] = nil
+            retrySearchWait = nil
             return nil
         }
-        let first = UInt64(max(0, options.retryAfterNoBlockSeconds)) * 1_000_000_000
-        let wait = retrySearchDelay.map { min($0 * 2, max(first, UInt64(max(0, options.maxRetryAfterNoBlockSeconds)) * 1_000_000_000)) } ?? first
-        retrySearchDelay = wait
+        let wait = Self.backoffWait(after: retrySearchWait, firstSeconds: options.retryAfterNoBlockSeconds, maxSeconds: options.maxRetryAfterNoBlockSeconds)
+        retrySearchWait = wait
         retrySearchAt = now + wait
         return "no memory block has only free and at most \(options.maxMovablePages) movable pages and goes offline"
     }
@@ -298,11 +297,17 @@ public final class OfflineBalloonMemory: BalloonMemory {
     /// `retryBlockAfterSeconds`, twice as long after each further failure, up to
     /// `maxRetryBlockAfterSeconds`.
     private func backOff(block b: Int, now: UInt64) {
-        let first = UInt64(max(0, options.retryBlockAfterSeconds)) * 1_000_000_000
-        let cap = max(first, UInt64(max(0, options.maxRetryBlockAfterSeconds)) * 1_000_000_000)
-        let wait = retryBlockDelay[b] ?? first
+        let wait = Self.backoffWait(after: retryBlockWait[b], firstSeconds: options.retryBlockAfterSeconds, maxSeconds: options.maxRetryBlockAfterSeconds)
+        retryBlockWait[b] = wait
         retryBlockAt[b] = now + wait
-        retryBlockDelay[b] = min(wait * 2, cap)
+    }
+
+    /// The next wait in nanoseconds: `firstSeconds` the first time, then twice the `previous`
+    /// wait, up to `maxSeconds`.
+    private static func backoffWait(after previous: UInt64?, firstSeconds: Int, maxSeconds: Int) -> UInt64 {
+        let first = UInt64(max(0, firstSeconds)) * 1_000_000_000
+        let cap = max(first, UInt64(max(0, maxSeconds)) * 1_000_000_000)
+        return previous.map { min($0 * 2, cap) } ?? first
     }
 
     /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed.

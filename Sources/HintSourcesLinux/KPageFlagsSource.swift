@@ -139,6 +139,11 @@ public final class KPageFlagsSource: FreePageSource {
             var pages: UInt64 = 0
             var free: UInt64 = 0
             var found: [GuestPhysicalRange] = []
+            func closeRun() {
+                if let t = top { found.append(GuestPhysicalRange(start: (t - pages) * balloonPageSize, length: pages * balloonPageSize)) }
+                top = nil
+                pages = 0
+            }
             do {
                 (n, _) = try file.read(startPFN: base, count: want) { entries in
                     var i = entries.count
@@ -149,23 +154,15 @@ public final class KPageFlagsSource: FreePageSource {
                             if top == nil { top = base + UInt64(i) + 1 }
                             pages += 1
                             free += 1
-                            if pages == maxRunPages {
-                                found.append(GuestPhysicalRange(start: (top! - pages) * balloonPageSize, length: pages * balloonPageSize))
-                                top = nil
-                                pages = 0
-                            }
-                        } else if let t = top {
-                            found.append(GuestPhysicalRange(start: (t - pages) * balloonPageSize, length: pages * balloonPageSize))
-                            top = nil
-                            pages = 0
+                            if pages == maxRunPages { closeRun() }
+                        } else if top != nil {
+                            closeRun()
                         }
                     }
                 }
             } catch { throw error.sourceError }
             // The chunk's end: what it found leaves now rather than after the next read.
-            if let t = top {
-                found.append(GuestPhysicalRange(start: (t - pages) * balloonPageSize, length: pages * balloonPageSize))
-            }
+            closeRun()
             pending += found
             lastScan.freeFrames += free
             lastScan.reads += 1
