@@ -131,7 +131,7 @@ def migrate_once(mode, run_index, cfg, args):
                 extra += " --hint-control"
             if reserve:
                 extra += f" --hint-reserve-mib {cfg['mem']}"
-            a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level info")
+            a.check(f"bg-run /run/bg/balloond balloond run --hint-source {source}{extra} --log-level {args.balloond_log_level}")
             deadline = time.time() + 60
             while "DRIVER_OK" not in a.run("balloond status")[0]:
                 if time.time() > deadline:
@@ -198,6 +198,10 @@ def migrate_once(mode, run_index, cfg, args):
             result["first_hint_ms"] = int(m.group(1)) / 1000 if m else None
             m = re.search(r'"lastRoundStopMicros"\s*:\s*(\d+)', st_out)
             result["stop_ms"] = int(m.group(1)) / 1000 if m else None
+            m = re.search(r'"lastRoundAppliedMicros"\s*:\s*(\d+)', st_out)
+            result["applied_ms"] = int(m.group(1)) / 1000 if m else None
+            if args.balloond_log_level in ("debug", "trace"):
+                result["balloond_log"] = d.run("cat /run/bg/balloond/log", timeout=120)[0]
             m = re.search(r'"hintRounds"\s*:\s*(\d+)', st_out)
             result["hint_rounds"] = int(m.group(1)) if m else None
             m = re.search(r'"hintSource"\s*:\s*"([a-z]+)"', st_out)
@@ -654,6 +658,9 @@ def main():
                     help="guest kernel and image (default: $GUEST_KERNEL, else 6.1)")
     ap.add_argument("--viommu", action="store_true",
                     help="guests with a virtual IOMMU and the balloon behind it with iommu_platform=on (balloond uses vfio)")
+    ap.add_argument("--balloond-log-level", choices=["info", "debug", "trace"], default="info",
+                    help="balloond's --log-level in the source guest; with debug or trace the whole log is kept in the JSON "
+                         "(trace: one line per hint, with when it was posted and seen used)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()

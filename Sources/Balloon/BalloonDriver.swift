@@ -63,6 +63,8 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     /// Latest round: microseconds from reading the cmd id to posting the first hint, and to STOP.
     public var lastRoundFirstHintMicros: Int64?
     public var lastRoundStopMicros: Int64?
+    /// Latest hint round: time from reading the command id to seeing its last hint used.
+    public var lastRoundAppliedMicros: Int64?
     public var lastRoundBytes: UInt64 = 0
     /// Rounds ended because the ring stayed full with the device not consuming.
     public var hintRoundsTimedOut = 0

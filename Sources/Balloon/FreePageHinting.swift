@@ -17,10 +17,35 @@ struct HintRoundState {
     var roundStart: Duration = .zero
     var firstHintPosted = false
     var roundBytes: UInt64 = 0
+    /// When each of the active round's outstanding hints was posted (by start address), and
+    /// what came back: how long QEMU took to apply them (it applies a hint under its migration
+    /// bitmap lock, which its sender holds for up to 50 ms at a time).
+    var postedAt: [UInt64: Duration] = [:]
+    var applied = AppliedHints()
     /// When the source's reserve is to be topped up next (nil: full, or no reserve).
     var reserveNextPass: Duration?
     /// The wait after the last pass that could take nothing (doubles while passes stay stuck).
     var reserveRetry: Duration?
+}
+
+/// The device's returns of one round's hints, as the driver saw them (at its next look at the
+/// used ring: after each batch during the round, at interrupts after it).
+struct AppliedHints: Equatable {
+    var count = 0
+    var bytes: UInt64 = 0
+    /// Sum and longest of posted-to-seen-used times.
+    var latencySum: Duration = .zero
+    var latencyMax: Duration = .zero
+    /// The last return seen, from the round's cmd id.
+    var lastSince: Duration = .zero
+
+    mutating func record(bytes: UInt64, latency: Duration, sinceRoundStart: Duration) {
+        count += 1
+        self.bytes += bytes
+        latencySum += latency
+        latencyMax = max(latencyMax, latency)
+        lastSince = max(lastSince, sinceRoundStart)
+    }
 }
 
 /// Tunables for hinting.
@@ -156,8 +181,31 @@ extension BalloonDriver {
     /// A hint's descriptor came back: QEMU has applied it (or ignored it); owned memory
     /// behind it may be given back.
     func hintUsed(_ range: GuestPhysicalRange, round: UInt32) {
-        if round == hinting.activeRound { hinting.outstandingHints -= 1 }
+        if round == hinting.activeRound {
+            hinting.outstandingHints -= 1
+            if let posted = hinting.postedAt.removeValue(forKey: range.start.value) {
+                let now = clock.now()
+                hinting.applied.record(bytes: range.length, latency: now - posted, sinceRoundStart: now - hinting.roundStart)
+                logger.trace("hint used", metadata: ["start_mib": "\(range.start.value >> 20)", "mib": "\(range.length >> 20)",
+                                                     "posted_ms": "\((posted - hinting.roundStart).whole(.milliseconds(1)))",
+                                                     "used_ms": "\((now - hinting.roundStart).whole(.milliseconds(1)))"])
+            }
+            if hinting.outstandingHints == 0, hinting.stopSent { logApplied(round: round) }
+        }
         hintSource?.hintsApplied([range])
+    }
+
+    /// Once every hint of a finished round is back: how quickly QEMU applied them.
+    private func logApplied(round: UInt32) {
+        let a = hinting.applied
+        guard a.count > 0 else { return }
+        counters.lastRoundAppliedMicros = a.lastSince.whole(.microseconds(1))
+        logger.info("free page hints applied", metadata: [
+            "round": "0x\(String(round, radix: 16))", "hints": "\(a.count)", "mib": "\(a.bytes >> 20)",
+            "last_ms": "\(a.lastSince.whole(.milliseconds(1)))",
+            "latency_mean_ms": "\((a.latencySum / a.count).whole(.milliseconds(1)))",
+            "latency_max_ms": "\(a.latencyMax.whole(.milliseconds(1)))",
+        ])
     }
 
     /// Streams one round: START with the id, then batches of hints from the source, kicking
@@ -174,6 +222,8 @@ extension BalloonDriver {
         hinting.firstHintPosted = false
         hinting.roundBytes = 0
         hinting.roundStart = start
+        hinting.postedAt = [:]
+        hinting.applied = AppliedHints()
         counters.hintRounds += 1
         try postID(id, queue: q)
         do {
@@ -219,10 +269,12 @@ extension BalloonDriver {
                 try pollDuringRound(line: line, wait: .zero)
                 continue
             }
+            let postedAt = clock.now()
             for range in batch {
                 precondition(range.start.value % balloonPageSize == 0 && range.length % balloonPageSize == 0 && range.length > 0,
                              "free page source returned an unaligned range")
                 do { try q.add(writable: [range], token: .hint(range, round: id)) } catch { throw .queue(role: .freePageHint, error) }
+                hinting.postedAt[range.start.value] = postedAt
                 hinting.outstandingHints += 1
                 hinting.roundBytes += range.length
                 counters.hintsSent += 1
@@ -269,6 +321,7 @@ extension BalloonDriver {
             "first_hint_us": "\(counters.lastRoundFirstHintMicros.map(String.init) ?? "-")",
             "stop_us": "\(counters.lastRoundStopMicros ?? 0)",
         ])
+        if hinting.outstandingHints == 0 { logApplied(round: round) }
     }
 
     /// Tops up the hint source's reserve when due (`tick`): between rounds only, each call a

@@ -91,6 +91,9 @@ enum BalloondMetrics {
         if let us = c.lastRoundStopMicros {
             gauge("balloond_hint_round_seconds", "Latest hint round: time from reading the command id to STOP, in seconds.", Double(us) / 1e6)
         }
+        if let us = c.lastRoundAppliedMicros {
+            gauge("balloond_hint_applied_seconds", "Latest hint round: time from reading the command id to seeing its last hint used by the device, in seconds.", Double(us) / 1e6)
+        }
         gauge("balloond_hint_last_round_bytes", "Latest hint round: memory hinted, in bytes.", Double(c.lastRoundBytes))
 
         // Device events.

@@ -175,6 +175,28 @@ struct FreePageHintTests {
         #expect(rig.source.releaseHintState == [.done])
     }
 
+    @Test("once a round's last hint is back, the driver records how long QEMU took to apply them, from the cmd id")
+    func appliedTiming() throws {
+        let rig = try Rig(BalloonDeviceProperties(freePageHint: true, ramSize: 64 << 20),
+                          hints: SimulatedBuddyAllocator(bytes: 64 << 20, usedFraction: 0.5, seed: 3))
+        try rig.driver.bringUp()
+        rig.device.processHintsOnNotify = false
+        rig.device.startHintRound()
+        try rig.serviceAll()
+        let posted = rig.driver.counters.hintsSent
+        #expect(posted > 0)
+        #expect(rig.driver.counters.lastRoundStopMicros == 0, "the source ran dry: STOP sent with the hints still queued")
+        #expect(rig.driver.counters.lastRoundAppliedMicros == nil, "nothing applied yet")
+        rig.clock.advance(milliseconds: 30)
+        rig.device.drainHintQueueOnce(limit: posted - 1)
+        try rig.driver.serviceInterrupt(line: rig.line)
+        #expect(rig.driver.counters.lastRoundAppliedMicros == nil, "one hint still out")
+        rig.clock.advance(milliseconds: 20)
+        rig.device.drainHintQueue()
+        try rig.driver.serviceInterrupt(line: rig.line)
+        #expect(rig.driver.counters.lastRoundAppliedMicros == 50_000)
+    }
+
     @Test("STOP while hints are queued: the round ends, late hints are acked and ignored, pages kept until DONE")
     func stopWhileQueued() throws {
         let rig = try Rig.hinting()
