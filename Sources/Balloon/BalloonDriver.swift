@@ -203,9 +203,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
     /// Free page hinting state (FreePageHinting.swift).
     var hinting = HintRoundState()
     /// Balloon size, pressure and reporting state (BalloonSizing.swift, MemoryPressurePolicy.swift).
-    var sizing = SizingState()
-    var pressure = PressureState()
-    var reporting = ReportingState()
+    var sizing: SizingState
+    var pressure: PressureState
+    var reporting: ReportingState
 
     public init(transport: Transport, allocator: DMAAllocator, options: BalloonDriverOptions = BalloonDriverOptions(),
                 statsSource: BalloonStatsSource? = nil, hintSource: FreePageSource? = nil, balloonMemory: BalloonMemory? = nil,
@@ -218,6 +218,9 @@ public final class BalloonDriver<Transport: VirtioTransport> {
         self.options = options
         self.statsSource = statsSource
         self.logger = logger
+        sizing = SizingState(retry: Backoff(first: options.sizing.retryInitial, cap: options.sizing.retryMax))
+        pressure = PressureState(checkInterval: Backoff(first: options.pressure.checkInterval, cap: options.pressure.restingCheckInterval))
+        reporting = ReportingState(passInterval: Backoff(first: options.reporting.interval, cap: options.reporting.restingInterval))
     }
 
     // MARK: bring-up

@@ -13,7 +13,8 @@ public struct BalloonSizingOptions: Sendable {
     public var buffersInFlight = 3
     /// Pages taken from the guest per step (keeps the event loop responsive).
     public var takeStepPages = 4096
-    /// First and longest wait before retrying a target that could not be reached.
+    /// First and longest wait before retrying a target that could not be reached (the wait
+    /// doubles while retries fall short; a smaller `retryMax` means `retryInitial`).
     public var retryInitial: Duration = .seconds(1)
     public var retryMax: Duration = .seconds(30)
 
@@ -41,7 +42,9 @@ struct SizingState {
     var deflatingPages = 0
     /// Not before this time (on the driver's clock) try to inflate again after a shortfall.
     var retryAt: Duration?
-    var retryDelay: Duration = .zero
+    /// The wait before that retry: `retryInitial` doubling up to `retryMax`, starting over
+    /// once the balloon is at the size it aims for.
+    var retry: Backoff
     var shortfallLogged = false
     /// Why the last inflate step fell short.
     var lastShortfall: String?
@@ -205,7 +208,7 @@ extension BalloonDriver {
                 counters.lastTargetMilliseconds = (clock.now() - t).whole(.milliseconds(1))
                 logger.info("balloon at its target", metadata: ["actual": "\(sizing.inflatedPages)", "ms": "\(counters.lastTargetMilliseconds ?? 0)"])
             }
-            sizing.retryDelay = .zero
+            sizing.retry.reset()
             if committedPages == Int(targetPages) {
                 pressure.ceilingPages = nil
                 pressure.reinflateLimited = false
@@ -254,13 +257,12 @@ extension BalloonDriver {
     private func noteShortfall(_ why: String, target: Int) {
         counters.inflateShortfalls += 1
         sizing.lastShortfall = why
-        let s = options.sizing
-        sizing.retryDelay = sizing.retryDelay == .zero ? s.retryInitial : min(sizing.retryDelay * 2, s.retryMax)
-        sizing.retryAt = clock.now() + sizing.retryDelay
+        let wait = sizing.retry.next()
+        sizing.retryAt = clock.now() + wait
         if !sizing.shortfallLogged {
             logger.warning("cannot reach the balloon target now; retrying with backoff", metadata: [
                 "num_pages": "\(targetPages)", "committed": "\(committedPages)", "aim": "\(target)", "reason": "\(why)",
-                "retry_ms": "\(sizing.retryDelay.whole(.milliseconds(1)))",
+                "retry_ms": "\(wait.whole(.milliseconds(1)))",
             ])
             sizing.shortfallLogged = true
         }

@@ -4,7 +4,8 @@ import VirtioCore
 /// Timing of the daemon's own decisions (the driver's are in `BalloonDriverOptions`).
 public struct DaemonOptions: Sendable, Equatable {
     /// First wait before re-initialising a device that failed; doubled on each failure
-    /// that follows within `stable` of the last bring-up, up to `maxBackoff`.
+    /// that follows within `stable` of the last bring-up, up to `maxBackoff` (a smaller
+    /// `maxBackoff` means `initialBackoff`).
     public var initialBackoff: Duration = .seconds(1)
     public var maxBackoff: Duration = .seconds(60)
     /// How long the device must run without error before the backoff starts over.
@@ -64,8 +65,11 @@ public final class Daemon<Transport: VirtioTransport> {
     public private(set) var wakeups = 0
     /// Device re-initialisations after an error.
     public private(set) var restarts = 0
-    /// The current wait before the next re-initialisation attempt.
-    public private(set) var backoff: Duration
+    /// The wait before the next re-initialisation attempt.
+    public var backoff: Duration { retries.upcoming }
+    /// The waits between re-initialisation attempts: `initialBackoff` doubling up to
+    /// `maxBackoff`, starting over after a run of `stable`.
+    private var retries: Backoff
     /// Times a deadline was still in the past after the driver handled it (a driver bug the
     /// loop floors instead of spinning on; tests assert it stays 0).
     public private(set) var pastDeadlines = 0
@@ -123,7 +127,7 @@ public final class Daemon<Transport: VirtioTransport> {
         self.clock = clock
         self.options = options
         self.logger = logger
-        self.backoff = options.initialBackoff
+        self.retries = Backoff(first: options.initialBackoff, cap: options.maxBackoff)
         driver.clock = clock
         let p = poller
         driver.shouldStop = { p.stopSignal != 0 }
@@ -238,7 +242,7 @@ public final class Daemon<Transport: VirtioTransport> {
     private func deviceFailed(_ error: Error, now: Duration) {
         // A device that ran long enough starts the backoff over; one that fails again soon
         // after a re-initialisation keeps backing off.
-        if let since = runningSince, now - since >= options.stable { backoff = options.initialBackoff }
+        if let since = runningSince, now - since >= options.stable { retries.reset() }
         logger.error("device error: \(error); resetting and re-initialising the device in \(secondsText(backoff))")
         needsBringUp = true
         runningSince = nil
@@ -248,8 +252,7 @@ public final class Daemon<Transport: VirtioTransport> {
 
     private func scheduleRetry(now: Duration) {
         restarts += 1
-        retryAt = now + backoff
-        backoff = min(backoff * 2, options.maxBackoff)
+        retryAt = now + retries.next()
         onIteration?(driver.statusSnapshot(), restarts, true)
     }
 }

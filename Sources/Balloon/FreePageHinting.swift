@@ -24,8 +24,9 @@ struct HintRoundState {
     var applied = AppliedHints()
     /// When the source's reserve is to be topped up next (nil: full, or no reserve).
     var reserveNextPass: Duration?
-    /// The wait after the last pass that could take nothing (doubles while passes stay stuck).
-    var reserveRetry: Duration?
+    /// The waits after passes that could take nothing (`reserveRetryInterval` doubling while
+    /// passes stay stuck); nil while they take memory.
+    var reserveRetry: Backoff?
 }
 
 /// The device's returns of one round's hints, as the driver saw them (at its next look at the
@@ -344,9 +345,9 @@ extension BalloonDriver {
             hinting.reserveNextPass = clock.now() + hintOptions.reserveStepInterval
             hinting.reserveRetry = nil
         case .stuck:
-            let wait = min(hinting.reserveRetry.map { $0 * 2 } ?? hintOptions.reserveRetryInterval, max(hintOptions.reserveRetryInterval, hintOptions.reserveMaxRetryInterval))
-            hinting.reserveRetry = wait
-            hinting.reserveNextPass = clock.now() + wait
+            var retry = hinting.reserveRetry ?? Backoff(first: hintOptions.reserveRetryInterval, cap: hintOptions.reserveMaxRetryInterval)
+            hinting.reserveNextPass = clock.now() + retry.next()
+            hinting.reserveRetry = retry
         }
     }
 

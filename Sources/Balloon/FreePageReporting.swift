@@ -16,7 +16,8 @@ public struct ReportingPolicy: Sendable, Equatable {
     public var releaseStepBytes: UInt64 = 64 << 20
     public var maxHeldBytes: UInt64?
     /// Time between passes; each pass that reports nothing doubles it, up to
-    /// `restingInterval` (an idle guest is not woken every couple of seconds).
+    /// `restingInterval` (an idle guest is not woken every couple of seconds; a smaller
+    /// `restingInterval` means `interval`).
     public var interval: Duration = .seconds(2)
     public var restingInterval: Duration = .seconds(30)
     public var cooldown: Duration = .seconds(10)
@@ -29,8 +30,8 @@ struct ReportingState {
     /// The one report buffer in flight.
     var inFlight: [BalloonBlock]?
     var nextPass: Duration = .zero
-    /// The current wait between passes (grows while passes find nothing to report).
-    var passInterval: Duration = .zero
+    /// The wait between passes: `interval`, doubling while passes find nothing to report.
+    var passInterval: Backoff
     var disabledReason: String?
     var loggedDisabled = false
 
@@ -59,7 +60,7 @@ extension BalloonDriver {
         guard !blocks.isEmpty else { return }
         balloonMemory?.release(blocks)
         reporting.nextPass = clock.now() + options.reporting.cooldown
-        reporting.passInterval = .zero
+        reporting.passInterval.reset()
         logger.info("free page reporting: gave back \(freed >> 20) MiB", metadata: ["why": "\(why)", "still_held_mib": "\(UInt64(reporting.heldPages) >> 8)"])
     }
 
@@ -90,9 +91,7 @@ extension BalloonDriver {
         let now = clock.now()
         guard reporting.inFlight == nil, now >= reporting.nextPass else { return }
         // Until this pass reports something, the next one waits twice as long as the last.
-        let r = options.reporting
-        reporting.passInterval = reporting.passInterval == .zero ? r.interval : min(reporting.passInterval * 2, max(r.restingInterval, r.interval))
-        reporting.nextPass = now + reporting.passInterval
+        reporting.nextPass = now + reporting.passInterval.next()
         // Not while the balloon is still moving towards its target: the target comes first.
         guard committedPages == effectiveTargetPages, sizing.inflatingPages == 0, sizing.deflatingPages == 0 else { return }
         guard let m = memoryStatus?.read(), m.free > options.reporting.keepFreeBytes else { return }
@@ -118,7 +117,7 @@ extension BalloonDriver {
         }
         reporting.inFlight = ok
         counters.reportsSent += 1
-        reporting.passInterval = .zero
+        reporting.passInterval.reset()
         try kick(.reporting)
         // More to report: the next pass follows the device's acknowledgement (an interrupt)
         // rather than a whole interval; no timer runs while the report is in flight.

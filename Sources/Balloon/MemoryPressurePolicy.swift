@@ -69,9 +69,9 @@ public struct PressurePolicy: Sendable, Equatable {
     /// How often MemAvailable is checked while balloond holds memory and it is moving (or
     /// PSI fired), or while balloond holds more than the guest has left above the deflate
     /// watermark. Otherwise each check that finds it moved less than `movementBytes` doubles
-    /// the interval, up to `restingCheckInterval`: a guest at rest with headroom costs a
-    /// few wakeups a minute, one whose memory is draining or short is watched closely (and
-    /// PSI wakes at once).
+    /// the interval, up to `restingCheckInterval` (at least `checkInterval`): a guest at rest
+    /// with headroom costs a few wakeups a minute, one whose memory is draining or short is
+    /// watched closely (and PSI wakes at once).
     public var checkInterval: Duration = .milliseconds(250)
     /// The interval while memory is still but balloond holds more than the guest's headroom:
     /// the first check after a sudden allocation comes at most this late; from then on the
@@ -93,9 +93,10 @@ struct PressureState {
     /// After a hold expired: re-inflate only while MemAvailable stays above the watermark,
     /// until the balloon is back at the host's target.
     var reinflateLimited = false
-    /// The next MemAvailable check, its interval, and what the last one read.
+    /// The next MemAvailable check, its interval (`checkInterval` doubling up to
+    /// `restingCheckInterval` while memory stays still), and what the last one read.
     var nextCheck: Duration = .zero
-    var checkInterval: Duration = .zero
+    var checkInterval: Backoff
     var lastReading: (available: UInt64, free: UInt64)?
     var lastReadingAt: Duration = .zero
     /// What balloond itself held at that reading (`ownHeldBytes`).
@@ -118,8 +119,8 @@ extension BalloonDriver {
         // a check that fell due meanwhile runs one interval from now, not in the past.
         let after = clock.now()
         if holdsMemory, pressure.nextCheck <= after {
-            pressure.checkInterval = options.pressure.checkInterval
-            pressure.nextCheck = after + pressure.checkInterval
+            pressure.checkInterval.reset()
+            pressure.nextCheck = after + pressure.checkInterval.next()
         }
     }
 
@@ -183,22 +184,25 @@ extension BalloonDriver {
         // there; with it, or with headroom to spare, it backs off.
         let headroom = m.map { $0.available > p.deflateBelowAvailableBytes ? $0.available - p.deflateBelowAvailableBytes : 0 }
         let exposed = !p.earlyWarningArmed && (headroom.map { (balloonMemory?.heldBytes ?? 0) > $0 } ?? false)
-        if psiFired || earlyWarning || moved || pressure.checkInterval == .zero {
-            pressure.checkInterval = p.checkInterval
+        let interval: Duration
+        if psiFired || earlyWarning || moved || (pressure.checkInterval.current ?? .zero) == .zero {
+            pressure.checkInterval.reset()
+            interval = pressure.checkInterval.next()
         } else if exposed {
-            pressure.checkInterval = max(p.checkInterval, p.exposedCheckInterval)
+            interval = max(p.checkInterval, p.exposedCheckInterval)
+            pressure.checkInterval.restart(from: interval)
         } else {
-            pressure.checkInterval = min(pressure.checkInterval * 2, max(p.restingCheckInterval, p.checkInterval))
+            interval = pressure.checkInterval.next()
         }
-        pressure.nextCheck = now + pressure.checkInterval
+        pressure.nextCheck = now + interval
         // Memory draining at this rate until the check after next: if that would take the
         // guest below the watermark, act now rather than one interval too late.
-        let horizon = UInt64(Double(drainPerSecond) * Double((pressure.checkInterval * 2).whole(.nanoseconds(1))) / 1e9)
+        let horizon = UInt64(Double(drainPerSecond) * Double((interval * 2).whole(.nanoseconds(1))) / 1e9)
         let low = m.map { $0.available < p.deflateBelowAvailableBytes } ?? false
         let predictedLow = m.map { $0.available < p.deflateBelowAvailableBytes &+ horizon } ?? false
         if psiFired || low || predictedLow {
             let why = psiFired ? "PSI memory trigger" : low ? "MemAvailable below the watermark"
-                : "MemAvailable falling \(drainPerSecond >> 20) MiB/s, below the watermark within \((pressure.checkInterval * 2).whole(.milliseconds(1))) ms"
+                : "MemAvailable falling \(drainPerSecond >> 20) MiB/s, below the watermark within \((interval * 2).whole(.milliseconds(1))) ms"
             try relievePressure(available: m?.available, drainBytes: horizon, why: why)
         }
         if let m, !reporting.held.isEmpty, m.free < options.reporting.releaseBelowFreeBytes {

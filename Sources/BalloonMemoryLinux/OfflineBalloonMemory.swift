@@ -94,11 +94,12 @@ public final class OfflineBalloonMemory: BalloonMemory {
     private var leftovers: [Int] = []
     /// Pages the driver still wants in this inflate (`planInflate`).
     private var planned = 0
-    /// When each block that failed may be tried again, and the wait its last failure set.
+    /// When each block that failed may be tried again, and its waits (`backOff(block:now:)`).
     private var retryBlockAt: [Int: UInt64] = [:]
-    private var retryBlockWait: [Int: UInt64] = [:]
+    private var retryBlockWait: [Int: Backoff] = [:]
+    /// When a search for a block is next made after one found none, and its waits.
     private var retrySearchAt: UInt64 = 0
-    private var retrySearchWait: UInt64?
+    private var retrySearchWait: Backoff
     /// Blocks offlined since start, and their offlining time (for status and the benchmark).
     public private(set) var blocksOfflined = 0
     public private(set) var offlineNanos: UInt64 = 0
@@ -121,6 +122,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
         self.now = now
         self.budget = budget
         self.options = options
+        self.retrySearchWait = Self.backoff(firstSeconds: options.retryAfterNoBlockSeconds, maxSeconds: options.maxRetryAfterNoBlockSeconds)
         self.stateFile = stateFile ?? OfflineBlockStateFile(root: root, path: OfflineBlockStateFile.balloonPath)
         self.logger = logger
         do throws(GuestMemoryError) {
@@ -284,12 +286,10 @@ public final class OfflineBalloonMemory: BalloonMemory {
             blocksOfflined += 1
             retryBlockAt[b] = nil
             retryBlockWait[b] = nil
-            retrySearchWait = nil
+            retrySearchWait.reset()
             return nil
         }
-        let wait = Self.backoffWait(after: retrySearchWait, firstSeconds: options.retryAfterNoBlockSeconds, maxSeconds: options.maxRetryAfterNoBlockSeconds)
-        retrySearchWait = wait
-        retrySearchAt = now + wait
+        retrySearchAt = now + Self.nanoseconds(retrySearchWait.next())
         return "no memory block has only free and at most \(options.maxMovablePages) movable pages and goes offline"
     }
 
@@ -297,17 +297,18 @@ public final class OfflineBalloonMemory: BalloonMemory {
     /// `retryBlockAfterSeconds`, twice as long after each further failure, up to
     /// `maxRetryBlockAfterSeconds`.
     private func backOff(block b: Int, now: UInt64) {
-        let wait = Self.backoffWait(after: retryBlockWait[b], firstSeconds: options.retryBlockAfterSeconds, maxSeconds: options.maxRetryBlockAfterSeconds)
-        retryBlockWait[b] = wait
-        retryBlockAt[b] = now + wait
+        let fresh = Self.backoff(firstSeconds: options.retryBlockAfterSeconds, maxSeconds: options.maxRetryBlockAfterSeconds)
+        retryBlockAt[b] = now + Self.nanoseconds(retryBlockWait[b, default: fresh].next())
     }
 
-    /// The next wait in nanoseconds: `firstSeconds` the first time, then twice the `previous`
-    /// wait, up to `maxSeconds`.
-    private static func backoffWait(after previous: UInt64?, firstSeconds: Int, maxSeconds: Int) -> UInt64 {
-        let first = UInt64(max(0, firstSeconds)) * 1_000_000_000
-        let cap = max(first, UInt64(max(0, maxSeconds)) * 1_000_000_000)
-        return previous.map { min($0 * 2, cap) } ?? first
+    /// Waits of `firstSeconds` doubling up to `maxSeconds` (negative options count as 0).
+    private static func backoff(firstSeconds: Int, maxSeconds: Int) -> Backoff {
+        Backoff(first: .seconds(max(0, firstSeconds)), cap: .seconds(max(0, maxSeconds)))
+    }
+
+    /// `wait` on this memory's clock (monotonic nanoseconds).
+    private static func nanoseconds(_ wait: Duration) -> UInt64 {
+        UInt64(wait.whole(.nanoseconds(1)))
     }
 
     /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed.
