@@ -37,8 +37,9 @@ public final class HugeTLBReservation {
 /// A shared hugetlb mapping reserves its whole length at mmap time (`hugetlb_reserve_pages`,
 /// no MAP_NORESERVE) and allocates a page only when one is faulted. The reservation belongs
 /// to the file, so while the guardian holds the memfd it outlives a killed balloond (the
-/// pages stay reserved until the device is stopped); release is munmap plus a punch hole of
-/// the range, which drops the reservation. The mapping is PROT_NONE, so nothing in balloond
+/// pages stay reserved until the device is stopped); release is munmap, and once the last
+/// reservation is unmapped the arena truncates its reservation half, which drops them all (a
+/// punch hole would not: hugetlbfs unreserves a page never faulted only on truncation). The mapping is PROT_NONE, so nothing in balloond
 /// can fault it by mistake: a fault would dequeue *some* free pool page, possibly one already
 /// hinted, and zero it (a write before the hint is applied). A stray access crashes instead.
 public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
@@ -63,7 +64,7 @@ public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
         guard let arena else { throw .noArena }
         let mapping: OwnedAnonymousMapping
         do {
-            mapping = try OwnedAnonymousMapping(length: pages * HugePagePool.pageSize, kind: .hugeTLB2MiB, arena: arena,
+            mapping = try OwnedAnonymousMapping(length: pages * HugePagePool.pageSize, kind: .hugeTLBReservation, arena: arena,
                                                 protection: Sys.protectionNone, populate: false)
         } catch {
             throw .cannotReserve(pages: pages, error)

@@ -78,6 +78,12 @@ public final class DeviceMemoryArena {
         case small
         /// hugetlbfs, 2 MiB pages.
         case hugeTLB2MiB
+        /// hugetlbfs reservations that are never faulted (the hugetlb pool hint source), in the
+        /// upper half of the same file. A punch hole frees faulted pages and their reservations
+        /// but leaves the reservation of a page that was never faulted (hugetlbfs unreserves a
+        /// range only on truncation: `remove_inode_hugepages`), so these are given back by
+        /// truncating the file at the half once none is mapped any more, then extending it again.
+        case hugeTLBReservation
     }
 
     /// File offsets per memfd (sparse: costs nothing until pages are faulted).
@@ -91,6 +97,16 @@ public final class DeviceMemoryArena {
     public let hugeUnavailableReason: String?
     private var smallSpace: OffsetAllocator
     private var hugeSpace: OffsetAllocator
+    /// The hugetlbfs file's size, and where its reservation half starts (0: none).
+    private let hugeFileBytes: Int
+    private let reservationBase: Int
+    /// The next reservation's offset, and the reservation bytes still mapped: when the last
+    /// one goes, the half is truncated and `reservationNext` starts again at `reservationBase`.
+    private var reservationNext: Int
+    private var reservationLive = 0
+    /// Why the last truncation of the reservation half failed (nil: it did not), for callers
+    /// that check the pool afterwards.
+    public private(set) var lastReservationReleaseError: SystemCallError?
     /// Called when the ring page grew or shrank `nr_hugepages` (the guardian's channel).
     public var poolChangeObserver: ((_ grown: Bool) -> Void)?
 
@@ -109,7 +125,11 @@ public final class DeviceMemoryArena {
         }
         huge = hugeFile
         hugeUnavailableReason = why
-        hugeSpace = OffsetAllocator(capacity: hugeFile == nil ? 0 : sparseBytes, granule: Self.hugePageBytes)
+        let half = hugeFile == nil ? 0 : sparseBytes / 2 / Self.hugePageBytes * Self.hugePageBytes
+        hugeSpace = OffsetAllocator(capacity: half, granule: Self.hugePageBytes)
+        hugeFileBytes = hugeFile == nil ? 0 : sparseBytes
+        reservationBase = half
+        reservationNext = half
     }
 
     /// Adopts descriptors inherited from a parent (the guardian's side), for tests and `guardian`.
@@ -119,12 +139,15 @@ public final class DeviceMemoryArena {
         hugeUnavailableReason = inheritedHuge == nil ? "not inherited" : nil
         smallSpace = OffsetAllocator(capacity: 0, granule: Sys.pageSize)
         hugeSpace = OffsetAllocator(capacity: 0, granule: Self.hugePageBytes)
+        hugeFileBytes = 0
+        reservationBase = 0
+        reservationNext = 0
     }
 
     func file(_ backing: Backing) throws(SystemCallError) -> OpenFile {
         switch backing {
         case .small: return small
-        case .hugeTLB2MiB:
+        case .hugeTLB2MiB, .hugeTLBReservation:
             guard let huge else { throw SystemCallError(call: "memfd_create(MFD_HUGETLB)", path: hugeUnavailableReason, errno: .invalidArgument) }
             return huge
         }
@@ -136,6 +159,15 @@ public final class DeviceMemoryArena {
         switch backing {
         case .small: got = smallSpace.allocate(length)
         case .hugeTLB2MiB: got = hugeSpace.allocate(length)
+        case .hugeTLBReservation:
+            let n = (length + Self.hugePageBytes - 1) / Self.hugePageBytes * Self.hugePageBytes
+            if reservationBase > 0, n > 0, n <= hugeFileBytes - reservationNext {
+                got = reservationNext
+                reservationNext += n
+                reservationLive += n
+            } else {
+                got = nil
+            }
         }
         guard let got else { throw SystemCallError(call: "arena allocate", path: "\(length) bytes", errno: .noSpace) }
         return got
@@ -144,19 +176,45 @@ public final class DeviceMemoryArena {
     /// Frees the pages of `[offset, offset + length)` (punch hole) and makes the range
     /// reusable. The range must no longer be mapped by this process. If the punch fails the
     /// range is not reused (the pages stay with the file until it is closed).
+    /// A `.hugeTLBReservation` range is not reused on its own: once no reservation is mapped
+    /// any more, the file is truncated at the reservation half (dropping every reservation
+    /// there) and extended again, and the half is reused from its start.
     func release(offset: Int, length: Int, backing: Backing) {
         guard let f = try? file(backing) else { return }
+        if backing == .hugeTLBReservation {
+            let n = (length + Self.hugePageBytes - 1) / Self.hugePageBytes * Self.hugePageBytes
+            reservationLive = max(0, reservationLive - n)
+            guard reservationLive == 0 else { return }
+            do {
+                try Sys.truncate(f, length: reservationBase)
+                try Sys.truncate(f, length: hugeFileBytes)
+                lastReservationReleaseError = nil
+                reservationNext = reservationBase
+            } catch {
+                // The half stays as it is (not reused): the reservations go with the file.
+                lastReservationReleaseError = error
+            }
+            return
+        }
         do { try Sys.punchHole(f, offset: offset, length: length) } catch { return }
         switch backing {
         case .small: smallSpace.release(offset: offset, length: length)
         case .hugeTLB2MiB: hugeSpace.release(offset: offset, length: length)
+        case .hugeTLBReservation: break
         }
     }
 
     /// Bytes of file offsets free (for tests and status).
     public func offsetsFree(_ backing: Backing) -> Int {
-        backing == .small ? smallSpace.bytesFree : hugeSpace.bytesFree
+        switch backing {
+        case .small: return smallSpace.bytesFree
+        case .hugeTLB2MiB: return hugeSpace.bytesFree
+        case .hugeTLBReservation: return reservationBase == 0 ? 0 : hugeFileBytes - reservationNext
+        }
     }
+
+    /// Bytes of hugetlb reservations still mapped (`.hugeTLBReservation`).
+    public var reservationBytesLive: Int { reservationLive }
 
     /// Pages currently allocated to the file (`st_blocks` × 512): what the guardian would hold.
     public func allocatedBytes(_ backing: Backing) -> Int {

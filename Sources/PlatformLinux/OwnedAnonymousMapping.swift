@@ -25,6 +25,10 @@ import SystemPackage
         /// 2 MiB hugetlb pages from the arena's hugetlbfs memfd: reserved at mmap time (the
         /// reservation belongs to the file) and, with `populate`, faulted in by the mmap.
         case hugeTLB2MiB
+        /// 2 MiB hugetlb pages reserved at mmap time and never faulted (PROT_NONE, no populate):
+        /// the hugetlb pool hint source's hold on free pool pages. Given back by truncation
+        /// (`DeviceMemoryArena.Backing.hugeTLBReservation`): a punch hole would leave them reserved.
+        case hugeTLBReservation
     }
 
     /// Slot size: one balloon block.
@@ -39,6 +43,7 @@ import SystemPackage
     public let length: Int
     public let kind: PageKind
     public let arena: DeviceMemoryArena
+    private let backing: DeviceMemoryArena.Backing
     /// Where the mapping starts in the arena's file.
     public let fileOffset: Int
     private let base: UnsafeMutableRawPointer
@@ -65,6 +70,9 @@ import SystemPackage
             precondition(length % Self.slotBytes == 0, "hugetlb mappings are whole 2 MiB pages")
             backing = .hugeTLB2MiB
             if populate { flags |= Int32(MAP_POPULATE) }
+        case .hugeTLBReservation:
+            precondition(length % Self.slotBytes == 0 && !populate, "reservations are whole 2 MiB pages, never faulted")
+            backing = .hugeTLBReservation
         }
         let file = try arena.file(backing)
         let offset = try arena.allocateOffset(length: length, backing: backing)
@@ -79,6 +87,7 @@ import SystemPackage
         self.length = length
         self.kind = kind
         self.arena = arena
+        self.backing = backing
         fileOffset = offset
         mapped = Array(repeating: true, count: (length + Self.slotBytes - 1) / Self.slotBytes)
     }
@@ -108,7 +117,7 @@ import SystemPackage
         let offset = i * Self.slotBytes
         let n = min(Self.slotBytes, length - offset)
         _ = unsafe munmap(base + offset, n)
-        arena.release(offset: fileOffset + offset, length: n, backing: kind == .small ? .small : .hugeTLB2MiB)
+        arena.release(offset: fileOffset + offset, length: n, backing: backing)
     }
 
     /// Unmaps and frees every slot still mapped.

@@ -33,6 +33,8 @@ struct CancelResult: Decodable {
     let hinted_mib: Int
     let released_ms: Int
     let balloond: String
+    let pool_free_pages: Int?
+    let pool_reserved_pages: Int?
 }
 
 /// Runs scripts/migrate.py for `modes` and returns its per-run results.
@@ -145,7 +147,7 @@ struct MigrationTests {
         #expect((r.hint_rounds ?? -1) == 0 && (r.hinted_mib ?? -1) == 0)
     }
 
-    @Test("migrate_cancel during a hint round (kpageflags, and the owned hugetlb source): QEMU sends DONE, balloond holds nothing afterwards and keeps running")
+    @Test("migrate_cancel during a hint round (kpageflags, and the owned hugetlb source): QEMU sends DONE, balloond holds nothing afterwards (no free or reserved hugetlb pool page left) and keeps running")
     func cancelReleases() throws {
         // Slow link, so the round is still on when the test cancels. (With the owned
         // anonymous source the source guest stopped answering under TCG; open in #4.)
@@ -157,6 +159,10 @@ struct MigrationTests {
             #expect(r.hinted_mib > 0, "\(r.mode): no hint was sent before the cancel")
             #expect(r.released_ms < 30_000, "\(r.mode): released only after \(r.released_ms) ms")
             #expect(r.balloond == "running", "\(r.mode): balloond \(r.balloond)")
+            // The pool source's reservations were never faulted: they must be dropped, not
+            // only unmapped (a punch hole leaves them reserved and the pool cannot shrink).
+            #expect(r.pool_free_pages == 0 && r.pool_reserved_pages == 0,
+                    "\(r.mode): the hugetlb pool still holds \(r.pool_free_pages ?? -1) free page(s), \(r.pool_reserved_pages ?? -1) reserved")
         }
     }
 

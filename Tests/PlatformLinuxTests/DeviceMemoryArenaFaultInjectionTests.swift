@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Testing
-import PlatformLinux
+@testable import PlatformLinux
 
 @Suite("Device memory arena: offsets in two memfds, released by punching holes (issue 9 H2)")
 struct DeviceMemoryArenaFaultInjectionTests {
@@ -55,5 +55,36 @@ struct DeviceMemoryArenaFaultInjectionTests {
         var st = stat()
         fstat(guardianCopy, &st)
         #expect(Int(st.st_blocks) * 512 == 1 << 20, "the pages still belong to the file the guardian holds")
+    }
+}
+
+/// Whether this host can make a hugetlbfs memfd (no pool pages needed for offsets alone).
+private let hostHasHugeTLBMemfd = ((try? DeviceMemoryArena(sparseBytes: 1 << 32))?.huge) != nil
+
+@Suite("Device memory arena: hugetlb reservations are dropped by truncation, not punched")
+struct DeviceMemoryArenaReservationTests {
+    @Test("reservations come from the hugetlb file's upper half, are not reused one by one, and once none is left the half is truncated and reused from its start",
+          .enabled(if: hostHasHugeTLBMemfd, "needs a hugetlbfs memfd"))
+    func reservationsReleasedByTruncation() throws {
+        let arena = try DeviceMemoryArena(sparseBytes: 1 << 32)
+        let half = 1 << 31
+        let slot = OwnedAnonymousMapping.slotBytes
+        #expect(arena.offsetsFree(.hugeTLB2MiB) == half, "faulted hugetlb memory keeps the lower half")
+        let a = try arena.allocateOffset(length: 2 * slot, backing: .hugeTLBReservation)
+        let b = try arena.allocateOffset(length: slot, backing: .hugeTLBReservation)
+        #expect(a == half && b == half + 2 * slot)
+        #expect(arena.reservationBytesLive == 3 * slot)
+        arena.release(offset: a, length: 2 * slot, backing: .hugeTLBReservation)
+        let c = try arena.allocateOffset(length: slot, backing: .hugeTLBReservation)
+        #expect(c == half + 3 * slot, "a released reservation's offsets are not reused while others live: only truncation drops it")
+        arena.release(offset: b, length: slot, backing: .hugeTLBReservation)
+        arena.release(offset: c, length: slot, backing: .hugeTLBReservation)
+        #expect(arena.reservationBytesLive == 0)
+        #expect(arena.lastReservationReleaseError == nil)
+        let size = try #require(arena.huge).status().st_size
+        #expect(size == 1 << 32, "the file is extended again after the truncation")
+        #expect(try arena.allocateOffset(length: slot, backing: .hugeTLBReservation) == half, "the half is reused from its start")
+        let lower = try arena.allocateOffset(length: slot, backing: .hugeTLB2MiB)
+        #expect(lower < half)
     }
 }
