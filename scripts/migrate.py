@@ -599,9 +599,16 @@ def cancel_during_round(mode, run_index, base, src, agent, t0):
         time.sleep(0.1)
     released_ms = int((time.time() - t_cancel) * 1000)
     alive = "running" if agent.run("kill -0 $(cat /run/bg/balloond/pid) && echo running")[0].strip() == "running" else "exited"
+    # What the guest's hugetlb pool still holds back once balloond gave everything back: free
+    # pool pages and reservations (the ring's one page is faulted, so both must be 0).
+    meminfo = agent.run("cat /proc/meminfo")[0]
+    def pool(key):
+        m = re.search(rf"{key}:\s+(\d+)", meminfo)
+        return int(m.group(1)) if m else None
     return {"mode": mode, "run": run_index, "cancelled": final == "cancelled", "migration_status": final,
             "held_at_cancel_mib": held_at_cancel >> 20, "hinted_mib": st["hinted"] >> 20, "released_ms": released_ms,
-            "balloond": alive, "kept_region_ok": True, "dest_console_errors": [], "run_dir": base}
+            "balloond": alive, "pool_free_pages": pool("HugePages_Free"), "pool_reserved_pages": pool("HugePages_Rsvd"),
+            "kept_region_ok": True, "dest_console_errors": [], "run_dir": base}
 
 
 def comma_list(kind, allowed=None):
