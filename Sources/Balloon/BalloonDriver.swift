@@ -57,7 +57,7 @@ public struct BalloonCounters: Sendable, Codable, Equatable {
     public var errors = 0
     /// Free page hint rounds started (START sent).
     public var hintRounds = 0
-    /// Hint descriptors posted, and the bytes they covered.
+    /// Hint descriptors (ranges) posted, and the bytes they covered.
     public var hintsSent = 0
     public var bytesHinted: UInt64 = 0
     /// Latest round: microseconds from reading the cmd id to posting the first hint, and to STOP.
@@ -138,8 +138,8 @@ enum BufferToken {
     case deflate(Int)
     /// A START or STOP cmd id buffer (index into the driver's id buffers).
     case hintID(Int)
-    /// One hinted range, of round `round`.
-    case hint(GuestPhysicalRange, round: UInt32)
+    /// One hint element (its ranges, one descriptor each), of round `round`.
+    case hint([GuestPhysicalRange], round: UInt32)
     case report
 }
 
@@ -441,8 +441,8 @@ public final class BalloonDriver<Transport: VirtioTransport> {
                     try postStats()
                 case .hintID(let i):
                     hinting.idBufferInFlight[i] = false
-                case .hint(let range, let round):
-                    hintUsed(range, round: round)
+                case .hint(let ranges, let round):
+                    hintUsed(ranges, round: round)
                 case .inflate(let slot):
                     try pfnBufferUsed(slot: slot, inflate: true)
                 case .deflate(let slot):

@@ -9,9 +9,9 @@ import VirtioCore
 /// Touches nothing (`--hint-source kpageflags`).
 ///
 /// Each chunk's free runs leave as soon as it is read (a run is cut at the chunk's end, so
-/// no hint waits for the next read), each as one descriptor of up to a chunk's size: QEMU
-/// applies a descriptor under one take of its migration bitmap lock, so fewer, longer
-/// descriptors land sooner than many 4 MiB ones.
+/// no hint waits for the next read), each as one descriptor of up to a chunk's size. The
+/// driver gathers the runs found while an earlier hint element is still out into the next
+/// element (QEMU applies about one element per 50 ms send window of its migration thread).
 ///
 /// Why top-down: QEMU's migration thread sends RAM from offset 0 upwards and on q35 a
 /// higher guest-physical address is a higher `pc.ram` offset (GPA [4 GiB, …) is offset
