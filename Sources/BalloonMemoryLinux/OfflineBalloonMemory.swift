@@ -36,7 +36,7 @@ import VirtioCore
 ///   wants all of it. If the target falls during an inflate, pieces never sent stay offline as
 ///   spares: reused first by the next inflate, onlined with the rest of the block.
 /// - *Killed.* Each block is listed in its state file (`OfflineBlockStateFile.balloonPath`)
-///   before it is offlined and removed after it is online again; the guardian (after its device
+///   before it is offlined and removed after it is online again (`OfflineBlockLedger`); the guardian (after its device
 ///   reset) or the next start onlines what a killed balloond left offline. The guest then reuses
 ///   memory the host discarded, which it may: MUST_TELL_HOST is never negotiated.
 public final class OfflineBalloonMemory: BalloonMemory {
@@ -76,8 +76,10 @@ public final class OfflineBalloonMemory: BalloonMemory {
 
     public let root: SysRoot
     public let options: Options
-    public let stateFile: OfflineBlockStateFile
+    public var stateFile: OfflineBlockStateFile { ledger.stateFile }
     private let blocks: MemoryBlockControl
+    /// The state file and the blocks it records: every held block and every leftover.
+    private let ledger: OfflineBlockLedger
     private let kpageflags: KPageFile
     private let budget: BalloonMemoryBudget
     private let logger: Logger
@@ -102,7 +104,7 @@ public final class OfflineBalloonMemory: BalloonMemory {
     private var retrySearchWait: Backoff
     /// Blocks offlined since start, and their offlining time (for status and the benchmark).
     public private(set) var blocksOfflined = 0
-    public private(set) var offlineNanos: UInt64 = 0
+    public var offlineNanos: UInt64 { ledger.offlineNanos }
 
     private var piecesPerBlock: Int { Int(blocks.blockBytes / balloonHugeBlockSize) }
     private var pagesPerBlock: Int { Int(blocks.blockBytes / balloonPageSize) }
@@ -123,12 +125,13 @@ public final class OfflineBalloonMemory: BalloonMemory {
         self.budget = budget
         self.options = options
         self.retrySearchWait = Self.backoff(firstSeconds: options.retryAfterNoBlockSeconds, maxSeconds: options.maxRetryAfterNoBlockSeconds)
-        self.stateFile = stateFile ?? OfflineBlockStateFile(root: root, path: OfflineBlockStateFile.balloonPath)
         self.logger = logger
         do throws(GuestMemoryError) {
             if let control { blocks = control } else { blocks = try LinuxMemoryBlocks(root: root) }
             kpageflags = try KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: 4096)
         } catch { throw .failed(error) }
+        ledger = OfflineBlockLedger(stateFile: stateFile ?? OfflineBlockStateFile(root: root, path: OfflineBlockStateFile.balloonPath),
+                                    control: blocks, logger: logger)
         guard blocks.blockBytes % balloonHugeBlockSize == 0, blocks.blockBytes >= balloonHugeBlockSize,
               blocks.blockBytes / balloonHugeBlockSize <= 1 << 16 else {
             throw .failed(GuestMemoryError.malformedFile(path: root.path("/sys/devices/system/memory/block_size_bytes"),
@@ -139,13 +142,10 @@ public final class OfflineBalloonMemory: BalloonMemory {
     /// Blocks a killed balloond left listed and offline, which crash recovery (after the device
     /// reset, so after this object was made) could not online: kept listed, never taken, and
     /// tried again at `releaseAll`. Looked at once, when this memory first offlines a block.
+    /// The file is not rewritten now: it lists them already, and the next write keeps them.
     private func adoptLeftovers() {
-        guard !leftoversAdopted else { return }
-        leftoversAdopted = true
-        guard let c = try? stateFile.read(), c.pid != Sys.processID, !stateWriterIsAlive(root: root, pid: c.pid, comm: c.comm) else { return }
-        leftovers = c.blocks.filter { blocks.isOffline($0) == true && held[$0] == nil }
+        leftovers = ledger.adoptLeftovers()?.blocks ?? []
     }
-    private var leftoversAdopted = false
 
     deinit { releaseAll() }
 
@@ -271,16 +271,14 @@ public final class OfflineBalloonMemory: BalloonMemory {
                 backOff(block: b, now: now)
                 continue
             }
-            do { try stateFile.write(blocks: Array(held.keys) + leftovers + [b]) } catch { throw .failed(error) }
-            let t0 = Sys.monotonicNanos()
-            let result = blocks.offline(b, timeoutMilliseconds: options.offlineTimeoutMilliseconds)
-            offlineNanos += Sys.monotonicNanos() - t0
-            guard result == .offlined else {
-                logger.debug("memory block \(b) not taken for the balloon: \(result)")
-                backOff(block: b, now: now)
-                do { try stateFile.write(blocks: Array(held.keys) + leftovers) } catch { throw .failed(error) }
-                continue
-            }
+            let result: MemoryBlockOfflineResult
+            do {
+                result = try ledger.offline(b, timeoutMilliseconds: options.offlineTimeoutMilliseconds) { result in
+                    logger.debug("memory block \(b) not taken for the balloon: \(result)")
+                    backOff(block: b, now: now)
+                }
+            } catch { throw .failed(error) }
+            guard result == .offlined else { continue }
             held[b] = Held(spares: Array((0..<piecesPerBlock).reversed()))
             budget.took(blocks.blockBytes)
             blocksOfflined += 1
@@ -311,18 +309,14 @@ public final class OfflineBalloonMemory: BalloonMemory {
         UInt64(wait.whole(.nanoseconds(1)))
     }
 
-    /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed.
+    /// Onlines `which` (held blocks or leftovers); a block that fails stays offline and listed
+    /// (`OfflineBlockLedger.online`), and stays held.
     private func online(_ which: [Int]) {
         guard !which.isEmpty else { return }
-        for b in which {
-            do { try blocks.online(b) } catch {
-                logger.error("\(error); it stays offline and listed in \(stateFile.path) for the next start")
-                continue
-            }
+        ledger.online(which) { b in
             if held.removeValue(forKey: b) != nil { budget.released(blocks.blockBytes) }
             leftovers.removeAll { $0 == b }
         }
-        do { try stateFile.write(blocks: Array(held.keys) + leftovers) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
     }
 }
 

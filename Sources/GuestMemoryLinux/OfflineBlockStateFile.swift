@@ -3,9 +3,10 @@ import PlatformLinux
 
 /// `/run/balloond/offline-blocks`: the memory blocks the `offline` hint source took offline
 /// and has not onlined yet (`balloon-offline-blocks`: the same for the balloon's memory). A block is added *before* balloond writes `offline` to it and
-/// removed after it is online again, so a balloond killed with SIGKILL leaves every block it
-/// may have offlined listed; the next start's `recoverAfterCrash` onlines the listed blocks
-/// that are still offline (a block an admin offlined is never listed, so never touched).
+/// removed after it is online again (`OfflineBlockLedger` keeps that order for both owners),
+/// so a balloond killed with SIGKILL leaves every block it may have offlined listed; the next
+/// start's `recoverAfterCrash` onlines the listed blocks that are still offline (a block an
+/// admin offlined is never listed, so never touched).
 ///
 /// A killed balloond loses no data this way: an offline block is used by nobody, so the
 /// device acting on a late hint for it is harmless. The guest only lacks that memory until

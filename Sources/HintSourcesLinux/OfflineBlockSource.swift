@@ -35,7 +35,7 @@ import VirtioCore
 ///   by a timer after `offlineTimeoutMilliseconds` (EINTR: the kernel undoes the isolation and
 ///   the block stays online). Blocks that failed are skipped for `skipRoundsAfterFailure` rounds.
 /// - *Killed.* Each block is listed in `OfflineBlockStateFile` before it is offlined and removed
-///   after it is online again; the next start onlines what a killed balloond left offline.
+///   after it is online again (`OfflineBlockLedger`); the next start onlines what a killed balloond left offline.
 ///   Until then the memory is missing, never reused while the device may act on it.
 /// - *The reserve* (`Options.reserveBytes`, `--hint-reserve-mib`): between migrations blocks are
 ///   taken offline ahead of time and kept at DONE, so a round hints them the moment its cmd id
@@ -120,18 +120,19 @@ public final class OfflineBlockSource: FreePageSource {
 
     public let root: SysRoot
     public let options: Options
-    public let stateFile: OfflineBlockStateFile
+    public var stateFile: OfflineBlockStateFile { ledger.stateFile }
     private let blocks: MemoryBlockControl
+    /// The state file and the blocks it records: the held blocks.
+    private let ledger: OfflineBlockLedger
     private let kpageflags: KPageFile
     private let protectedRanges: () -> [GuestPhysicalRange]
     private let logger: Logger
 
     /// Blocks balloond holds offline (ascending).
-    public private(set) var held: [Int] = []
+    public var held: [Int] { ledger.blocks }
     private var candidates: [Int] = []
     /// Held blocks to hint again this round (split when handed out).
     private var rehint: [Int] = []
-    private var leftoversAdopted = false
     private var skipUntilRound: [Int: Int] = [:]
     private var rounds = 0
     private var pending: [GuestPhysicalRange] = []
@@ -151,13 +152,13 @@ public final class OfflineBlockSource: FreePageSource {
                 logger: Logger = Logger(label: "balloond.hint.offline")) throws(FreePageSourceError) {
         self.root = root
         self.options = options
-        self.stateFile = stateFile ?? OfflineBlockStateFile(root: root)
         self.protectedRanges = protectedRanges
         self.logger = logger
         do throws(GuestMemoryError) {
             if let control { blocks = control } else { blocks = try LinuxMemoryBlocks(root: root) }
             kpageflags = try KPageFile(path: root.path("/proc/kpageflags"), chunkEntries: 4096)
         } catch { throw error.sourceError }
+        ledger = OfflineBlockLedger(stateFile: stateFile ?? OfflineBlockStateFile(root: root), control: blocks, logger: logger)
         guard blocks.blockBytes % balloonPageSize == 0, blocks.blockBytes >= 2 << 20 else {
             throw .failed(LinuxHintSourceError.blockSizeNotHugeMultiple(blocks.blockBytes))
         }
@@ -183,8 +184,7 @@ public final class OfflineBlockSource: FreePageSource {
         let lost = held.filter { blocks.isOffline($0) != true }
         if !lost.isEmpty {
             logger.warning("memory blocks \(lost.map(String.init).joined(separator: ",")) were onlined by someone else while balloond held them offline; not hinting them again")
-            held.removeAll { lost.contains($0) }
-            do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
+            ledger.record(forgetting: lost)
         }
         if !held.isEmpty, let snapshot, case let allowance = allowance(now: snapshot), allowance.bytes == 0 {
             // The guest is short of memory: give back what no descriptor still refers to.
@@ -357,18 +357,10 @@ public final class OfflineBlockSource: FreePageSource {
         outstanding.retireAll()
     }
 
-    /// Onlines `which` of the held blocks; a block that fails stays held (and listed).
+    /// Onlines `which` of the held blocks; a block that fails stays held (and listed:
+    /// `OfflineBlockLedger.online`). The state file is rewritten even when `which` is empty.
     private func online(_ which: [Int]) {
-        var failed: Set<Int> = []
-        for b in which {
-            do { try blocks.online(b) } catch {
-                logger.error("\(error); it stays offline and listed in \(stateFile.path) for the next start")
-                failed.insert(b)
-            }
-        }
-        let gone = Set(which).subtracting(failed)
-        held.removeAll { gone.contains($0) }
-        do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
+        ledger.online(which)
     }
 
     /// Memory pressure: onlines held blocks that no pending hint refers to, highest first,
@@ -416,16 +408,11 @@ public final class OfflineBlockSource: FreePageSource {
     /// Blocks a killed balloond left offline and listed, which crash recovery could not online:
     /// taken over as held (offline, so nobody uses them; this session's device was reset
     /// before any round began, so no old hint can be applied), hinted and onlined at DONE.
+    /// Looked at once; the file is rewritten at once, so it names this process.
     private func adoptLeftovers() {
-        guard !leftoversAdopted else { return }
-        leftoversAdopted = true
-        guard let c = try? stateFile.read(), c.pid != Sys.processID,
-              !stateWriterIsAlive(root: root, pid: c.pid, comm: c.comm) else { return }
-        let adopted = c.blocks.filter { blocks.isOffline($0) == true && !held.contains($0) }
-        guard !adopted.isEmpty else { return }
-        held = (held + adopted).sorted()
-        logger.notice("offline source: took over memory blocks \(adopted.map(String.init).joined(separator: ",")) left offline by pid \(c.pid)")
-        do { try stateFile.write(blocks: held) } catch { logger.error("cannot update \(stateFile.path): \(error)") }
+        guard let (adopted, pid) = ledger.adoptLeftovers() else { return }
+        logger.notice("offline source: took over memory blocks \(adopted.map(String.init).joined(separator: ",")) left offline by pid \(pid)")
+        ledger.record()
     }
 
     /// Offlines block `b` if it `qualifiesForOffline` (every page free, or up to `movablePages` movable
@@ -434,30 +421,28 @@ public final class OfflineBlockSource: FreePageSource {
         let t0 = Sys.monotonicNanos()
         let free: Bool
         do { free = try blocks.qualifiesForOffline(b, kpageflags: kpageflags, movablePages: movablePages) } catch { throw error.sourceError }
-        let t1 = Sys.monotonicNanos()
-        lastRound.scanNanos += t1 - t0
+        lastRound.scanNanos += Sys.monotonicNanos() - t0
         guard free else {
             lastRound.blocksSkippedNotFree += 1
             return
         }
-        do { try stateFile.write(blocks: held + [b]) } catch { throw error.sourceError }
-        let t2 = Sys.monotonicNanos()
-        lastRound.stateNanos += t2 - t1
-        let result = blocks.offline(b, timeoutMilliseconds: timeoutMilliseconds)
-        let t3 = Sys.monotonicNanos()
-        lastRound.offlineNanos += t3 - t2
-        guard result == .offlined else {
-            lastRound.blocksFailed += 1
-            skipUntilRound[b] = rounds + max(1, options.skipRoundsAfterFailure)
-            logger.debug("memory block \(b) not taken: \(result)")
-            do { try stateFile.write(blocks: held) } catch { throw error.sourceError }
-            lastRound.stateNanos += Sys.monotonicNanos() - t3
-            return
+        // The ledger's state file writes and offline write, also when it throws.
+        let (state0, offline0) = (ledger.stateNanos, ledger.offlineNanos)
+        defer {
+            lastRound.stateNanos += ledger.stateNanos - state0
+            lastRound.offlineNanos += ledger.offlineNanos - offline0
         }
-        held.append(b)
-        held.sort()
+        let result: MemoryBlockOfflineResult
+        do {
+            result = try ledger.offline(b, timeoutMilliseconds: timeoutMilliseconds) { result in
+                lastRound.blocksFailed += 1
+                skipUntilRound[b] = rounds + max(1, options.skipRoundsAfterFailure)
+                logger.debug("memory block \(b) not taken: \(result)")
+            }
+        } catch { throw error.sourceError }
+        guard result == .offlined else { return }
         lastRound.blocksOfflined += 1
-        if roundOpen, lastRound.firstBlockNanos == nil { lastRound.firstBlockNanos = t3 - roundStartNanos }
+        if roundOpen, lastRound.firstBlockNanos == nil { lastRound.firstBlockNanos = Sys.monotonicNanos() - roundStartNanos }
         pending += splitBlock(b)
     }
 
