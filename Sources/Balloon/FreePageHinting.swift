@@ -12,7 +12,7 @@ struct HintRoundState {
     var idBuffers: [DMARegion] = []
     var idBufferInFlight: [Bool] = []
     /// Hint elements posted in the active round and not yet used.
-    var outstandingHints = 0
+    var outstandingElements = 0
     /// When the active round's cmd id was read (on the driver's clock).
     var roundStart: Duration = .zero
     var firstHintPosted = false
@@ -186,7 +186,7 @@ extension BalloonDriver {
     /// behind them may be given back.
     func hintUsed(_ ranges: [GuestPhysicalRange], round: UInt32) {
         if round == hinting.activeRound, let first = ranges.first {
-            hinting.outstandingHints -= 1
+            hinting.outstandingElements -= 1
             if let posted = hinting.postedAt.removeValue(forKey: first.start.value) {
                 let now = clock.now()
                 let bytes = ranges.reduce(UInt64(0)) { $0 + $1.length }
@@ -197,7 +197,7 @@ extension BalloonDriver {
                                                      "posted_ms": "\((posted - hinting.roundStart).whole(.milliseconds(1)))",
                                                      "used_ms": "\((now - hinting.roundStart).whole(.milliseconds(1)))"])
             }
-            if hinting.outstandingHints == 0, hinting.stopSent { logApplied(round: round) }
+            if hinting.outstandingElements == 0, hinting.stopSent { logApplied(round: round) }
         }
         hintSource?.hintsApplied(ranges)
     }
@@ -235,7 +235,7 @@ extension BalloonDriver {
         try processUsed()
         hinting.activeRound = id
         hinting.stopSent = false
-        hinting.outstandingHints = 0
+        hinting.outstandingElements = 0
         hinting.firstHintPosted = false
         hinting.roundBytes = 0
         hinting.roundStart = start
@@ -263,7 +263,7 @@ extension BalloonDriver {
             // Room for more ranges: the ring keeps one slot for STOP and the gathered chain
             // needs one descriptor per range.
             let room = min(q.freeDescriptors - 1 - gathered.count, maxChain - gathered.count)
-            if !gathered.isEmpty && (hinting.outstandingHints == 0 || sourceDry || room <= 0) {
+            if !gathered.isEmpty && (hinting.outstandingElements == 0 || sourceDry || room <= 0) {
                 try postElement(gathered, round: id, queue: q)
                 gathered = []
                 try pollDuringRound(line: line, wait: .zero)
@@ -306,12 +306,9 @@ extension BalloonDriver {
                              "free page source returned an unaligned range")
             }
             gathered += batch
-            // Nothing out: this batch leaves at once (the first hints of a round most of all).
-            if hinting.outstandingHints == 0 {
-                try postElement(gathered, round: id, queue: q)
-                gathered = []
-            }
-            try pollDuringRound(line: line, wait: .zero)
+            // Nothing out: the loop's top posts this batch at once (the first hints of a round
+            // most of all); otherwise look for elements the device has used meanwhile.
+            if hinting.outstandingElements > 0 { try pollDuringRound(line: line, wait: .zero) }
         }
         // Linux sends the STOP id after its loop whatever ended it; with a new id QEMU is in
         // REQUESTED and ignores it, with DONE it is ignored too. Ranges gathered but not posted
@@ -325,7 +322,7 @@ extension BalloonDriver {
     private func postElement(_ ranges: [GuestPhysicalRange], round id: UInt32, queue q: SplitQueue<BufferToken>) throws(BalloonError) {
         do { try q.add(writable: ranges, token: .hint(ranges, round: id)) } catch { throw .queue(role: .freePageHint, error) }
         hinting.postedAt[ranges[0].start.value] = clock.now()
-        hinting.outstandingHints += 1
+        hinting.outstandingElements += 1
         let bytes = ranges.reduce(UInt64(0)) { $0 + $1.length }
         hinting.roundBytes += bytes
         counters.hintsSent += ranges.count
@@ -366,7 +363,7 @@ extension BalloonDriver {
             "first_hint_us": "\(counters.lastRoundFirstHintMicros.map(String.init) ?? "-")",
             "stop_us": "\(counters.lastRoundStopMicros ?? 0)",
         ])
-        if hinting.outstandingHints == 0 { logApplied(round: round) }
+        if hinting.outstandingElements == 0 { logApplied(round: round) }
     }
 
     /// Tops up the hint source's reserve when due (`tick`): between rounds only, each call a
@@ -430,7 +427,7 @@ extension BalloonDriver {
         }
         hinting.activeRound = nil
         hinting.stopSent = false
-        hinting.outstandingHints = 0
+        hinting.outstandingElements = 0
         // A bring-up that follows starts the reserve over.
         armHintReserve(after: hintOptions.reserveStepInterval)
         for i in hinting.idBufferInFlight.indices { hinting.idBufferInFlight[i] = false }

@@ -160,7 +160,7 @@ public final class DeviceMemoryArena {
         case .small: got = smallSpace.allocate(length)
         case .hugeTLB2MiB: got = hugeSpace.allocate(length)
         case .hugeTLBReservation:
-            let n = (length + Self.hugePageBytes - 1) / Self.hugePageBytes * Self.hugePageBytes
+            let n = hugeSpace.rounded(length)
             if reservationBase > 0, n > 0, n <= hugeFileBytes - reservationNext {
                 got = reservationNext
                 reservationNext += n
@@ -182,7 +182,7 @@ public final class DeviceMemoryArena {
     func release(offset: Int, length: Int, backing: Backing) {
         guard let f = try? file(backing) else { return }
         if backing == .hugeTLBReservation {
-            let n = (length + Self.hugePageBytes - 1) / Self.hugePageBytes * Self.hugePageBytes
+            let n = hugeSpace.rounded(length)
             reservationLive = max(0, reservationLive - n)
             guard reservationLive == 0 else { return }
             do {
