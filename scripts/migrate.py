@@ -158,14 +158,17 @@ def migrate_once(mode, run_index, cfg, args):
         if args.cancel:
             return cancel_during_round(mode, run_index, base, src, a, t0)
         killed = kill_during_round(src, a, args) if args.kill_during_round and driver.startswith("balloond") else None
+        samples = []
         while True:
             info = src.qmp.cmd("query-migrate")
             st = info.get("status")
+            if args.sample_ms and "ram" in info:
+                samples.append([round((time.time() - t0) * 1000, 1), info["ram"]["transferred"], info["ram"]["normal"]])
             if st in ("completed", "failed", "cancelled"):
                 break
             if time.time() - t0 > 600:
                 raise Fail("migration did not finish in 600 s")
-            time.sleep(0.05)
+            time.sleep(args.sample_ms / 1000 if args.sample_ms else 0.05)
         if st != "completed":
             raise Fail(f"migration {st}: {info.get('error-desc', '')}")
         ram = info["ram"]
@@ -175,6 +178,8 @@ def migrate_once(mode, run_index, cfg, args):
             "transferred_bytes": ram["transferred"], "normal_pages": ram["normal"], "duplicate_pages": ram["duplicate"],
             "guest_free_mib": free_kib // 1024, "dirtied_mib": dirty_mib, "run_dir": base,
         }
+        if samples:
+            result["samples"] = samples
         if driver.endswith("+reserve"):
             result.update(result_reserve)
         # Destination: it runs now; the agent's serial line continues there.
@@ -204,6 +209,9 @@ def migrate_once(mode, run_index, cfg, args):
                 result["balloond_log"] = d.run("cat /run/bg/balloond/log", timeout=120)[0]
             m = re.search(r'"hintRounds"\s*:\s*(\d+)', st_out)
             result["hint_rounds"] = int(m.group(1)) if m else None
+            # Re-initialisations of the device (NEEDS_RESET, a device error): none in a sound run.
+            m = re.search(r'"deviceResets"\s*:\s*(\d+)', st_out)
+            result["device_resets"] = int(m.group(1)) if m else None
             m = re.search(r'"hintSource"\s*:\s*"([a-z]+)"', st_out)
             # No source: balloond runs without hinting (e.g. auto on a TCG poisoning guest).
             # (balloond's status JSON leaves hintSource out then).
@@ -668,6 +676,8 @@ def main():
     ap.add_argument("--balloond-log-level", choices=["info", "debug", "trace"], default="info",
                     help="balloond's --log-level in the source guest; with debug or trace the whole log is kept in the JSON "
                          "(trace: one line per hint, with when it was posted and seen used)")
+    ap.add_argument("--sample-ms", type=int, default=0, metavar="MS",
+                    help="poll query-migrate every MS ms and keep [ms since migrate, bytes transferred, normal pages] per poll in the results (\"samples\")")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot total time and MB sent per mode (matplotlib, else gnuplot)")
     args = ap.parse_args()

@@ -27,6 +27,10 @@ public struct BalloonDriverOptions: Sendable {
     /// ACCESS_PLATFORM is accepted when offered; hint and report ranges then have to be
     /// mapped as well, else those features are left out.
     public var deviceAddressing: DeviceAddressing = .guestPhysical
+    /// With ACCESS_PLATFORM: the smallest page the IOMMU maps (vfio's `iova_pgsizes`). QEMU may
+    /// need one I/O vector per such page of a descriptor, and maps at most 1024 per element
+    /// (`ElementVectorBudget`), so hint and report elements are sized for it.
+    public var iommuPageBytes: UInt64 = 4096
 
     public init(wantedFeatures: FeatureBits = balloonImplementedFeatures,
                 poisonPolicy: PagePoisonPolicy = .none, maxQueueSize: UInt16 = 1024, resetTimeout: Duration = .seconds(1)) {
@@ -176,6 +180,10 @@ public final class BalloonDriver<Transport: VirtioTransport> {
 
     public private(set) var offered = FeatureBits()
     public private(set) var negotiated = FeatureBits()
+    /// What QEMU needs to map what this device is given (per IOMMU page with ACCESS_PLATFORM).
+    var elementVectors: ElementVectorBudget {
+        ElementVectorBudget(iommuPageBytes: negotiated.contains(.accessPlatform) ? options.iommuPageBytes : nil)
+    }
     /// Whether the features left out under ACCESS_PLATFORM were logged (once per run).
     private var loggedTranslatedFeatures = false
     public private(set) var indices = BalloonQueueIndices(offered: [])

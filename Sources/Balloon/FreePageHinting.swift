@@ -251,9 +251,11 @@ extension BalloonDriver {
             return
         }
         var fullSince: Duration?
-        let maxRangeBytes = hintOptions.maxRangeBytes(for: source)
+        let budget = elementVectors
+        let maxRangeBytes = budget.longestRange(hintOptions.maxRangeBytes(for: source))
         let maxChain = max(1, hintOptions.maxRangesPerElement)
         var gathered: [GuestPhysicalRange] = []
+        var gatheredVectors = 0
         var sourceDry = false
         while hintCommand == .round(id) && isRunning {
             if shouldStop() {
@@ -262,10 +264,16 @@ extension BalloonDriver {
             }
             // Room for more ranges: the ring keeps one slot for STOP and the gathered chain
             // needs one descriptor per range.
+            // An element is full at `maxChain` descriptors or at QEMU's I/O vectors per
+            // element (through an IOMMU, one per IOMMU page): what is gathered beyond that
+            // leaves in further elements at once.
             let room = min(q.freeDescriptors - 1 - gathered.count, maxChain - gathered.count)
-            if !gathered.isEmpty && (hinting.outstandingElements == 0 || sourceDry || room <= 0) {
-                try postElement(gathered, round: id, queue: q)
-                gathered = []
+            let elementFull = room <= 0 || gatheredVectors >= ElementVectorBudget.maxPerElement
+            if !gathered.isEmpty && (hinting.outstandingElements == 0 || sourceDry || elementFull) {
+                let n = budget.prefixFitting(gathered, maxRanges: maxChain)
+                try postElement(Array(gathered.prefix(n)), round: id, queue: q)
+                gathered.removeFirst(n)
+                gatheredVectors = budget.vectors(gathered)
                 try pollDuringRound(line: line, wait: .zero)
                 continue
             }
@@ -305,7 +313,16 @@ extension BalloonDriver {
                 precondition(range.start.value % balloonPageSize == 0 && range.length % balloonPageSize == 0 && range.length > 0,
                              "free page source returned an unaligned range")
             }
-            gathered += batch
+            // A range longer than asked could need more I/O vectors than an element may have;
+            // it goes back unhinted (the sources split at `maxRangeBytes`, so this is a bug).
+            let tooLong = batch.filter { $0.length > maxRangeBytes }
+            if !tooLong.isEmpty {
+                logger.error("free page source \(source.name) returned \(tooLong.count) ranges longer than the \(maxRangeBytes) bytes asked; not hinting them")
+                source.hintsApplied(tooLong)
+            }
+            let fitting = tooLong.isEmpty ? batch : batch.filter { $0.length <= maxRangeBytes }
+            gathered += fitting
+            gatheredVectors += budget.vectors(fitting)
             // Nothing out: the loop's top posts this batch at once (the first hints of a round
             // most of all); otherwise look for elements the device has used meanwhile.
             if hinting.outstandingElements > 0 { try pollDuringRound(line: line, wait: .zero) }

@@ -100,7 +100,10 @@ extension BalloonDriver {
             let held = UInt64(reporting.heldPages) * balloonPageSize
             spare = min(spare, cap > held ? (cap - held) / balloonHugeBlockSize : 0)
         }
-        let blocksWanted = min(Int(spare), reportCapacity, q.freeDescriptors)
+        // Through an IOMMU that maps in 4 KiB pages a 2 MiB block is 512 of QEMU's 1024 I/O
+        // vectors per element: two blocks per report then.
+        let blocksWanted = min(Int(spare), reportCapacity, q.freeDescriptors,
+                               elementVectors.descriptorsPerElement(ofLength: balloonHugeBlockSize))
         guard blocksWanted > 0 else { return }
         let take: BalloonTake
         do { take = try memory.take(maxPages: blocksWanted * balloonPagesPerHugeBlock, hugeOnly: true) } catch {

@@ -37,6 +37,10 @@ public enum DeviceRingError: Error, Hashable, CustomStringConvertible {
     case nextOutOfRange(UInt16)
     /// A free page hint command id buffer shorter than 4 bytes or unreadable.
     case incorrectCommandID
+    /// An element needs more I/O vectors than QEMU maps for one element (1024,
+    /// `VIRTQUEUE_MAX_SIZE`): through an IOMMU each IOMMU page of a descriptor is one vector.
+    case tooManyWriteDescriptors
+    case tooManyReadDescriptors
     /// Fault injection: NEEDS_RESET right after DRIVER_OK.
     case injectedNeedsReset
 
@@ -55,6 +59,8 @@ public enum DeviceRingError: Error, Hashable, CustomStringConvertible {
         case .incorrectOrder: return "Incorrect order for descriptors"
         case .nextOutOfRange(let next): return "Desc next is \(next)"
         case .incorrectCommandID: return "virtio-balloon: received an incorrect cmd id"
+        case .tooManyWriteDescriptors: return "virtio: too many write descriptors in indirect table"
+        case .tooManyReadDescriptors: return "virtio: too many read descriptors in indirect table"
         case .injectedNeedsReset: return "fault injection: NEEDS_RESET after DRIVER_OK"
         }
     }
@@ -106,8 +112,15 @@ final class DeviceQueue {
         return avail.loadAcquire16(at: off + QueueLayout.availIdx) != lastAvailIndex
     }
 
-    /// `virtqueue_split_pop`: the next available chain, or nil.
-    func pop(_ memory: SimulatedGuestMemory) throws(DeviceRingError) -> DeviceElement? {
+    /// QEMU's `VIRTQUEUE_MAX_SIZE`: the most I/O vectors `virtqueue_map_desc` maps for one
+    /// element (readable and writable together).
+    static let maxIOVectors = 1024
+
+    /// `virtqueue_split_pop`: the next available chain, or nil. `iommuPageBytes`: with
+    /// ACCESS_PLATFORM behind a vIOMMU, QEMU maps a descriptor one IOTLB entry at a time, so
+    /// each IOMMU page it touches is one I/O vector (nil: one vector per descriptor, guest RAM
+    /// being contiguous in QEMU's address space).
+    func pop(_ memory: SimulatedGuestMemory, iommuPageBytes: UInt64? = nil) throws(DeviceRingError) -> DeviceElement? {
         guard enabled else { return nil }
         let (avail, aoff) = try ring(memory, driverAddress, 6 + 2 * Int(size), "avail")
         let (desc, doff) = try ring(memory, descAddress, 16 * Int(size), "desc")
@@ -122,6 +135,7 @@ final class DeviceQueue {
         var writable: [GuestPhysicalRange] = []
         var i = head
         var count = 0
+        var vectors = 0
         while true {
             count += 1
             guard count <= Int(size) else { throw .loopedDescriptor }
@@ -136,6 +150,14 @@ final class DeviceQueue {
                 throw .bogusDescriptor
             }
             let range = GuestPhysicalRange(start: addr, length: UInt64(len))
+            if let page = iommuPageBytes {
+                vectors += Int((addr % page + UInt64(len) + page - 1) / page)
+            } else {
+                vectors += 1
+            }
+            if vectors > Self.maxIOVectors {
+                throw flags & QueueLayout.descFlagWrite != 0 ? .tooManyWriteDescriptors : .tooManyReadDescriptors
+            }
             if flags & QueueLayout.descFlagWrite != 0 {
                 writable.append(range)
             } else {

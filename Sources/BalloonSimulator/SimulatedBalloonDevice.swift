@@ -381,7 +381,7 @@ public final class SimulatedBalloonDevice {
         while limit > 0 {
             limit -= 1
             let element: DeviceElement?
-            do { element = try q.pop(memory) } catch {
+            do { element = try q.pop(memory, iommuPageBytes: negotiatedFeatures.contains(.accessPlatform) ? 4096 : nil) } catch {
                 virtioError(error)
                 return
             }

@@ -17,6 +17,12 @@ public struct BalloonDeviceProperties: Hashable, Sendable {
     public var ramSize: UInt64 = 1 << 30
     /// The QEMU release modelled where releases differ (SimulatedQEMUVersion.swift).
     public var qemuVersion: SimulatedQEMUVersion = .v7_2
+    /// `iommu_platform=on` behind a vIOMMU: ACCESS_PLATFORM is offered, and once it is
+    /// negotiated the device maps every descriptor one IOMMU page at a time (4 KiB: an IOMMU
+    /// that maps balloond's memory in small pages, the worst case), one I/O vector each, and
+    /// refuses an element that needs more than QEMU's 1024 (`VIRTQUEUE_MAX_SIZE`). Addresses
+    /// are taken as identity-mapped (the simulator does not model the IOMMU's tables).
+    public var iommuPlatform = false
 
     public init(freePageHint: Bool = false, freePageReporting: Bool = false, deflateOnOOM: Bool = false,
                 pagePoison: Bool = true, modernOnly: Bool = false, ramSize: UInt64 = 1 << 30) {
@@ -46,6 +52,7 @@ public struct BalloonDeviceProperties: Hashable, Sendable {
         if freePageHint { f.insert(.freePageHint) }
         if pagePoison { f.insert(.pagePoison) }
         if freePageReporting { f.insert(.reporting) }
+        if iommuPlatform { f.insert(.accessPlatform) }
         return f
     }
 

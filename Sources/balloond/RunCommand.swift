@@ -321,6 +321,7 @@ struct RunCommand: ParsableCommand {
         }
         var options = driverOptions(poisonPolicy: memoryConfig.poisonPolicy)
         if allocator is PageDMAAllocator { options.maxQueueSize = 256 }
+        if let vfio = access.deviceMapper as? VFIODevice { options.iommuPageBytes = vfio.iommu.minimumPageSize }
         let memory = balloon ? try makeBalloonMemory(arena: arena, compaction: compaction, holdings: holdings, logger: logger) : nil
         var reportsMapped = !translated
         let pageMemory = (memory as? OfflineFirstBalloonMemory)?.rest ?? memory
