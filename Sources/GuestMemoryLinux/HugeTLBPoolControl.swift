@@ -9,6 +9,12 @@ public protocol HugeTLBPoolControl: AnyObject {
     func setPoolSize(_ pages: UInt64) throws(GuestMemoryError)
     /// Reserves `pages` free pool pages with one mapping that is never faulted.
     func reserve(pages: Int) throws(GuestMemoryError) -> HugeTLBReservation
+    /// Why the reservations released last are still held (nil: they were given back).
+    var reservationReleaseError: String? { get }
+}
+
+extension HugeTLBPoolControl {
+    public var reservationReleaseError: String? { nil }
 }
 
 /// A reservation of free pool pages; `release()` (or deinit) unmaps it, which returns the
@@ -71,4 +77,8 @@ public final class LinuxHugeTLBPoolControl: HugeTLBPoolControl {
         }
         return HugeTLBReservation(pages: pages) { mapping.unmapAll() }
     }
+
+    /// The arena's failure to truncate its reservation half after the last reservation was
+    /// unmapped: those pages stay reserved (and the pool grown) until balloond exits.
+    public var reservationReleaseError: String? { arena?.lastReservationReleaseError.map { "\($0)" } }
 }

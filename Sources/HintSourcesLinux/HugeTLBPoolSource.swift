@@ -413,7 +413,11 @@ public final class HugeTLBPoolSource: FreePageSource {
             try control.setPoolSize(s.originalPoolSize)
             let after = try control.counters()
             if after.total != s.originalPoolSize {
-                logger.warning("nr_hugepages is \(after.total) after restoring \(s.originalPoolSize)")
+                if let why = control.reservationReleaseError {
+                    logger.error("nr_hugepages is \(after.total) after restoring \(s.originalPoolSize): balloond could not give back its pool reservations (truncating its hugetlbfs file failed: \(why)); the guest gets those pages back when balloond exits")
+                } else {
+                    logger.warning("nr_hugepages is \(after.total) after restoring \(s.originalPoolSize): pages in use or reserved by others stay until freed (they are surplus now)")
+                }
             }
             stateFile.remove()
             holdings.setHugeTLBPoolGrownByHintSource(false)

@@ -73,12 +73,15 @@ public struct OffsetAllocator: Hashable, Sendable {
 /// the shmem pages are no longer mlocked (no mapping is left), so reclaim or compaction could
 /// in principle move one. Hugetlb pages do not move; that is why hugepages stay the first choice.
 public final class DeviceMemoryArena {
+    /// Which memfd backs a mapping (`OwnedAnonymousMapping.PageKind` is this type).
     public enum Backing: Hashable, Sendable {
-        /// shmem, 4 KiB pages.
+        /// shmem, 4 KiB pages, populated by the caller.
         case small
-        /// hugetlbfs, 2 MiB pages.
+        /// hugetlbfs, 2 MiB pages: reserved at mmap time (the reservation belongs to the file)
+        /// and, with `populate`, faulted in by the mmap.
         case hugeTLB2MiB
-        /// hugetlbfs reservations that are never faulted (the hugetlb pool hint source), in the
+        /// hugetlbfs reservations that are never faulted (PROT_NONE, no populate: the hugetlb
+        /// pool hint source's hold on free pool pages), in the
         /// upper half of the same file. A punch hole frees faulted pages and their reservations
         /// but leaves the reservation of a page that was never faulted (hugetlbfs unreserves a
         /// range only on truncation: `remove_inode_hugepages`), so these are given back by

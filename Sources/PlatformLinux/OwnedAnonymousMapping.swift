@@ -19,17 +19,8 @@ import SystemPackage
 /// 4 KiB page inside `[address, address + length)` and is only allowed while every slot is
 /// still mapped (checked). Unmapping is per slot, each once.
 @safe public final class OwnedAnonymousMapping {
-    public enum PageKind: Hashable, Sendable {
-        /// 4 KiB shmem pages from the arena's small memfd, populated by the caller.
-        case small
-        /// 2 MiB hugetlb pages from the arena's hugetlbfs memfd: reserved at mmap time (the
-        /// reservation belongs to the file) and, with `populate`, faulted in by the mmap.
-        case hugeTLB2MiB
-        /// 2 MiB hugetlb pages reserved at mmap time and never faulted (PROT_NONE, no populate):
-        /// the hugetlb pool hint source's hold on free pool pages. Given back by truncation
-        /// (`DeviceMemoryArena.Backing.hugeTLBReservation`): a punch hole would leave them reserved.
-        case hugeTLBReservation
-    }
+    /// Which of the arena's files, and so which pages, back the mapping (`DeviceMemoryArena.Backing`).
+    public typealias PageKind = DeviceMemoryArena.Backing
 
     /// Slot size: one balloon block.
     public static let slotBytes = 2 << 20
@@ -43,7 +34,6 @@ import SystemPackage
     public let length: Int
     public let kind: PageKind
     public let arena: DeviceMemoryArena
-    private let backing: DeviceMemoryArena.Backing
     /// Where the mapping starts in the arena's file.
     public let fileOffset: Int
     private let base: UnsafeMutableRawPointer
@@ -62,32 +52,28 @@ import SystemPackage
                 populate: Bool = true) throws(SystemCallError) {
         precondition(length > 0 && length % 4096 == 0, "length must be a positive multiple of 4 KiB")
         var flags = MAP_SHARED
-        let backing: DeviceMemoryArena.Backing
         switch kind {
         case .small:
-            backing = .small
+            break
         case .hugeTLB2MiB:
             precondition(length % Self.slotBytes == 0, "hugetlb mappings are whole 2 MiB pages")
-            backing = .hugeTLB2MiB
             if populate { flags |= Int32(MAP_POPULATE) }
         case .hugeTLBReservation:
             precondition(length % Self.slotBytes == 0 && !populate, "reservations are whole 2 MiB pages, never faulted")
-            backing = .hugeTLBReservation
         }
-        let file = try arena.file(backing)
-        let offset = try arena.allocateOffset(length: length, backing: backing)
+        let file = try arena.file(kind)
+        let offset = try arena.allocateOffset(length: length, backing: kind)
         do {
             unsafe base = try MappedMemory.map(length: length, protection: protection, flags: flags, descriptor: file.descriptor,
                                                offset: offset, path: file.path)
         } catch {
-            arena.release(offset: offset, length: length, backing: backing)
+            arena.release(offset: offset, length: length, backing: kind)
             throw error
         }
         address = unsafe MappedMemory.address(of: base)
         self.length = length
         self.kind = kind
         self.arena = arena
-        self.backing = backing
         fileOffset = offset
         mapped = Array(repeating: true, count: (length + Self.slotBytes - 1) / Self.slotBytes)
     }
@@ -117,7 +103,7 @@ import SystemPackage
         let offset = i * Self.slotBytes
         let n = min(Self.slotBytes, length - offset)
         _ = unsafe munmap(base + offset, n)
-        arena.release(offset: fileOffset + offset, length: n, backing: backing)
+        arena.release(offset: fileOffset + offset, length: n, backing: kind)
     }
 
     /// Unmaps and frees every slot still mapped.

@@ -174,6 +174,33 @@ public enum Sys {
         }
     }
 
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    public static func epollCreate() throws(SystemCallError) -> OpenFile {
+        let fd = try Sys.call("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
+        return OpenFile(adopting: fd, path: "epoll")
+    }
+
+    /// Adds `descriptor` to the epoll set for input; `epollWait` reports it as `tag`.
+    public static func epollAdd(_ epoll: OpenFile, descriptor: Int32, tag: UInt64) throws(SystemCallError) {
+        var event = unsafe epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: tag))
+        let fd = epoll.descriptor
+        try Sys.call("epoll_ctl") { unsafe epoll_ctl(fd, EPOLL_CTL_ADD, descriptor, &event) }
+    }
+
+    /// Waits up to `timeoutMilliseconds` (negative: forever) for at most `maxEvents` ready
+    /// descriptors and returns their tags; an interrupted wait (EINTR) returns none.
+    public static func epollWait(_ epoll: OpenFile, maxEvents: Int, timeoutMilliseconds: Int) throws(SystemCallError) -> [UInt64] {
+        var ready = unsafe [epoll_event](repeating: epoll_event(), count: max(1, maxEvents))
+        let fd = epoll.descriptor
+        let capacity = unsafe Int32(ready.count)
+        let n = unsafe epoll_wait(fd, &ready, capacity, Int32(clamping: timeoutMilliseconds < 0 ? -1 : timeoutMilliseconds))
+        if n < 0 {
+            if Glibc.errno == EINTR { return [] }
+            throw SystemCallError(call: "epoll_wait", path: nil, errno: Errno(rawValue: Glibc.errno))
+        }
+        return unsafe ready.prefix(Int(n)).map { unsafe $0.data.u64 }
+    }
+
     /// `memfd_create`: an anonymous file (shmem, or hugetlbfs with `MemfdFlags.hugeTLB`).
     public static func memfdCreate(name: String, flags: UInt32) throws(SystemCallError) -> OpenFile {
         let fd = try Sys.call("memfd_create", path: name) { unsafe bs_memfd_create(name, flags) }

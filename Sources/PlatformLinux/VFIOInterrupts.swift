@@ -115,13 +115,8 @@ public final class VFIOMSIXLine: InterruptLine {
         var made: [EventFD] = []
         do {
             for _ in 0..<plan.vectorCount { made.append(try EventFD()) }
-            let fd = try Sys.call("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
-            epoll = OpenFile(adopting: fd, path: "epoll")
-            for (i, e) in made.enumerated() {
-                var event = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: UInt64(i)))
-                let efd = e.descriptor
-                try Sys.call("epoll_ctl") { unsafe epoll_ctl(fd, EPOLL_CTL_ADD, efd, &event) }
-            }
+            epoll = try Sys.epollCreate()
+            for (i, e) in made.enumerated() { try Sys.epollAdd(epoll, descriptor: e.descriptor, tag: UInt64(i)) }
         } catch { throw .interrupts(index: VFIOPCIIRQ.msix, reason: "eventfd/epoll setup failed", error) }
         events = made
         do { try device.kernel.setIRQs(device: device.descriptor, index: VFIOPCIIRQ.msix, .trigger(eventfds: made.map(\.descriptor))) } catch {
@@ -135,17 +130,13 @@ public final class VFIOMSIXLine: InterruptLine {
 
     /// Waits on the epoll set and takes the count of every vector that fired.
     public func wait(timeoutMilliseconds: Int) throws(TransportError) -> Bool {
-        var ready = [epoll_event](repeating: epoll_event(), count: events.count)
-        let fd = epoll.descriptor
-        let capacity = Int32(ready.count)
-        let n = unsafe epoll_wait(fd, &ready, capacity, Int32(clamping: timeoutMilliseconds < 0 ? -1 : timeoutMilliseconds))
-        if n < 0 {
-            if Glibc.errno == EINTR { return false }
-            throw .pci(.configAccess(offset: PCIConfig.status, reason: VFIOInterruptProblem.eventFD(SystemCallError(call: "epoll_wait", path: nil, errno: Errno(rawValue: Glibc.errno)))))
+        let tags: [UInt64]
+        do { tags = try Sys.epollWait(epoll, maxEvents: events.count, timeoutMilliseconds: timeoutMilliseconds) } catch {
+            throw .pci(.configAccess(offset: PCIConfig.status, reason: VFIOInterruptProblem.eventFD(error)))
         }
         var any = false
-        for r in ready.prefix(Int(n)) {
-            let i = Int(r.data.u64)
+        for tag in tags {
+            let i = Int(tag)
             guard i < events.count else { continue }
             let count: UInt64
             do { count = try events[i].take() } catch { throw .pci(.configAccess(offset: PCIConfig.status, reason: VFIOInterruptProblem.eventFD(error))) }

@@ -204,7 +204,10 @@ public final class LinuxVFIOKernel: VFIOKernel {
 
     private func ioctl<T>(_ file: OpenFile, _ name: String, _ request: UInt, _ argument: inout T) throws(SystemCallError) -> Int32 {
         let fd = file.descriptor
-        return try Sys.call("ioctl(\(name))", path: file.path) { unsafe bs_ioctl_pointer(fd, request, &argument) }
+        // The vfio argument structs are plain C structs (no object references).
+        return try Sys.call("ioctl(\(name))", path: file.path) {
+            unsafe withUnsafeMutableBytes(of: &argument) { unsafe bs_ioctl_pointer(fd, request, $0.baseAddress) }
+        }
     }
 
     private func ioctl(_ file: OpenFile, _ name: String, _ request: UInt, bytes: inout [UInt8]) throws(SystemCallError) -> Int32 {

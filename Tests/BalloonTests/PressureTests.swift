@@ -257,7 +257,7 @@ struct MeminfoScanTests {
 }
 
 /// Records, for each log message, what a probe read when it was logged.
-private struct ProbingLogHandler: LogHandler {
+private struct ProbingLogHandler: LogHandler, @unchecked Sendable {
     let probe: (String) -> Void
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level = .trace
@@ -265,8 +265,8 @@ private struct ProbingLogHandler: LogHandler {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
-        probe(message.description)
+    func log(event: LogEvent) {
+        probe(event.message.description)
     }
 }
 

@@ -61,8 +61,15 @@ final class FakeHugeTLBKernel: HugeTLBPoolControl {
             throw .cannotReserve(pages: pages, SystemCallError(call: "mmap", path: nil, errno: .noMemory))
         }
         reserved += UInt64(pages)
-        return HugeTLBReservation(pages: pages) { [weak self] in self?.reserved -= UInt64(pages) }
+        return HugeTLBReservation(pages: pages) { [weak self] in
+            guard let self, self.reservationReleaseError == nil else { return }
+            self.reserved -= UInt64(pages)
+        }
     }
+
+    /// When set, released reservations stay reserved (as when the arena's truncation fails),
+    /// and this is what the control reports as the reason.
+    var reservationReleaseError: String?
 
     /// Adds an in-use pool page (balloond's DMA page, or a foreign user's).
     func addInUse(frame: Int, mapcount: UInt64 = 1) {

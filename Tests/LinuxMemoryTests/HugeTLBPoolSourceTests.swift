@@ -1,6 +1,7 @@
 import TestSupport
 import FreePages
 import Testing
+import Logging
 @testable import GuestMemoryLinux
 @testable import HintSourcesLinux
 @testable import BalloonMemoryLinux
@@ -25,14 +26,15 @@ import VirtioCore
     }
 
     static func setup(withDMA: Bool = true, limits: OwnedMemoryLimits = limits(), holdings: GuestMemoryHoldings? = nil,
-                      prepare: (FakeHugeTLBKernel) -> Void = { _ in }) throws -> Setup {
+                      logger: Logger = Logger(label: "test"), prepare: (FakeHugeTLBKernel) -> Void = { _ in }) throws -> Setup {
         let tree = FakeTree()
         let kernel = FakeHugeTLBKernel(tree: tree, ramMiB: 64, buddyFrames: Array(8..<32))
         if withDMA { kernel.addInUse(frame: dmaFrame) }
         prepare(kernel)
         let own = withDMA ? [GuestPhysicalRange(start: kernel.pfn(frame: dmaFrame) * 4096, length: frameBytes)] : []
         let source = try HugeTLBPoolSource(root: tree.root, control: kernel, ownHugePages: own,
-                                           options: .init(limits: limits, firstStepBytes: 4 << 20, maxStepBytes: 8 << 20), holdings: holdings)
+                                           options: .init(limits: limits, firstStepBytes: 4 << 20, maxStepBytes: 8 << 20), holdings: holdings,
+                                           logger: logger)
         return Setup(tree: tree, kernel: kernel, source: source)
     }
 
@@ -94,6 +96,29 @@ import VirtioCore
         #expect(s.kernel.total == 21, "still the round: kept")
         s.source.endRound()
         #expect(s.kernel.total == 1)
+    }
+
+    @Test("a release whose reservations stayed reserved says why in an error (the arena's failure), not a bare warning about nr_hugepages")
+    func releaseNamesReservationsThatStayed() throws {
+        let lines = LockedLines()
+        let s = try Self.setup(logger: Logger(label: "test") { _ in RecordingLogHandler(lines: lines) })
+        try s.source.beginRound(id: 5)
+        let ranges = try drainHints(s.source)
+        s.kernel.reservationReleaseError = "ftruncate: Device or resource busy"
+        s.source.hintsApplied(ranges)
+        s.source.endRound()
+        #expect(s.kernel.total > 1, "the pool could not shrink: its pages stayed reserved")
+        let line = try #require(lines.all.first { $0.message.contains("after restoring") })
+        #expect(line.level == .error)
+        #expect(line.message.contains("ftruncate: Device or resource busy") && line.message.contains("could not give back its pool reservations"))
+        // The same round with reservations given back restores the pool and says nothing of it.
+        let quiet = LockedLines()
+        let t = try Self.setup(logger: Logger(label: "test") { _ in RecordingLogHandler(lines: quiet) })
+        try t.source.beginRound(id: 6)
+        t.source.hintsApplied(try drainHints(t.source))
+        t.source.endRound()
+        #expect(t.kernel.total == 1)
+        #expect(quiet.all.allSatisfy { !$0.message.contains("after restoring") })
     }
 
     enum Precondition: String, CaseIterable { case reserved, surplus, overcommit, foreignInUse, foreignUnmappedFilePage }
@@ -324,5 +349,24 @@ import VirtioCore
         #expect(try scanner.unmappedPoolFrames(excluding: []) == [k.pfn(frame: 2)])
         #expect(try scanner.unmappedPoolFrames(excluding: [k.pfn(frame: 2)]) == [])
         #expect(scanner.lastReads == 32, "one read per 2 MiB frame of RAM")
+    }
+}
+
+/// Log lines a test looks at.
+final class LockedLines: @unchecked Sendable {
+    private(set) var all: [(level: Logger.Level, message: String)] = []
+    func append(_ level: Logger.Level, _ message: String) { all.append((level, message)) }
+}
+
+struct RecordingLogHandler: LogHandler {
+    let lines: LockedLines
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        lines.append(event.level, event.message.description)
     }
 }
