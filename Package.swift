@@ -68,11 +68,11 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Fakes shared by the test targets (never linked into balloond).
-        .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI", "PlatformLinux"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["VirtioCore", "VirtioPCI", "PlatformLinux", .product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore"]),
         .testTarget(name: "VirtioQueueTests", dependencies: ["VirtioQueue", "BalloonSimulator"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "BalloonSimulator", "TestSupport"]),
-        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages", "BalloonBlocks", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "BalloonTests", dependencies: ["Balloon", "BalloonSimulator", "FreePages", "BalloonBlocks", "TestSupport", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "IntegrationTests", dependencies: []),
         .testTarget(name: "PlatformLinuxTests", dependencies: ["PlatformLinux", "VirtioPCI", "VirtioQueue", "VirtioCore", "TestSupport"]),
         .testTarget(name: "balloondTests", dependencies: ["balloond", "Balloon", "PlatformLinux"]),

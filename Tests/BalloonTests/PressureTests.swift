@@ -1,4 +1,5 @@
 import Testing
+import TestSupport
 import BalloonSimulator
 import VirtioCore
 import VirtioPCI
@@ -256,20 +257,6 @@ struct MeminfoScanTests {
     #endif
 }
 
-/// Records, for each log message, what a probe read when it was logged.
-private struct ProbingLogHandler: LogHandler, @unchecked Sendable {
-    let probe: (String) -> Void
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) {
-        probe(event.message.description)
-    }
-}
-
 @Suite("Deflate under pressure: the memory first")
 struct PressureOrderTests {
     @Test("a pressure deflate gives the memory back before it writes its log line (writing a log to tmpfs can itself wait for memory)")
@@ -280,7 +267,7 @@ struct PressureOrderTests {
         var heldAtLogLine: UInt64?
         let memory = rig.memory
         rig.driver.logger = Logger(label: "test") { _ in
-            ProbingLogHandler { message in if message.contains("memory pressure") { heldAtLogLine = memory.heldBytes } }
+            CallbackLogHandler { _, message in if message.contains("memory pressure") { heldAtLogLine = memory.heldBytes } }
         }
         rig.memoryStatus.available = (80 << 20) + (512 << 20)  // reads 80 MiB with the balloon held
         rig.clock.advance(milliseconds: 300)

@@ -101,7 +101,7 @@ import VirtioCore
     @Test("a release whose reservations stayed reserved says why in an error (the arena's failure), not a bare warning about nr_hugepages")
     func releaseNamesReservationsThatStayed() throws {
         let lines = LockedLines()
-        let s = try Self.setup(logger: Logger(label: "test") { _ in RecordingLogHandler(lines: lines) })
+        let s = try Self.setup(logger: Logger(label: "test") { _ in CallbackLogHandler(lines.append) })
         try s.source.beginRound(id: 5)
         let ranges = try drainHints(s.source)
         s.kernel.reservationReleaseError = "ftruncate: Device or resource busy"
@@ -113,7 +113,7 @@ import VirtioCore
         #expect(line.message.contains("ftruncate: Device or resource busy") && line.message.contains("could not give back its pool reservations"))
         // The same round with reservations given back restores the pool and says nothing of it.
         let quiet = LockedLines()
-        let t = try Self.setup(logger: Logger(label: "test") { _ in RecordingLogHandler(lines: quiet) })
+        let t = try Self.setup(logger: Logger(label: "test") { _ in CallbackLogHandler(quiet.append) })
         try t.source.beginRound(id: 6)
         t.source.hintsApplied(try drainHints(t.source))
         t.source.endRound()
@@ -356,17 +356,4 @@ import VirtioCore
 final class LockedLines: @unchecked Sendable {
     private(set) var all: [(level: Logger.Level, message: String)] = []
     func append(_ level: Logger.Level, _ message: String) { all.append((level, message)) }
-}
-
-struct RecordingLogHandler: LogHandler {
-    let lines: LockedLines
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) {
-        lines.append(event.level, event.message.description)
-    }
 }
