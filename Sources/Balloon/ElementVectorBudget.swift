@@ -10,7 +10,8 @@ import VirtioCore
 /// time, and consecutive IOVAs are one piece only where the guest-physical pages behind them
 /// are consecutive too: memory without transparent hugepages (or a fragmented guest) behind
 /// an IOMMU that maps 4 KiB pages costs one vector per page, so that is what is counted. A
-/// chain of 256 hint ranges of 1 MiB could then need 65,536.
+/// chain of 256 hint ranges of 1 MiB could then need 65,536. (Reports need no budget: each
+/// reported block is one huge page, contiguous behind the IOMMU too: one vector.)
 struct ElementVectorBudget: Equatable {
     /// QEMU's `VIRTQUEUE_MAX_SIZE`.
     static let maxPerElement = 1024
@@ -45,15 +46,10 @@ struct ElementVectorBudget: Equatable {
     /// may have: a power of two, so sources that split at aligned sizes keep doing so (ranges
     /// start on a balloon page; one more page where an IOMMU page is larger than that).
     func longestRange(_ bytes: UInt64) -> UInt64 {
-        guard let page = iommuPageBytes, page > 0 else { return bytes }
+        guard let page = iommuPageBytes, page > 0, page <= 1 << 40 else { return max(balloonPageSize, bytes) }
         let pages = UInt64(page <= balloonPageSize && balloonPageSize % page == 0 ? Self.maxPerElement : Self.maxPerElement - 1)
         let limit = pages * page
-        return min(bytes, UInt64(1) << (63 - limit.leadingZeroBitCount))
+        return max(balloonPageSize, min(bytes, UInt64(1) << (63 - limit.leadingZeroBitCount)))
     }
 
-    /// How many descriptors of `bytes` each (starting on an IOMMU page) fit in one element.
-    func descriptorsPerElement(ofLength bytes: UInt64) -> Int {
-        guard let page = iommuPageBytes, page > 0 else { return Self.maxPerElement }
-        return max(1, Self.maxPerElement / Int((bytes + page - 1) / page))
-    }
 }

@@ -256,6 +256,7 @@ extension BalloonDriver {
         let maxChain = max(1, hintOptions.maxRangesPerElement)
         var gathered: [GuestPhysicalRange] = []
         var gatheredVectors = 0
+        var loggedTooLong = false
         var sourceDry = false
         while hintCommand == .round(id) && isRunning {
             if shouldStop() {
@@ -317,7 +318,10 @@ extension BalloonDriver {
             // it goes back unhinted (the sources split at `maxRangeBytes`, so this is a bug).
             let tooLong = batch.filter { $0.length > maxRangeBytes }
             if !tooLong.isEmpty {
-                logger.error("free page source \(source.name) returned \(tooLong.count) ranges longer than the \(maxRangeBytes) bytes asked; not hinting them")
+                if !loggedTooLong {
+                    loggedTooLong = true
+                    logger.error("free page source \(source.name) returned ranges longer than the \(maxRangeBytes) bytes asked; not hinting them (logged once per round)")
+                }
                 source.hintsApplied(tooLong)
             }
             let fitting = tooLong.isEmpty ? batch : batch.filter { $0.length <= maxRangeBytes }

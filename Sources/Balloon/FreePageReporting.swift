@@ -100,10 +100,11 @@ extension BalloonDriver {
             let held = UInt64(reporting.heldPages) * balloonPageSize
             spare = min(spare, cap > held ? (cap - held) / balloonHugeBlockSize : 0)
         }
-        // Through an IOMMU that maps in 4 KiB pages a 2 MiB block is 512 of QEMU's 1024 I/O
-        // vectors per element: two blocks per report then.
-        let blocksWanted = min(Int(spare), reportCapacity, q.freeDescriptors,
-                               elementVectors.descriptorsPerElement(ofLength: balloonHugeBlockSize))
+        // Reported blocks are whole 2 MiB huge pages, contiguous in guest-physical memory (and
+        // mapped at IOVA = GPA under vfio), so QEMU maps each as one I/O vector even through an
+        // IOMMU that maps 4 KiB pages (it joins translations that land on contiguous memory):
+        // 32 per report stay far below its 1024 (`ElementVectorBudget`).
+        let blocksWanted = min(Int(spare), reportCapacity, q.freeDescriptors)
         guard blocksWanted > 0 else { return }
         let take: BalloonTake
         do { take = try memory.take(maxPages: blocksWanted * balloonPagesPerHugeBlock, hugeOnly: true) } catch {

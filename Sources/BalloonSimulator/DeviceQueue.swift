@@ -120,7 +120,10 @@ final class DeviceQueue {
     /// ACCESS_PLATFORM behind a vIOMMU, QEMU maps a descriptor one IOTLB entry at a time, so
     /// each IOMMU page it touches is one I/O vector (nil: one vector per descriptor, guest RAM
     /// being contiguous in QEMU's address space).
-    func pop(_ memory: SimulatedGuestMemory, iommuPageBytes: UInt64? = nil) throws(DeviceRingError) -> DeviceElement? {
+    /// `contiguous`: ranges whose memory behind the IOMMU is contiguous (one vector per
+    /// descriptor inside one, as QEMU joins translations that land on contiguous memory).
+    func pop(_ memory: SimulatedGuestMemory, iommuPageBytes: UInt64? = nil,
+             contiguous: [GuestPhysicalRange] = []) throws(DeviceRingError) -> DeviceElement? {
         guard enabled else { return nil }
         let (avail, aoff) = try ring(memory, driverAddress, 6 + 2 * Int(size), "avail")
         let (desc, doff) = try ring(memory, descAddress, 16 * Int(size), "desc")
@@ -150,20 +153,15 @@ final class DeviceQueue {
                 throw .bogusDescriptor
             }
             let range = GuestPhysicalRange(start: addr, length: UInt64(len))
-            if let page = iommuPageBytes {
+            let isWrite = flags & QueueLayout.descFlagWrite != 0
+            if !isWrite { guard writable.isEmpty else { throw .incorrectOrder } }
+            if let page = iommuPageBytes, !contiguous.contains(where: { $0.start.value <= addr && addr + UInt64(len) <= $0.end }) {
                 vectors += Int((addr % page + UInt64(len) + page - 1) / page)
             } else {
                 vectors += 1
             }
-            if vectors > Self.maxIOVectors {
-                throw flags & QueueLayout.descFlagWrite != 0 ? .tooManyWriteDescriptors : .tooManyReadDescriptors
-            }
-            if flags & QueueLayout.descFlagWrite != 0 {
-                writable.append(range)
-            } else {
-                guard writable.isEmpty else { throw .incorrectOrder }
-                readable.append(range)
-            }
+            if vectors > Self.maxIOVectors { throw isWrite ? .tooManyWriteDescriptors : .tooManyReadDescriptors }
+            if isWrite { writable.append(range) } else { readable.append(range) }
             if flags & QueueLayout.descFlagNext == 0 { break }
             guard next < size else { throw .nextOutOfRange(next) }
             i = next

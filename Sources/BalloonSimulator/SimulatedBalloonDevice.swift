@@ -119,6 +119,12 @@ public final class SimulatedBalloonDevice {
         try? configSpace.write16(cmd, at: PCIConfig.command)
     }
 
+    /// With `iommuPlatform`: the IOMMU's page size, and the ranges whose memory behind the
+    /// IOMMU is contiguous (QEMU maps a descriptor inside one as one I/O vector; everywhere
+    /// else one per IOMMU page: scattered pages, the worst case).
+    public var iommuPageBytes: UInt64 = 4096
+    public var iommuContiguous: [GuestPhysicalRange] = []
+
     /// Every notify written, by queue.
     public private(set) var notifyCount: [UInt16: Int] = [:]
 
@@ -381,7 +387,7 @@ public final class SimulatedBalloonDevice {
         while limit > 0 {
             limit -= 1
             let element: DeviceElement?
-            do { element = try q.pop(memory, iommuPageBytes: negotiatedFeatures.contains(.accessPlatform) ? 4096 : nil) } catch {
+            do { element = try q.pop(memory, iommuPageBytes: negotiatedFeatures.contains(.accessPlatform) ? iommuPageBytes : nil, contiguous: iommuContiguous) } catch {
                 virtioError(error)
                 return
             }

@@ -18,10 +18,10 @@ public struct BalloonDeviceProperties: Hashable, Sendable {
     /// The QEMU release modelled where releases differ (SimulatedQEMUVersion.swift).
     public var qemuVersion: SimulatedQEMUVersion = .v7_2
     /// `iommu_platform=on` behind a vIOMMU: ACCESS_PLATFORM is offered, and once it is
-    /// negotiated the device maps every descriptor one IOMMU page at a time (4 KiB: an IOMMU
-    /// that maps balloond's memory in small pages, the worst case), one I/O vector each, and
-    /// refuses an element that needs more than QEMU's 1024 (`VIRTQUEUE_MAX_SIZE`). Addresses
-    /// are taken as identity-mapped (the simulator does not model the IOMMU's tables).
+    /// negotiated the device maps a descriptor one IOMMU page at a time, one I/O vector per
+    /// page unless the memory behind is contiguous (`SimulatedBalloonDevice.iommuContiguous`),
+    /// and refuses an element that needs more than QEMU's 1024 (`VIRTQUEUE_MAX_SIZE`).
+    /// Addresses are taken as identity-mapped (the simulator does not model the IOMMU's tables).
     public var iommuPlatform = false
 
     public init(freePageHint: Bool = false, freePageReporting: Bool = false, deflateOnOOM: Bool = false,
