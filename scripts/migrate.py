@@ -242,6 +242,21 @@ def migrate_once(mode, run_index, cfg, args):
         dst.stop()
 
 
+def irq_disabled_lines(base):
+    """The guest kernels' "irq N: nobody cared" / "Disabling IRQ #N" lines (an interrupt storm
+    on the balloon's INTx line, after which the kernel turns the line off and balloond hears the
+    device only through the kernel's 100 ms spurious-IRQ poll, if at all), from the source's and
+    the destination's console."""
+    out = []
+    for side in ("src", "dst"):
+        try:
+            text = open(f"{base}-{side}/console.log", errors="replace").read()
+        except (FileNotFoundError, TypeError):
+            continue
+        out += [f"{side}: {l.strip()}" for l in text.splitlines() if re.search(r"irq \d+: nobody cared|Disabling IRQ #\d+", l)]
+    return out[:4]
+
+
 def offline_blocks(agent):
     """How many of the guest's memory blocks are offline (None: unreadable)."""
     n = agent.run("grep -l '^offline' /sys/devices/system/memory/memory*/state 2>/dev/null | wc -l")[0].strip()
@@ -729,6 +744,7 @@ def main():
                    "mem_mib": cfg["mem"], "error": str(e)[:300], "kept_region_ok": False,
                    "dest_console_errors": [f"run failed: {e}"[:200]],
                    "run_dir": os.path.join(CACHE, "runs", "migrate", run_tag(mode, r, cfg, args))}
+        res["irq_disabled"] = irq_disabled_lines(res.get("run_dir"))
         print("migrate:   " + json.dumps({k: v for k, v in res.items() if k != "run_dir"}), file=sys.stderr, flush=True)
         results.append(res)
         if args.json:  # after every run, so an interrupted benchmark keeps what it has

@@ -74,6 +74,29 @@ func runMigrateScript(modes: [String], extra: [String], name: String) throws -> 
     return try Data(contentsOf: out)
 }
 
+/// `runMigrateScript`, except that a failure whose every failed run shows the guest kernel
+/// turning the balloon's INTx line off after an interrupt storm ("irq N: nobody cared",
+/// "Disabling IRQ #N" on a console) is recorded as that known, intermittent issue and returns
+/// nil. Seen about once in a few dozen runs on QEMU 7.2 and 10.0 with the uio backend: the line
+/// stays asserted while the device's interrupt status is clear, and balloond then misses the
+/// device's DONE (open: recovery, session 13's note). Any other failure still fails the test.
+func runMigrateScriptKnowingINTxStorms(modes: [String], extra: [String], name: String) throws -> Data? {
+    do {
+        return try runMigrateScript(modes: modes, extra: extra, name: name)
+    } catch let error as HarnessError {
+        let platform = GuestPlatform.current
+        let tag = platform == .bookworm ? name : "\(name)-qemu\(platform.qemuVersion)-linux\(platform.guestKernel)"
+        let out = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).json")
+        struct Run: Decodable { let error: String?; let irq_disabled: [String]? }
+        let runs = (try? JSONDecoder().decode([Run].self, from: Data(contentsOf: out))) ?? []
+        let failed = runs.filter { $0.error != nil }
+        guard !failed.isEmpty, failed.allSatisfy({ !($0.irq_disabled ?? []).isEmpty }) else { throw error }
+        withKnownIssue("the guest kernel disabled the balloon's INTx line after an interrupt storm: \(failed.flatMap { $0.irq_disabled ?? [] })",
+                       isIntermittent: true) { throw error }
+        return nil
+    }
+}
+
 /// Every run's kept region verified on the destination, and its console is clean.
 func expectDestinationsVerified(_ results: [MigrationResult]) {
     for r in results {
@@ -156,7 +179,7 @@ struct MigrationTests {
     func cancelReleases() throws {
         // Slow link, so the round is still on when the test cancels. (With the owned
         // anonymous source the source guest stopped answering under TCG; open in #4.)
-        let data = try runMigrateScript(modes: ["balloond:kpageflags", "balloond:hugetlb"], extra: ["--cancel", "--bandwidth-mib", "16"], name: "cancel")
+        guard let data = try runMigrateScriptKnowingINTxStorms(modes: ["balloond:kpageflags", "balloond:hugetlb"], extra: ["--cancel", "--bandwidth-mib", "16"], name: "cancel") else { return }
         let results = try JSONDecoder().decode([CancelResult].self, from: data)
         #expect(results.count == 2)
         for r in results {
