@@ -51,5 +51,4 @@ struct ElementVectorBudget: Equatable {
         let limit = pages * page
         return max(balloonPageSize, min(bytes, UInt64(1) << (63 - limit.leadingZeroBitCount)))
     }
-
 }

@@ -53,9 +53,8 @@ func runMigrateScript(modes: [String], extra: [String], name: String) throws -> 
     // migrate.py runs two guests; hold the harness's VM slot so no other VM test runs beside it.
     HarnessState.shared.slots.wait()
     defer { HarnessState.shared.slots.signal() }
-    let tag = platform == .bookworm ? name : "\(name)-qemu\(platform.qemuVersion)-linux\(platform.guestKernel)"
-    let out = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).json")
-    let log = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).log")
+    let out = migrateOutput(name: name, ext: "json")
+    let log = migrateOutput(name: name, ext: "log")
     try? FileManager.default.createDirectory(at: HarnessPaths.runs, withIntermediateDirectories: true)
     let p = try ChildProcess(executable: "/usr/bin/env",
                              arguments: ["python3", HarnessPaths.packageRoot.appendingPathComponent("scripts/migrate.py").path,
@@ -74,6 +73,13 @@ func runMigrateScript(modes: [String], extra: [String], name: String) throws -> 
     return try Data(contentsOf: out)
 }
 
+/// Where `runMigrateScript` keeps a run's JSON results and log (per platform).
+func migrateOutput(name: String, ext: String) -> URL {
+    let platform = GuestPlatform.current
+    let tag = platform == .bookworm ? name : "\(name)-qemu\(platform.qemuVersion)-linux\(platform.guestKernel)"
+    return HarnessPaths.runs.appendingPathComponent("migrate-\(tag).\(ext)")
+}
+
 /// `runMigrateScript`, except that a failure whose every failed run shows the guest kernel
 /// turning the balloon's INTx line off after an interrupt storm ("irq N: nobody cared",
 /// "Disabling IRQ #N" on a console) is recorded as that known, intermittent issue and returns
@@ -87,9 +93,7 @@ func runMigrateScriptKnowingINTxStorms(modes: [String], extra: [String], name: S
     do {
         return try runMigrateScript(modes: modes, extra: extra, name: name)
     } catch let error as HarnessError {
-        let platform = GuestPlatform.current
-        let tag = platform == .bookworm ? name : "\(name)-qemu\(platform.qemuVersion)-linux\(platform.guestKernel)"
-        let out = HarnessPaths.runs.appendingPathComponent("migrate-\(tag).json")
+        let out = migrateOutput(name: name, ext: "json")
         struct Run: Decodable { let error: String?; let irq_disabled: [String]? }
         let runs = (try? JSONDecoder().decode([Run].self, from: Data(contentsOf: out))) ?? []
         let failed = runs.filter { $0.error != nil }
